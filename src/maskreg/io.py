@@ -1,0 +1,136 @@
+"""Reading and writing images, landmarks and tables, with checks and atomic writes.
+
+Conventions: images are ``SimpleITK.Image`` objects that keep their geometry (size, spacing in mm, origin in
+mm, direction cosines) in ITK's LPS physical space. Array views (``sitk.GetArrayFromImage``) are in
+reverse index order: ``[z, y, x]`` for 3D, ``[y, x]`` for 2D. Landmarks are ``(N, dim)`` arrays of LPS mm.
+Every writer writes to a temporary name in the destination folder and renames it, so a crash never leaves a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from maskreg.errors import InputError, where
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` only when the block succeeds.
+
+    The temporary name keeps the final suffixes (``.nii.gz``, ``.mat``, ...) so writers that choose a format
+    by extension still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def read_image(path: str | os.PathLike, *, subject: str | None = None, role: str | None = None,
+               dims: tuple[int, ...] = (2, 3), check_finite: bool = True) -> sitk.Image:
+    """Read a scalar 2D or 3D image with SimpleITK, or raise ``InputError`` naming subject, role and file.
+
+    Checks: the file exists and is readable; it is scalar (one component); its dimension is in ``dims``
+    (a 3D file with a single slice is accepted as 2D only when ``2`` is allowed and ``3`` is not); voxels
+    are finite when ``check_finite``.
+    """
+    p = str(path)
+    at = where(subject, role, p)
+    if not os.path.exists(p):
+        raise InputError(f"{at}file not found. Check the path in the cohort table (relative paths are "
+                         f"relative to the table's folder).")
+    try:
+        img = sitk.ReadImage(p)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise InputError(f"{at}cannot be read as an image ({first}). Is the file complete and in a format "
+                         f"SimpleITK reads (NIfTI, NRRD, MHA, ...)?") from None
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{at}has {img.GetNumberOfComponentsPerPixel()} components per voxel; maskreg "
+                         f"needs a scalar image (split the channels first).")
+    dim = img.GetDimension()
+    if dim == 4 and img.GetSize()[3] == 1 and 3 in dims:
+        img = img[:, :, :, 0]
+        dim = 3
+    if dim not in dims:
+        raise InputError(f"{at}is {dim}D with size {img.GetSize()}; expected a "
+                         f"{' or '.join(f'{d}D' for d in dims)} image.")
+    if check_finite and img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        arr = sitk.GetArrayViewFromImage(img)
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise InputError(f"{at}has {bad} NaN or infinite voxel(s); replace them (e.g. by 0) before "
+                             f"registration.")
+    return img
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
+    """Write ``image`` atomically (temporary file + rename) and return the final path."""
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+    return Path(path)
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a tab-separated table atomically (empty cells for missing values)."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, sep="\t", index=False, na_rep="")
+    return Path(path)
+
+
+def read_landmarks(path: str | os.PathLike, dim: int, *, subject: str | None = None,
+                   role: str | None = None) -> np.ndarray:
+    """Read a landmark CSV with columns ``x,y[,z]`` in LPS mm; return an ``(N, dim)`` float64 array."""
+    p = str(path)
+    at = where(subject, role, p)
+    if not os.path.exists(p):
+        raise InputError(f"{at}file not found.")
+    try:
+        df = pd.read_csv(p)
+    except Exception as exc:  # pandas raises many types for malformed CSV
+        raise InputError(f"{at}is not a readable CSV ({exc}).") from None
+    cols = ["x", "y", "z"][:dim]
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise InputError(f"{at}lacks column(s) {', '.join(missing)}; expected columns {','.join(cols)} "
+                         f"in LPS mm (found {', '.join(map(str, df.columns))}).")
+    try:
+        pts = df[cols].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{at}has non-numeric coordinates in columns {','.join(cols)}.") from None
+    if len(pts) == 0 or not np.all(np.isfinite(pts)):
+        raise InputError(f"{at}has no landmarks or has empty/non-finite coordinates.")
+    return pts
+
+
+def write_landmarks(points: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an ``(N, dim)`` array of LPS mm points as CSV with columns ``x,y[,z]``."""
+    cols = ["x", "y", "z"][: points.shape[1]]
+    with atomic_path(path) as tmp:
+        pd.DataFrame(points, columns=cols).to_csv(tmp, index=False, float_format="%.6f")
+    return Path(path)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    """True when ``a`` and ``b`` share size, spacing, origin and direction (within ``tol``)."""
+    return (a.GetDimension() == b.GetDimension() and a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))

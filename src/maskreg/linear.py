@@ -1,0 +1,79 @@
+"""Parameterisations of the linear stages, as differentiable torch maps (fixed → moving points, LPS mm).
+
+Each stage *updates* the transform it starts from: ``T = U(p) ∘ T0`` in the sense ``A = L(p) A0``,
+``t = t0 + p_t``, with the centre ``c`` (the fixed mask's centroid) kept: ``T(x) = A (x - c) + c + t``.
+``p = 0`` is the identity update. Parameters are scaled so one learning rate (mm) suits them all: a
+rotation angle is ``p_rot / r`` and a linear-matrix entry ``p_lin / r`` where ``r`` (mm) is the RMS radius of
+the fixed mask about ``c``, so a unit step of any parameter moves points at that radius by about 1 mm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from maskreg.transforms import LinearTransform
+
+LINEAR_STAGES = ("translation", "rigid", "similarity", "affine")
+
+
+def n_params(kind: str, dim: int) -> int:
+    rot = 1 if dim == 2 else 3
+    return {"translation": dim, "rigid": rot + dim, "similarity": rot + 1 + dim, "affine": dim * dim + dim}[kind]
+
+
+def _rotation(p: torch.Tensor, dim: int) -> torch.Tensor:
+    if dim == 2:
+        c, s = torch.cos(p[0]), torch.sin(p[0])
+        return torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
+    z = torch.zeros((), dtype=p.dtype, device=p.device)
+    k = torch.stack([torch.stack([z, -p[2], p[1]]), torch.stack([p[2], z, -p[0]]),
+                     torch.stack([-p[1], p[0], z])])
+    return torch.linalg.matrix_exp(k)
+
+
+def update_matrix(kind: str, p: torch.Tensor, dim: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, translation)`` of the update for parameters ``p`` (see module doc for units)."""
+    eye = torch.eye(dim, dtype=p.dtype, device=p.device)
+    if kind == "translation":
+        return eye, p
+    rot = 1 if dim == 2 else 3
+    if kind == "rigid":
+        return _rotation(p[:rot] / radius, dim), p[rot:]
+    if kind == "similarity":
+        scale = torch.exp(p[rot] / radius)
+        return scale * _rotation(p[:rot] / radius, dim), p[rot + 1:]
+    if kind == "affine":
+        return eye + p[: dim * dim].reshape(dim, dim) / radius, p[dim * dim:]
+    raise ValueError(f"unknown linear stage '{kind}'")
+
+
+def homogeneous(kind: str, p: torch.Tensor, start: LinearTransform, radius: float) -> torch.Tensor:
+    """Homogeneous ``(dim+1, dim+1)`` torch matrix of ``U(p) ∘ start`` (float32 on ``p``'s device)."""
+    dim = start.dim
+    l_mat, dt = update_matrix(kind, p, dim, radius)
+    a0 = torch.as_tensor(start.matrix, dtype=p.dtype, device=p.device)
+    t0 = torch.as_tensor(start.translation, dtype=p.dtype, device=p.device)
+    c = torch.as_tensor(start.center, dtype=p.dtype, device=p.device)
+    a = l_mat @ a0
+    t = t0 + dt
+    top = torch.cat([a, (c + t - a @ c)[:, None]], dim=1)
+    bottom = torch.zeros(1, dim + 1, dtype=p.dtype, device=p.device)
+    bottom[0, dim] = 1
+    return torch.cat([top, bottom], dim=0)
+
+
+def to_linear(kind: str, p: torch.Tensor, start: LinearTransform, radius: float) -> LinearTransform:
+    """The resulting :class:`LinearTransform` (float64, on the host)."""
+    with torch.no_grad():
+        l_mat, dt = update_matrix(kind, p.double().cpu(), start.dim, radius)
+    a = l_mat.numpy() @ start.matrix
+    return LinearTransform(a, start.translation + dt.numpy(), start.center.copy())
+
+
+def rms_radius(points_weighted: torch.Tensor, weights: torch.Tensor, center: torch.Tensor) -> float:
+    """RMS distance (mm) of weighted points ``(N, dim)`` from ``center``; at least 1 mm."""
+    d2 = ((points_weighted - center) ** 2).sum(1)
+    r = math.sqrt(float((weights * d2).sum() / weights.sum().clamp_min(1e-9)))
+    return max(r, 1.0)

@@ -1,0 +1,131 @@
+"""Multi-resolution pyramid on torch tensors, mask-aware.
+
+Tensors are ``[1, 1, (z,) y, x]`` float32 on the engine's device (see :mod:`maskreg.grid` for the axis order).
+Images are smoothed by *normalised convolution* ``G*(I·m) / G*m`` so intensities outside a mask never bleed
+into it; masks are box-averaged (the fraction of fine voxels inside the mask), never smoothed into images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from maskreg.grid import Grid, resampling_theta, shrink_factors
+
+
+def gaussian_kernel1d(sigma: float, device: torch.device) -> torch.Tensor:
+    """Normalised 1D Gaussian, ``sigma`` in voxels, truncated at 3 sigma."""
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(t: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
+    """Separable Gaussian blur of ``t`` ``[1, C, *spatial]``; ``sigmas`` per spatial axis in tensor order
+    (voxels; 0 = no blur on that axis). Zero padding: use :func:`normalised_blur` for images."""
+    dim = t.dim() - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    c = t.shape[1]
+    for axis, s in enumerate(sigmas):
+        if s <= 0:
+            continue
+        k = gaussian_kernel1d(s, t.device)
+        shape = [1] * dim
+        shape[axis] = k.numel()
+        weight = k.reshape(1, 1, *shape).repeat(c, 1, *([1] * dim))
+        pad = [0] * dim
+        pad[axis] = k.numel() // 2
+        t = conv(t, weight, padding=tuple(pad), groups=c)
+    return t
+
+
+def normalised_blur(image: torch.Tensor, mask: torch.Tensor, sigmas: tuple[float, ...],
+                    eps: float = 1e-6) -> torch.Tensor:
+    """``G*(I·m) / G*m``: smooth ``image`` using only voxels inside ``mask`` (weights in [0, 1]).
+    Where no mask voxel is near, the result is 0; with no smoothing the image is returned unchanged."""
+    if all(s <= 0 for s in sigmas):
+        return image
+    num = gaussian_blur(image * mask, sigmas)
+    den = gaussian_blur(mask, sigmas)
+    return torch.where(den > eps, num / den.clamp_min(eps), torch.zeros_like(num))
+
+
+def box_average(t: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """Mean over a ``factors`` box (tensor order) centred on each voxel, stride 1, same shape as ``t``."""
+    if all(f == 1 for f in factors):
+        return t
+    dim = t.dim() - 2
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dim - 1]
+    # odd box sizes keep the result centred; an even factor f uses a box of f+1 with half weights at the ends
+    out = t
+    for axis, f in enumerate(factors):
+        if f == 1:
+            continue
+        size = [1] * dim
+        size[axis] = f + 1 if f % 2 == 0 else f
+        pad = [0] * dim
+        pad[axis] = size[axis] // 2
+        if f % 2 == 0:
+            k = torch.ones(f + 1, device=t.device)
+            k[0] = k[-1] = 0.5
+            k = (k / f).reshape([1, 1] + size)
+            conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+            out = conv(out, k, padding=tuple(pad))
+        else:
+            out = pool(out, kernel_size=tuple(size), stride=1, padding=tuple(pad), count_include_pad=True)
+    return out
+
+
+def resample(t: torch.Tensor, in_grid: Grid, out_grid: Grid, out_to_in: np.ndarray | None = None,
+             mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+    """Sample tensor ``t`` (on ``in_grid``) at the voxel centres of ``out_grid`` through the physical map
+    ``out_to_in`` (homogeneous; identity when None)."""
+    dim = in_grid.dim
+    m = np.eye(dim + 1) if out_to_in is None else out_to_in
+    theta = torch.as_tensor(resampling_theta(out_grid, in_grid, m), dtype=torch.float32, device=t.device)
+    grid = F.affine_grid(theta[None], [1, 1, *out_grid.shape], align_corners=True)
+    return F.grid_sample(t, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+@dataclass
+class Level:
+    """One pyramid level of one image: its grid, smoothed image and mask weights (fraction in [0, 1])."""
+
+    grid: Grid
+    image: torch.Tensor
+    mask: torch.Tensor
+    factors: tuple[int, ...]  # shrink factors, x-first (SimpleITK order)
+
+
+def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
+               sigma_vox: float | None = None, target_min_spacing: float | None = None) -> Level:
+    """Build the level at shrink ``scale`` (1 = full resolution).
+
+    ``target_min_spacing`` lets the moving image follow the fixed image's level spacing (mm); by default the
+    level spacing is ``scale * min(spacing)``. Smoothing sigma per axis is ``factor/2`` voxels of that axis
+    (ITK's and ANTs' usual choice) unless ``sigma_vox`` is given (in full-resolution voxels of the finest
+    axis; 0 disables smoothing).
+    """
+    min_sp = min(grid.spacing)
+    eff_scale = scale if target_min_spacing is None else max(target_min_spacing / min_sp, 1.0)
+    factors = shrink_factors(grid.spacing, 1) if eff_scale <= 1 else tuple(
+        max(1, int(round(eff_scale * min_sp / s))) for s in grid.spacing)
+    if sigma_vox is None:
+        sig = tuple(f / 2.0 if f > 1 else 0.0 for f in factors)
+    else:
+        sig = tuple(sigma_vox * min_sp / s for s in grid.spacing)
+    sig_t = tuple(reversed(sig))
+    if all(f == 1 for f in factors):
+        smoothed = normalised_blur(image, mask, sig_t)
+        return Level(grid, smoothed, mask, factors)
+    smoothed = normalised_blur(image, mask, sig_t)
+    coarse = grid.shrink(factors)
+    img = resample(smoothed, grid, coarse, padding_mode="border")
+    frac = box_average(mask, tuple(reversed(factors)))
+    msk = resample(frac, grid, coarse)
+    return Level(coarse, img, msk.clamp_(0.0, 1.0), factors)

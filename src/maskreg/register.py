@@ -1,0 +1,401 @@
+"""The registration driver: stages (moments → translation/rigid/affine) over a mask-aware pyramid.
+
+Coordinates: everything is computed on the fixed image's grid in LPS mm; the result maps fixed-space points
+to moving-space points (``warped(x) = moving(T(x))``). The weight of a fixed voxel ``x`` is
+``w(x) = m_f(x) · m_m(T(x)) · inside_moving(T(x))``: voxels mapping outside the moving image get weight 0, so
+partial overlap never raises; the only failure is an overlap below ``min_overlap_voxels`` at some level.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from maskreg import linear as lin
+from maskreg.errors import InputError, MaskregError, OverlapError, where
+from maskreg.grid import Grid
+from maskreg.losses import NEEDS_DENSE, get_loss, intensity_scale
+from maskreg.pyramid import Level, make_level
+from maskreg.transforms import LinearTransform, chain
+
+log = logging.getLogger("maskreg")
+
+DEFAULT_STAGES: list[dict[str, Any]] = [
+    {"type": "moments"},
+    {"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
+    {"type": "affine", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
+]
+
+STAGE_DEFAULTS: dict[str, Any] = {
+    "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25], "learning_rate": 0.25,
+    "optimizer": "adam", "tolerance": 1e-5, "window": 5, "bins": 32, "smoothing_sigmas": None,
+    "use_mask": True,
+}
+
+
+@dataclass
+class LevelReport:
+    scale: int
+    shape: list[int]
+    iterations: int
+    loss_first: float
+    loss_last: float
+    overlap_weight: float
+    overlap_voxels: int
+    overlap_fraction: float
+    seconds: float
+    converged: bool
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StageReport:
+    type: str
+    loss: str | None
+    seconds: float
+    levels: list[LevelReport] = field(default_factory=list)
+
+
+@dataclass
+class RegistrationResult:
+    """The transform chain (fixed → moving points) and a report of every stage and level."""
+
+    linear: LinearTransform
+    fixed_grid: Grid
+    device: str
+    seconds: float
+    stages: list[StageReport]
+    displacement: sitk.Image | None = None
+    inverse_displacement: sitk.Image | None = None
+
+    def transform(self) -> sitk.Transform:
+        """The whole chain as one SimpleITK transform, for ``sitk.Resample``."""
+        return chain(self.linear, self.displacement)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready report (no loss traces longer than needed)."""
+        last = self.stages[-1].levels[-1] if self.stages and self.stages[-1].levels else None
+        return {
+            "device": self.device, "seconds": round(self.seconds, 3),
+            "overlap_voxels": last.overlap_voxels if last else None,
+            "overlap_fraction": last.overlap_fraction if last else None,
+            "linear": {"matrix": self.linear.matrix.tolist(), "translation": self.linear.translation.tolist(),
+                       "center": self.linear.center.tolist()},
+            "stages": [asdict(s) for s in self.stages],
+        }
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` → ``cuda`` when available else ``cpu``; ``cuda`` without CUDA is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise MaskregError("device 'cuda' was requested but this machine has no usable CUDA device; set "
+                           "device: auto or cpu in the config.")
+    return torch.device(requested)
+
+
+def _to_tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
+    arr = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    return torch.from_numpy(arr)[None, None].to(device)
+
+
+def _check_pair(fixed: sitk.Image, moving: sitk.Image, subject: str | None) -> None:
+    if fixed.GetDimension() != moving.GetDimension():
+        raise InputError(f"{where(subject)}the fixed image is {fixed.GetDimension()}D but the moving image is "
+                         f"{moving.GetDimension()}D; both must have the same dimension.")
+    for role, img in (("fixed", fixed), ("moving", moving)):
+        arr = sitk.GetArrayViewFromImage(img)
+        if float(arr.max()) == float(arr.min()):
+            raise InputError(f"{where(subject, role)}image is constant ({float(arr.min())}); there is nothing "
+                             f"to register.")
+
+
+def _mask_tensor(mask: sitk.Image | None, image: sitk.Image, device: torch.device, subject: str | None,
+                 role: str) -> torch.Tensor:
+    if mask is None:
+        return torch.ones((1, 1, *Grid.of(image).shape), device=device)
+    if Grid.of(mask).size != Grid.of(image).size:
+        raise InputError(f"{where(subject, role)}mask size {mask.GetSize()} differs from its image's "
+                         f"{image.GetSize()}; prepare masks on the image grid first (maskreg mask).")
+    t = (_to_tensor(mask, device) > 0).float()
+    if float(t.sum()) == 0:
+        raise InputError(f"{where(subject, role)}mask is empty (all zeros).")
+    return t
+
+
+class _Problem:
+    """Full-resolution tensors of one pair and a cache of pyramid levels."""
+
+    def __init__(self, fixed, moving, fixed_mask, moving_mask, device, subject):
+        self.device = device
+        self.subject = subject
+        self.fgrid = Grid.of(fixed)
+        self.mgrid = Grid.of(moving)
+        self.dim = self.fgrid.dim
+        self.f = _to_tensor(fixed, device)
+        self.m = _to_tensor(moving, device)
+        self.fm = _mask_tensor(fixed_mask, fixed, device, subject, "fixed_mask")
+        self.mm = _mask_tensor(moving_mask, moving, device, subject, "moving_mask")
+        self.ones_f = torch.ones_like(self.f)
+        self.ones_m = torch.ones_like(self.m)
+        self._levels: dict[tuple, tuple[Level, Level]] = {}
+        # centre of rotation: fixed mask centroid (physical); radius for parameter scaling
+        pts, w = self.physical_points(self.fgrid, self.fm)
+        self.center = (w[:, None] * pts).sum(0) / w.sum()
+        self.radius = lin.rms_radius(pts, w, self.center)
+
+    def physical_points(self, grid: Grid, weight: torch.Tensor, stride: int = 1,
+                        image: torch.Tensor | None = None):
+        """Physical coordinates ``(N, dim)`` (float64), weights and (optionally) image values of every
+        ``stride``-th voxel with weight > 0."""
+        wv = weight[0, 0]
+        idx = torch.nonzero(wv > 0)
+        if stride > 1:
+            idx = idx[::stride]
+        sel = tuple(idx.T)
+        vals = wv[sel].double()
+        ijk = idx.flip(1).double()  # tensor order (z,y,x) -> index order (x,y,z)
+        m = torch.as_tensor(grid.index_to_physical(), dtype=torch.float64, device=idx.device)
+        pts = ijk @ m[: grid.dim, : grid.dim].T + m[: grid.dim, grid.dim]
+        if image is None:
+            return pts, vals
+        return pts, vals, image[0, 0][sel].double()
+
+    def levels(self, scale: int, sigma: float | None, use_mask: bool) -> tuple[Level, Level]:
+        key = (scale, sigma, use_mask)
+        if key not in self._levels:
+            fm = self.fm if use_mask else self.ones_f
+            mm = self.mm if use_mask else self.ones_m
+            fl = make_level(self.f, fm, self.fgrid, scale, sigma)
+            target = min(fl.grid.spacing) if scale > 1 else None
+            ml = make_level(self.m, mm, self.mgrid, scale, sigma, target_min_spacing=target)
+            self._levels[key] = (fl, ml)
+        return self._levels[key]
+
+
+def _theta(h: torch.Tensor, fl: Level, ml: Level) -> torch.Tensor:
+    """``(1, dim, dim+1)`` affine_grid matrix: fixed-level normalised → moving-level normalised."""
+    dev, dt = h.device, h.dtype
+    n_f = torch.as_tensor(fl.grid.normalised_to_physical(), dtype=dt, device=dev)
+    p_m = torch.as_tensor(ml.grid.physical_to_normalised(), dtype=dt, device=dev)
+    return (p_m @ h @ n_f)[None, : fl.grid.dim]
+
+
+class _Sampler:
+    """Evaluates ``(fixed, warped moving, weight)`` at the fixed level's points: all voxels (dense) or
+    ``n`` voxels drawn from the fixed mask directly, redrawn at every call (seeded)."""
+
+    def __init__(self, fl: Level, ml: Level, f_norm, m_norm, random_n: int | None, generator):
+        self.fl, self.ml = fl, ml
+        self.f, self.m = f_norm, m_norm
+        self.random_n = random_n
+        self.gen = generator
+        if random_n:
+            wv = fl.mask.reshape(-1)
+            self.mask_idx = torch.nonzero(wv > 0).reshape(-1)
+            shape = fl.grid.shape
+            # normalised (x, y[, z]) coordinates of every candidate voxel
+            coords = []
+            rem = self.mask_idx
+            for n in reversed(shape):  # x first
+                coords.append(rem % n)
+                rem = torch.div(rem, n, rounding_mode="floor")
+            ijk = torch.stack(coords, 1).float()
+            sizes = torch.tensor(fl.grid.size, dtype=torch.float32, device=ijk.device)
+            self.norm_pts = 2 * ijk / (sizes - 1).clamp_min(1) - 1
+
+    def __call__(self, h: torch.Tensor):
+        theta = _theta(h, self.fl, self.ml)
+        dim = self.fl.grid.dim
+        if self.random_n:
+            sel = torch.randint(0, self.mask_idx.numel(), (self.random_n,), generator=self.gen,
+                                device=self.mask_idx.device)
+            pts = self.norm_pts[sel] @ theta[0, :, :dim].T + theta[0, :, dim]
+            grid = pts.reshape(1, -1, *([1] * (dim - 1)), dim)
+            fixed = self.f.reshape(-1)[self.mask_idx[sel]].reshape(1, 1, -1)
+            mf = self.fl.mask.reshape(-1)[self.mask_idx[sel]].reshape(1, 1, -1)
+        else:
+            grid = F.affine_grid(theta, [1, 1, *self.fl.grid.shape], align_corners=True)
+            fixed, mf = self.f, self.fl.mask
+        warped = F.grid_sample(self.m, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        mm = F.grid_sample(self.ml.mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(warped.dtype)[:, None]
+        w = mf.reshape(warped.shape) * mm * inside
+        return fixed.reshape(warped.shape), warped, w
+
+
+def _overlap(sampler_dense: _Sampler, h: torch.Tensor, fixed_mask_sum: float) -> tuple[float, int, float]:
+    with torch.no_grad():
+        _, _, w = sampler_dense(h)
+    total = float(w.sum())
+    return total, int((w > 0.5).sum()), total / max(fixed_mask_sum, 1e-9)
+
+
+def _moments(prob: _Problem, start: LinearTransform) -> LinearTransform:
+    """Translate so the mask-weighted intensity centres of mass correspond: ``T(com_f) = com_m``."""
+    def com(img, mask, grid):
+        stride = max(1, int(mask.numel() // 2_000_000))
+        pts, w, vals = prob.physical_points(grid, mask, stride=stride, image=img)
+        vals = (vals - vals.min()) * w
+        if float(vals.sum()) <= 0:
+            vals = w
+        return ((vals[:, None] * pts).sum(0) / vals.sum()).cpu().numpy()
+    com_f = com(prob.f, prob.fm, prob.fgrid)
+    com_m = com(prob.m, prob.mm, prob.mgrid)
+    shift = com_m - start.apply(com_f[None])[0]
+    return LinearTransform(start.matrix, start.translation + shift, start.center)
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampling, min_overlap: int,
+                      seed: int, report: StageReport) -> LinearTransform:
+    kind = stage["type"]
+    loss_name, loss_fn = get_loss(stage["loss"])
+    scales, iters = list(stage["scales"]), list(stage["iterations"])
+    random_n = sampling.get("random") if isinstance(sampling, dict) else None
+    if random_n and loss_name in NEEDS_DENSE:
+        raise MaskregError(f"stage {kind}: loss '{loss_name}' needs dense sampling (it uses neighbourhoods); "
+                           f"use mse, mi or nmi with random sampling.")
+    sigmas = stage.get("smoothing_sigmas") or [None] * len(scales)
+    dev = prob.device
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    current = start
+    p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
+    for li, (scale, n_it, sig) in enumerate(zip(scales, iters, sigmas)):
+        t0 = time.perf_counter()
+        fl, ml = prob.levels(int(scale), sig, bool(stage.get("use_mask", True)))
+        if loss_name == "mse":  # one intensity scale for both: MSE compares raw values
+            off, sc = intensity_scale(fl.image, fl.mask)
+            f_n, m_n = (fl.image - off) / sc, (ml.image - off) / sc
+        else:
+            off, sc = intensity_scale(fl.image, fl.mask)
+            f_n = (fl.image - off) / sc
+            offm, scm = intensity_scale(ml.image, ml.mask)
+            m_n = (ml.image - offm) / scm
+        dense = _Sampler(fl, ml, f_n, m_n, None, gen)
+        sampler = _Sampler(fl, ml, f_n, m_n, random_n, gen) if random_n else dense
+        fsum = float(fl.mask.sum())
+        p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
+        h0 = lin.homogeneous(kind, p.detach(), current, prob.radius)
+        ow, ov, of = _overlap(dense, h0, fsum)
+        level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
+        if ow < min_overlap:
+            raise OverlapError(f"{where(prob.subject)}{level_name}: only {ow:.0f} effective voxels of the fixed "
+                               f"mask map inside the moving image and its mask ({ov} voxels, {100 * of:.1f}% "
+                               f"of the fixed mask); at least {min_overlap} are needed (min_overlap_voxels). "
+                               f"Check the initial alignment, the masks and the fields of view.")
+        lr = float(stage["learning_rate"]) * float(np.mean(fl.grid.spacing))
+        opt = torch.optim.Adam([p], lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_it, 1), eta_min=lr * 0.05)
+        trace = torch.zeros(max(n_it, 1), device=dev)
+        tol, window = float(stage["tolerance"]), 10
+        converged, it = False, 0
+        bar = None
+        if _interactive():
+            from tqdm import tqdm
+            bar = tqdm(total=n_it, desc=f"{kind} s{scale}", leave=False)
+        for it in range(1, n_it + 1):
+            opt.zero_grad(set_to_none=True)
+            h = lin.homogeneous(kind, p, current, prob.radius)
+            fixed_v, warped_v, w = sampler(h)
+            loss = loss_fn(fixed_v, warped_v, w, window=int(stage["window"]), bins=int(stage["bins"]))
+            loss.backward()
+            opt.step()
+            sched.step()
+            trace[it - 1] = loss.detach()
+            if bar is not None:
+                bar.update(1)
+            if tol > 0 and it >= 2 * window and it % 5 == 0:
+                recent = trace[it - 2 * window: it].cpu()
+                prev, last = float(recent[:window].mean()), float(recent[window:].mean())
+                if (prev - last) / (abs(prev) + 1e-12) < tol:
+                    converged = True
+                    break
+        if bar is not None:
+            bar.close()
+        current = lin.to_linear(kind, p.detach(), current, prob.radius)
+        h1 = lin.homogeneous(kind, torch.zeros_like(p), current, prob.radius)
+        ow, ov, of = _overlap(dense, h1, fsum)
+        losses = trace[:it].cpu().tolist()
+        rep = LevelReport(int(scale), list(fl.grid.shape), it, losses[0] if losses else math.nan,
+                          losses[-1] if losses else math.nan, round(ow, 1), ov, round(of, 4),
+                          round(time.perf_counter() - t0, 3), converged, [round(v, 6) for v in losses])
+        report.levels.append(rep)
+        log.info("%s%s, grid %s: %d iterations%s, %s %.5f -> %.5f, overlap %.0f voxels (%.1f%% of the fixed "
+                 "mask), %.2f s", where(prob.subject), level_name, "x".join(map(str, fl.grid.size)), it,
+                 " (converged)" if converged else "", loss_name, rep.loss_first, rep.loss_last, ow, 100 * of,
+                 rep.seconds)
+    return current
+
+
+def _stage_config(stage: dict) -> dict:
+    s = dict(STAGE_DEFAULTS)
+    s.update({k: v for k, v in stage.items() if v is not None})
+    if len(s["scales"]) != len(s["iterations"]):
+        raise MaskregError(f"stage {s['type']}: scales {s['scales']} and iterations {s['iterations']} must have "
+                           f"the same length.")
+    return s
+
+
+def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
+             moving_mask: sitk.Image | None = None, stages: Sequence[dict] | None = None, *,
+             device: str = "auto", seed: int = 0, sampling: str | dict = "dense",
+             min_overlap_voxels: int = 100, initial: LinearTransform | None = None,
+             subject: str | None = None, threads: int | None = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` and return the fixed → moving transform with a report.
+
+    Images are SimpleITK images of the same dimension (2D or 3D) with any grids; masks (optional) are binary
+    images on their image's grid (see :mod:`maskreg.masks`). ``stages`` is a list of dicts such as
+    ``{"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]}``; types:
+    ``moments``, ``translation``, ``rigid``, ``similarity``, ``affine``. ``sampling`` is ``"dense"`` or
+    ``{"random": N}`` (N points drawn from the fixed mask's voxels at each iteration, seeded by ``seed``).
+    """
+    t_start = time.perf_counter()
+    dev = pick_device(device)
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(seed)
+    _check_pair(fixed, moving, subject)
+    prob = _Problem(fixed, moving, fixed_mask, moving_mask, dev, subject)
+    center = prob.center.cpu().numpy()
+    current = LinearTransform.identity(prob.dim, center) if initial is None else _recenter(initial, center)
+    reports: list[StageReport] = []
+    for i, raw in enumerate(stages if stages is not None else DEFAULT_STAGES):
+        kind = raw["type"]
+        t0 = time.perf_counter()
+        if kind == "moments":
+            current = _moments(prob, current)
+            reports.append(StageReport("moments", None, round(time.perf_counter() - t0, 3)))
+            log.info("%sstage moments: translation %s mm", where(subject),
+                     np.array2string(current.translation, precision=2))
+            continue
+        if kind not in lin.LINEAR_STAGES:
+            raise MaskregError(f"stage {i + 1}: unknown type '{kind}' (this engine runs moments, "
+                               f"{', '.join(lin.LINEAR_STAGES)})")
+        stage = _stage_config(raw)
+        rep = StageReport(kind, get_loss(stage["loss"])[0], 0.0)
+        current = _run_linear_stage(prob, stage, current, sampling, min_overlap_voxels, seed + i, rep)
+        rep.seconds = round(time.perf_counter() - t0, 3)
+        reports.append(rep)
+    return RegistrationResult(current, prob.fgrid, str(dev), time.perf_counter() - t_start, reports)
+
+
+def _recenter(tx: LinearTransform, center: np.ndarray) -> LinearTransform:
+    """The same map expressed with another centre."""
+    h = tx.homogeneous()
+    a = h[: tx.dim, : tx.dim]
+    return LinearTransform(a, h[: tx.dim, tx.dim] + a @ center - center, center)
