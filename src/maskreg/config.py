@@ -1,0 +1,168 @@
+"""Validation of the workflow configuration and the cohort table, reporting every problem at once.
+
+The JSON Schemas live in ``workflow/schemas/``; this module applies them with ``jsonschema`` (collecting
+all errors, each with the key path or the table row and column) and adds the checks a schema cannot make:
+files exist, subject ids are unique, stage lists are consistent. It knows nothing of Snakemake.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pandas as pd
+import yaml
+
+from maskreg.errors import ConfigError
+from maskreg.losses import NEEDS_DENSE, get_loss
+
+PATH_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
+                "fixed_landmarks", "moving_landmarks", "initial_transform")
+PAIRED_COLUMNS = (("fixed_landmarks", "moving_landmarks"),)
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        return error.message.replace("Additional properties are not allowed", "unknown key(s)")
+    if error.validator == "oneOf":
+        return f"{error.instance!r} is not valid here (expected 'dense' or {{random: N}} with N >= 16)"
+    return error.message
+
+
+def schema_problems(data: Any, schema: dict) -> list[str]:
+    """Every schema violation as ``'key.path: what is wrong'``."""
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
+    return [f"{_key_path(e)}: {_message(e)}" for e in errors]
+
+
+def stage_problems(config: dict) -> list[str]:
+    """Checks of the stage list that a schema cannot express."""
+    reg = config.get("registration") or {}
+    stages = reg.get("stages") or []
+    random_sampling = isinstance(reg.get("sampling"), dict)
+    out = []
+    for i, st in enumerate(stages):
+        if not isinstance(st, dict):
+            continue
+        at = f"registration.stages.{i} ({st.get('type', '?')})"
+        scales, iters = st.get("scales"), st.get("iterations")
+        if isinstance(scales, list) and isinstance(iters, list) and len(scales) != len(iters):
+            out.append(f"{at}: scales {scales} and iterations {iters} must have the same length")
+        if isinstance(scales, list) and all(isinstance(s, int) for s in scales) and any(
+                b > a for a, b in zip(scales, scales[1:])):
+            out.append(f"{at}: scales {scales} must not increase (coarse to fine, e.g. [4, 2, 1])")
+        sig = st.get("smoothing_sigmas")
+        if isinstance(sig, list) and isinstance(scales, list) and len(sig) != len(scales):
+            out.append(f"{at}: smoothing_sigmas {sig} must have one value per scale {scales}")
+        loss = st.get("loss")
+        if random_sampling and isinstance(loss, str):
+            try:
+                if get_loss(loss)[0] in NEEDS_DENSE:
+                    out.append(f"{at}: loss '{loss}' needs dense sampling (it uses neighbourhoods); "
+                               f"use mse, mi or nmi with registration.sampling.random")
+            except ValueError:
+                pass
+    return out
+
+
+def config_problems(config: dict, schema: dict) -> list[str]:
+    return schema_problems(config, schema) + stage_problems(config)
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a TSV or CSV cohort table as strings; empty cells become absent (no magic strings)."""
+    sep = "," if str(path).lower().endswith(".csv") else "\t"
+    return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
+
+
+def cohort_problems(table: pd.DataFrame, table_dir: Path, schema: dict) -> list[str]:
+    """Problems of every row, each naming the row (1 = first data row) and the column."""
+    out: list[str] = []
+    missing_cols = [c for c in schema.get("required", []) if c not in table.columns]
+    for c in missing_cols:
+        out.append(f"column '{c}' is missing (the table has: {', '.join(table.columns)})")
+    validator = jsonschema.Draft202012Validator(schema)
+    seen: dict[str, int] = {}
+    for i, row in enumerate(table.to_dict("records"), start=1):
+        present = {k: v.strip() for k, v in row.items() if isinstance(v, str) and v.strip() != ""}
+        sid = present.get("subject", "")
+        who = f"row {i}" + (f" (subject '{sid}')" if sid else "")
+        for e in validator.iter_errors(present):
+            col = ".".join(str(p) for p in e.absolute_path)
+            if e.validator == "required":
+                name = e.message.split("'")[1]
+                if name in missing_cols:
+                    continue
+                out.append(f"{who}, column '{name}': empty; a value is required")
+            elif col == "subject":
+                out.append(f"{who}, column 'subject': '{sid}' is not a safe id (use letters, digits, '.', '_', "
+                           f"'-'; no spaces, path separators or '..')")
+            else:
+                out.append(f"{who}, column '{col}': {e.message}")
+        if sid:
+            if sid in seen:
+                out.append(f"{who}, column 'subject': duplicate of row {seen[sid]}")
+            else:
+                seen[sid] = i
+        for col in PATH_COLUMNS:
+            if col in present:
+                p = Path(present[col])
+                full = p if p.is_absolute() else table_dir / p
+                if not full.exists():
+                    out.append(f"{who}, column '{col}': file not found: {present[col]} (looked at {full})")
+        for a, b in PAIRED_COLUMNS:
+            if (a in present) != (b in present):
+                out.append(f"{who}: '{a}' and '{b}' must be given together (one is empty)")
+    return out
+
+
+def resolve_paths(table: pd.DataFrame, table_dir: Path) -> pd.DataFrame:
+    """Absolute paths for every path column; empty cells stay empty strings."""
+    table = table.copy()
+    for col in PATH_COLUMNS:
+        if col not in table.columns:
+            table[col] = ""
+        table[col] = [str((table_dir / v).resolve()) if isinstance(v, str) and v.strip() else ""
+                      for v in table[col].fillna("")]
+    return table
+
+
+def load_and_validate(config: dict, config_schema: dict, cohort_schema: dict) -> pd.DataFrame:
+    """Validate the configuration and its cohort table; return the table (indexed by subject, absolute
+    paths) or raise :class:`ConfigError` listing every problem of both."""
+    problems = [f"config {p}" for p in config_problems(config, config_schema)]
+    cohort_path = config.get("cohort")
+    table = None
+    if isinstance(cohort_path, str):
+        p = Path(cohort_path)
+        if not p.exists():
+            problems.append(f"config cohort: table not found: {cohort_path} (relative paths are relative to the "
+                            f"working directory, {Path.cwd()})")
+        else:
+            try:
+                table = read_table(p)
+            except Exception as exc:  # malformed CSV/TSV in many ways
+                problems.append(f"cohort table {cohort_path}: cannot be read ({exc})")
+            else:
+                if len(table) == 0:
+                    problems.append(f"cohort table {cohort_path}: no subjects")
+                problems += [f"cohort table {cohort_path}: {q}"
+                             for q in cohort_problems(table, p.resolve().parent, cohort_schema)]
+    if problems:
+        raise ConfigError(problems, "configuration and cohort")
+    assert table is not None
+    table = resolve_paths(table, Path(cohort_path).resolve().parent)
+    return table.set_index("subject", drop=False)

@@ -1,0 +1,104 @@
+"""Per-subject and cohort evaluation: before/after metrics of one registration, and the cohort tables.
+
+"Before" means the moving data resampled on the fixed grid with the identity transform (physical
+coordinates as the scanner gave them); "after" means with the registration's transform. NCC is computed
+inside ``fixed_mask · moved moving_mask`` (the voxels the registration could use).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from maskreg import logs
+from maskreg.qc.metrics import dice_per_label, masked_ncc, mean_dice, tre
+from maskreg.warp import warp_image, warp_labels, warp_mask, warp_points
+
+METRIC_COLUMNS = ["subject", "status", "device", "seconds", "overlap_voxels", "ncc_before", "ncc_after",
+                  "dice_before", "dice_after", "jacobian_nonpositive_fraction", "tre_before_mm", "tre_after_mm",
+                  "error"]
+DICE_COLUMNS = ["subject", "label", "dice_before", "dice_after"]
+
+
+def _weight(fixed_mask: sitk.Image, moved_mask: sitk.Image) -> np.ndarray:
+    return (sitk.GetArrayFromImage(fixed_mask) > 0) & (sitk.GetArrayFromImage(moved_mask) > 0)
+
+
+def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
+                    moving_mask: sitk.Image, warped: sitk.Image, warped_mask: sitk.Image,
+                    transform: sitk.Transform, linear_matrix: np.ndarray, report: dict,
+                    fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
+                    warped_labels: sitk.Image | None = None, fixed_points: np.ndarray | None = None,
+                    moving_points: np.ndarray | None = None) -> tuple[dict, pd.DataFrame, dict]:
+    """One metrics row (``METRIC_COLUMNS``), the Dice table and the "before" images for the figures."""
+    identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
+    before = warp_image(moving, fixed, identity)
+    before_mask = warp_mask(moving_mask, fixed, identity)
+    row = {c: math.nan for c in METRIC_COLUMNS}
+    row.update(subject=subject, status="ok", device=report.get("device", ""), error="",
+               seconds=report.get("seconds", math.nan), overlap_voxels=report.get("overlap_voxels", math.nan))
+    row["ncc_before"] = masked_ncc(fixed, before, _weight(fixed_mask, before_mask))
+    row["ncc_after"] = masked_ncc(fixed, warped, _weight(fixed_mask, warped_mask))
+    # linear-only chain: the Jacobian determinant is det(A) everywhere
+    row["jacobian_nonpositive_fraction"] = 0.0 if np.linalg.det(linear_matrix) > 0 else 1.0
+    dice_rows = pd.DataFrame(columns=DICE_COLUMNS)
+    extra = {"before": before, "before_mask": before_mask, "before_labels": None}
+    if fixed_labels is not None and moving_labels is not None and warped_labels is not None:
+        common = sorted(set(np.unique(sitk.GetArrayViewFromImage(fixed_labels)).tolist())
+                        & set(np.unique(sitk.GetArrayViewFromImage(moving_labels)).tolist()) - {0})
+        before_labels = warp_labels(moving_labels, fixed, identity, "nearest")
+        extra["before_labels"] = before_labels
+        d0 = dice_per_label(fixed_labels, before_labels, common)
+        d1 = dice_per_label(fixed_labels, warped_labels, common)
+        dice_rows = pd.DataFrame({"subject": subject, "label": common,
+                                  "dice_before": [d0[k] for k in common], "dice_after": [d1[k] for k in common]})
+        row["dice_before"], row["dice_after"] = mean_dice(d0), mean_dice(d1)
+    if fixed_points is not None and moving_points is not None:
+        # forward transform: fixed-space points -> moving space, compared with the moving landmarks
+        row["tre_before_mm"] = tre(fixed_points, moving_points)["tre_mean_mm"]
+        row["tre_after_mm"] = tre(warp_points(fixed_points, transform), moving_points)["tre_mean_mm"]
+    return row, dice_rows, extra
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def failed_row(subject: str, error: str) -> dict:
+    row = {c: math.nan for c in METRIC_COLUMNS}
+    row.update(subject=subject, status="failed", device="", error=error)
+    return row
+
+
+def cohort_tables(subjects: list[str], results_dir: str | os.PathLike = "results",
+                  logs_dir: str | os.PathLike = "logs") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Gather every subject's ``qc/metrics.tsv`` and ``qc/dice.tsv``; a subject without them is listed as
+    failed with the ``ERROR:`` line of its first failed job's log (or 'not run')."""
+    rows, dice = [], []
+    for s in subjects:
+        m = Path(results_dir, s, "qc", "metrics.tsv")
+        if m.exists():
+            rows.append(pd.read_csv(m, sep="\t", keep_default_na=True).iloc[0].to_dict())
+            d = Path(results_dir, s, "qc", "dice.tsv")
+            if d.exists() and d.stat().st_size > 0:
+                dd = pd.read_csv(d, sep="\t")
+                if len(dd):
+                    dice.append(dd)
+            continue
+        err = None
+        for log in sorted(Path(logs_dir, s).glob("*.log")) if Path(logs_dir, s).exists() else []:
+            err = logs.last_error(log)
+            if err:
+                err = f"{log.stem}: {err}"
+                break
+        rows.append(failed_row(s, err or "not run (an upstream job failed or was not scheduled)"))
+    metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    dice_df = pd.concat(dice, ignore_index=True) if dice else pd.DataFrame(columns=DICE_COLUMNS)
+    return metrics, dice_df

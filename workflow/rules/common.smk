@@ -1,0 +1,70 @@
+# Load and validate the configuration and the cohort before any job runs; helpers the rules use.
+import re
+
+import maskreg.config as mcfg
+from snakemake.utils import validate
+
+CONFIG_SCHEMA = mcfg.load_yaml(workflow.source_path("../schemas/config.schema.yaml"))
+COHORT_SCHEMA = mcfg.load_yaml(workflow.source_path("../schemas/cohort.schema.yaml"))
+
+# every problem of config and cohort at once (raises maskreg.errors.ConfigError), then the schema defaults
+COHORT = mcfg.load_and_validate(config, CONFIG_SCHEMA, COHORT_SCHEMA)
+validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
+SUBJECTS = list(COHORT.index)
+RES = config["resources"]
+
+
+wildcard_constraints:
+    subject="|".join(map(re.escape, SUBJECTS)) if SUBJECTS else "[A-Za-z0-9._-]+",
+    role="fixed|moving",
+
+
+def cohort_value(subject, column):
+    """The cohort cell (absolute path for path columns) or '' when empty."""
+    return COHORT.loc[subject, column] if column in COHORT.columns else ""
+
+
+def has(subject, column):
+    return bool(cohort_value(subject, column))
+
+
+def cohort_file(column):
+    """Input function: the subject's file in ``column`` (an empty list when the cell is empty)."""
+    return lambda wc: cohort_value(wc.subject, column) or []
+
+
+def has_labels(subject):
+    return has(subject, "fixed_labels") and has(subject, "moving_labels")
+
+
+def register_resources():
+    """Resources of GPU rules; no GPU is requested when the config says device: cpu."""
+    r = RES["register"]
+    out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
+    if config["device"] != "cpu" and r["gpu"] > 0:
+        out["gpu"] = r["gpu"]
+        if r.get("gpu_model"):
+            out["gpu_model"] = r["gpu_model"]
+    return out
+
+
+def subject_outputs(subject):
+    out = [
+        f"results/{subject}/masks/fixed_mask.nii.gz",
+        f"results/{subject}/masks/moving_mask.nii.gz",
+        f"results/{subject}/transforms/affine.mat",
+        f"results/{subject}/warped/image.nii.gz",
+        f"results/{subject}/warped/mask.nii.gz",
+        f"results/{subject}/qc/metrics.tsv",
+        f"results/{subject}/qc/registration.png",
+        f"results/{subject}/qc/masks.png",
+    ]
+    if has(subject, "moving_labels"):
+        out.append(f"results/{subject}/warped/labels.nii.gz")
+    return out
+
+
+def all_outputs():
+    out = [p for s in SUBJECTS for p in subject_outputs(s)]
+    out += ["results/cohort/metrics.tsv", "results/cohort/dice.tsv", "results/cohort/summary.png"]
+    return out

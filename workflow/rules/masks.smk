@@ -1,0 +1,19 @@
+# Mask preparation per image: the cohort's mask, or (when the cell is empty) the config's `missing` choice
+# (all-ones or automatic), then binarise / largest component / fill holes / dilate / erode in mm.
+
+
+rule prepare_mask:
+    input:
+        image=lambda wc: cohort_value(wc.subject, wc.role),
+        mask=lambda wc: cohort_value(wc.subject, f"{wc.role}_mask") or [],
+    output:
+        "results/{subject}/masks/{role}_mask.nii.gz",
+    params:
+        options=lambda wc: config["masks"][wc.role],
+    log:
+        "logs/{subject}/prepare_mask_{role}.log",
+    resources:
+        mem_mb=RES["default"]["mem_mb"],
+        runtime=RES["default"]["runtime"],
+    script:
+        "../scripts/prepare_mask.py"

@@ -1,0 +1,105 @@
+# Quality control: a mask figure and a registration figure with metrics per subject, then the cohort tables
+# and plots. Figures are registered with report() for `snakemake --report report.html`.
+
+
+def qc_label_inputs(wc):
+    if not has_labels(wc.subject):
+        return {}
+    return {
+        "fixed_labels": cohort_value(wc.subject, "fixed_labels"),
+        "moving_labels": cohort_value(wc.subject, "moving_labels"),
+        "warped_labels": f"results/{wc.subject}/warped/labels.nii.gz",
+    }
+
+
+def qc_landmark_inputs(wc):
+    if not has(wc.subject, "fixed_landmarks"):
+        return {}
+    return {
+        "fixed_landmarks": cohort_value(wc.subject, "fixed_landmarks"),
+        "moving_landmarks": cohort_value(wc.subject, "moving_landmarks"),
+    }
+
+
+rule qc_masks:
+    input:
+        fixed=lambda wc: cohort_value(wc.subject, "fixed"),
+        moving=lambda wc: cohort_value(wc.subject, "moving"),
+        fixed_mask="results/{subject}/masks/fixed_mask.nii.gz",
+        moving_mask="results/{subject}/masks/moving_mask.nii.gz",
+    output:
+        report(
+            "results/{subject}/qc/masks.png",
+            caption="../report/masks.rst",
+            category="Subjects",
+            subcategory="{subject}",
+            labels={"subject": "{subject}", "figure": "masks"},
+        ),
+    params:
+        qc=config["qc"],
+    log:
+        "logs/{subject}/qc_masks.log",
+    resources:
+        mem_mb=RES["default"]["mem_mb"],
+        runtime=RES["default"]["runtime"],
+    script:
+        "../scripts/qc_masks.py"
+
+
+rule qc_subject:
+    input:
+        unpack(qc_label_inputs),
+        unpack(qc_landmark_inputs),
+        fixed=lambda wc: cohort_value(wc.subject, "fixed"),
+        moving=lambda wc: cohort_value(wc.subject, "moving"),
+        fixed_mask="results/{subject}/masks/fixed_mask.nii.gz",
+        moving_mask="results/{subject}/masks/moving_mask.nii.gz",
+        warped="results/{subject}/warped/image.nii.gz",
+        warped_mask="results/{subject}/warped/mask.nii.gz",
+        linear="results/{subject}/transforms/affine.mat",
+        report="results/{subject}/transforms/registration.json",
+    output:
+        metrics="results/{subject}/qc/metrics.tsv",
+        dice="results/{subject}/qc/dice.tsv",
+        figure=report(
+            "results/{subject}/qc/registration.png",
+            caption="../report/registration.rst",
+            category="Subjects",
+            subcategory="{subject}",
+            labels={"subject": "{subject}", "figure": "registration"},
+        ),
+    params:
+        qc=config["qc"],
+    log:
+        "logs/{subject}/qc_subject.log",
+    resources:
+        mem_mb=RES["default"]["mem_mb"],
+        runtime=RES["default"]["runtime"],
+    script:
+        "../scripts/qc_subject.py"
+
+
+rule cohort:
+    input:
+        metrics=expand("results/{subject}/qc/metrics.tsv", subject=SUBJECTS),
+        dice=expand("results/{subject}/qc/dice.tsv", subject=SUBJECTS),
+    output:
+        metrics=report(
+            "results/cohort/metrics.tsv",
+            caption="../report/cohort_metrics.rst",
+            category="Cohort",
+            labels={"table": "metrics"},
+        ),
+        dice="results/cohort/dice.tsv",
+        summary=report(
+            "results/cohort/summary.png",
+            caption="../report/cohort_summary.rst",
+            category="Cohort",
+            labels={"figure": "summary"},
+        ),
+    params:
+        subjects=SUBJECTS,
+    log:
+        "logs/cohort.log",
+    script:
+        "../scripts/cohort.py"

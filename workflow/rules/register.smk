@@ -1,0 +1,28 @@
+# Registration: the stage list of config["registration"] on the prepared masks; writes the ITK transform
+# (fixed -> moving points) and a JSON report of every stage and level.
+
+
+rule register:
+    input:
+        fixed=lambda wc: cohort_value(wc.subject, "fixed"),
+        moving=lambda wc: cohort_value(wc.subject, "moving"),
+        fixed_mask="results/{subject}/masks/fixed_mask.nii.gz",
+        moving_mask="results/{subject}/masks/moving_mask.nii.gz",
+        initial=cohort_file("initial_transform"),
+    output:
+        linear="results/{subject}/transforms/affine.mat",
+        report="results/{subject}/transforms/registration.json",
+    params:
+        registration=config["registration"],
+        kinds={"fixed": config["masks"]["fixed"]["kind"], "moving": config["masks"]["moving"]["kind"]},
+        device=config["device"],
+        seed=config["seed"],
+    threads: RES["register"]["threads"]
+    resources:
+        **register_resources(),
+    log:
+        "logs/{subject}/register.log",
+    benchmark:
+        "logs/{subject}/register.benchmark.tsv"
+    script:
+        "../scripts/register.py"

@@ -1,0 +1,39 @@
+# Warping moving-space data onto the fixed grid with the registration's transform.
+
+
+rule warp_image:
+    input:
+        fixed=lambda wc: cohort_value(wc.subject, "fixed"),
+        moving=lambda wc: cohort_value(wc.subject, "moving"),
+        moving_mask="results/{subject}/masks/moving_mask.nii.gz",
+        linear="results/{subject}/transforms/affine.mat",
+    output:
+        image="results/{subject}/warped/image.nii.gz",
+        mask="results/{subject}/warped/mask.nii.gz",
+    params:
+        interpolation=config["warp"]["image"],
+    log:
+        "logs/{subject}/warp_image.log",
+    resources:
+        mem_mb=RES["default"]["mem_mb"],
+        runtime=RES["default"]["runtime"],
+    script:
+        "../scripts/warp_image.py"
+
+
+rule warp_labels:
+    input:
+        fixed=lambda wc: cohort_value(wc.subject, "fixed"),
+        labels=lambda wc: cohort_value(wc.subject, "moving_labels"),
+        linear="results/{subject}/transforms/affine.mat",
+    output:
+        "results/{subject}/warped/labels.nii.gz",
+    params:
+        method=config["warp"]["labels"],
+    log:
+        "logs/{subject}/warp_labels.log",
+    resources:
+        mem_mb=RES["default"]["mem_mb"],
+        runtime=RES["default"]["runtime"],
+    script:
+        "../scripts/warp_labels.py"

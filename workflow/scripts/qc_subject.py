@@ -1,0 +1,35 @@
+"""Snakemake glue: metrics and the registration figure of one subject."""
+import pandas as pd
+
+from maskreg import io, logs, transforms
+from maskreg.qc import evaluate, figures
+
+sm = snakemake  # noqa: F821
+with logs.job(sm.log[0]) as log:
+    s = sm.wildcards.subject
+    inp = sm.input
+    read = lambda key, **kw: io.read_image(inp[key], subject=s, role=key, **kw)  # noqa: E731
+    fixed, moving = read("fixed"), read("moving")
+    linear = transforms.read_linear(inp.linear, subject=s)
+    labels = {}
+    if "fixed_labels" in inp.keys():
+        labels = {k: read(k, check_finite=False) for k in ("fixed_labels", "moving_labels", "warped_labels")}
+    points = {}
+    if "fixed_landmarks" in inp.keys():
+        dim = fixed.GetDimension()
+        points = {"fixed_points": io.read_landmarks(inp.fixed_landmarks, dim, subject=s, role="fixed_landmarks"),
+                  "moving_points": io.read_landmarks(inp.moving_landmarks, dim, subject=s,
+                                                     role="moving_landmarks")}
+    row, dice, extra = evaluate.subject_metrics(
+        s, fixed, moving, read("fixed_mask"), read("moving_mask"), read("warped"), read("warped_mask"),
+        transforms.chain(linear), linear.matrix, evaluate.read_report(inp.report), **labels, **points)
+    io.write_table(pd.DataFrame([row], columns=evaluate.METRIC_COLUMNS), sm.output.metrics)
+    io.write_table(dice, sm.output.dice)
+    title = f"{s}   NCC {row['ncc_before']:.3f} → {row['ncc_after']:.3f}"
+    if labels:
+        title += f"   mean Dice {row['dice_before']:.3f} → {row['dice_after']:.3f}"
+    figures.registration_overlay(fixed, extra["before"], read("warped"), sm.output.figure,
+                                 fixed_mask=read("fixed_mask"), warped_mask=read("warped_mask"),
+                                 fixed_labels=labels.get("fixed_labels"),
+                                 warped_labels=labels.get("warped_labels"), title=title)
+    log.info("%s", {k: row[k] for k in ("ncc_before", "ncc_after", "dice_before", "dice_after")})
