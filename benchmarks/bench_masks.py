@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from maskreg import masks
 
-MNI = Path(os.environ.get("MASKREG_DATA", "/work/shared/data")) / "mni_icbm152_2009a" / "template"
+MNI = Path(os.environ.get("MASKREG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "mni_icbm152_2009a" / "template"
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:

@@ -15,7 +15,7 @@ from scipy.spatial import cKDTree
 from maskreg import masks
 from maskreg.errors import MaskError
 
-DATA = Path("/work/shared/data")
+from conftest import SHARED_DATA as DATA
 BRAIN1 = DATA / "pyradiomics_brain_mr" / "brain1"
 OBLIQUE = DATA / "dipy_oblique" / "aniso_vox" / "image.nii.gz"
 BRAIN2D = DATA / "antspy_brain2d" / "r16" / "image.nii.gz"

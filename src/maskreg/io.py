@@ -37,6 +37,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs should be as readable as any file
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -1,0 +1,31 @@
+# Two entry points, both from a fresh clone:
+#   make demo   set up .venv, run the workflow on the demo cohort, build report.html
+#   make test   set up .venv, run the test suite
+# The venv sees the system's site-packages, so a machine that already has (a CUDA build of) torch uses it;
+# otherwise the CPU wheel torch==2.13.0 is installed first (a bare `torch` could pull a multi-GB CUDA build).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= all
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/snakemake --profile profiles/default --cores $(CORES)
+	$(BIN)/snakemake --report report.html
+	@echo "Done: results/cohort/metrics.tsv and report.html"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf results logs report.html .snakemake

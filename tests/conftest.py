@@ -1,0 +1,21 @@
+"""Shared test fixtures: paths to the repository, its demo data and the team's shared real scans."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "resources" / "demo"
+# shared/ lies beside the repository (CI clones main with shared/ next to it); MASKREG_DATA overrides
+SHARED_DATA = Path(os.environ.get("MASKREG_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared(*parts: str) -> Path:
+    """A file of the shared data folder, or skip the test with the reason when it is not there."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared data not found: {p} (set MASKREG_DATA to the shared/data folder)")
+    return p

@@ -1,0 +1,156 @@
+"""Real Snakemake runs of the demo cohort in a temporary folder (the workflow as a user runs it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.workflow
+SUBJECTS = ["brain2d_r16", "brain2d_r27", "brain2d_r30", "headct2d", "abdomen3d"]
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg["cohort"] = str(REPO / "config/cohort.tsv")
+    cfg["device"] = "cpu"
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(work, "--cores", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cohort = pd.read_csv(REPO / "config/cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    cohort["fixed"] = [str((REPO / "config" / p).resolve()) for p in cohort["fixed"]]
+    cohort["moving"] = [str((REPO / "config" / p).resolve()) for p in cohort["moving"]]
+    return work, cohort.set_index("subject")
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
+
+
+def ncc(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> float:
+    x, y = a[m].astype(float), b[m].astype(float)
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+
+
+def test_every_warped_output_is_on_its_fixed_grid(demo_run):
+    work, cohort = demo_run
+    for s in SUBJECTS:
+        fixed = sitk.ReadImage(cohort.loc[s, "fixed"])
+        names = ["image", "mask"] + (["labels"] if cohort.loc[s, "moving_labels"] else [])
+        for name in names:
+            out = sitk.ReadImage(str(work / f"results/{s}/warped/{name}.nii.gz"))
+            assert same_grid(out, fixed), f"{s} warped/{name} is not on the fixed grid"
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"results/{s}/warped/mask.nii.gz")))
+        assert set(np.unique(mask)) <= {0, 1} and mask.sum() > 0
+
+
+def test_masked_ncc_improves_for_every_pair(demo_run):
+    """Recomputed here from the files: fixed vs moving at its scanner position, and vs the warped image."""
+    work, cohort = demo_run
+    metrics = pd.read_csv(work / "results/cohort/metrics.tsv", sep="\t").set_index("subject")
+    for s in SUBJECTS:
+        fixed = sitk.ReadImage(cohort.loc[s, "fixed"], sitk.sitkFloat32)
+        moving = sitk.ReadImage(cohort.loc[s, "moving"], sitk.sitkFloat32)
+        fmask = sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"results/{s}/masks/fixed_mask.nii.gz"))) > 0
+        mmask = sitk.ReadImage(str(work / f"results/{s}/masks/moving_mask.nii.gz"), sitk.sitkFloat32)
+        before = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
+        before_m = sitk.GetArrayFromImage(sitk.Resample(mmask, fixed, sitk.Transform(), sitk.sitkLinear)) >= 0.5
+        warped = sitk.ReadImage(str(work / f"results/{s}/warped/image.nii.gz"))
+        warped_m = sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"results/{s}/warped/mask.nii.gz"))) > 0
+        f = sitk.GetArrayFromImage(fixed)
+        n0 = ncc(f, sitk.GetArrayFromImage(before), fmask & before_m)
+        n1 = ncc(f, sitk.GetArrayFromImage(warped), fmask & warped_m)
+        assert n1 > n0 + 0.02, f"{s}: masked NCC {n0:.3f} -> {n1:.3f}"
+        assert metrics.loc[s, "status"] == "ok"
+        assert metrics.loc[s, "ncc_after"] == pytest.approx(n1, abs=1e-3)
+        assert metrics.loc[s, "ncc_before"] == pytest.approx(n0, abs=1e-3)
+
+
+def test_dice_improves_for_the_labelled_3d_pair(demo_run):
+    work, cohort = demo_run
+    s = "abdomen3d"
+    fixed_labels = sitk.GetArrayFromImage(sitk.ReadImage(str((REPO / "config" / cohort.loc[s, "fixed_labels"]))))
+    moving_labels = sitk.ReadImage(str((REPO / "config" / cohort.loc[s, "moving_labels"])))
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"results/{s}/warped/labels.nii.gz")))
+    fixed = sitk.ReadImage(cohort.loc[s, "fixed"])
+    before = sitk.GetArrayFromImage(sitk.Resample(moving_labels, fixed, sitk.Transform(),
+                                                  sitk.sitkNearestNeighbor, 0))
+    # no new label values appear
+    assert set(np.unique(warped)) <= set(np.unique(sitk.GetArrayFromImage(moving_labels)))
+    common = sorted(set(np.unique(fixed_labels)) & set(np.unique(sitk.GetArrayFromImage(moving_labels))) - {0})
+    assert len(common) >= 5
+
+    def dice(a, b, v):
+        return 2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v))
+    d0 = np.mean([dice(fixed_labels, before, v) for v in common])
+    d1 = np.mean([dice(fixed_labels, warped, v) for v in common])
+    assert d1 > d0 + 0.05, f"mean Dice {d0:.3f} -> {d1:.3f}"
+    table = pd.read_csv(work / "results/cohort/dice.tsv", sep="\t")
+    assert sorted(table[table.subject == s].label) == common
+
+
+def test_transform_file_reproduces_warped_image_with_simpleitk(demo_run):
+    work, cohort = demo_run
+    for s in ("brain2d_r16", "abdomen3d"):
+        tx = sitk.ReadTransform(str(work / f"results/{s}/transforms/affine.mat"))
+        fixed = sitk.ReadImage(cohort.loc[s, "fixed"])
+        moving = sitk.ReadImage(cohort.loc[s, "moving"], sitk.sitkFloat32)
+        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"results/{s}/warped/image.nii.gz")))
+        theirs = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0))
+        assert np.allclose(ours, theirs, atol=1e-3)
+
+
+def test_qc_outputs_have_content(demo_run):
+    work, _ = demo_run
+    import matplotlib.image as mpimg
+    for s in SUBJECTS:
+        for name in ("registration", "masks"):
+            png = mpimg.imread(work / f"results/{s}/qc/{name}.png")
+            assert png.std() > 0.05, f"{s} {name}.png looks blank"
+        m = pd.read_csv(work / f"results/{s}/qc/metrics.tsv", sep="\t")
+        assert list(m.subject) == [s] and m.overlap_voxels.iloc[0] > 1000
+    png = mpimg.imread(work / "results/cohort/summary.png")
+    assert png.std() > 0.05
+
+
+def test_rerun_is_a_no_op_and_report_lists_every_subject(demo_run):
+    work, _ = demo_run
+    dry = snakemake(work, "-n", "--cores", "1")
+    assert dry.returncode == 0
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    rep = snakemake(work, "--report", str(work / "report.html"), timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    html = (work / "report.html").read_text(errors="ignore")
+    for s in SUBJECTS:
+        assert s in html
+
+
+def test_dry_run_plans_every_job(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg["cohort"] = str(REPO / "config/cohort.tsv")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for rule, count in [("prepare_mask", 10), ("register", 5), ("warp_image", 5), ("warp_labels", 1),
+                        ("qc_subject", 5), ("qc_masks", 5), ("cohort", 1)]:
+        assert any(line.split() == [rule, str(count)] for line in out.splitlines()), f"{rule} x{count}"
