@@ -21,6 +21,21 @@ from maskreg.losses import NEEDS_DENSE, get_loss
 PATH_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
                 "fixed_landmarks", "moving_landmarks", "initial_transform")
 PAIRED_COLUMNS = (("fixed_landmarks", "moving_landmarks"),)
+# per-subject overrides of the mask options: column "{role}_mask_{option}"
+MASK_OVERRIDES = {"missing": str, "kind": str, "threshold": float, "dilate_mm": float, "erode_mm": float,
+                  "largest_component": lambda v: v.strip().lower() in ("1", "true", "yes"),
+                  "fill_holes": lambda v: v.strip().lower() in ("1", "true", "yes")}
+
+
+def mask_options(defaults: dict, row: dict, role: str) -> dict:
+    """Mask options for one image: the config's ``masks.{role}`` updated by the row's filled
+    ``{role}_mask_{option}`` cells (already validated by the cohort schema)."""
+    out = dict(defaults)
+    for key, conv in MASK_OVERRIDES.items():
+        val = row.get(f"{role}_mask_{key}", "")
+        if isinstance(val, str) and val.strip():
+            out[key] = conv(val.strip())
+    return out
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

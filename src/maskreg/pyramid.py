@@ -92,6 +92,35 @@ def resample(t: torch.Tensor, in_grid: Grid, out_grid: Grid, out_to_in: np.ndarr
     return F.grid_sample(t, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
+def erode_voxels(mask: torch.Tensor, radii: tuple[int, ...]) -> torch.Tensor:
+    """Binary erosion of ``mask`` (``[1, 1, *spatial]``, values in [0, 1], > 0.5 = inside) by a box of
+    ``radii`` voxels per axis (tensor order). Outside the image counts as inside, so the image border is not
+    eroded (voxels mapping outside an image get weight 0 anyway)."""
+    if all(r <= 0 for r in radii):
+        return (mask > 0.5).to(mask.dtype)
+    dim = mask.dim() - 2
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dim - 1]
+    outside = (mask <= 0.5).to(mask.dtype)
+    k = tuple(2 * r + 1 for r in radii)
+    grown = pool(outside, kernel_size=k, stride=1, padding=tuple(radii))  # max_pool pads with -inf
+    return 1.0 - grown
+
+
+def valid_mask_radii(factors: tuple[int, ...], role: str) -> tuple[int, ...]:
+    """elastix's erosion of a *valid* mask at shrink factor ``s`` (per axis, any order): ``s + 1`` voxels for
+    the fixed mask, ``2 s + 1`` for the moving mask, so smoothing and interpolation at that level never reach
+    beyond the valid region."""
+    return tuple((f + 1) if role == "fixed" else (2 * f + 1) for f in factors)
+
+
+def downsample_mask(mask: torch.Tensor, grid: Grid, level_grid: Grid, factors: tuple[int, ...]) -> torch.Tensor:
+    """Fraction of each coarse voxel's fine voxels inside ``mask`` (``factors`` x-first)."""
+    if level_grid == grid:
+        return mask
+    frac = box_average(mask, tuple(reversed(factors)))
+    return resample(frac, grid, level_grid).clamp_(0.0, 1.0)
+
+
 @dataclass
 class Level:
     """One pyramid level of one image: its grid, smoothed image and mask weights (fraction in [0, 1])."""
@@ -126,6 +155,4 @@ def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
     smoothed = normalised_blur(image, mask, sig_t)
     coarse = grid.shrink(factors)
     img = resample(smoothed, grid, coarse, padding_mode="border")
-    frac = box_average(mask, tuple(reversed(factors)))
-    msk = resample(frac, grid, coarse)
-    return Level(coarse, img, msk.clamp_(0.0, 1.0), factors)
+    return Level(coarse, img, downsample_mask(mask, grid, coarse, factors), factors)

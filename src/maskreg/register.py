@@ -24,7 +24,7 @@ from maskreg import linear as lin
 from maskreg.errors import InputError, MaskregError, OverlapError, where
 from maskreg.grid import Grid
 from maskreg.losses import NEEDS_DENSE, get_loss, intensity_scale
-from maskreg.pyramid import Level, make_level
+from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
 from maskreg.transforms import LinearTransform, chain
 
 log = logging.getLogger("maskreg")
@@ -136,8 +136,9 @@ def _mask_tensor(mask: sitk.Image | None, image: sitk.Image, device: torch.devic
 class _Problem:
     """Full-resolution tensors of one pair and a cache of pyramid levels."""
 
-    def __init__(self, fixed, moving, fixed_mask, moving_mask, device, subject):
+    def __init__(self, fixed, moving, fixed_mask, moving_mask, device, subject, kinds=("roi", "roi")):
         self.device = device
+        self.kinds = {"fixed": kinds[0], "moving": kinds[1]}
         self.subject = subject
         self.fgrid = Grid.of(fixed)
         self.mgrid = Grid.of(moving)
@@ -179,6 +180,11 @@ class _Problem:
             fl = make_level(self.f, fm, self.fgrid, scale, sigma)
             target = min(fl.grid.spacing) if scale > 1 else None
             ml = make_level(self.m, mm, self.mgrid, scale, sigma, target_min_spacing=target)
+            if use_mask:
+                for role, lev, full, grid in (("fixed", fl, fm, self.fgrid), ("moving", ml, mm, self.mgrid)):
+                    if self.kinds[role] == "valid":
+                        radii = tuple(reversed(valid_mask_radii(lev.factors, role)))
+                        lev.mask = downsample_mask(erode_voxels(full, radii), grid, lev.grid, lev.factors)
             self._levels[key] = (fl, ml)
         return self._levels[key]
 
@@ -302,7 +308,9 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
         opt = torch.optim.Adam([p], lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_it, 1), eta_min=lr * 0.05)
         trace = torch.zeros(max(n_it, 1), device=dev)
-        tol, window = float(stage["tolerance"]), 10
+        # a loss drawn from random samples is noisy by construction: its plateau test would stop at random,
+        # so random sampling runs the level's whole (cosine-decayed) schedule
+        tol, window = (0.0 if random_n else float(stage["tolerance"])), 10
         converged, it = False, 0
         bar = None
         if _interactive():
@@ -355,7 +363,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
              moving_mask: sitk.Image | None = None, stages: Sequence[dict] | None = None, *,
              device: str = "auto", seed: int = 0, sampling: str | dict = "dense",
              min_overlap_voxels: int = 100, initial: LinearTransform | None = None,
-             subject: str | None = None, threads: int | None = None) -> RegistrationResult:
+             subject: str | None = None, threads: int | None = None,
+             mask_kinds: tuple[str, str] = ("roi", "roi")) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and return the fixed → moving transform with a report.
 
     Images are SimpleITK images of the same dimension (2D or 3D) with any grids; masks (optional) are binary
@@ -363,14 +372,20 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
     ``{"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]}``; types:
     ``moments``, ``translation``, ``rigid``, ``similarity``, ``affine``. ``sampling`` is ``"dense"`` or
     ``{"random": N}`` (N points drawn from the fixed mask's voxels at each iteration, seeded by ``seed``).
+    ``mask_kinds`` gives the (fixed, moving) mask kinds: ``roi`` masks weight the loss as they are; ``valid``
+    masks are also eroded at every level by elastix's rule (``s+1`` voxels fixed, ``2s+1`` moving at shrink
+    factor ``s``) so an artificial edge (field of view, ultrasound cone) cannot pull the registration.
     """
+    for k in mask_kinds:
+        if k not in ("roi", "valid"):
+            raise MaskregError(f"unknown mask kind '{k}'; choose roi or valid")
     t_start = time.perf_counter()
     dev = pick_device(device)
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
     _check_pair(fixed, moving, subject)
-    prob = _Problem(fixed, moving, fixed_mask, moving_mask, dev, subject)
+    prob = _Problem(fixed, moving, fixed_mask, moving_mask, dev, subject, tuple(mask_kinds))
     center = prob.center.cpu().numpy()
     current = LinearTransform.identity(prob.dim, center) if initial is None else _recenter(initial, center)
     reports: list[StageReport] = []

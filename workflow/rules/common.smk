@@ -37,6 +37,12 @@ def has_labels(subject):
     return has(subject, "fixed_labels") and has(subject, "moving_labels")
 
 
+def mask_options(subject, role):
+    """The study-wide mask options of ``role``, overridden by the subject's cohort columns
+    ``{role}_mask_{option}`` where those cells are filled (see config/README.md)."""
+    return mcfg.mask_options(config["masks"][role], COHORT.loc[subject].to_dict(), role)
+
+
 def register_resources():
     """Resources of GPU rules; no GPU is requested when the config says device: cpu."""
     r = RES["register"]

@@ -9,7 +9,7 @@ rule prepare_mask:
     output:
         "results/{subject}/masks/{role}_mask.nii.gz",
     params:
-        options=lambda wc: config["masks"][wc.role],
+        options=lambda wc: mask_options(wc.subject, wc.role),
     log:
         "logs/{subject}/prepare_mask_{role}.log",
     resources:

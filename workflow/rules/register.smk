@@ -14,7 +14,7 @@ rule register:
         report="results/{subject}/transforms/registration.json",
     params:
         registration=config["registration"],
-        kinds={"fixed": config["masks"]["fixed"]["kind"], "moving": config["masks"]["moving"]["kind"]},
+        kinds=lambda wc: [mask_options(wc.subject, r)["kind"] for r in ("fixed", "moving")],
         device=config["device"],
         seed=config["seed"],
     threads: RES["register"]["threads"]

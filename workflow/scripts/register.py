@@ -18,7 +18,7 @@ with logs.job(sm.log[0]) as log:
         fixed, moving, fixed_mask, moving_mask, stages=reg.get("stages"), device=sm.params.device,
         seed=sm.params.seed, sampling=reg.get("sampling", "dense"),
         min_overlap_voxels=reg.get("min_overlap_voxels", 100), initial=initial, subject=subject,
-        threads=sm.threads)
+        threads=sm.threads, mask_kinds=tuple(sm.params.kinds))
     log.info("registered on %s in %.1f s", result.device, result.seconds)
     transforms.write_linear(result.linear, sm.output.linear)
     with io.atomic_path(sm.output.report) as tmp:

@@ -1,0 +1,226 @@
+"""The registration engine: the scenarios from public reports that motivate maskreg, geometry, errors."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import maskreg
+from conftest import DEMO, shared
+from maskreg.errors import InputError, OverlapError
+from maskreg.pyramid import erode_voxels, valid_mask_radii
+from maskreg.transforms import LinearTransform
+
+
+def image(arr: np.ndarray, spacing=None, origin=None, direction=None) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr.astype(np.float32))
+    if spacing is not None:
+        img.SetSpacing(spacing)
+    if origin is not None:
+        img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
+    return img
+
+
+def rectangle_pair(h: int, w: int):
+    """ITK discourse 'Fixed Mask Not Working as Expected': a 30x20 px rectangle at x=40, y=20 on 0, the
+    moving one shifted by dy=5, the fixed mask = the rectangle grown by 5 px."""
+    f = np.zeros((h, w))
+    f[20:40, 40:70] = 1
+    m = np.zeros((h, w))
+    m[25:45, 40:70] = 1
+    fm = np.zeros((h, w))
+    fm[15:45, 35:75] = 1
+    return image(f), image(m), sitk.Cast(image(fm), sitk.sitkUInt8)
+
+
+TRANSLATION = [{"type": "translation", "loss": "mse", "scales": [1], "iterations": [200], "learning_rate": 0.5}]
+
+
+@pytest.mark.parametrize("h,w", [(64, 128), (128, 256), (512, 1024)])
+def test_extent_independence_dense(h, w):
+    f, m, fm = rectangle_pair(h, w)
+    res = maskreg.register(f, m, fm, None, stages=TRANSLATION, device="cpu")
+    # fixed -> moving points: the moving rectangle lies 5 px further along y
+    assert np.abs(res.linear.translation - [0.0, 5.0]).max() < 0.05
+
+
+@pytest.mark.parametrize("h,w", [(64, 128), (512, 1024)])
+def test_extent_independence_random_sampling_from_the_mask(h, w):
+    f, m, fm = rectangle_pair(h, w)
+    errors = []
+    for seed in range(20):
+        res = maskreg.register(f, m, fm, None, stages=TRANSLATION, device="cpu", sampling={"random": 256},
+                               seed=seed)
+        errors.append(np.abs(res.linear.translation - [0.0, 5.0]).max())
+    assert max(errors) < 0.05, errors
+
+
+def mni_2mm():
+    img = sitk.ReadImage(str(shared("mni_icbm152_2009a", "template", "image.nii.gz")), sitk.sitkFloat32)
+    return sitk.Resample(img, [s // 2 for s in img.GetSize()], sitk.Transform(), sitk.sitkLinear,
+                         img.GetOrigin(), [2.0, 2.0, 2.0], img.GetDirection())
+
+
+def test_masked_mi_rigid_ignores_bright_squares():
+    """DIPY's masked example: rotation 0.1 rad about z and translation (4, 12, 0) voxels, bright squares in
+    different corners of fixed and moving, masks excluding them: rigid + masked MI recovers the motion."""
+    base = sitk.GetArrayFromImage(mni_2mm())
+    base = np.pad(base, ((0, 0), (10, 10), (10, 10)))  # 10 voxels in x and y
+    ref = image(base, spacing=(2.0, 2.0, 2.0))
+    nz, ny, nx = base.shape
+    centre = ref.TransformContinuousIndexToPhysicalPoint([(nx - 1) / 2, (ny - 1) / 2, (nz - 1) / 2])
+    truth = sitk.Euler3DTransform(centre, 0.0, 0.0, 0.1, (8.0, 24.0, 0.0))  # fixed -> moving points, mm
+    moving_arr = sitk.GetArrayFromImage(sitk.Resample(ref, ref, truth.GetInverse(), sitk.sitkLinear, 0.0))
+    fixed_arr = base.copy()
+    bright = float(base.max()) * 1.5
+    fmask = np.ones_like(base, dtype=np.uint8)
+    mmask = np.ones_like(base, dtype=np.uint8)
+    fixed_arr[:, :15, :15] = bright
+    fmask[:, :18, :18] = 0
+    moving_arr[:, -15:, -15:] = bright
+    mmask[:, -18:, -18:] = 0
+    fixed, moving = image(fixed_arr, spacing=(2.0,) * 3), image(moving_arr, spacing=(2.0,) * 3)
+    stages = [{"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 60, 30]}]
+    res = maskreg.register(fixed, moving, sitk.Cast(image(fmask), sitk.sitkUInt8) + 0,
+                           sitk.Cast(image(mmask), sitk.sitkUInt8), stages=stages, device="cpu")
+    pts = np.argwhere(fmask[::4, ::4, ::4] > 0)[:, ::-1] * 4.0
+    phys = np.array([fixed.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in pts[::50]])
+    est = res.linear.apply(phys)
+    true = np.array([truth.TransformPoint(p.tolist()) for p in phys])
+    err_vox = np.linalg.norm(est - true, axis=1).mean() / 2.0
+    angle = np.degrees(np.arccos(np.clip((np.trace(res.linear.matrix) - 1) / 2, -1, 1)))
+    assert err_vox < 0.5, err_vox
+    assert abs(angle - np.degrees(0.1)) < 0.5
+
+
+def test_small_mask_partial_overlap_completes_and_logs_overlap(caplog):
+    """elastix 'Too many samples map outside moving image buffer': a fixed mask < 2 % of a large image and
+    a moving field of view covering only part of the fixed one."""
+    rng = np.random.default_rng(0)
+    big = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32))
+    canvas = np.zeros((512, 512), np.float32)
+    canvas[128:384, 128:384] = big
+    canvas += rng.normal(0, 1, canvas.shape).astype(np.float32)
+    fixed = image(canvas)
+    # the moving image: a 200x200 window of the canvas on its own grid and origin, such that
+    # moving(p) = canvas(p + (-3, 4)); so T(x) = x + (3, -4) maps fixed points to moving points
+    moving = image(canvas[150 + 4:350 + 4, 180 - 3:380 - 3], origin=(180.0, 150.0))
+    fm = np.zeros((512, 512), np.uint8)
+    fm[230:290, 240:300] = 1  # 3600 px = 1.4 % of the image, near the moving window's edge
+    assert fm.mean() < 0.02
+    stages = [{"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [100, 100],
+               "learning_rate": 0.5}]
+    with caplog.at_level(logging.INFO, logger="maskreg"):
+        res = maskreg.register(fixed, moving, sitk.GetImageFromArray(fm), None, stages=stages, device="cpu",
+                               subject="small")
+    assert np.abs(res.linear.translation - [3.0, -4.0]).max() < 0.1
+    lines = [r.getMessage() for r in caplog.records if "overlap" in r.getMessage()]
+    assert len(lines) == 2 and all("% of the fixed mask" in ln for ln in lines)
+    level = res.stages[0].levels[-1]
+    assert 0 < level.overlap_voxels <= fm.sum()
+
+
+def test_too_little_overlap_is_the_one_failure_and_says_everything():
+    f, m, fm = rectangle_pair(64, 128)
+    far = sitk.Image(m)
+    far.SetOrigin((500.0, 500.0))  # no physical overlap at all
+    with pytest.raises(OverlapError) as info:
+        maskreg.register(f, far, fm, None, stages=TRANSLATION, device="cpu", subject="sub-07",
+                         min_overlap_voxels=100)
+    msg = str(info.value)
+    for part in ("subject 'sub-07'", "stage translation", "level 1/1", "only 0 effective voxels",
+                 "at least 100 are needed"):
+        assert part in msg
+
+
+def test_oblique_anisotropic_geometry_recovers_known_rigid():
+    """dipy's oblique 4x4x5 mm volume vs a copy resampled through a known rigid transform onto a grid with
+    another spacing, origin and direction."""
+    fixed = sitk.ReadImage(str(shared("dipy_oblique", "aniso_vox", "image.nii.gz")), sitk.sitkFloat32)
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
+    truth = sitk.Euler3DTransform(centre, 0.05, -0.04, 0.08, (3.0, -5.0, 2.5))  # fixed -> moving
+    grid = sitk.Image([70, 70, 40], sitk.sitkFloat32)
+    grid.SetSpacing((3.3, 3.3, 4.2))
+    grid.SetDirection(sitk.Euler3DTransform((0, 0, 0), 0.0, 0.2, 0.0).GetMatrix())
+    grid.SetOrigin(np.array(centre) - np.array(grid.TransformContinuousIndexToPhysicalPoint(
+        [(s - 1) / 2 for s in grid.GetSize()])) + np.array(grid.GetOrigin()))
+    # moving(y) = fixed(truth^-1(y)): then moving(truth(x)) = fixed(x)
+    moving = sitk.Resample(fixed, grid, truth.GetInverse(), sitk.sitkBSpline, 0.0)
+    stages = [{"type": "rigid", "loss": "cc", "scales": [2, 1], "iterations": [100, 100]}]
+    res = maskreg.register(fixed, moving, None, None, stages=stages, device="cpu")
+    arr = sitk.GetArrayFromImage(fixed)
+    idx = np.argwhere(arr > np.percentile(arr, 60))[::20][:, ::-1].astype(float)
+    phys = np.array([fixed.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in idx])
+    err = np.linalg.norm(res.linear.apply(phys) - np.array([truth.TransformPoint(p.tolist()) for p in phys]),
+                         axis=1)
+    assert err.mean() < 0.5 * min(fixed.GetSpacing()), err.mean()
+    r_est = res.linear.matrix
+    r_true = np.array(truth.GetMatrix()).reshape(3, 3)
+    angle = np.degrees(np.arccos(np.clip((np.trace(r_est @ r_true.T) - 1) / 2, -1, 1)))
+    assert angle < 0.5
+
+
+def test_same_seed_same_transform_on_cpu():
+    f, m, fm = rectangle_pair(64, 128)
+    runs = [maskreg.register(f, m, fm, None, stages=TRANSLATION, device="cpu", sampling={"random": 128},
+                             seed=3).linear.translation for _ in range(2)]
+    assert np.array_equal(runs[0], runs[1])
+
+
+def test_valid_mask_erosion_follows_elastix_rule():
+    assert valid_mask_radii((4, 4), "fixed") == (5, 5)
+    assert valid_mask_radii((4, 2, 1), "moving") == (9, 5, 3)
+    m = torch.zeros(1, 1, 40, 40)
+    m[0, 0, 10:30, 10:30] = 1
+    e = erode_voxels(m, (2, 3))
+    rows = torch.nonzero(e[0, 0].sum(1)).flatten()
+    cols = torch.nonzero(e[0, 0].sum(0)).flatten()
+    assert (int(rows.min()), int(rows.max())) == (12, 27)
+    assert (int(cols.min()), int(cols.max())) == (13, 26)
+    # the image border is not eroded: an all-ones mask stays all ones
+    assert erode_voxels(torch.ones(1, 1, 8, 8), (2, 2)).min() == 1
+
+
+def test_valid_mask_keeps_an_artificial_edge_out():
+    """An ultrasound-like sector: content shifted by (0, 4) px inside a fixed field of view whose border
+    is identical in both images (an artificial edge). With kind 'valid' the shift is recovered."""
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32))
+    yy, xx = np.mgrid[:256, :256]
+    cone = ((xx - 128) ** 2 + (yy + 40) ** 2 < 250 ** 2) & (np.abs(xx - 128) < (yy + 40) * 0.9)
+    f = np.where(cone, arr + 40, 0)
+    m = np.where(cone, np.roll(arr, 4, axis=0) + 40, 0)
+    mask = sitk.GetImageFromArray(cone.astype(np.uint8))
+    stages = [{"type": "translation", "loss": "mse", "scales": [4, 2, 1], "iterations": [100, 60, 60]}]
+    res = maskreg.register(image(f), image(m), mask, mask, stages=stages, device="cpu",
+                           mask_kinds=("valid", "valid"))
+    assert np.abs(res.linear.translation - [0.0, 4.0]).max() < 0.2, res.linear.translation
+
+
+def test_bad_pairs_fail_clearly():
+    f, m, fm = rectangle_pair(64, 128)
+    vol = image(np.zeros((4, 64, 128)) + np.arange(128))
+    with pytest.raises(InputError, match="fixed image is 2D but the moving image is 3D"):
+        maskreg.register(f, vol, subject="s1", device="cpu")
+    with pytest.raises(InputError, match="moving: image is constant"):
+        maskreg.register(f, image(np.ones((64, 128))), subject="s1", device="cpu")
+
+
+def test_result_chain_matches_simpleitk_resample():
+    fixed = sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r16.nii.gz"), sitk.sitkFloat32)
+    res = maskreg.register(fixed, moving, stages=[{"type": "moments"},
+                                                  {"type": "affine", "loss": "mi", "scales": [4, 2],
+                                                   "iterations": [60, 30]}], device="cpu")
+    assert isinstance(res.linear, LinearTransform)
+    tx = res.transform()
+    pts = np.random.default_rng(1).uniform(0, 255, (20, 2))
+    assert np.allclose([tx.TransformPoint(p.tolist()) for p in pts], res.linear.apply(pts), atol=1e-6)
+    summary = res.summary()
+    assert [s["type"] for s in summary["stages"]] == ["moments", "affine"]
+    assert all(lv["iterations"] > 0 for lv in summary["stages"][1]["levels"])
