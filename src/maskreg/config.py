@@ -69,7 +69,16 @@ def stage_problems(config: dict) -> list[str]:
     stages = reg.get("stages") or []
     random_sampling = isinstance(reg.get("sampling"), dict)
     out = []
+    deformable_seen = None
     for i, st in enumerate(stages):
+        if isinstance(st, dict) and st.get("type") in ("greedy", "syn"):
+            if deformable_seen is not None and deformable_seen != st.get("type"):
+                out.append(f"registration.stages.{i} ({st.get('type')}): cannot follow a {deformable_seen} "
+                           f"stage; use one deformable type")
+            deformable_seen = st.get("type")
+        elif isinstance(st, dict) and deformable_seen is not None:
+            out.append(f"registration.stages.{i} ({st.get('type')}): linear stages must come before "
+                       f"deformable ones")
         if not isinstance(st, dict):
             continue
         at = f"registration.stages.{i} ({st.get('type', '?')})"

@@ -35,30 +35,102 @@ def mse(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, **_) ->
     return (weight * (fixed - moving) ** 2).sum() / weight.sum().clamp_min(EPS)
 
 
+def _box_axis(t: torch.Tensor, k: int, axis: int) -> torch.Tensor:
+    """Sum over a centred window of ``k`` (odd) voxels along spatial ``axis``, zero padding, by cumulative
+    sums: O(N) whatever the window."""
+    ax = 2 + axis
+    r = k // 2
+    pad = [0, 0] * (t.dim() - 2)
+    pad[2 * (t.dim() - 3 - axis)] = r + 1  # F.pad lists the last axis first
+    pad[2 * (t.dim() - 3 - axis) + 1] = r
+    c = torch.cumsum(F.pad(t, pad), dim=ax)
+    n = t.shape[ax]
+    return c.narrow(ax, k, n) - c.narrow(ax, 0, n)
+
+
 def _box(t: torch.Tensor, window: int) -> torch.Tensor:
-    dim = t.dim() - 2
-    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dim - 1]
-    return pool(t, kernel_size=window, stride=1, padding=window // 2, count_include_pad=True)
+    """Box mean with a ``window`` (odd) per axis, shrunk on axes shorter than the window (thin slabs)."""
+    total = 1
+    for axis, n in enumerate(t.shape[2:]):
+        k = min(window, n if n % 2 else n - 1)
+        if k > 1:
+            t = _box_axis(t, k, axis)
+            total *= k
+    return t / total
+
+
+def _local_stats(fixed, moving, w, window):
+    wf, wm = w * fixed, w * moving
+    # the six local sums in one pass of separable box filters
+    sums = _box(torch.cat([w, wf, wm, wf * fixed, wm * moving, wf * moving], dim=1), window)
+    sw = sums[:, 0:1].clamp_min(EPS)
+    mf = sums[:, 1:2] / sw
+    mm = sums[:, 2:3] / sw
+    vf = (sums[:, 3:4] / sw - mf * mf).clamp_min(0)
+    vm = (sums[:, 4:5] / sw - mm * mm).clamp_min(0)
+    cov = sums[:, 5:6] / sw - mf * mm
+    return sw, mf, mm, vf, vm, cov
+
+
+CC_EPS = 1e-5
+
+
+class _LocalCC(torch.autograd.Function):
+    """Weighted local NCC² with its analytic gradient in ``moving`` (weights and fixed are constants).
+
+    With window sums over ``W(x)``: ``cc(x) = cov² / (v_f v_m + ε)`` and ``L = -Σ w cc / Σ w``. For a voxel
+    ``y``, ``∂L/∂m(y) = -(w(y)/Σw) [f(y)·B(w a) - B(w a μ_f) - m(y)·B(w b) + B(w b μ_m)]`` with
+    ``a = 2 cov / (D S_w)``, ``b = 2 cov² v_f / (D² S_w)``, ``D = v_f v_m + ε`` and ``B`` the same
+    (symmetric) box sum: four more box sums instead of autograd through the whole graph.
+    """
+
+    @staticmethod
+    def forward(ctx, fixed, moving, w, window):
+        sw, mf, mm, vf, vm, cov = _local_stats(fixed, moving, w, window)
+        d = vf * vm + CC_EPS
+        cc = cov * cov / d
+        wsum = w.sum().clamp_min(EPS)
+        ctx.save_for_backward(fixed, moving, w, sw, mf, mm, vf, vm, cov, d, wsum)
+        ctx.window = window
+        return -(w * cc).sum() / wsum
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        fixed, moving, w, sw, mf, mm, vf, vm, cov, d, wsum = ctx.saved_tensors
+        # sw is the window *mean* of w, so a and b carry 1/|W| and a box mean below makes the box sum
+        wa = w * 2 * cov / (d * sw)
+        grads = [None, None]
+        # the loss is symmetric in (fixed, moving): the same formula with the roles swapped
+        for i, (this, other, m_this, m_other, v_other) in enumerate(
+                ((fixed, moving, mf, mm, vm), (moving, fixed, mm, mf, vf))):
+            if not ctx.needs_input_grad[i]:
+                continue
+            wb = w * 2 * cov * cov * v_other / (d * d * sw)
+            k = _box(torch.cat([wa, wa * m_other, wb, wb * m_this], dim=1), ctx.window)
+            g = other * k[:, 0:1] - k[:, 1:2] - this * k[:, 2:3] + k[:, 3:4]
+            grads[i] = -grad_out * w * g / wsum
+        return grads[0], grads[1], None, None
 
 
 def local_cc(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, window: int = 5,
              **_) -> torch.Tensor:
     """Negative weighted mean of the *squared* local normalised cross-correlation (ANTs' and FireANTs' CC).
 
-    Local statistics are weighted by ``weight`` inside a ``window``-voxel box (odd), computed with box filters
-    (average pooling), so voxels outside the mask or the moving image do not enter any neighbourhood.
+    Local statistics are weighted by ``weight`` inside a ``window``-voxel box (odd; shrunk on axes shorter
+    than it), computed with separable box sums, so voxels outside the mask or the moving image do not enter
+    any neighbourhood. The gradient (in ``moving`` only; weights are held constant) is analytic.
     """
     if window % 2 == 0:
         window += 1
-    w = weight
-    sw = _box(w, window).clamp_min(EPS)
-    mf = _box(w * fixed, window) / sw
-    mm = _box(w * moving, window) / sw
-    vf = (_box(w * fixed * fixed, window) / sw - mf * mf).clamp_min(0)
-    vm = (_box(w * moving * moving, window) / sw - mm * mm).clamp_min(0)
-    cov = _box(w * fixed * moving, window) / sw - mf * mm
-    cc = cov * cov / (vf * vm + 1e-5)
-    return -(w * cc).sum() / w.sum().clamp_min(EPS)
+    return _LocalCC.apply(fixed, moving, weight.detach(), window)
+
+
+def local_cc_autograd(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, window: int = 5
+                      ) -> torch.Tensor:
+    """The same loss through plain autograd (reference for tests)."""
+    _, _, _, vf, vm, cov = _local_stats(fixed, moving, weight, window)
+    cc = cov * cov / (vf * vm + CC_EPS)
+    return -(weight * cc).sum() / weight.sum().clamp_min(EPS)
 
 
 def _bspline3(d: torch.Tensor) -> torch.Tensor:

@@ -25,22 +25,36 @@ def gaussian_kernel1d(sigma: float, device: torch.device) -> torch.Tensor:
     return k / k.sum()
 
 
+def filter_axis(t: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+    """Convolve every channel of ``t`` (``[B, C, *spatial]``) with the odd 1D ``kernel`` along spatial
+    ``axis`` (tensor order), zero padding, same size: a weighted sum of shifted views, which is memory-bound
+    and much faster on the CPU than a 3D convolution with a 1D kernel."""
+    ax = 2 + axis
+    r = kernel.numel() // 2
+    n = t.shape[ax]
+    pad = [0, 0] * (t.dim() - 2)
+    pad[2 * (t.dim() - 3 - axis)] = r
+    pad[2 * (t.dim() - 3 - axis) + 1] = r
+    p = F.pad(t, pad)
+    weights = kernel.tolist()
+    out = p.narrow(ax, 0, n) * weights[0]
+    for j in range(1, kernel.numel()):
+        out = out.add(p.narrow(ax, j, n), alpha=weights[j])
+    return out
+
+
 def gaussian_blur(t: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
     """Separable Gaussian blur of ``t`` ``[1, C, *spatial]``; ``sigmas`` per spatial axis in tensor order
     (voxels; 0 = no blur on that axis). Zero padding: use :func:`normalised_blur` for images."""
-    dim = t.dim() - 2
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
-    c = t.shape[1]
     for axis, s in enumerate(sigmas):
         if s <= 0:
             continue
         k = gaussian_kernel1d(s, t.device)
-        shape = [1] * dim
-        shape[axis] = k.numel()
-        weight = k.reshape(1, 1, *shape).repeat(c, 1, *([1] * dim))
-        pad = [0] * dim
-        pad[axis] = k.numel() // 2
-        t = conv(t, weight, padding=tuple(pad), groups=c)
+        if k.numel() > 2 * t.shape[2 + axis] - 1:  # a kernel longer than the axis: trim it (same result)
+            r = t.shape[2 + axis] - 1
+            c = k.numel() // 2
+            k = k[c - r: c + r + 1]
+        t = filter_axis(t, k, axis)
     return t
 
 

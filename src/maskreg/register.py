@@ -20,6 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from maskreg import deformable as dfm
 from maskreg import linear as lin
 from maskreg.errors import InputError, MaskregError, OverlapError, where
 from maskreg.grid import Grid
@@ -76,6 +77,8 @@ class RegistrationResult:
     stages: list[StageReport]
     displacement: sitk.Image | None = None
     inverse_displacement: sitk.Image | None = None
+    jacobian_min: float | None = None
+    jacobian_nonpositive_fraction: float | None = None
 
     def transform(self) -> sitk.Transform:
         """The whole chain as one SimpleITK transform, for ``sitk.Resample``."""
@@ -88,6 +91,9 @@ class RegistrationResult:
             "device": self.device, "seconds": round(self.seconds, 3),
             "overlap_voxels": last.overlap_voxels if last else None,
             "overlap_fraction": last.overlap_fraction if last else None,
+            "deformable": self.displacement is not None,
+            "jacobian_min": self.jacobian_min,
+            "jacobian_nonpositive_fraction": self.jacobian_nonpositive_fraction,
             "linear": {"matrix": self.linear.matrix.tolist(), "translation": self.linear.translation.tolist(),
                        "center": self.linear.center.tolist()},
             "stages": [asdict(s) for s in self.stages],
@@ -389,9 +395,19 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
     center = prob.center.cpu().numpy()
     current = LinearTransform.identity(prob.dim, center) if initial is None else _recenter(initial, center)
     reports: list[StageReport] = []
+    state: FieldState | None = None
     for i, raw in enumerate(stages if stages is not None else DEFAULT_STAGES):
         kind = raw["type"]
         t0 = time.perf_counter()
+        if kind in dfm.DEFORMABLE_STAGES:
+            stage = _deformable_config(raw)
+            rep = StageReport(kind, get_loss(stage["loss"])[0], 0.0)
+            state = _run_deformable_stage(prob, stage, current, state, min_overlap_voxels, rep)
+            rep.seconds = round(time.perf_counter() - t0, 3)
+            reports.append(rep)
+            continue
+        if state is not None:
+            raise MaskregError(f"stage {i + 1} ({kind}): linear stages must come before deformable ones.")
         if kind == "moments":
             current = _moments(prob, current)
             reports.append(StageReport("moments", None, round(time.perf_counter() - t0, 3)))
@@ -400,13 +416,22 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
             continue
         if kind not in lin.LINEAR_STAGES:
             raise MaskregError(f"stage {i + 1}: unknown type '{kind}' (this engine runs moments, "
-                               f"{', '.join(lin.LINEAR_STAGES)})")
+                               f"{', '.join(lin.LINEAR_STAGES + dfm.DEFORMABLE_STAGES)})")
         stage = _stage_config(raw)
         rep = StageReport(kind, get_loss(stage["loss"])[0], 0.0)
         current = _run_linear_stage(prob, stage, current, sampling, min_overlap_voxels, seed + i, rep)
         rep.seconds = round(time.perf_counter() - t0, 3)
         reports.append(rep)
-    return RegistrationResult(current, prob.fgrid, str(dev), time.perf_counter() - t_start, reports)
+    result = RegistrationResult(current, prob.fgrid, str(dev), 0.0, reports)
+    if state is not None:
+        fwd, inv, ops = _full_resolution_fields(prob, state)
+        result.displacement = field_image(fwd, prob.fgrid)
+        result.inverse_displacement = field_image(inv, prob.fgrid)
+        det = dfm.jacobian_determinant(fwd, ops)
+        result.jacobian_min = float(det.min())
+        result.jacobian_nonpositive_fraction = float((det <= 0).float().mean())
+    result.seconds = time.perf_counter() - t_start
+    return result
 
 
 def _recenter(tx: LinearTransform, center: np.ndarray) -> LinearTransform:
@@ -414,3 +439,175 @@ def _recenter(tx: LinearTransform, center: np.ndarray) -> LinearTransform:
     h = tx.homogeneous()
     a = h[: tx.dim, : tx.dim]
     return LinearTransform(a, h[: tx.dim, tx.dim] + a @ center - center, center)
+
+
+# --------------------------------------------------------------------------------------------------------
+# deformable stages (see maskreg.deformable for the maths and conventions)
+
+@dataclass
+class FieldState:
+    """The deformable part so far: the field (``greedy``: displacement, ``syn``: velocity) on ``ops``'s grid."""
+
+    kind: str
+    ops: "dfm.FieldOps"
+    field: torch.Tensor
+
+
+def _deformable_config(stage: dict) -> dict:
+    s = dict(dfm.DEFORMABLE_DEFAULTS)
+    s.update({k: v for k, v in stage.items() if v is not None})
+    if len(s["scales"]) != len(s["iterations"]):
+        raise MaskregError(f"stage {s['type']}: scales {s['scales']} and iterations {s['iterations']} must have "
+                           f"the same length.")
+    return s
+
+
+def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, state: FieldState | None,
+                          min_overlap: int, report: StageReport) -> FieldState:
+    kind = stage["type"]
+    loss_name, loss_fn = get_loss(stage["loss"])
+    dev = prob.device
+    dim = prob.dim
+    h = torch.as_tensor(linear.homogeneous(), dtype=torch.float32, device=dev)
+    a_lin = h[:dim, :dim]
+    sigmas = stage.get("smoothing_sigmas") or [None] * len(stage["scales"])
+    if state is not None and state.kind != kind:
+        raise MaskregError(f"stage {kind} cannot follow a {state.kind} stage; use one deformable type.")
+    for li, (scale, n_it, sig) in enumerate(zip(stage["scales"], stage["iterations"], sigmas)):
+        t0 = time.perf_counter()
+        fl, ml = prob.levels(int(scale), sig, bool(stage.get("use_mask", True)))
+        off, sc = intensity_scale(fl.image, fl.mask)
+        f_n = (fl.image - off) / sc
+        if loss_name != "mse":
+            off, sc = intensity_scale(ml.image, ml.mask)
+        m_n = (ml.image - off) / sc
+        ops = dfm.FieldOps(fl.grid, dev)
+        field = torch.zeros(1, dim, *fl.grid.shape, device=dev) if state is None else \
+            state.ops.upsample(state.field, ops)
+        state = FieldState(kind, ops, field)
+        g0 = F.affine_grid(_theta(h, fl, ml), [1, 1, *fl.grid.shape], align_corners=True)
+        to_moving = torch.as_tensor(ml.grid.physical_to_normalised()[:dim, :dim], dtype=torch.float32,
+                                    device=dev) @ a_lin
+
+        def evaluate(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
+            grid = g0 + ops.offsets(u_moving, to_moving)
+            warped = F.grid_sample(m_n, grid, mode="bilinear", padding_mode="border", align_corners=True)
+            mm = F.grid_sample(ml.mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(warped.dtype)[:, None]
+            if u_fixed is None:
+                fixed, mf = f_n, fl.mask
+            else:
+                fixed = ops.sample(f_n, u_fixed)
+                fgrid = ops.identity + ops.offsets(u_fixed)
+                mf = F.grid_sample(fl.mask, fgrid, mode="bilinear", padding_mode="zeros", align_corners=True)
+                mf = mf * (fgrid.abs() <= 1.0 + 1e-6).all(dim=-1).to(mf.dtype)[:, None]
+            return fixed, warped, mf * mm * inside
+
+        def halves(v):
+            return ops.exp(-0.5 * v), ops.exp(0.5 * v)
+
+        with torch.no_grad():
+            if kind == "syn":
+                uf, um = halves(state.field)
+                _, _, w = evaluate(uf, um)
+            else:
+                _, _, w = evaluate(None, state.field)
+        ow, fsum = float(w.sum()), float(fl.mask.sum())
+        level_name = f"stage {kind}, level {li + 1}/{len(stage['scales'])} (scale {scale})"
+        if ow < min_overlap:
+            raise OverlapError(f"{where(prob.subject)}{level_name}: only {ow:.0f} effective voxels of the fixed "
+                               f"mask map inside the moving image and its mask; at least {min_overlap} are "
+                               f"needed (min_overlap_voxels).")
+        lr = float(stage["learning_rate"])
+        trace = torch.zeros(max(n_it, 1), device=dev)
+        tol, window = float(stage["tolerance"]), 10
+        converged, it = False, 0
+        for it in range(1, n_it + 1):
+            step = 0.05 * lr + 0.95 * lr * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(n_it, 1)))
+            field = state.field.detach().requires_grad_(kind == "syn" and _has_reg(stage))
+            if kind == "syn":
+                with torch.no_grad():
+                    uf, um = halves(field)
+                uf.requires_grad_(True)
+                um.requires_grad_(True)
+                fixed_v, warped_v, w = evaluate(uf, um)
+                leaves = [uf, um]
+            else:
+                field.requires_grad_(True)
+                fixed_v, warped_v, w = evaluate(None, field)
+                leaves = [field]
+            loss = loss_fn(fixed_v, warped_v, w, window=int(stage["window"]), bins=int(stage["bins"]))
+            reg = _regulariser(stage, field)
+            total = loss + reg if reg is not None else loss
+            grads = torch.autograd.grad(total, leaves + ([field] if kind == "syn" and reg is not None else []))
+            if kind == "syn":
+                g = 0.5 * (grads[1] - grads[0])
+                if reg is not None:
+                    g = g + grads[2]
+            else:
+                g = grads[0]
+            with torch.no_grad():
+                d = ops.smooth(-g, float(stage["fluid_sigma"]))
+                dmax = ops.max_voxels(d)
+                if dmax > 0:
+                    d = d * (step / dmax)
+                new = state.field + d if kind == "syn" else ops.compose(state.field, d)
+                state.field = ops.smooth(new, float(stage["elastic_sigma"]))
+            trace[it - 1] = loss.detach()
+            if tol > 0 and it >= 2 * window and it % 5 == 0:
+                recent = trace[it - 2 * window: it].cpu()
+                prev, last = float(recent[:window].mean()), float(recent[window:].mean())
+                if (prev - last) / (abs(prev) + 1e-12) < tol:
+                    converged = True
+                    break
+        losses = trace[:it].cpu().tolist()
+        with torch.no_grad():
+            _, _, w = evaluate(*halves(state.field)) if kind == "syn" else evaluate(None, state.field)
+        ow, ov = float(w.sum()), int((w > 0.5).sum())
+        rep = LevelReport(int(scale), list(fl.grid.shape), it, losses[0] if losses else math.nan,
+                          losses[-1] if losses else math.nan, round(ow, 1), ov, round(ow / max(fsum, 1e-9), 4),
+                          round(time.perf_counter() - t0, 3), converged, [round(v, 6) for v in losses])
+        report.levels.append(rep)
+        log.info("%s%s, grid %s: %d iterations%s, %s %.5f -> %.5f, overlap %.0f voxels (%.1f%% of the fixed "
+                 "mask), %.2f s", where(prob.subject), level_name, "x".join(map(str, fl.grid.size)), it,
+                 " (converged)" if converged else "", loss_name, rep.loss_first, rep.loss_last, ow,
+                 100 * rep.overlap_fraction, rep.seconds)
+    assert state is not None
+    return state
+
+
+def _has_reg(stage: dict) -> bool:
+    return float(stage.get("bending_weight", 0)) > 0 or float(stage.get("gradient_weight", 0)) > 0
+
+
+def _regulariser(stage: dict, field: torch.Tensor) -> torch.Tensor | None:
+    if not _has_reg(stage) or not field.requires_grad:
+        return None
+    out = field.new_zeros(())
+    if float(stage.get("bending_weight", 0)) > 0:
+        out = out + float(stage["bending_weight"]) * dfm.bending_energy(field)
+    if float(stage.get("gradient_weight", 0)) > 0:
+        out = out + float(stage["gradient_weight"]) * dfm.gradient_l2(field)
+    return out
+
+
+def _full_resolution_fields(prob: _Problem, state: FieldState) -> tuple[torch.Tensor, torch.Tensor, "dfm.FieldOps"]:
+    """Forward and inverse displacements (mm) on the full-resolution fixed grid."""
+    ops = dfm.FieldOps(prob.fgrid, prob.device)
+    with torch.no_grad():
+        field = state.ops.upsample(state.field, ops)
+        if state.kind == "syn":
+            return ops.exp(field), ops.exp(-field), ops
+        return field, ops.invert(field), ops
+
+
+def field_image(u: torch.Tensor, grid: Grid) -> sitk.Image:
+    """A ``[1, dim, *shape]`` mm displacement tensor as an ITK displacement-field image (VectorFloat64, LPS
+    mm components x, y[, z]) on ``grid``."""
+    arr = u[0].detach().cpu().double().numpy()
+    arr = np.moveaxis(arr, 0, -1)  # [*shape, dim]
+    img = sitk.GetImageFromArray(arr, isVector=True)
+    img.SetSpacing(grid.spacing)
+    img.SetOrigin(grid.origin)
+    img.SetDirection(grid.direction)
+    return img

@@ -132,3 +132,31 @@ def chain(linear: LinearTransform, displacement: sitk.Image | None = None) -> si
     comp.AddTransform(linear.to_sitk())          # applied last to points
     comp.AddTransform(displacement_transform(displacement))  # applied first
     return comp
+
+
+def write_field(field_image: sitk.Image, path: str | os.PathLike) -> None:
+    """Write a displacement field (vector image, LPS mm) as float32 NIfTI, atomically; ITK and ANTs read it as
+    a displacement field (ANTs writes its own warps as float32 too)."""
+    from maskreg.io import write_image
+
+    write_image(sitk.Cast(field_image, sitk.sitkVectorFloat32), path)
+
+
+def read_field(path: str | os.PathLike, *, subject: str | None = None, role: str = "warp") -> sitk.Image:
+    """Read a displacement-field image (vector components x, y[, z] in LPS mm)."""
+    p = str(path)
+    if not os.path.exists(p):
+        raise InputError(f"{where(subject, role, p)}file not found.")
+    img = sitk.ReadImage(p)
+    if img.GetNumberOfComponentsPerPixel() != img.GetDimension():
+        raise InputError(f"{where(subject, role, p)}is not a displacement field: {img.GetDimension()}D image "
+                         f"with {img.GetNumberOfComponentsPerPixel()} component(s) per voxel.")
+    return img
+
+
+def read_chain(linear_path: str | os.PathLike, warp_path: str | os.PathLike | None = None, *,
+               subject: str | None = None) -> tuple[LinearTransform, sitk.Image | None, sitk.Transform]:
+    """The files of one registration: linear part, optional field and the whole fixed → moving chain."""
+    lin = read_linear(linear_path, subject=subject)
+    field = read_field(warp_path, subject=subject) if warp_path else None
+    return lin, field, chain(lin, field)

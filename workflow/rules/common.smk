@@ -12,6 +12,8 @@ COHORT = mcfg.load_and_validate(config, CONFIG_SCHEMA, COHORT_SCHEMA)
 validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
 SUBJECTS = list(COHORT.index)
 RES = config["resources"]
+# a deformable stage adds the displacement fields to the outputs and to the warp and QC inputs
+DEFORMABLE = any(s["type"] in ("greedy", "syn") for s in config["registration"]["stages"])
 
 
 wildcard_constraints:
@@ -44,13 +46,37 @@ def mask_options(subject, role):
 
 
 def register_resources():
-    """Resources of GPU rules; no GPU is requested when the config says device: cpu."""
+    """Resources of GPU rules; no GPU is requested when the config says device: cpu.
+
+    mem_mb and runtime grow with the attempt (`--retries N`): attempt 2 asks for twice the configured
+    memory and time, so a job killed for exceeding them on a cluster is resubmitted with more."""
     r = RES["register"]
-    out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
+    mem_mb, runtime = r["mem_mb"], r["runtime"]
+    out = {"mem_mb": lambda wc, attempt: mem_mb * attempt, "runtime": lambda wc, attempt: runtime * attempt}
     if config["device"] != "cpu" and r["gpu"] > 0:
         out["gpu"] = r["gpu"]
         if r.get("gpu_model"):
             out["gpu_model"] = r["gpu_model"]
+    return out
+
+
+def transform_inputs(wc):
+    """The transform files of a subject, as named inputs: the linear part and, when a deformable stage
+    runs, the displacement field (applied first to points)."""
+    out = {"linear": f"results/{wc.subject}/transforms/affine.mat"}
+    if DEFORMABLE:
+        out["warp"] = f"results/{wc.subject}/transforms/warp.nii.gz"
+    return out
+
+
+def register_outputs():
+    out = {
+        "linear": "results/{subject}/transforms/affine.mat",
+        "report": "results/{subject}/transforms/registration.json",
+    }
+    if DEFORMABLE:
+        out["warp"] = "results/{subject}/transforms/warp.nii.gz"
+        out["inverse_warp"] = "results/{subject}/transforms/inverse_warp.nii.gz"
     return out
 
 
@@ -67,6 +93,8 @@ def subject_outputs(subject):
     ]
     if has(subject, "moving_labels"):
         out.append(f"results/{subject}/warped/labels.nii.gz")
+    if DEFORMABLE:
+        out.append(f"results/{subject}/transforms/inverse_warp.nii.gz")
     return out
 
 

@@ -50,13 +50,13 @@ rule qc_subject:
     input:
         unpack(qc_label_inputs),
         unpack(qc_landmark_inputs),
+        unpack(transform_inputs),
         fixed=lambda wc: cohort_value(wc.subject, "fixed"),
         moving=lambda wc: cohort_value(wc.subject, "moving"),
         fixed_mask="results/{subject}/masks/fixed_mask.nii.gz",
         moving_mask="results/{subject}/masks/moving_mask.nii.gz",
         warped="results/{subject}/warped/image.nii.gz",
         warped_mask="results/{subject}/warped/mask.nii.gz",
-        linear="results/{subject}/transforms/affine.mat",
         report="results/{subject}/transforms/registration.json",
     output:
         metrics="results/{subject}/qc/metrics.tsv",

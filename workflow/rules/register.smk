@@ -10,8 +10,7 @@ rule register:
         moving_mask="results/{subject}/masks/moving_mask.nii.gz",
         initial=cohort_file("initial_transform"),
     output:
-        linear="results/{subject}/transforms/affine.mat",
-        report="results/{subject}/transforms/registration.json",
+        **register_outputs(),
     params:
         registration=config["registration"],
         kinds=lambda wc: [mask_options(wc.subject, r)["kind"] for r in ("fixed", "moving")],

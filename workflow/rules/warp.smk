@@ -3,10 +3,10 @@
 
 rule warp_image:
     input:
+        unpack(transform_inputs),
         fixed=lambda wc: cohort_value(wc.subject, "fixed"),
         moving=lambda wc: cohort_value(wc.subject, "moving"),
         moving_mask="results/{subject}/masks/moving_mask.nii.gz",
-        linear="results/{subject}/transforms/affine.mat",
     output:
         image="results/{subject}/warped/image.nii.gz",
         mask="results/{subject}/warped/mask.nii.gz",
@@ -23,9 +23,9 @@ rule warp_image:
 
 rule warp_labels:
     input:
+        unpack(transform_inputs),
         fixed=lambda wc: cohort_value(wc.subject, "fixed"),
         labels=lambda wc: cohort_value(wc.subject, "moving_labels"),
-        linear="results/{subject}/transforms/affine.mat",
     output:
         "results/{subject}/warped/labels.nii.gz",
     params:

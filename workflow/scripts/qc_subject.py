@@ -10,7 +10,7 @@ with logs.job(sm.log[0]) as log:
     inp = sm.input
     read = lambda key, **kw: io.read_image(inp[key], subject=s, role=key, **kw)  # noqa: E731
     fixed, moving = read("fixed"), read("moving")
-    linear = transforms.read_linear(inp.linear, subject=s)
+    linear, field, chain = transforms.read_chain(inp.linear, inp.get("warp"), subject=s)
     labels = {}
     if "fixed_labels" in inp.keys():
         labels = {k: read(k, check_finite=False) for k in ("fixed_labels", "moving_labels", "warped_labels")}
@@ -22,7 +22,7 @@ with logs.job(sm.log[0]) as log:
                                                      role="moving_landmarks")}
     row, dice, extra = evaluate.subject_metrics(
         s, fixed, moving, read("fixed_mask"), read("moving_mask"), read("warped"), read("warped_mask"),
-        transforms.chain(linear), linear.matrix, evaluate.read_report(inp.report), **labels, **points)
+        chain, linear.matrix, evaluate.read_report(inp.report), **labels, **points, field=field)
     io.write_table(pd.DataFrame([row], columns=evaluate.METRIC_COLUMNS), sm.output.metrics)
     io.write_table(dice, sm.output.dice)
     title = f"{s}   NCC {row['ncc_before']:.3f} → {row['ncc_after']:.3f}"
@@ -31,5 +31,6 @@ with logs.job(sm.log[0]) as log:
     figures.registration_overlay(fixed, extra["before"], read("warped"), sm.output.figure,
                                  fixed_mask=read("fixed_mask"), warped_mask=read("warped_mask"),
                                  fixed_labels=labels.get("fixed_labels"),
-                                 warped_labels=labels.get("warped_labels"), title=title)
+                                 warped_labels=labels.get("warped_labels"), jacobian=extra["jacobian"],
+                                 title=title)
     log.info("%s", {k: row[k] for k in ("ncc_before", "ncc_after", "dice_before", "dice_after")})

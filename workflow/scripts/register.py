@@ -1,4 +1,4 @@
-"""Snakemake glue: register one subject and write its transform and report."""
+"""Snakemake glue: register one subject and write its transforms and report."""
 import json
 
 import maskreg
@@ -21,5 +21,8 @@ with logs.job(sm.log[0]) as log:
         threads=sm.threads, mask_kinds=tuple(sm.params.kinds))
     log.info("registered on %s in %.1f s", result.device, result.seconds)
     transforms.write_linear(result.linear, sm.output.linear)
+    if "warp" in sm.output.keys():
+        transforms.write_field(result.displacement, sm.output.warp)
+        transforms.write_field(result.inverse_displacement, sm.output.inverse_warp)
     with io.atomic_path(sm.output.report) as tmp:
         tmp.write_text(json.dumps({"subject": subject, **result.summary()}, indent=1))

@@ -6,6 +6,6 @@ with logs.job(sm.log[0]) as log:
     subject = sm.wildcards.subject
     fixed = io.read_image(sm.input.fixed, subject=subject, role="fixed")
     labels = io.read_image(sm.input.labels, subject=subject, role="moving_labels", check_finite=False)
-    tx = transforms.chain(transforms.read_linear(sm.input.linear, subject=subject))
+    _, _, tx = transforms.read_chain(sm.input.linear, sm.input.get("warp"), subject=subject)
     io.write_image(warp.warp_labels(labels, fixed, tx, sm.params.method, subject=subject), sm.output[0])
     log.info("warped labels (%s) onto the fixed grid %s", sm.params.method, fixed.GetSize())

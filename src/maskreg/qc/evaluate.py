@@ -17,7 +17,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from maskreg import logs
-from maskreg.qc.metrics import dice_per_label, masked_ncc, mean_dice, tre
+from maskreg.qc.metrics import dice_per_label, jacobian_determinant, jacobian_stats, masked_ncc, mean_dice, tre
 from maskreg.warp import warp_image, warp_labels, warp_mask, warp_points
 
 METRIC_COLUMNS = ["subject", "status", "device", "seconds", "overlap_voxels", "ncc_before", "ncc_after",
@@ -35,8 +35,10 @@ def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_m
                     transform: sitk.Transform, linear_matrix: np.ndarray, report: dict,
                     fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
                     warped_labels: sitk.Image | None = None, fixed_points: np.ndarray | None = None,
-                    moving_points: np.ndarray | None = None) -> tuple[dict, pd.DataFrame, dict]:
-    """One metrics row (``METRIC_COLUMNS``), the Dice table and the "before" images for the figures."""
+                    moving_points: np.ndarray | None = None, field: sitk.Image | None = None
+                    ) -> tuple[dict, pd.DataFrame, dict]:
+    """One metrics row (``METRIC_COLUMNS``), the Dice table and the "before" images (and the Jacobian
+    determinant map when ``field``, the displacement applied before the linear part, is given)."""
     identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
     before = warp_image(moving, fixed, identity)
     before_mask = warp_mask(moving_mask, fixed, identity)
@@ -45,10 +47,16 @@ def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_m
                seconds=report.get("seconds", math.nan), overlap_voxels=report.get("overlap_voxels", math.nan))
     row["ncc_before"] = masked_ncc(fixed, before, _weight(fixed_mask, before_mask))
     row["ncc_after"] = masked_ncc(fixed, warped, _weight(fixed_mask, warped_mask))
-    # linear-only chain: the Jacobian determinant is det(A) everywhere
-    row["jacobian_nonpositive_fraction"] = 0.0 if np.linalg.det(linear_matrix) > 0 else 1.0
+    # T = L ∘ (id + u): det J_T = det(A) · det(I + ∇u); linear only: det(A) everywhere
+    det_a = float(np.linalg.det(linear_matrix))
+    jac = None
+    if field is None:
+        row["jacobian_nonpositive_fraction"] = 0.0 if det_a > 0 else 1.0
+    else:
+        jac = jacobian_determinant(field) * det_a
+        row["jacobian_nonpositive_fraction"] = jacobian_stats(jac, fixed_mask)["jacobian_nonpositive_fraction"]
     dice_rows = pd.DataFrame(columns=DICE_COLUMNS)
-    extra = {"before": before, "before_mask": before_mask, "before_labels": None}
+    extra = {"before": before, "before_mask": before_mask, "before_labels": None, "jacobian": jac}
     if fixed_labels is not None and moving_labels is not None and warped_labels is not None:
         common = sorted(set(np.unique(sitk.GetArrayViewFromImage(fixed_labels)).tolist())
                         & set(np.unique(sitk.GetArrayViewFromImage(moving_labels)).tolist()) - {0})
