@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/snakemake --profile profiles/default --cores $(CORES)
+	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
 	$(BIN)/snakemake --report report.html
 	@echo "Done: results/cohort/metrics.tsv and report.html"
 

@@ -1,0 +1,121 @@
+"""Resources the jobs declare, read from Snakemake's dry-run job listing (no cluster, no jobs run).
+
+The register rule asks for `gpu` (and `gpu_model` when the config names one) unless the config says
+`device: cpu`; mem_mb/runtime/threads come from config["resources"]["register"]; no other rule asks for a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+
+GPU_RULES = {"register"}
+
+
+def dry_run(work: Path, *, device: str, gpu_model: str | None, mem_mb: int, runtime: int, threads: int,
+            gpu: int = 1) -> dict[str, list[dict[str, str]]]:
+    """Resources (plus threads) of every planned job, by rule."""
+    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg["cohort"] = str(REPO / "config/cohort.tsv")
+    cfg["device"] = device
+    cfg["resources"]["register"].update(gpu=gpu, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime,
+                                        threads=threads)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # --cores 8: threads up to 8 are shown as declared (Snakemake caps them at --cores)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(work / "config.yaml"), "-n", "--cores", "8", "--workflow-profile", "none"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return parse_jobs(proc.stdout)
+
+
+def parse_jobs(listing: str) -> dict[str, list[dict[str, str]]]:
+    jobs: dict[str, list[dict[str, str]]] = {}
+    current: dict[str, str] | None = None
+    for line in listing.splitlines():
+        head = line.strip()
+        if head.endswith(":") and head.split()[0] in ("rule", "localrule") and len(head.split()) == 2:
+            current = {}
+            jobs.setdefault(head.split()[1].rstrip(":"), []).append(current)
+        elif current is not None and head.startswith("resources: "):
+            for item in head[len("resources: "):].split(", "):
+                key, _, value = item.partition("=")
+                current[key] = value
+        elif current is not None and head.startswith("threads: "):
+            current["threads"] = head.split()[1]
+    return jobs
+
+
+CASES = [  # device, gpu_model, mem_mb, runtime, threads
+    ("auto", None, 8000, 60, 2),
+    ("auto", "a100", 3000, 15, 4),
+    ("cpu", None, 3000, 15, 4),
+    ("cpu", "a100", 8000, 60, 2),
+]
+
+
+@pytest.mark.parametrize("device,gpu_model,mem_mb,runtime,threads", CASES)
+def test_register_resources_follow_the_config(tmp_path, device, gpu_model, mem_mb, runtime, threads):
+    jobs = dry_run(tmp_path, device=device, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime,
+                   threads=threads)
+    assert len(jobs["register"]) == len(pd.read_csv(REPO / "config/cohort.tsv", sep="\t", dtype=str))
+    for job in jobs["register"]:
+        # mem_mb/runtime are callables of the attempt: the first attempt asks for the configured values
+        assert job["mem_mb"] == str(mem_mb) and job["runtime"] == str(runtime), job
+        assert job.get("threads") == str(threads), job
+        if device == "cpu":
+            assert "gpu" not in job and "gpu_model" not in job, job
+        else:
+            assert job["gpu"] == "1", job
+            assert job.get("gpu_model") == gpu_model, job
+    for rule, listed in jobs.items():
+        if rule not in GPU_RULES:
+            for job in listed:
+                assert "gpu" not in job and "gpu_model" not in job, (rule, job)
+
+
+def test_no_gpu_requested_when_the_config_asks_for_none(tmp_path):
+    jobs = dry_run(tmp_path, device="auto", gpu_model="a100", mem_mb=4000, runtime=30, threads=2, gpu=0)
+    assert all("gpu" not in j and "gpu_model" not in j for listed in jobs.values() for j in listed)
+
+
+ATTEMPT_PROBE = """
+import json, sys
+from pathlib import Path
+import yaml
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, WorkflowSettings
+
+repo = Path(sys.argv[1])
+cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
+cfg["cohort"] = str(repo / "config/cohort.tsv")
+cfg["resources"]["register"].update(mem_mb=3000, runtime=15)
+work = Path(sys.argv[2])
+(work / "config.yaml").write_text(yaml.safe_dump(cfg))
+with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(cores=8), workflow_settings=WorkflowSettings(),
+                      config_settings=ConfigSettings(configfiles=[work / "config.yaml"]),
+                      snakefile=repo / "Snakefile", workdir=work)
+    rule = wf._workflow.get_rule("register")
+    # as Snakemake calls resource callables: wildcards positional, the rest by the names they ask for
+    print(json.dumps({attempt: {name: rule.resources[name].evaluate({}, attempt=attempt, input=[], threads=2).value
+                                for name in ("mem_mb", "runtime")} for attempt in (1, 2, 3)}))
+"""
+
+
+def test_register_memory_and_time_grow_with_the_attempt(tmp_path):
+    """The callables behind `--retries`: attempt n asks for n times the configured mem_mb and runtime."""
+    proc = subprocess.run([sys.executable, "-c", ATTEMPT_PROBE, str(REPO), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {str(a): {"mem_mb": 3000 * a, "runtime": 15 * a} for a in (1, 2, 3)}
