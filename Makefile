@@ -20,9 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
-	$(BIN)/snakemake --report report.html
-	@echo "Done: results/cohort/metrics.tsv and report.html"
+	@# the report is built even when a subject failed (it lists it); the exit status still says so
+	$(BIN)/snakemake --profile profiles/local --cores $(CORES); status=$$?; \
+	$(BIN)/snakemake --report report.html && \
+	echo "Done: results/cohort/metrics.tsv and report.html" && exit $$status
 
 test: setup
 	$(BIN)/python -m pytest -q

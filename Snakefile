@@ -20,6 +20,19 @@ include: "workflow/rules/warp.smk"
 include: "workflow/rules/qc.smk"
 
 
+onerror:
+    # a failed job (with --keep-going, after the others finished): write the cohort tables and figure
+    # anyway, listing each failed subject with the ERROR line of its log; the run still exits non-zero
+    from maskreg.qc.evaluate import write_cohort
+
+    m = write_cohort(SUBJECTS, "results/cohort/metrics.tsv", "results/cohort/dice.tsv",
+                     "results/cohort/summary.png")
+    failed = m[m.status == "failed"]
+    print(f"maskreg: {len(failed)} of {len(m)} subject(s) failed; see results/cohort/metrics.tsv", file=sys.stderr)
+    for _, row in failed.iterrows():
+        print(f"  {row.subject}: {row.error}", file=sys.stderr)
+
+
 rule all:
     input:
         all_outputs(),

@@ -19,3 +19,14 @@ def shared(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"shared data not found: {p} (set MASKREG_DATA to the shared/data folder)")
     return p
+
+
+def report_files(html: str) -> dict[str, bytes]:
+    """The files embedded in a Snakemake report (``data:...;filename=NAME;base64,...`` URIs), decoded."""
+    import base64
+    import re
+
+    out = {}
+    for name, data in re.findall(r'data:[^"\s]*?;filename=([^;"]+);base64,([A-Za-z0-9+/=]+)', html):
+        out[name] = base64.b64decode(data)
+    return out

@@ -160,3 +160,15 @@ def read_chain(linear_path: str | os.PathLike, warp_path: str | os.PathLike | No
     lin = read_linear(linear_path, subject=subject)
     field = read_field(warp_path, subject=subject) if warp_path else None
     return lin, field, chain(lin, field)
+
+
+def inverse_chain(linear: LinearTransform, inverse_displacement: sitk.Image | None = None) -> sitk.Transform:
+    """The moving → fixed map ``T⁻¹(y) = φ⁻¹(A⁻¹ y)`` (``A⁻¹`` first, then the inverse field), for mapping
+    moving-space landmarks to fixed space; ANTs: ``-t inverse_warp.nii.gz -t [affine.mat, 1]``."""
+    inv = linear.inverse()
+    if inverse_displacement is None:
+        return inv.to_sitk()
+    comp = sitk.CompositeTransform(linear.dim)
+    comp.AddTransform(displacement_transform(inverse_displacement))  # applied last
+    comp.AddTransform(inv.to_sitk())                                  # applied first
+    return comp

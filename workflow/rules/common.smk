@@ -1,5 +1,7 @@
 # Load and validate the configuration and the cohort before any job runs; helpers the rules use.
+import os
 import re
+import sys
 
 import maskreg.config as mcfg
 from snakemake.utils import validate
@@ -98,7 +100,20 @@ def subject_outputs(subject):
     return out
 
 
+def report_mode():
+    """True while Snakemake builds the report (`--report`): then only subjects whose outputs all exist
+    enter the DAG, so one failed subject does not stop the report of the others (the cohort table, written
+    by the error hook after a failed run, lists it with its error)."""
+    return any(a == "--report" or a.startswith("--report=") for a in sys.argv)
+
+
+def done_subjects():
+    if not report_mode():
+        return SUBJECTS
+    return [s for s in SUBJECTS if all(os.path.exists(p) for p in subject_outputs(s))]
+
+
 def all_outputs():
-    out = [p for s in SUBJECTS for p in subject_outputs(s)]
+    out = [p for s in done_subjects() for p in subject_outputs(s)]
     out += ["results/cohort/metrics.tsv", "results/cohort/dice.tsv", "results/cohort/summary.png"]
     return out

@@ -81,8 +81,8 @@ rule qc_subject:
 
 rule cohort:
     input:
-        metrics=expand("results/{subject}/qc/metrics.tsv", subject=SUBJECTS),
-        dice=expand("results/{subject}/qc/dice.tsv", subject=SUBJECTS),
+        metrics=expand("results/{subject}/qc/metrics.tsv", subject=done_subjects()),
+        dice=expand("results/{subject}/qc/dice.tsv", subject=done_subjects()),
     output:
         metrics=report(
             "results/cohort/metrics.tsv",

@@ -21,8 +21,8 @@ from maskreg.qc.metrics import dice_per_label, jacobian_determinant, jacobian_st
 from maskreg.warp import warp_image, warp_labels, warp_mask, warp_points
 
 METRIC_COLUMNS = ["subject", "status", "device", "seconds", "overlap_voxels", "ncc_before", "ncc_after",
-                  "dice_before", "dice_after", "jacobian_nonpositive_fraction", "tre_before_mm", "tre_after_mm",
-                  "error"]
+                  "dice_before", "dice_after", "jacobian_min", "jacobian_nonpositive_fraction", "tre_before_mm",
+                  "tre_after_mm", "tre_before_max_mm", "tre_after_max_mm", "error"]
 DICE_COLUMNS = ["subject", "label", "dice_before", "dice_after"]
 
 
@@ -51,10 +51,13 @@ def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_m
     det_a = float(np.linalg.det(linear_matrix))
     jac = None
     if field is None:
+        row["jacobian_min"] = det_a
         row["jacobian_nonpositive_fraction"] = 0.0 if det_a > 0 else 1.0
     else:
         jac = jacobian_determinant(field) * det_a
-        row["jacobian_nonpositive_fraction"] = jacobian_stats(jac, fixed_mask)["jacobian_nonpositive_fraction"]
+        stats = jacobian_stats(jac, fixed_mask)
+        row["jacobian_min"] = stats["jacobian_min"]
+        row["jacobian_nonpositive_fraction"] = stats["jacobian_nonpositive_fraction"]
     dice_rows = pd.DataFrame(columns=DICE_COLUMNS)
     extra = {"before": before, "before_mask": before_mask, "before_labels": None, "jacobian": jac}
     if fixed_labels is not None and moving_labels is not None and warped_labels is not None:
@@ -69,8 +72,10 @@ def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_m
         row["dice_before"], row["dice_after"] = mean_dice(d0), mean_dice(d1)
     if fixed_points is not None and moving_points is not None:
         # forward transform: fixed-space points -> moving space, compared with the moving landmarks
-        row["tre_before_mm"] = tre(fixed_points, moving_points)["tre_mean_mm"]
-        row["tre_after_mm"] = tre(warp_points(fixed_points, transform), moving_points)["tre_mean_mm"]
+        t0 = tre(fixed_points, moving_points)
+        t1 = tre(warp_points(fixed_points, transform), moving_points)
+        row["tre_before_mm"], row["tre_before_max_mm"] = t0["tre_mean_mm"], t0["tre_max_mm"]
+        row["tre_after_mm"], row["tre_after_max_mm"] = t1["tre_mean_mm"], t1["tre_max_mm"]
     return row, dice_rows, extra
 
 
@@ -110,3 +115,18 @@ def cohort_tables(subjects: list[str], results_dir: str | os.PathLike = "results
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
     dice_df = pd.concat(dice, ignore_index=True) if dice else pd.DataFrame(columns=DICE_COLUMNS)
     return metrics, dice_df
+
+
+def write_cohort(subjects: list[str], metrics_path: str | os.PathLike, dice_path: str | os.PathLike,
+                 summary_path: str | os.PathLike, results_dir: str | os.PathLike = "results",
+                 logs_dir: str | os.PathLike = "logs") -> pd.DataFrame:
+    """Write the cohort tables and summary figure (failed subjects included, with their error); return the
+    metrics table. Used by the cohort rule and, after a failed run, by the workflow's error hook."""
+    from maskreg.io import write_table
+    from maskreg.qc.figures import cohort_summary
+
+    metrics, dice = cohort_tables(subjects, results_dir, logs_dir)
+    write_table(metrics, metrics_path)
+    write_table(dice, dice_path)
+    cohort_summary(metrics, summary_path)
+    return metrics
