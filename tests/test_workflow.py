@@ -188,3 +188,31 @@ def test_dry_run_plans_every_job(tmp_path):
     for rule, count in [("prepare_mask", 12), ("register", 6), ("warp_image", 6), ("warp_labels", 2),
                         ("qc_subject", 6), ("qc_masks", 6), ("cohort", 1)]:
         assert any(line.split() == [rule, str(count)] for line in out.splitlines()), f"{rule} x{count}"
+
+
+def test_report_opens_in_a_real_browser(demo_run, tmp_path):
+    """Headless Chromium renders report.html: the screenshot is not blank and the page holds every subject."""
+    import shutil
+
+    import matplotlib.image as mpimg
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no Chromium: install Debian's 'chromium' package (.ci/run does) to render the report")
+    work, _ = demo_run
+    report = work / "report.html"
+    if not report.exists():
+        assert snakemake(work, "--report", str(report), timeout=300).returncode == 0
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=1400,1000", "--virtual-time-budget=15000"]
+    shot = tmp_path / "report.png"
+    subprocess.run(flags + [f"--user-data-dir={tmp_path / 'p1'}", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, timeout=180)
+    png = mpimg.imread(shot)
+    assert png.shape[0] > 500 and png.std() > 0.05, "the rendered report looks blank"
+    dom = subprocess.run(flags + [f"--user-data-dir={tmp_path / 'p2'}", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=180).stdout
+    assert "Snakemake" in dom and "Subjects" in dom and "Cohort" in dom
+    for s in SUBJECTS:
+        assert s in dom
