@@ -26,7 +26,7 @@ onerror:
     from maskreg.qc.evaluate import write_cohort
 
     m = write_cohort(SUBJECTS, "results/cohort/metrics.tsv", "results/cohort/dice.tsv",
-                     "results/cohort/summary.png")
+                     "results/cohort/summary.png", "results/cohort/failures.png")
     failed = m[m.status == "failed"]
     print(f"maskreg: {len(failed)} of {len(m)} subject(s) failed; see results/cohort/metrics.tsv", file=sys.stderr)
     for _, row in failed.iterrows():

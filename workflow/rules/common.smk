@@ -115,5 +115,6 @@ def done_subjects():
 
 def all_outputs():
     out = [p for s in done_subjects() for p in subject_outputs(s)]
-    out += ["results/cohort/metrics.tsv", "results/cohort/dice.tsv", "results/cohort/summary.png"]
+    out += ["results/cohort/metrics.tsv", "results/cohort/dice.tsv", "results/cohort/summary.png",
+            "results/cohort/failures.png"]
     return out

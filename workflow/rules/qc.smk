@@ -97,6 +97,12 @@ rule cohort:
             category="Cohort",
             labels={"figure": "summary"},
         ),
+        failures=report(
+            "results/cohort/failures.png",
+            caption="../report/cohort_failures.rst",
+            category="Cohort",
+            labels={"figure": "failures"},
+        ),
     params:
         subjects=SUBJECTS,
     log:

@@ -118,15 +118,17 @@ def cohort_tables(subjects: list[str], results_dir: str | os.PathLike = "results
 
 
 def write_cohort(subjects: list[str], metrics_path: str | os.PathLike, dice_path: str | os.PathLike,
-                 summary_path: str | os.PathLike, results_dir: str | os.PathLike = "results",
-                 logs_dir: str | os.PathLike = "logs") -> pd.DataFrame:
-    """Write the cohort tables and summary figure (failed subjects included, with their error); return the
-    metrics table. Used by the cohort rule and, after a failed run, by the workflow's error hook."""
+                 summary_path: str | os.PathLike, failures_path: str | os.PathLike,
+                 results_dir: str | os.PathLike = "results", logs_dir: str | os.PathLike = "logs") -> pd.DataFrame:
+    """Write the cohort tables, the summary figure and the table of failed subjects with their one-line
+    errors ("no failures" when none); return the metrics table. Used by the cohort rule and, after a failed
+    run, by the workflow's error hook."""
     from maskreg.io import write_table
-    from maskreg.qc.figures import cohort_summary
+    from maskreg.qc.figures import cohort_summary, failure_table
 
     metrics, dice = cohort_tables(subjects, results_dir, logs_dir)
     write_table(metrics, metrics_path)
     write_table(dice, dice_path)
     cohort_summary(metrics, summary_path)
+    failure_table(metrics, failures_path)
     return metrics
