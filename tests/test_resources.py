@@ -119,3 +119,59 @@ def test_register_memory_and_time_grow_with_the_attempt(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {str(a): {"mem_mb": 3000 * a, "runtime": 15 * a} for a in (1, 2, 3)}
+
+
+def _matrix_project(tmp: Path, stages: list[dict], device: str) -> Path:
+    """A cohort of four subjects: nothing extra; masks; labels; landmarks (files are the demo's)."""
+    demo = REPO / "resources" / "demo"
+    b, h, t = demo / "antspy_brain2d", demo / "elastix_ct2d_head", demo / "brain3d"
+    (tmp / "f.csv").write_text("x,y\n10,20\n100,120\n")
+    (tmp / "m.csv").write_text("x,y\n12,21\n98,118\n")
+    rows = [
+        ["plain", b / "r64.nii.gz", b / "r16.nii.gz", "", "", "", "", "", ""],
+        ["masked", h / "fixed.nii.gz", h / "moving.nii.gz", h / "fixed_mask.nii.gz", h / "moving_mask.nii.gz",
+         "", "", "", ""],
+        ["labelled", t / "mni_image.nii.gz", t / "vxm_image.nii.gz", "", "", t / "mni_labels.nii.gz",
+         t / "vxm_labels.nii.gz", "", ""],
+        ["landmarks", b / "r64.nii.gz", b / "r27.nii.gz", "", "", "", "", tmp / "f.csv", tmp / "m.csv"],
+    ]
+    cols = ["subject", "fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
+            "fixed_landmarks", "moving_landmarks"]
+    pd.DataFrame(rows, columns=cols).to_csv(tmp / "cohort.tsv", sep="\t", index=False)
+    cfg = {"cohort": str(tmp / "cohort.tsv"), "device": device, "registration": {"stages": stages}}
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp
+
+
+LINEAR = [{"type": "moments"}, {"type": "affine", "loss": "mi"}]
+DEFORMABLE = LINEAR + [{"type": "syn", "loss": "cc"}]
+
+
+@pytest.mark.parametrize("stages", [LINEAR, DEFORMABLE], ids=["linear", "syn"])
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_dry_run_matrix_plans_the_right_jobs_files_and_resources(tmp_path, stages, device):
+    work = _matrix_project(tmp_path, stages, device)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(work / "config.yaml"), "-n", "--cores", "8", "--printshellcmds"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = parse_jobs(proc.stdout)
+    counts = {rule: len(v) for rule, v in jobs.items()}
+    assert counts == {"prepare_mask": 8, "register": 4, "warp_image": 4, "warp_labels": 1, "qc_masks": 4,
+                      "qc_subject": 4, "cohort": 1, "all": 1}
+    for rule, listed in jobs.items():
+        for res in listed:
+            if rule in GPU_RULES and device != "cpu":
+                assert res.get("gpu") == "1"
+            else:
+                assert "gpu" not in res, (rule, res)
+    out = proc.stdout
+    deformable = stages is DEFORMABLE
+    assert ("transforms/warp.nii.gz" in out) == deformable
+    assert ("transforms/inverse_warp.nii.gz" in out) == deformable
+    # labels and landmarks reach QC only for the subjects that have them
+    qc_inputs = [b for b in out.split("\nrule ") if b.startswith("qc_subject:")]
+    with_labels = [b for b in qc_inputs if "vxm_labels.nii.gz" in b]
+    with_landmarks = [b for b in qc_inputs if "f.csv" in b and "m.csv" in b]
+    assert len(with_labels) == 1 and "results/labelled/warped/labels.nii.gz" in with_labels[0]
+    assert len(with_landmarks) == 1 and "subject=landmarks" in with_landmarks[0]
