@@ -15,7 +15,8 @@ import jsonschema
 import pandas as pd
 import yaml
 
-from maskreg.errors import ConfigError
+from maskreg.errors import ConfigError, InputError
+from maskreg.io import read_landmarks
 from maskreg.losses import NEEDS_DENSE, get_loss
 
 PATH_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
@@ -65,8 +66,10 @@ def schema_problems(data: Any, schema: dict) -> list[str]:
 
 def stage_problems(config: dict) -> list[str]:
     """Checks of the stage list that a schema cannot express."""
-    reg = config.get("registration") or {}
-    stages = reg.get("stages") or []
+    reg = config.get("registration")
+    reg = reg if isinstance(reg, dict) else {}  # a wrong type is the schema's to report
+    stages = reg.get("stages")
+    stages = stages if isinstance(stages, list) else []
     random_sampling = isinstance(reg.get("sampling"), dict)
     out = []
     deformable_seen = None
@@ -107,9 +110,35 @@ def config_problems(config: dict, schema: dict) -> list[str]:
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a TSV or CSV cohort table as strings; empty cells become absent (no magic strings)."""
+    """Read a TSV or CSV cohort table as strings; empty cells become absent (no magic strings). Spaces around
+    headers and cells are removed, so the values checked are the values used (a subject ``' s1 '`` is
+    ``s1``)."""
     sep = "," if str(path).lower().endswith(".csv") else "\t"
-    return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
+    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
+    table.columns = [str(c).strip() for c in table.columns]
+    return table.apply(lambda col: col.map(lambda v: v.strip() if isinstance(v, str) else v))
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # e.g. a name too long for the file system
+        return False
+
+
+def _landmark_problems(who: str, files: dict[str, Path]) -> list[str]:
+    """Readable x,y columns in both landmark files and the same number of rows (row i ↔ row i)."""
+    rows, out = {}, []
+    for col, path in files.items():
+        try:
+            rows[col] = len(read_landmarks(path, 2))
+        except InputError as exc:
+            out.append(f"{who}, column '{col}': {exc}")
+    (a, na), (b, nb) = list(files.items())[0], list(files.items())[1]
+    if not out and rows[a] != rows[b]:
+        out.append(f"{who}: {a} has {rows[a]} row(s) but {b} has {rows[b]}; row i of one must be the same "
+                   f"point as row i of the other ({na}, {nb})")
+    return out
 
 
 def cohort_problems(table: pd.DataFrame, table_dir: Path, schema: dict) -> list[str]:
@@ -141,15 +170,20 @@ def cohort_problems(table: pd.DataFrame, table_dir: Path, schema: dict) -> list[
                 out.append(f"{who}, column 'subject': duplicate of row {seen[sid]}")
             else:
                 seen[sid] = i
+        found = {}
         for col in PATH_COLUMNS:
             if col in present:
                 p = Path(present[col])
                 full = p if p.is_absolute() else table_dir / p
-                if not full.exists():
+                if _exists(full):
+                    found[col] = full
+                else:
                     out.append(f"{who}, column '{col}': file not found: {present[col]} (looked at {full})")
         for a, b in PAIRED_COLUMNS:
             if (a in present) != (b in present):
                 out.append(f"{who}: '{a}' and '{b}' must be given together (one is empty)")
+            elif a in found and b in found and a.endswith("_landmarks"):
+                out += _landmark_problems(who, {a: found[a], b: found[b]})
     return out
 
 
@@ -167,10 +201,15 @@ def resolve_paths(table: pd.DataFrame, table_dir: Path) -> pd.DataFrame:
 def load_and_validate(config: dict, config_schema: dict, cohort_schema: dict) -> pd.DataFrame:
     """Validate the configuration and its cohort table; return the table (indexed by subject, absolute
     paths) or raise :class:`ConfigError` listing every problem of both."""
+    if not isinstance(config, dict):
+        raise ConfigError([f"config: expected a mapping of keys (YAML), got {type(config).__name__}"],
+                          "configuration")
     problems = [f"config {p}" for p in config_problems(config, config_schema)]
     cohort_path = config.get("cohort")
     table = None
-    if isinstance(cohort_path, str):
+    if cohort_path is None:
+        problems.append("config cohort: missing; set cohort: to the path of the cohort table (TSV or CSV)")
+    elif isinstance(cohort_path, str):
         p = Path(cohort_path)
         if not p.exists():
             problems.append(f"config cohort: table not found: {cohort_path} (relative paths are relative to the "

@@ -31,6 +31,7 @@ DEFORMABLE_DEFAULTS = {
     "loss": "cc", "scales": [4, 2, 1], "iterations": [80, 40, 20], "learning_rate": 0.5,
     "fluid_sigma": 1.5, "elastic_sigma": 0.5, "tolerance": 1e-4, "window": 5, "bins": 32,
     "smoothing_sigmas": None, "use_mask": True, "bending_weight": 0.0, "gradient_weight": 0.0,
+    "label_weight": 0.0,
 }
 
 

@@ -10,8 +10,11 @@ half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import tempfile
+import warnings
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -65,6 +68,10 @@ def read_image(path: str | os.PathLike, *, subject: str | None = None, role: str
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
         raise InputError(f"{at}cannot be read as an image ({first}). Is the file complete and in a format "
                          f"SimpleITK reads (NIfTI, NRRD, MHA, ...)?") from None
+    short = _nifti_truncation(p)
+    if short:
+        raise InputError(f"{at}is truncated: it holds {short}. The file is incomplete (an interrupted copy or "
+                         f"download?); copy or export it again.")
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{at}has {img.GetNumberOfComponentsPerPixel()} components per voxel; maskreg "
                          f"needs a scalar image (split the channels first).")
@@ -73,8 +80,11 @@ def read_image(path: str | os.PathLike, *, subject: str | None = None, role: str
         img = img[:, :, :, 0]
         dim = 3
     if dim not in dims:
+        hint = (" It looks like a series of volumes (time points, gradient directions, channels): extract "
+                "the one volume to register (e.g. with fslroi or SimpleITK's image[:, :, :, i])."
+                if dim == 4 else "")
         raise InputError(f"{at}is {dim}D with size {img.GetSize()}; expected a "
-                         f"{' or '.join(f'{d}D' for d in dims)} image.")
+                         f"{' or '.join(f'{d}D' for d in dims)} image.{hint}")
     if check_finite and img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         arr = sitk.GetArrayViewFromImage(img)
         bad = int(np.count_nonzero(~np.isfinite(arr)))
@@ -82,6 +92,44 @@ def read_image(path: str | os.PathLike, *, subject: str | None = None, role: str
             raise InputError(f"{at}has {bad} NaN or infinite voxel(s); replace them (e.g. by 0) before "
                              f"registration.")
     return img
+
+
+def _nifti_truncation(path: str) -> str | None:
+    """For a NIfTI file (``.nii``, ``.nii.gz``) shorter than its header announces, say how much it holds;
+    else None.
+
+    SimpleITK (niftilib) reads a truncated NIfTI without an error and fills the missing voxels, so this is
+    checked here from the header (read with nibabel): uncompressed, against the file size; gzip, against the
+    uncompressed size (the gzip trailer first, the whole stream when that does not match).
+    """
+    low = path.lower()
+    if not low.endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        import nibabel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proxy = nibabel.load(path).dataobj
+            need = int(proxy.offset) + int(np.prod(proxy.shape, dtype=np.int64)) * int(np.dtype(proxy.dtype).itemsize)
+    except Exception:  # a header nibabel cannot parse: only the gzip stream's integrity is checked
+        need = None
+    if low.endswith(".nii"):
+        have = os.path.getsize(path)
+        return None if need is None or have >= need else f"{have} of the {need} bytes its header announces"
+    if need is not None:
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            if int.from_bytes(fh.read(4), "little") == need % 2**32:  # gzip ISIZE: uncompressed size mod 2^32
+                return None
+    have = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                have += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        return "a gzip stream that ends before its end marker"
+    return None if need is None or have >= need else f"{have} of the {need} bytes (uncompressed) its header announces"
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
@@ -121,6 +169,19 @@ def read_landmarks(path: str | os.PathLike, dim: int, *, subject: str | None = N
     if len(pts) == 0 or not np.all(np.isfinite(pts)):
         raise InputError(f"{at}has no landmarks or has empty/non-finite coordinates.")
     return pts
+
+
+def read_landmark_pair(fixed_path: str | os.PathLike, moving_path: str | os.PathLike, dim: int, *,
+                       subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read corresponding fixed and moving landmark CSVs (row i ↔ row i); raise ``InputError`` naming both
+    files and their row counts when they differ."""
+    a = read_landmarks(fixed_path, dim, subject=subject, role="fixed_landmarks")
+    b = read_landmarks(moving_path, dim, subject=subject, role="moving_landmarks")
+    if len(a) != len(b):
+        raise InputError(f"{where(subject)}fixed_landmarks '{fixed_path}' has {len(a)} row(s) but "
+                         f"moving_landmarks '{moving_path}' has {len(b)}; row i of one must be the same point "
+                         f"as row i of the other, so give both files the same points in the same order.")
+    return a, b
 
 
 def write_landmarks(points: np.ndarray, path: str | os.PathLike) -> Path:

@@ -70,29 +70,17 @@ def normalised_blur(image: torch.Tensor, mask: torch.Tensor, sigmas: tuple[float
 
 
 def box_average(t: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
-    """Mean over a ``factors`` box (tensor order) centred on each voxel, stride 1, same shape as ``t``."""
-    if all(f == 1 for f in factors):
-        return t
-    dim = t.dim() - 2
-    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dim - 1]
-    # odd box sizes keep the result centred; an even factor f uses a box of f+1 with half weights at the ends
-    out = t
+    """Mean over a ``factors`` box (tensor order) centred on each voxel, stride 1, same shape as ``t``, every
+    channel. An odd factor f averages f voxels; an even one f+1 voxels with half weights at both ends, so
+    the box stays centred."""
     for axis, f in enumerate(factors):
         if f == 1:
             continue
-        size = [1] * dim
-        size[axis] = f + 1 if f % 2 == 0 else f
-        pad = [0] * dim
-        pad[axis] = size[axis] // 2
+        k = torch.ones(f if f % 2 else f + 1, device=t.device)
         if f % 2 == 0:
-            k = torch.ones(f + 1, device=t.device)
             k[0] = k[-1] = 0.5
-            k = (k / f).reshape([1, 1] + size)
-            conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
-            out = conv(out, k, padding=tuple(pad))
-        else:
-            out = pool(out, kernel_size=tuple(size), stride=1, padding=tuple(pad), count_include_pad=True)
-    return out
+        t = filter_axis(t, k / f, axis)
+    return t
 
 
 def resample(t: torch.Tensor, in_grid: Grid, out_grid: Grid, out_to_in: np.ndarray | None = None,

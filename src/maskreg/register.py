@@ -156,6 +156,8 @@ class _Problem:
         self.ones_f = torch.ones_like(self.f)
         self.ones_m = torch.ones_like(self.m)
         self._levels: dict[tuple, tuple[Level, Level]] = {}
+        self.labels: tuple[torch.Tensor, torch.Tensor] | None = None  # one-hot [1, K, ...], fixed and moving
+        self._label_levels: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # centre of rotation: fixed mask centroid (physical); radius for parameter scaling
         pts, w = self.physical_points(self.fgrid, self.fm)
         self.center = (w[:, None] * pts).sum(0) / w.sum()
@@ -193,6 +195,39 @@ class _Problem:
                         lev.mask = downsample_mask(erode_voxels(full, radii), grid, lev.grid, lev.factors)
             self._levels[key] = (fl, ml)
         return self._levels[key]
+
+
+    def set_labels(self, fixed_labels: sitk.Image, moving_labels: sitk.Image) -> list[int]:
+        """One-hot channels of the labels present in both maps (background excluded); returns them."""
+        fa = sitk.GetArrayFromImage(fixed_labels)
+        ma = sitk.GetArrayFromImage(moving_labels)
+        if fa.shape != self.fgrid.shape or ma.shape != self.mgrid.shape:
+            raise InputError(f"{where(self.subject)}label maps must lie on their images' grids (fixed labels "
+                             f"{fixed_labels.GetSize()}, moving labels {moving_labels.GetSize()}).")
+        common = sorted(set(np.unique(fa).tolist()) & set(np.unique(ma).tolist()) - {0})
+        if not common:
+            raise InputError(f"{where(self.subject)}the label maps have no label in common, so the label term "
+                             f"has nothing to match (set label_weight: 0 or check the label maps).")
+        onehot = lambda a: torch.stack([torch.from_numpy((a == v).astype(np.float32)) for v in common])  # noqa
+        self.labels = (onehot(fa)[None].to(self.device), onehot(ma)[None].to(self.device))
+        return common
+
+    def label_levels(self, fl: Level, ml: Level) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one-hot labels at a level: each channel box-averaged like a mask (label fractions)."""
+        key = (fl.grid, ml.grid)
+        if key not in self._label_levels:
+            assert self.labels is not None
+            self._label_levels[key] = (downsample_mask(self.labels[0], self.fgrid, fl.grid, fl.factors),
+                                       downsample_mask(self.labels[1], self.mgrid, ml.grid, ml.factors))
+        return self._label_levels[key]
+
+
+def soft_dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``1 - mean_k 2 Σ w f_k m_k / (Σ w f_k + Σ w m_k)`` over the label channels, weighted by the mask."""
+    dims = tuple(range(2, fixed_onehot.dim()))
+    inter = (w * fixed_onehot * warped_onehot).sum(dims)
+    total = (w * fixed_onehot).sum(dims) + (w * warped_onehot).sum(dims)
+    return 1.0 - (2 * inter / total.clamp_min(1e-6)).mean()
 
 
 def _theta(h: torch.Tensor, fl: Level, ml: Level) -> torch.Tensor:
@@ -370,7 +405,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
              device: str = "auto", seed: int = 0, sampling: str | dict = "dense",
              min_overlap_voxels: int = 100, initial: LinearTransform | None = None,
              subject: str | None = None, threads: int | None = None,
-             mask_kinds: tuple[str, str] = ("roi", "roi")) -> RegistrationResult:
+             mask_kinds: tuple[str, str] = ("roi", "roi"), fixed_labels: sitk.Image | None = None,
+             moving_labels: sitk.Image | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and return the fixed → moving transform with a report.
 
     Images are SimpleITK images of the same dimension (2D or 3D) with any grids; masks (optional) are binary
@@ -381,6 +417,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
     ``mask_kinds`` gives the (fixed, moving) mask kinds: ``roi`` masks weight the loss as they are; ``valid``
     masks are also eroded at every level by elastix's rule (``s+1`` voxels fixed, ``2s+1`` moving at shrink
     factor ``s``) so an artificial edge (field of view, ultrasound cone) cannot pull the registration.
+    ``fixed_labels``/``moving_labels`` (integer maps on their images' grids) feed the optional label term of
+    deformable stages: ``label_weight × (1 − soft Dice)`` over the labels present in both.
     """
     for k in mask_kinds:
         if k not in ("roi", "valid"):
@@ -392,6 +430,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
     torch.manual_seed(seed)
     _check_pair(fixed, moving, subject)
     prob = _Problem(fixed, moving, fixed_mask, moving_mask, dev, subject, tuple(mask_kinds))
+    if fixed_labels is not None and moving_labels is not None and any(
+            float(s.get("label_weight", 0) or 0) > 0 for s in (stages or [])):
+        common = prob.set_labels(fixed_labels, moving_labels)
+        log.info("%slabel term over %d label(s): %s", where(subject), len(common), common)
     center = prob.center.cpu().numpy()
     current = LinearTransform.identity(prob.dim, center) if initial is None else _recenter(initial, center)
     reports: list[StageReport] = []
@@ -489,11 +531,16 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         to_moving = torch.as_tensor(ml.grid.physical_to_normalised()[:dim, :dim], dtype=torch.float32,
                                     device=dev) @ a_lin
 
+        label_weight = float(stage.get("label_weight", 0.0)) if prob.labels is not None else 0.0
+        f_lab, m_lab = prob.label_levels(fl, ml) if label_weight > 0 else (None, None)
+        label_term: list[torch.Tensor] = []
+
         def evaluate(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
             grid = g0 + ops.offsets(u_moving, to_moving)
             warped = F.grid_sample(m_n, grid, mode="bilinear", padding_mode="border", align_corners=True)
             mm = F.grid_sample(ml.mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
             inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(warped.dtype)[:, None]
+            fixed_lab = f_lab
             if u_fixed is None:
                 fixed, mf = f_n, fl.mask
             else:
@@ -501,7 +548,15 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 fgrid = ops.identity + ops.offsets(u_fixed)
                 mf = F.grid_sample(fl.mask, fgrid, mode="bilinear", padding_mode="zeros", align_corners=True)
                 mf = mf * (fgrid.abs() <= 1.0 + 1e-6).all(dim=-1).to(mf.dtype)[:, None]
-            return fixed, warped, mf * mm * inside
+                if f_lab is not None:
+                    fixed_lab = F.grid_sample(f_lab, fgrid, mode="bilinear", padding_mode="zeros",
+                                              align_corners=True)
+            w = mf * mm * inside
+            label_term.clear()
+            if m_lab is not None:
+                warped_lab = F.grid_sample(m_lab, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+                label_term.append(label_weight * soft_dice_loss(fixed_lab, warped_lab, w.detach()))
+            return fixed, warped, w
 
         def halves(v):
             return ops.exp(-0.5 * v), ops.exp(0.5 * v)
@@ -539,6 +594,8 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             loss = loss_fn(fixed_v, warped_v, w, window=int(stage["window"]), bins=int(stage["bins"]))
             reg = _regulariser(stage, field)
             total = loss + reg if reg is not None else loss
+            if label_term:
+                total = total + label_term[0]
             grads = torch.autograd.grad(total, leaves + ([field] if kind == "syn" and reg is not None else []))
             if kind == "syn":
                 g = 0.5 * (grads[1] - grads[0])

@@ -36,19 +36,50 @@ def warp_mask(mask: sitk.Image, reference: sitk.Image, transform: sitk.Transform
     return sitk.Cast(soft >= 0.5, sitk.sitkUInt8)
 
 
-def check_labels(labels: sitk.Image, *, subject: str | None = None, role: str = "labels") -> None:
+def check_labels(labels: sitk.Image, *, subject: str | None = None, role: str = "labels",
+                 path: str | None = None) -> None:
     """Label maps must hold integers: an integer pixel type, or floats that are all whole numbers."""
     if labels.GetPixelID() in INTEGER_TYPES:
         return
     arr = sitk.GetArrayViewFromImage(labels)
     if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-        raise InputError(f"{where(subject, role)}label map holds non-integer values (pixel type "
+        raise InputError(f"{where(subject, role, path)}label map holds non-integer values (pixel type "
                          f"{labels.GetPixelIDTypeAsString()}); label maps must be integer-valued. Was an image "
                          f"given in the labels column?")
 
 
+def _label_set(labels: sitk.Image) -> set[int]:
+    return {int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels))} - {0}
+
+
+def _fmt_labels(values: set[int], most: int = 12) -> str:
+    v = sorted(values)
+    return "{" + ", ".join(map(str, v[:most])) + (", ..." if len(v) > most else "") + "}" if v else "none"
+
+
+def common_labels(fixed_labels: sitk.Image, moving_labels: sitk.Image, *, subject: str | None = None,
+                  fixed_path: str | None = None, moving_path: str | None = None) -> list[int]:
+    """The nonzero label values present in both label maps (sorted), after :func:`check_labels` on each.
+
+    Raises ``InputError`` naming the subject, both files and both label sets when there is none (Dice would
+    be computed over nothing: the maps use different numberings, or one holds only background).
+    """
+    check_labels(fixed_labels, subject=subject, role="fixed_labels", path=fixed_path)
+    check_labels(moving_labels, subject=subject, role="moving_labels", path=moving_path)
+    a, b = _label_set(fixed_labels), _label_set(moving_labels)
+    common = sorted(a & b)
+    if not common:
+        names = " and ".join(f"{r} '{p}'" if p else r for r, p in (("fixed_labels", fixed_path),
+                                                                   ("moving_labels", moving_path)))
+        raise InputError(f"{where(subject)}label maps have no label in common: {names}; fixed has "
+                         f"{_fmt_labels(a)}, moving has {_fmt_labels(b)} (background 0 not counted). Both maps "
+                         f"must use the same label numbering (the same atlas or lookup table); renumber one, "
+                         f"or leave the labels columns empty.")
+    return common
+
+
 def warp_labels(labels: sitk.Image, reference: sitk.Image, transform: sitk.Transform, method: str = "generic",
-                *, subject: str | None = None) -> sitk.Image:
+                *, subject: str | None = None, role: str = "moving_labels") -> sitk.Image:
     """Warp an integer label map; the label set and the pixel type are preserved.
 
     ``generic`` (ANTs' "genericLabel" idea): each label's indicator is interpolated linearly and every voxel
@@ -56,7 +87,7 @@ def warp_labels(labels: sitk.Image, reference: sitk.Image, transform: sitk.Trans
     label value can appear. Memory stays at two reference-sized float images and one label image, whatever
     the number of labels. ``nearest``: nearest-neighbour resampling.
     """
-    check_labels(labels, subject=subject)
+    check_labels(labels, subject=subject, role=role)
     if method == "nearest":
         return sitk.Resample(labels, reference, transform, sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
     if method != "generic":

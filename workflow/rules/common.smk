@@ -71,6 +71,17 @@ def transform_inputs(wc):
     return out
 
 
+LABEL_TERM = any(float(s.get("label_weight", 0) or 0) > 0 for s in config["registration"]["stages"])
+
+
+def register_label_inputs(wc):
+    """Both label maps, when a stage uses the label term and the subject has them."""
+    if not (LABEL_TERM and has_labels(wc.subject)):
+        return {}
+    return {"fixed_labels": cohort_value(wc.subject, "fixed_labels"),
+            "moving_labels": cohort_value(wc.subject, "moving_labels")}
+
+
 def register_outputs():
     out = {
         "linear": "results/{subject}/transforms/affine.mat",

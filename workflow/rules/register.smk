@@ -4,6 +4,7 @@
 
 rule register:
     input:
+        unpack(register_label_inputs),
         fixed=lambda wc: cohort_value(wc.subject, "fixed"),
         moving=lambda wc: cohort_value(wc.subject, "moving"),
         fixed_mask="results/{subject}/masks/fixed_mask.nii.gz",

@@ -11,6 +11,8 @@ from typing import Iterable
 import numpy as np
 import SimpleITK as sitk
 
+from maskreg.errors import InputError, where
+
 __all__ = [
     "dice_per_label",
     "mean_dice",
@@ -175,17 +177,26 @@ def jacobian_stats(det: sitk.Image, mask: sitk.Image | None = None) -> dict:
     }
 
 
-def tre(points_a: np.ndarray, points_b: np.ndarray) -> dict:
+def tre(points_a: np.ndarray, points_b: np.ndarray, *, subject: str | None = None,
+        names: tuple[str, str] = ("fixed_landmarks", "moving_landmarks")) -> dict:
     """Target registration error between corresponding rows of two ``(N, dim)`` point arrays (mm).
 
-    Returns ``{"tre_mean_mm", "tre_max_mm"}``. Raises ``ValueError`` when shapes differ or no points.
+    Returns ``{"tre_mean_mm", "tre_max_mm"}``. Raises :class:`~maskreg.errors.InputError` (a ``ValueError``)
+    naming ``subject`` and the two point sets ``names`` (e.g. their files) when the row counts or the
+    dimensions differ or there are no points.
     """
     a = np.asarray(points_a, dtype=np.float64)
     b = np.asarray(points_b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"tre: point arrays differ in shape {a.shape} vs {b.shape}; row i of one must "
-                         f"correspond to row i of the other.")
-    if a.ndim != 2 or a.shape[0] == 0:
-        raise ValueError(f"tre: expected (N, dim) arrays with N ≥ 1, got shape {a.shape}.")
+    at = where(subject)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] == 0 or b.shape[0] == 0:
+        raise InputError(f"{at}tre: expected (N, dim) point arrays with N ≥ 1, got shapes {a.shape} ({names[0]}) "
+                         f"and {b.shape} ({names[1]}).")
+    if a.shape[0] != b.shape[0]:
+        raise InputError(f"{at}{names[0]} has {a.shape[0]} landmark row(s) but {names[1]} has {b.shape[0]}; "
+                         f"row i of one must be the same point as row i of the other, so give both the same "
+                         f"points in the same order.")
+    if a.shape[1] != b.shape[1]:
+        raise InputError(f"{at}{names[0]} has {a.shape[1]} coordinate(s) per point but {names[1]} has "
+                         f"{b.shape[1]}; both must have the image's dimension.")
     dist = np.linalg.norm(a - b, axis=1)
     return {"tre_mean_mm": float(dist.mean()), "tre_max_mm": float(dist.max())}
