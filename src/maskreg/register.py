@@ -238,8 +238,13 @@ def _theta(h: torch.Tensor, fl: Level, ml: Level) -> torch.Tensor:
     return (p_m @ h @ n_f)[None, : fl.grid.dim]
 
 
+ALL_MASK_VOXELS = -1
+
+
 class _Sampler:
-    """Evaluates ``(fixed, warped moving, weight)`` at the fixed level's points: all voxels (dense) or
+    """Evaluates ``(fixed, warped moving, weight)`` at the fixed level's points: every voxel (dense, for
+    losses with neighbourhoods), every voxel of the fixed mask (``random_n = ALL_MASK_VOXELS``: the same loss
+    as dense for pointwise losses, since other voxels weigh 0, at a fraction of the cost for small masks), or
     ``n`` voxels drawn from the fixed mask directly, redrawn at every call (seeded)."""
 
     def __init__(self, fl: Level, ml: Level, f_norm, m_norm, random_n: int | None, generator):
@@ -265,12 +270,16 @@ class _Sampler:
         theta = _theta(h, self.fl, self.ml)
         dim = self.fl.grid.dim
         if self.random_n:
-            sel = torch.randint(0, self.mask_idx.numel(), (self.random_n,), generator=self.gen,
-                                device=self.mask_idx.device)
-            pts = self.norm_pts[sel] @ theta[0, :, :dim].T + theta[0, :, dim]
+            if self.random_n == ALL_MASK_VOXELS:
+                idx, pts0 = self.mask_idx, self.norm_pts
+            else:
+                sel = torch.randint(0, self.mask_idx.numel(), (self.random_n,), generator=self.gen,
+                                    device=self.mask_idx.device)
+                idx, pts0 = self.mask_idx[sel], self.norm_pts[sel]
+            pts = pts0 @ theta[0, :, :dim].T + theta[0, :, dim]
             grid = pts.reshape(1, -1, *([1] * (dim - 1)), dim)
-            fixed = self.f.reshape(-1)[self.mask_idx[sel]].reshape(1, 1, -1)
-            mf = self.fl.mask.reshape(-1)[self.mask_idx[sel]].reshape(1, 1, -1)
+            fixed = self.f.reshape(-1)[idx].reshape(1, 1, -1)
+            mf = self.fl.mask.reshape(-1)[idx].reshape(1, 1, -1)
         else:
             grid = F.affine_grid(theta, [1, 1, *self.fl.grid.shape], align_corners=True)
             fixed, mf = self.f, self.fl.mask
@@ -334,7 +343,12 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
             offm, scm = intensity_scale(ml.image, ml.mask)
             m_n = (ml.image - offm) / scm
         dense = _Sampler(fl, ml, f_n, m_n, None, gen)
-        sampler = _Sampler(fl, ml, f_n, m_n, random_n, gen) if random_n else dense
+        if random_n:
+            sampler = _Sampler(fl, ml, f_n, m_n, random_n, gen)
+        elif loss_name not in NEEDS_DENSE and float((fl.mask > 0).float().mean()) < 0.9:
+            sampler = _Sampler(fl, ml, f_n, m_n, ALL_MASK_VOXELS, gen)
+        else:
+            sampler = dense
         fsum = float(fl.mask.sum())
         p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
         h0 = lin.homogeneous(kind, p.detach(), current, prob.radius)
