@@ -30,3 +30,17 @@ def report_files(html: str) -> dict[str, bytes]:
     for name, data in re.findall(r'data:[^"\s]*?;filename=([^;"]+);base64,([A-Za-z0-9+/=]+)', html):
         out[name] = base64.b64decode(data)
     return out
+
+
+def make_image(a, spacing=None, origin=None, direction=None):
+    """A SimpleITK image from an array (``[z,] y, x``) with optional geometry."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(a)
+    if spacing is not None:
+        img.SetSpacing(spacing)
+    if origin is not None:
+        img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
+    return img

@@ -10,21 +10,14 @@ import SimpleITK as sitk
 import torch
 
 import maskreg
-from conftest import DEMO, shared
+from conftest import DEMO, make_image, shared
 from maskreg.errors import InputError, OverlapError
 from maskreg.pyramid import erode_voxels, valid_mask_radii
 from maskreg.transforms import LinearTransform
 
 
 def image(arr: np.ndarray, spacing=None, origin=None, direction=None) -> sitk.Image:
-    img = sitk.GetImageFromArray(arr.astype(np.float32))
-    if spacing is not None:
-        img.SetSpacing(spacing)
-    if origin is not None:
-        img.SetOrigin(origin)
-    if direction is not None:
-        img.SetDirection(direction)
-    return img
+    return make_image(arr.astype(np.float32), spacing, origin, direction)
 
 
 def rectangle_pair(h: int, w: int):

@@ -16,6 +16,7 @@ from maskreg import masks
 from maskreg.errors import MaskError
 
 from conftest import SHARED_DATA as DATA
+from conftest import make_image
 BRAIN1 = DATA / "pyradiomics_brain_mr" / "brain1"
 OBLIQUE = DATA / "dipy_oblique" / "aniso_vox" / "image.nii.gz"
 BRAIN2D = DATA / "antspy_brain2d" / "r16" / "image.nii.gz"
@@ -38,18 +39,6 @@ def assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
     assert a.GetSpacing() == b.GetSpacing()
     assert a.GetOrigin() == b.GetOrigin()
     assert a.GetDirection() == b.GetDirection()
-
-
-def make_image(a: np.ndarray, spacing: tuple[float, ...] | None = None, origin: tuple[float, ...] | None = None,
-               direction: tuple[float, ...] | None = None) -> sitk.Image:
-    img = sitk.GetImageFromArray(a)
-    if spacing is not None:
-        img.SetSpacing(spacing)
-    if origin is not None:
-        img.SetOrigin(origin)
-    if direction is not None:
-        img.SetDirection(direction)
-    return img
 
 
 # ------------------------------------------------------------------------------ ground truth by brute force

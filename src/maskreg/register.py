@@ -123,7 +123,8 @@ def _check_pair(fixed: sitk.Image, moving: sitk.Image, subject: str | None) -> N
         arr = sitk.GetArrayViewFromImage(img)
         if float(arr.max()) == float(arr.min()):
             raise InputError(f"{where(subject, role)}image is constant ({float(arr.min())}); there is nothing "
-                             f"to register.")
+                             f"to register. Check the file (an empty or all-background export?) or remove the "
+                             f"subject from the cohort.")
 
 
 def _mask_tensor(mask: sitk.Image | None, image: sitk.Image, device: torch.device, subject: str | None,
@@ -312,6 +313,35 @@ def _moments(prob: _Problem, start: LinearTransform) -> LinearTransform:
     return LinearTransform(start.matrix, start.translation + shift, start.center)
 
 
+PLATEAU_WINDOW = 10
+
+
+def _plateau(trace: torch.Tensor, it: int, tol: float, window: int = PLATEAU_WINDOW) -> bool:
+    """True when the mean loss of the last ``window`` iterations improved on the ``window`` before by less
+    than the fraction ``tol`` (checked every 5 iterations, so the host reads the device trace rarely)."""
+    if tol <= 0 or it < 2 * window or it % 5:
+        return False
+    recent = trace[it - 2 * window: it].cpu()
+    prev, last = float(recent[:window].mean()), float(recent[window:].mean())
+    return (prev - last) / (abs(prev) + 1e-12) < tol
+
+
+def _finish_level(prob: "_Problem", report: StageReport, level_name: str, grid: Grid, scale, it: int,
+                  trace: torch.Tensor, w: torch.Tensor, fixed_mask_sum: float, t0: float, converged: bool,
+                  loss_name: str) -> None:
+    """Record a level's report (loss trace, overlap at its end, time) and log its one line."""
+    losses = trace[:it].cpu().tolist()
+    ow, ov = float(w.sum()), int((w > 0.5).sum())
+    rep = LevelReport(int(scale), list(grid.shape), it, losses[0] if losses else math.nan,
+                      losses[-1] if losses else math.nan, round(ow, 1), ov, round(ow / max(fixed_mask_sum, 1e-9), 4),
+                      round(time.perf_counter() - t0, 3), converged, [round(v, 6) for v in losses])
+    report.levels.append(rep)
+    log.info("%s%s, grid %s: %d iterations%s, %s %.5f -> %.5f, overlap %.0f voxels (%.1f%% of the fixed "
+             "mask), %.2f s", where(prob.subject), level_name, "x".join(map(str, grid.size)), it,
+             " (converged)" if converged else "", loss_name, rep.loss_first, rep.loss_last, ow,
+             100 * rep.overlap_fraction, rep.seconds)
+
+
 def _interactive() -> bool:
     return sys.stderr.isatty()
 
@@ -365,7 +395,7 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
         trace = torch.zeros(max(n_it, 1), device=dev)
         # a loss drawn from random samples is noisy by construction: its plateau test would stop at random,
         # so random sampling runs the level's whole (cosine-decayed) schedule
-        tol, window = (0.0 if random_n else float(stage["tolerance"])), 10
+        tol = 0.0 if random_n else float(stage["tolerance"])
         converged, it = False, 0
         bar = None
         if _interactive():
@@ -382,26 +412,15 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
             trace[it - 1] = loss.detach()
             if bar is not None:
                 bar.update(1)
-            if tol > 0 and it >= 2 * window and it % 5 == 0:
-                recent = trace[it - 2 * window: it].cpu()
-                prev, last = float(recent[:window].mean()), float(recent[window:].mean())
-                if (prev - last) / (abs(prev) + 1e-12) < tol:
-                    converged = True
-                    break
+            if _plateau(trace, it, tol):
+                converged = True
+                break
         if bar is not None:
             bar.close()
         current = lin.to_linear(kind, p.detach(), current, prob.radius)
-        h1 = lin.homogeneous(kind, torch.zeros_like(p), current, prob.radius)
-        ow, ov, of = _overlap(dense, h1, fsum)
-        losses = trace[:it].cpu().tolist()
-        rep = LevelReport(int(scale), list(fl.grid.shape), it, losses[0] if losses else math.nan,
-                          losses[-1] if losses else math.nan, round(ow, 1), ov, round(of, 4),
-                          round(time.perf_counter() - t0, 3), converged, [round(v, 6) for v in losses])
-        report.levels.append(rep)
-        log.info("%s%s, grid %s: %d iterations%s, %s %.5f -> %.5f, overlap %.0f voxels (%.1f%% of the fixed "
-                 "mask), %.2f s", where(prob.subject), level_name, "x".join(map(str, fl.grid.size)), it,
-                 " (converged)" if converged else "", loss_name, rep.loss_first, rep.loss_last, ow, 100 * of,
-                 rep.seconds)
+        with torch.no_grad():
+            _, _, w = dense(lin.homogeneous(kind, torch.zeros_like(p), current, prob.radius))
+        _finish_level(prob, report, level_name, fl.grid, scale, it, trace, w, fsum, t0, converged, loss_name)
     return current
 
 
@@ -589,7 +608,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                                f"needed (min_overlap_voxels).")
         lr = float(stage["learning_rate"])
         trace = torch.zeros(max(n_it, 1), device=dev)
-        tol, window = float(stage["tolerance"]), 10
+        tol = float(stage["tolerance"])
         converged, it = False, 0
         for it in range(1, n_it + 1):
             step = 0.05 * lr + 0.95 * lr * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(n_it, 1)))
@@ -625,24 +644,12 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 new = state.field + d if kind == "syn" else ops.compose(state.field, d)
                 state.field = ops.smooth(new, float(stage["elastic_sigma"]))
             trace[it - 1] = loss.detach()
-            if tol > 0 and it >= 2 * window and it % 5 == 0:
-                recent = trace[it - 2 * window: it].cpu()
-                prev, last = float(recent[:window].mean()), float(recent[window:].mean())
-                if (prev - last) / (abs(prev) + 1e-12) < tol:
-                    converged = True
-                    break
-        losses = trace[:it].cpu().tolist()
+            if _plateau(trace, it, tol):
+                converged = True
+                break
         with torch.no_grad():
             _, _, w = evaluate(*halves(state.field)) if kind == "syn" else evaluate(None, state.field)
-        ow, ov = float(w.sum()), int((w > 0.5).sum())
-        rep = LevelReport(int(scale), list(fl.grid.shape), it, losses[0] if losses else math.nan,
-                          losses[-1] if losses else math.nan, round(ow, 1), ov, round(ow / max(fsum, 1e-9), 4),
-                          round(time.perf_counter() - t0, 3), converged, [round(v, 6) for v in losses])
-        report.levels.append(rep)
-        log.info("%s%s, grid %s: %d iterations%s, %s %.5f -> %.5f, overlap %.0f voxels (%.1f%% of the fixed "
-                 "mask), %.2f s", where(prob.subject), level_name, "x".join(map(str, fl.grid.size)), it,
-                 " (converged)" if converged else "", loss_name, rep.loss_first, rep.loss_last, ow,
-                 100 * rep.overlap_fraction, rep.seconds)
+        _finish_level(prob, report, level_name, fl.grid, scale, it, trace, w, fsum, t0, converged, loss_name)
     assert state is not None
     return state
 
