@@ -29,7 +29,7 @@ from maskreg.pyramid import gaussian_blur, resample
 DEFORMABLE_STAGES = ("greedy", "syn")
 DEFORMABLE_DEFAULTS = {
     "loss": "cc", "scales": [4, 2, 1], "iterations": [80, 40, 20], "learning_rate": 0.5,
-    "fluid_sigma": 1.5, "elastic_sigma": 0.5, "tolerance": 1e-4, "window": 5, "bins": 32,
+    "fluid_sigma": 1.5, "elastic_sigma": 0.5, "tolerance": 1e-4, "window": 5, "bins": 16,
     "smoothing_sigmas": None, "use_mask": True, "bending_weight": 0.0, "gradient_weight": 0.0,
     "label_weight": 0.0,
 }
