@@ -1,0 +1,262 @@
+"""Label-map warping at 1 mm: maskreg generic / nearest vs ANTsPy genericLabel / nearestNeighbor, CPU.
+
+Run: ``.venv/bin/python benchmarks/bench_warp.py [--maps totalseg freesurfer] [--repeats 2] [--threads 2]
+[--methods maskreg-generic maskreg-nearest maskreg-plain ants-genericLabel ants-nearestNeighbor]``.
+
+Maps (from ``../shared/data`` or ``$MASKREG_DATA``):
+
+* ``totalseg``: TotalSegmentator CT ``ct_b`` labels, 117-class scheme (31 classes present), 512×512×20 at
+  0.98×0.98×2 mm.
+* ``freesurfer``: the voxelmorph test scan's FreeSurfer labels (45 + background), 160×192×224 at 1 mm, LIA-like
+  direction cosines.
+
+Target grid: 1 mm isotropic, identity direction cosines (a reorientation for the brain), covering the map's
+field of view; the transform (target points → map points, ITK/ANTs convention) is a small rigid one: 3° about
+the axis (1, 2, 3) through the map's centre, translation (1.3, -0.7, 0.4) mm. It is written once as an ITK
+``.mat`` file that every method reads.
+
+Methods: ``maskreg-generic`` = ``maskreg.warp.warp_labels(..., "generic")`` (each label's indicator
+interpolated linearly over the part of the target grid that can see it, argmax); ``maskreg-nearest`` = the
+same with ``"nearest"``; ``maskreg-plain`` = the straightforward generic version for reference (every label
+resampled over the whole target grid, as ``warp_labels`` did before the region restriction);
+``ants-genericLabel`` / ``ants-nearestNeighbor`` = ``ants.apply_transforms(target, labels, [rigid.mat],
+interpolator=...)``.
+
+Each method runs in a fresh worker process with ``--threads`` threads (ITK, OpenMP); the time is the wall time
+of the warp call alone (images and transform already loaded), best of ``--repeats``; the memory is the peak
+resident set during the calls, with what the worker held before in brackets, and ``Δ MB`` = peak − base.
+``× generic`` columns are ratios to maskreg generic on the same map. Agreement: mean (and min) Dice over the
+label values present in either output, against maskreg generic, and for the ANTs rows against maskreg's
+method of the same kind (genericLabel ↔ generic, nearestNeighbor ↔ nearest); ``labels`` = label values in the
+output (background excluded). ANTsPy is optional: when missing, its rows say how to install it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+
+MAPS = {
+    "totalseg": ("totalseg_ct", "ct_b", "labels.nii.gz"),
+    "freesurfer": ("voxelmorph_brain_t1", "test_scan", "labels.nii.gz"),
+}
+METHODS = ["maskreg-generic", "maskreg-nearest", "maskreg-plain", "ants-genericLabel", "ants-nearestNeighbor"]
+SAME_KIND = {"ants-genericLabel": "maskreg-generic", "ants-nearestNeighbor": "maskreg-nearest"}
+
+
+# ------------------------------------------------------------------------------------------------- data
+def prepare(name: str) -> dict:
+    """The target grid (a uint8 zero image) and the rigid transform file for one map, cached under out/."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    src = common.DATA.joinpath(*MAPS[name])
+    if not src.exists():
+        raise FileNotFoundError(f"{src} not found (set MASKREG_DATA to the shared/data folder)")
+    out = common.OUT / "warp" / name
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"labels": str(src), "target": str(out / "target.nii.gz"), "transform": str(out / "rigid.mat"),
+             "dir": str(out)}
+    if Path(paths["target"]).exists() and Path(paths["transform"]).exists():
+        return paths
+    lab = sitk.ReadImage(str(src))
+    size = np.array(lab.GetSize())
+    corners = np.array([lab.TransformContinuousIndexToPhysicalPoint((c * size - 0.5).tolist())
+                        for c in np.array(np.meshgrid([0, 1], [0, 1], [0, 1])).reshape(3, -1).T])
+    lo, hi = corners.min(0), corners.max(0)
+    target = sitk.Image([int(np.ceil(n)) for n in hi - lo], sitk.sitkUInt8)
+    target.SetSpacing((1.0, 1.0, 1.0))
+    target.SetOrigin((lo + 0.5).tolist())
+    sitk.WriteImage(target, paths["target"])
+    axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)
+    t = np.deg2rad(3.0)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    tx = sitk.AffineTransform(3)
+    tx.SetCenter(lab.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in size]))
+    tx.SetMatrix((np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k).flatten().tolist())
+    tx.SetTranslation((1.3, -0.7, 0.4))
+    sitk.WriteTransform(tx, paths["transform"])
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def _plain_generic(labels, reference, transform):
+    """Every label's indicator resampled linearly over the whole reference grid, argmax (ties to the smaller
+    label; 0 outside the moving image): the straightforward generic-label warp."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayViewFromImage(labels)
+    best = np.zeros(tuple(reversed(reference.GetSize())), np.float32)
+    out = np.zeros(best.shape, arr.dtype)
+    for v in np.unique(arr):
+        w = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(labels == int(v), sitk.sitkFloat32), reference,
+                                                 transform, sitk.sitkLinear, 1.0 if v == 0 else 0.0,
+                                                 sitk.sitkFloat32))
+        better = w > best
+        best[better], out[better] = w[better], v
+        del w, better
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(reference)
+    return img
+
+
+def _worker_maskreg(spec: dict) -> dict:
+    import SimpleITK as sitk
+
+    from maskreg import warp
+    p = spec["paths"]
+    labels, target = sitk.ReadImage(p["labels"]), sitk.ReadImage(p["target"])
+    tx = sitk.ReadTransform(p["transform"])
+    kind = spec["method"].split("-", 1)[1]
+    if kind == "plain":
+        run = lambda: _plain_generic(labels, target, tx)  # noqa: E731
+    else:
+        run = lambda: warp.warp_labels(labels, target, tx, kind)  # noqa: E731
+    meas = common.measure(run, spec["repeats"])
+    sitk.WriteImage(meas.pop("result"), spec["output"])
+    return {**meas, "version": f"SimpleITK {sitk.Version.VersionString()}"}
+
+
+def _worker_ants(spec: dict) -> dict:
+    import ants
+
+    p = spec["paths"]
+    labels, target = ants.image_read(p["labels"]), ants.image_read(p["target"])
+    interp = spec["method"].split("-", 1)[1]
+    run = lambda: ants.apply_transforms(target, labels, [p["transform"]], interpolator=interp)  # noqa: E731
+    meas = common.measure(run, spec["repeats"])
+    ants.image_write(meas.pop("result"), spec["output"])
+    return {**meas, "version": f"antspyx {ants.__version__}"}
+
+
+def worker_main(spec: dict) -> None:
+    common.set_threads(spec["threads"])
+    t0 = time.perf_counter()
+    try:
+        out = (_worker_ants if spec["method"].startswith("ants") else _worker_maskreg)(spec)
+    except Exception as exc:  # report, do not crash the table
+        import traceback
+        traceback.print_exc()
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    out["worker_s"] = time.perf_counter() - t0
+    common.emit_result(out)
+
+
+# ------------------------------------------------------------------------------------------- agreement
+def dice_table(a, b) -> tuple[float, float]:
+    """Mean and min Dice over the nonzero label values present in either integer array."""
+    import numpy as np
+
+    values = np.union1d(np.unique(a), np.unique(b))
+    values = values[values != 0]
+    if values.size == 0:
+        return 1.0, 1.0
+    ia = np.searchsorted(values, a.ravel()).astype(np.int64)
+    ib = np.searchsorted(values, b.ravel()).astype(np.int64)
+    ia[~np.isin(a.ravel(), values)] = values.size  # background (and anything else) -> an extra bin
+    ib[~np.isin(b.ravel(), values)] = values.size
+    n = values.size + 1
+    joint = np.bincount(ia * n + ib, minlength=n * n).reshape(n, n)
+    inter = np.diag(joint)[:-1].astype(np.float64)
+    sizes = joint.sum(1)[:-1] + joint.sum(0)[:-1]
+    d = 2.0 * inter / np.maximum(sizes, 1)
+    return float(d.mean()), float(d.min())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--maps", nargs="+", default=list(MAPS), choices=list(MAPS))
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--repeats", type=int, default=2, help="best of N wall times (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every method (default 2)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker (default 1800)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker_main(json.loads(args.worker))
+        return
+
+    common.set_threads(args.threads)
+    import numpy as np
+    import SimpleITK as sitk
+
+    print(common.machine_note())
+    print(f"threads per method: {args.threads}; repeats: best of {args.repeats}; SimpleITK "
+          f"{sitk.Version.VersionString()}")
+    ants_ok, ants_info = common.peer_status("ants")
+    print(f"peer ants: {ants_info}")
+    if "maskreg-generic" not in args.methods:
+        args.methods.insert(0, "maskreg-generic")  # the reference of every ratio
+
+    rows = []
+    for name in args.maps:
+        paths = prepare(name)
+        lab, target = sitk.ReadImage(paths["labels"]), sitk.ReadImage(paths["target"])
+        src = sitk.GetArrayViewFromImage(lab)
+        n_src = int((np.unique(src) != 0).sum())
+        print(f"\n{name}: {paths['labels']}\n  {lab.GetSize()} at {tuple(round(s, 3) for s in lab.GetSpacing())} mm, "
+              f"{lab.GetPixelIDTypeAsString()}, {n_src} labels + background -> target {target.GetSize()} at 1 mm "
+              f"({np.prod(target.GetSize()) / 1e6:.1f} M voxels)", flush=True)
+        outputs, results = {}, {}
+        for m in args.methods:
+            row = {"map": name, "method": m}
+            rows.append(row)
+            if m.startswith("ants") and not ants_ok:
+                row["note"] = f"not installed: {common.PEERS['ants'][1]}"
+                continue
+            out_path = str(Path(paths["dir"]) / f"{m}.nii.gz")
+            spec = {"method": m, "paths": paths, "repeats": args.repeats, "threads": args.threads,
+                    "output": out_path}
+            print(f"  running {m} ...", flush=True)
+            res = common.run_worker(Path(__file__), spec, timeout=args.timeout)
+            if "error" in res:
+                row["note"] = res["error"][:160]
+                continue
+            results[m] = res
+            outputs[m] = sitk.GetArrayFromImage(sitk.ReadImage(out_path)).astype(np.int64)
+            row["time_s"] = f"{res['best_s']:.2f}"
+            row["runs_s"] = "/".join(f"{t:.2f}" for t in res["times_s"])
+            if res.get("peak_rss_mb") is not None:
+                row["peak_mb"] = f"{res['peak_rss_mb']:.0f} ({res['base_rss_mb']:.0f})"
+                row["_d"] = res["peak_rss_mb"] - res["base_rss_mb"]
+                row["delta_mb"] = f"{row['_d']:.0f}"
+            row["labels"] = f"{int((np.unique(outputs[m]) != 0).sum())}/{n_src}"
+        ref = results.get("maskreg-generic")
+        for row in rows:
+            if row["map"] != name or row["method"] not in results:
+                continue
+            m, res = row["method"], results[row["method"]]
+            if ref:
+                row["x_time"] = f"{res['best_s'] / ref['best_s']:.2f}"
+                if "_d" in row and ref.get("peak_rss_mb") is not None:
+                    row["x_mem"] = f"{row['_d'] / max(ref['peak_rss_mb'] - ref['base_rss_mb'], 1e-9):.2f}"
+            if "maskreg-generic" in outputs:
+                mean, mn = dice_table(outputs[m], outputs["maskreg-generic"])
+                row["dice_generic"] = f"{mean:.4f} ({mn:.3f})"
+            if m in SAME_KIND and SAME_KIND[m] in outputs:
+                mean, mn = dice_table(outputs[m], outputs[SAME_KIND[m]])
+                eq = float((outputs[m] == outputs[SAME_KIND[m]]).mean())
+                row["dice_same"] = f"{mean:.4f} ({mn:.3f}), {100 * eq:.3f} % equal"
+
+    cols = [("map", "map"), ("method", "method"), ("time_s", "time s"), ("x_time", "× generic"),
+            ("runs_s", "runs s"), ("peak_mb", "peak MB (base)"), ("delta_mb", "Δ MB"), ("x_mem", "Δ × generic"),
+            ("labels", "labels"), ("dice_generic", "Dice vs maskreg generic: mean (min)"),
+            ("dice_same", "vs maskreg same kind"), ("note", "note")]
+    print()
+    print(common.format_table(rows, cols))
+    print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
