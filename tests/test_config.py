@@ -39,7 +39,7 @@ def write_bad_cohort(tmp: Path) -> Path:
 
 def test_demo_config_and_cohort_are_valid():
     table = load_and_validate(demo_config(REPO / "config/cohort.tsv"), CONFIG_SCHEMA, COHORT_SCHEMA)
-    assert list(table.index) == ["brain2d_r16", "brain2d_r27", "brain2d_r30", "headct2d", "abdomen3d"]
+    assert list(table.index) == ["brain2d_r16", "brain2d_r27", "brain2d_r30", "headct2d", "abdomen3d", "brain3d"]
     # paths are resolved relative to the table's folder and exist
     assert all(Path(p).is_file() for p in table["fixed"])
     assert table.loc["brain2d_r16", "fixed_mask"] == ""

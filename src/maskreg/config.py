@@ -8,6 +8,7 @@ files exist, subject ids are unique, stage lists are consistent. It knows nothin
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -126,18 +127,18 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def _landmark_problems(who: str, files: dict[str, Path]) -> list[str]:
+def _landmark_problems(who: str, fixed: Path, moving: Path) -> list[str]:
     """Readable x,y columns in both landmark files and the same number of rows (row i ↔ row i)."""
     rows, out = {}, []
-    for col, path in files.items():
+    for col, path in (("fixed_landmarks", fixed), ("moving_landmarks", moving)):
         try:
             rows[col] = len(read_landmarks(path, 2))
         except InputError as exc:
             out.append(f"{who}, column '{col}': {exc}")
-    (a, na), (b, nb) = list(files.items())[0], list(files.items())[1]
-    if not out and rows[a] != rows[b]:
-        out.append(f"{who}: {a} has {rows[a]} row(s) but {b} has {rows[b]}; row i of one must be the same "
-                   f"point as row i of the other ({na}, {nb})")
+    if not out and rows["fixed_landmarks"] != rows["moving_landmarks"]:
+        out.append(f"{who}: fixed_landmarks has {rows['fixed_landmarks']} row(s) but moving_landmarks has "
+                   f"{rows['moving_landmarks']}; row i of one must be the same point as row i of the other "
+                   f"({fixed}, {moving})")
     return out
 
 
@@ -182,8 +183,8 @@ def cohort_problems(table: pd.DataFrame, table_dir: Path, schema: dict) -> list[
         for a, b in PAIRED_COLUMNS:
             if (a in present) != (b in present):
                 out.append(f"{who}: '{a}' and '{b}' must be given together (one is empty)")
-            elif a in found and b in found and a.endswith("_landmarks"):
-                out += _landmark_problems(who, {a: found[a], b: found[b]})
+        if "fixed_landmarks" in found and "moving_landmarks" in found:
+            out += _landmark_problems(who, found["fixed_landmarks"], found["moving_landmarks"])
     return out
 
 
@@ -211,20 +212,23 @@ def load_and_validate(config: dict, config_schema: dict, cohort_schema: dict) ->
         problems.append("config cohort: missing; set cohort: to the path of the cohort table (TSV or CSV)")
     elif isinstance(cohort_path, str):
         p = Path(cohort_path)
-        if not p.exists():
+        if not _exists(p):
             problems.append(f"config cohort: table not found: {cohort_path} (relative paths are relative to the "
                             f"working directory, {Path.cwd()})")
         else:
             try:
                 table = read_table(p)
             except Exception as exc:  # malformed CSV/TSV in many ways
-                problems.append(f"cohort table {cohort_path}: cannot be read ({exc})")
+                problems.append(f"cohort table {cohort_path}: cannot be read ({' '.join(str(exc).split())}); "
+                                f"it must be a TSV (or .csv) file with a header row")
             else:
                 if len(table) == 0:
                     problems.append(f"cohort table {cohort_path}: no subjects")
                 problems += [f"cohort table {cohort_path}: {q}"
                              for q in cohort_problems(table, p.resolve().parent, cohort_schema)]
     if problems:
+        # one line per problem: control characters in cells or headers (a quoted newline...) are shown escaped
+        problems = [re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], q) for q in problems]
         raise ConfigError(problems, "configuration and cohort")
     assert table is not None
     table = resolve_paths(table, Path(cohort_path).resolve().parent)

@@ -87,7 +87,7 @@ def read_image(path: str | os.PathLike, *, subject: str | None = None, role: str
                          f"{' or '.join(f'{d}D' for d in dims)} image.{hint}")
     if check_finite and img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         arr = sitk.GetArrayViewFromImage(img)
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        bad = int(np.count_nonzero(~np.isfinite(arr))) or _nifti_nonfinite(p)
         if bad:
             raise InputError(f"{at}has {bad} NaN or infinite voxel(s); replace them (e.g. by 0) before "
                              f"registration.")
@@ -130,6 +130,27 @@ def _nifti_truncation(path: str) -> str | None:
     except (EOFError, OSError, zlib.error):
         return "a gzip stream that ends before its end marker"
     return None if need is None or have >= need else f"{have} of the {need} bytes (uncompressed) its header announces"
+
+
+def _nifti_nonfinite(path: str) -> int:
+    """Number of NaN/infinite voxels stored in a float NIfTI file (0 for other files).
+
+    SimpleITK's NIfTI reader turns them into finite numbers (NaN → 0), so the stored values are read again
+    with nibabel, only for NIfTI files with a floating-point data type.
+    """
+    if not path.lower().endswith((".nii", ".nii.gz")):
+        return 0
+    try:
+        import nibabel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proxy = nibabel.load(path).dataobj
+            if not np.issubdtype(np.dtype(proxy.dtype), np.floating):
+                return 0
+            return int(np.count_nonzero(~np.isfinite(proxy.get_unscaled())))
+    except Exception:  # nibabel cannot read what SimpleITK read: nothing more to check
+        return 0
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:

@@ -17,9 +17,9 @@ with logs.job(sm.log[0]) as log:
     points = {}
     if "fixed_landmarks" in inp.keys():
         dim = fixed.GetDimension()
-        points = {"fixed_points": io.read_landmarks(inp.fixed_landmarks, dim, subject=s, role="fixed_landmarks"),
-                  "moving_points": io.read_landmarks(inp.moving_landmarks, dim, subject=s,
-                                                     role="moving_landmarks")}
+        fixed_points, moving_points = io.read_landmark_pair(inp.fixed_landmarks, inp.moving_landmarks, dim,
+                                                            subject=s)
+        points = {"fixed_points": fixed_points, "moving_points": moving_points}
     row, dice, extra = evaluate.subject_metrics(
         s, fixed, moving, read("fixed_mask"), read("moving_mask"), read("warped"), read("warped_mask"),
         chain, linear.matrix, evaluate.read_report(inp.report), **labels, **points, field=field)

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from maskreg import logs
 from maskreg.qc.metrics import dice_per_label, jacobian_determinant, jacobian_stats, masked_ncc, mean_dice, tre
-from maskreg.warp import warp_image, warp_labels, warp_mask, warp_points
+from maskreg.warp import common_labels, warp_image, warp_labels, warp_mask, warp_points
 
 METRIC_COLUMNS = ["subject", "status", "device", "seconds", "overlap_voxels", "ncc_before", "ncc_after",
                   "dice_before", "dice_after", "jacobian_min", "jacobian_nonpositive_fraction", "tre_before_mm",
@@ -61,8 +61,7 @@ def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_m
     dice_rows = pd.DataFrame(columns=DICE_COLUMNS)
     extra = {"before": before, "before_mask": before_mask, "before_labels": None, "jacobian": jac}
     if fixed_labels is not None and moving_labels is not None and warped_labels is not None:
-        common = sorted(set(np.unique(sitk.GetArrayViewFromImage(fixed_labels)).tolist())
-                        & set(np.unique(sitk.GetArrayViewFromImage(moving_labels)).tolist()) - {0})
+        common = common_labels(fixed_labels, moving_labels, subject=subject)
         before_labels = warp_labels(moving_labels, fixed, identity, "nearest")
         extra["before_labels"] = before_labels
         d0 = dice_per_label(fixed_labels, before_labels, common)
@@ -72,8 +71,8 @@ def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_m
         row["dice_before"], row["dice_after"] = mean_dice(d0), mean_dice(d1)
     if fixed_points is not None and moving_points is not None:
         # forward transform: fixed-space points -> moving space, compared with the moving landmarks
-        t0 = tre(fixed_points, moving_points)
-        t1 = tre(warp_points(fixed_points, transform), moving_points)
+        t0 = tre(fixed_points, moving_points, subject=subject)
+        t1 = tre(warp_points(fixed_points, transform), moving_points, subject=subject)
         row["tre_before_mm"], row["tre_before_max_mm"] = t0["tre_mean_mm"], t0["tre_max_mm"]
         row["tre_after_mm"], row["tre_after_max_mm"] = t1["tre_mean_mm"], t1["tre_max_mm"]
     return row, dice_rows, extra
