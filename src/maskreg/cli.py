@@ -30,6 +30,9 @@ def _register(a: argparse.Namespace) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     transforms.write_linear(res.linear, out / "affine.mat")
+    if res.displacement is not None:
+        transforms.write_field(res.displacement, out / "warp.nii.gz")
+        transforms.write_field(res.inverse_displacement, out / "inverse_warp.nii.gz")
     with io.atomic_path(out / "registration.json") as tmp:
         tmp.write_text(json.dumps(res.summary(), indent=1))
     if a.warped:
@@ -40,11 +43,17 @@ def _register(a: argparse.Namespace) -> None:
 
 def _apply(a: argparse.Namespace) -> None:
     from maskreg import io, transforms, warp
+    from maskreg.errors import MaskregError
 
     ref = io.read_image(a.reference, role="reference")
-    tx = transforms.chain(transforms.read_linear(a.transform, role="transform"))
+    linear, field, tx = transforms.read_chain(a.transform, a.warp)
     if a.landmarks:
         pts = io.read_landmarks(a.landmarks, ref.GetDimension(), role="landmarks")
+        if a.inverse:  # moving-space points -> fixed space: A^-1 first, then the inverse field
+            inv_field = transforms.read_field(a.inverse_warp, role="inverse_warp") if a.inverse_warp else None
+            if field is not None and inv_field is None:
+                raise MaskregError("maskreg apply --inverse with --warp needs --inverse-warp (inverse_warp.nii.gz)")
+            tx = transforms.inverse_chain(linear, inv_field)
         io.write_landmarks(warp.warp_points(pts, tx), a.output)
         return
     img = io.read_image(a.input, role="input", check_finite=a.kind == "image")
@@ -81,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--moving-mask")
     r.add_argument("--stages", help="YAML file with a 'stages:' list as in config/config.yaml "
                                     "(default: moments, rigid, affine with MI)")
-    r.add_argument("--out", required=True, help="output folder for affine.mat and registration.json")
+    r.add_argument("--out", required=True, help="output folder for affine.mat, registration.json and, when a "
+                                                "deformable stage ran, warp.nii.gz and inverse_warp.nii.gz")
     r.add_argument("--warped", help="also write the moving image warped onto the fixed grid here")
     r.add_argument("--initial", help="initial ITK/ANTs linear transform (fixed → moving points)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
@@ -92,12 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("apply", help="warp an image, mask or label map (or map landmarks) with a transform")
     a.add_argument("transform", help="ITK/ANTs linear transform file (fixed → moving points)")
+    a.add_argument("--warp", help="displacement field applied before the linear part: T(x) = A(x + u(x)) "
+                                  "(the registration's warp.nii.gz)")
+    a.add_argument("--inverse", action="store_true",
+                   help="with --landmarks: map moving-space points to fixed space (A⁻¹, then the inverse warp)")
+    a.add_argument("--inverse-warp", help="with --inverse and --warp: the registration's inverse_warp.nii.gz")
     a.add_argument("--reference", required=True, help="image defining the output grid (the fixed image)")
     a.add_argument("--input", help="moving-space image, mask or label map")
     a.add_argument("--kind", choices=["image", "mask", "labels"], default="image")
     a.add_argument("--interpolation", choices=["linear", "bspline", "nearest"], default="linear")
     a.add_argument("--label-method", choices=["generic", "nearest"], default="generic")
-    a.add_argument("--landmarks", help="CSV x,y[,z] of fixed-space points (LPS mm) to map to moving space")
+    a.add_argument("--landmarks", help="CSV x,y[,z] of points in LPS mm: fixed-space points are mapped to "
+                                       "moving space (or moving to fixed with --inverse)")
     a.add_argument("--output", required=True)
     a.set_defaults(func=_apply)
 
