@@ -164,7 +164,9 @@ def slurm_runs(tmp_path_factory):
     write_config(local)
     write_config(remote)
     t0 = time.monotonic()
-    # the local run goes first and overlaps with package installation and cluster start-up
+    # pip must not touch the environment while jobs run (the test extra installs the plugin; this is a fallback)
+    ensure_plugin_installed()
+    # the local run goes first and overlaps with the apt installation and cluster start-up
     local_log = (root / "local.log").open("w")
     local_proc = subprocess.Popen(snakemake_cmd(local, "--cores", "2", "--workflow-profile", "none"),
                                   stdout=local_log, stderr=subprocess.STDOUT, env=job_env(),
@@ -173,7 +175,6 @@ def slurm_runs(tmp_path_factory):
     env = job_env(state / "etc" / "slurm.conf")
     try:
         ensure_slurm_installed()
-        ensure_plugin_installed()
         stop_cluster = True
         # the node declares at least 4 CPUs (on 2 cores): jobs of 1-2 threads overlap, hiding start-up latency
         start = sh(["bash", str(CLUSTER), "start", str(state)], timeout=120,
