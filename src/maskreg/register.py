@@ -36,12 +36,13 @@ DEFAULT_STAGES: list[dict[str, Any]] = [
     {"type": "affine", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
 ]
 
-# learning_rate 0.1 and 16 bins: on a 2 mm brain with a known affine, 32 bins left a bias of 0.14 mm (MI of
-# a noisy 32-bin histogram prefers a slightly shrunk fit) and 0.25 overshot at the fine levels; 16 bins and 0.1
-# recover it to 0.02-0.05 mm, ANTsPy's accuracy (benchmarks/bench_linear.py)
+# 32 bins and learning rate 0.25 (the defaults) suit inter-subject, multi-contrast pairs best (demo
+# abdomen: mean Dice 0.33 vs 0.23 with 16 bins / 0.1). For a same-modality affine, 16 bins, 0.1 and 40 final
+# iterations recover a known 2 mm brain transform to 0.022/0.041 mm, ANTsPy's accuracy (32 bins: 0.11-0.14 mm;
+# benchmarks/bench_linear.py's known pair); config/README.md says so.
 STAGE_DEFAULTS: dict[str, Any] = {
-    "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25], "learning_rate": 0.1,
-    "optimizer": "adam", "tolerance": 1e-5, "window": 5, "bins": 16, "smoothing_sigmas": None,
+    "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25], "learning_rate": 0.25,
+    "optimizer": "adam", "tolerance": 1e-5, "window": 5, "bins": 32, "smoothing_sigmas": None,
     "use_mask": True,
 }
 
