@@ -410,16 +410,9 @@ def main() -> None:
                     help='extra keys for maskreg\'s rigid and affine stages, JSON, e.g. \'{"learning_rate": 0.5}\'')
     ap.add_argument("--maskreg-random", type=int, default=0, metavar="N",
                     help="also run maskreg (mi, mse) with random sampling of N fixed-mask points per iteration")
-    ap.add_argument("--threads", type=int, default=2, help="threads for every method (default 2)")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per worker (default 3600)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        worker_main(json.loads(args.worker))
+    args = common.standard_main(ap, worker_main, timeout=3600)
+    if args is None:
         return
-
-    common.set_threads(args.threads)
-    print(common.machine_note())
     print(f"threads per method: {args.threads}; repeats: best of {args.repeats}; maskreg stages moments → rigid "
           f"→ affine, scales {MASKREG_ITERS['scales']}, iterations {MASKREG_ITERS['iterations']}"
           + (f", extra {args.maskreg_extra}" if args.maskreg_extra else ""))

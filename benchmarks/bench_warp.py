@@ -34,7 +34,6 @@ output (background excluded). ANTsPy is optional: when missing, its rows say how
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -178,20 +177,12 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--maps", nargs="+", default=list(MAPS), choices=list(MAPS))
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--repeats", type=int, default=2, help="best of N wall times (default 2)")
-    ap.add_argument("--threads", type=int, default=2, help="threads for every method (default 2)")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker (default 1800)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        worker_main(json.loads(args.worker))
+    args = common.standard_main(ap, worker_main, timeout=1800)
+    if args is None:
         return
-
-    common.set_threads(args.threads)
     import numpy as np
     import SimpleITK as sitk
 
-    print(common.machine_note())
     print(f"threads per method: {args.threads}; repeats: best of {args.repeats}; SimpleITK "
           f"{sitk.Version.VersionString()}")
     ants_ok, ants_info = common.peer_status("ants")

@@ -135,3 +135,24 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(columns))) for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def standard_main(ap, worker_main: Callable[[dict], Any], timeout: float):
+    """Add the options every benchmark shares (--repeats, --threads, --timeout and the hidden --worker),
+    parse, run a worker request in this process and return None, or set the threads, print the machine
+    note and return the parsed arguments."""
+    import argparse
+    import json
+
+    if not any(a.dest == "repeats" for a in ap._actions):
+        ap.add_argument("--repeats", type=int, default=2, help="best of N wall times (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every method (default 2)")
+    ap.add_argument("--timeout", type=float, default=timeout, help=f"seconds per worker (default {timeout:g})")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker_main(json.loads(args.worker))
+        return None
+    set_threads(args.threads)
+    print(machine_note())
+    return args
