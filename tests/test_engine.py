@@ -217,3 +217,19 @@ def test_result_chain_matches_simpleitk_resample():
     summary = res.summary()
     assert [s["type"] for s in summary["stages"]] == ["moments", "affine"]
     assert all(lv["iterations"] > 0 for lv in summary["stages"][1]["levels"])
+
+
+def test_pick_device_takes_the_gpu_with_most_free_memory(monkeypatch):
+    """No GPU here: torch.cuda is simulated to check the choice among several visible devices."""
+    from maskreg.register import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    free = {0: 2e9, 1: 30e9, 2: 10e9}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[i], 80e9))
+    assert pick_device("auto") == torch.device("cuda:1")
+    assert pick_device("cuda") == torch.device("cuda:1")
+    assert pick_device("cuda:2") == torch.device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("auto") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")

@@ -105,12 +105,21 @@ class RegistrationResult:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` → ``cuda`` when available else ``cpu``; ``cuda`` without CUDA is an error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` → a CUDA device when available else ``cpu``; ``cuda`` without CUDA is an error; ``cuda:N``
+    is taken as given. Among several visible CUDA devices (``CUDA_VISIBLE_DEVICES`` is respected: torch sees
+    only those), the one with the most free memory is taken, so concurrent local jobs
+    (``--resources gpu=N``) spread over the GPUs instead of piling onto the first."""
+    if requested == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise MaskregError("device 'cuda' was requested but this machine has no usable CUDA device; set "
                            "device: auto or cpu in the config.")
+    if requested in ("auto", "cuda"):
+        n = torch.cuda.device_count()
+        if n <= 1:
+            return torch.device("cuda:0")
+        free = [torch.cuda.mem_get_info(i)[0] for i in range(n)]
+        return torch.device(f"cuda:{max(range(n), key=lambda i: free[i])}")
     return torch.device(requested)
 
 
