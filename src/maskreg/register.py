@@ -244,12 +244,27 @@ def soft_dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, w: t
     return 1.0 - (2 * inter / total.clamp_min(1e-6)).mean()
 
 
-def _theta(h: torch.Tensor, fl: Level, ml: Level) -> torch.Tensor:
+def _level_maps(fl: Level, ml: Level, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed level's normalised → physical and the moving level's physical → normalised matrices
+    (homogeneous, float32), computed once per level."""
+    return (torch.as_tensor(fl.grid.normalised_to_physical(), dtype=torch.float32, device=device),
+            torch.as_tensor(ml.grid.physical_to_normalised(), dtype=torch.float32, device=device))
+
+
+def _theta(h: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor], dim: int) -> torch.Tensor:
     """``(1, dim, dim+1)`` affine_grid matrix: fixed-level normalised → moving-level normalised."""
-    dev, dt = h.device, h.dtype
-    n_f = torch.as_tensor(fl.grid.normalised_to_physical(), dtype=dt, device=dev)
-    p_m = torch.as_tensor(ml.grid.physical_to_normalised(), dtype=dt, device=dev)
-    return (p_m @ h @ n_f)[None, : fl.grid.dim]
+    n_f, p_m = maps
+    return (p_m @ h @ n_f)[None, :dim]
+
+
+def _normalised_intensities(fl: Level, ml: Level, loss_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both level images mapped to about [0, 1] by robust percentiles inside their masks; for ``mse`` one
+    scale (the fixed image's) for both, since MSE compares raw values."""
+    off, sc = intensity_scale(fl.image, fl.mask)
+    f_n = (fl.image - off) / sc
+    if loss_name != "mse":
+        off, sc = intensity_scale(ml.image, ml.mask)
+    return f_n, (ml.image - off) / sc
 
 
 ALL_MASK_VOXELS = -1
@@ -266,6 +281,7 @@ class _Sampler:
         self.f, self.m = f_norm, m_norm
         self.random_n = random_n
         self.gen = generator
+        self.maps = _level_maps(fl, ml, f_norm.device)
         if random_n:
             wv = fl.mask.reshape(-1)
             self.mask_idx = torch.nonzero(wv > 0).reshape(-1)
@@ -281,8 +297,8 @@ class _Sampler:
             self.norm_pts = 2 * ijk / (sizes - 1).clamp_min(1) - 1
 
     def __call__(self, h: torch.Tensor):
-        theta = _theta(h, self.fl, self.ml)
         dim = self.fl.grid.dim
+        theta = _theta(h, self.maps, dim)
         if self.random_n:
             if self.random_n == ALL_MASK_VOXELS:
                 idx, pts0 = self.mask_idx, self.norm_pts
@@ -373,18 +389,10 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
     current = start
-    p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
     for li, (scale, n_it, sig) in enumerate(zip(scales, iters, sigmas)):
         t0 = time.perf_counter()
         fl, ml = prob.levels(int(scale), sig, bool(stage.get("use_mask", True)))
-        if loss_name == "mse":  # one intensity scale for both: MSE compares raw values
-            off, sc = intensity_scale(fl.image, fl.mask)
-            f_n, m_n = (fl.image - off) / sc, (ml.image - off) / sc
-        else:
-            off, sc = intensity_scale(fl.image, fl.mask)
-            f_n = (fl.image - off) / sc
-            offm, scm = intensity_scale(ml.image, ml.mask)
-            m_n = (ml.image - offm) / scm
+        f_n, m_n = _normalised_intensities(fl, ml, loss_name)
         dense = _Sampler(fl, ml, f_n, m_n, None, gen)
         if random_n:
             sampler = _Sampler(fl, ml, f_n, m_n, random_n, gen)
@@ -564,16 +572,12 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
     for li, (scale, n_it, sig) in enumerate(zip(stage["scales"], stage["iterations"], sigmas)):
         t0 = time.perf_counter()
         fl, ml = prob.levels(int(scale), sig, bool(stage.get("use_mask", True)))
-        off, sc = intensity_scale(fl.image, fl.mask)
-        f_n = (fl.image - off) / sc
-        if loss_name != "mse":
-            off, sc = intensity_scale(ml.image, ml.mask)
-        m_n = (ml.image - off) / sc
+        f_n, m_n = _normalised_intensities(fl, ml, loss_name)
         ops = dfm.FieldOps(fl.grid, dev)
         field = torch.zeros(1, dim, *fl.grid.shape, device=dev) if state is None else \
             state.ops.upsample(state.field, ops)
         state = FieldState(kind, ops, field)
-        g0 = F.affine_grid(_theta(h, fl, ml), [1, 1, *fl.grid.shape], align_corners=True)
+        g0 = F.affine_grid(_theta(h, _level_maps(fl, ml, dev), dim), [1, 1, *fl.grid.shape], align_corners=True)
         to_moving = torch.as_tensor(ml.grid.physical_to_normalised()[:dim, :dim], dtype=torch.float32,
                                     device=dev) @ a_lin
 

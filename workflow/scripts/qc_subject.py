@@ -20,16 +20,17 @@ with logs.job(sm.log[0]) as log:
         fixed_points, moving_points = io.read_landmark_pair(inp.fixed_landmarks, inp.moving_landmarks, dim,
                                                             subject=s)
         points = {"fixed_points": fixed_points, "moving_points": moving_points}
+    fixed_mask, warped, warped_mask = read("fixed_mask"), read("warped"), read("warped_mask")
     row, dice, extra = evaluate.subject_metrics(
-        s, fixed, moving, read("fixed_mask"), read("moving_mask"), read("warped"), read("warped_mask"),
+        s, fixed, moving, fixed_mask, read("moving_mask"), warped, warped_mask,
         chain, linear.matrix, evaluate.read_report(inp.report), **labels, **points, field=field)
     io.write_table(pd.DataFrame([row], columns=evaluate.METRIC_COLUMNS), sm.output.metrics)
     io.write_table(dice, sm.output.dice)
     title = f"{s}   NCC {row['ncc_before']:.3f} → {row['ncc_after']:.3f}"
     if labels:
         title += f"   mean Dice {row['dice_before']:.3f} → {row['dice_after']:.3f}"
-    figures.registration_overlay(fixed, extra["before"], read("warped"), sm.output.figure,
-                                 fixed_mask=read("fixed_mask"), warped_mask=read("warped_mask"),
+    figures.registration_overlay(fixed, extra["before"], warped, sm.output.figure,
+                                 fixed_mask=fixed_mask, warped_mask=warped_mask,
                                  fixed_labels=labels.get("fixed_labels"),
                                  warped_labels=labels.get("warped_labels"), jacobian=extra["jacobian"],
                                  title=title)
