@@ -75,3 +75,35 @@ def test_landmarks_forward_then_inverse_return_home(result):
     back = warp.warp_points(moved, inverse)
     assert np.linalg.norm(moved - pts, axis=1).max() > 1.0
     assert np.linalg.norm(back - pts, axis=1).mean() < 0.1 * min(g.spacing)
+
+
+def test_starting_from_ants_syn_output(tmp_path):
+    """ANTs' own SyN result ([1Warp.nii.gz, 0GenericAffine.mat]) as the initial transform: with no stages the
+    written chain warps like ``ants.apply_transforms``; a short masked greedy refinement improves the
+    match (NCC inside the brain)."""
+    f, m = DEMO / "antspy_brain2d" / "r64.nii.gz", DEMO / "antspy_brain2d" / "r16.nii.gz"
+    af, am = ants.image_read(str(f)), ants.image_read(str(m))
+    reg = ants.registration(af, am, type_of_transform="SyN", reg_iterations=(20, 10, 0),
+                            outprefix=str(tmp_path / "ants_"))
+    fwd = reg["fwdtransforms"]
+    assert fwd[0].endswith("Warp.nii.gz") and fwd[1].endswith("GenericAffine.mat")
+    fixed, moving = sitk.ReadImage(str(f), sitk.sitkFloat32), sitk.ReadImage(str(m), sitk.sitkFloat32)
+    t0 = transforms.read_transform(fwd)
+    start = maskreg.register(fixed, moving, stages=[], initial=t0, device="cpu")
+    ours = sitk.GetArrayFromImage(warp.warp_image(moving, fixed, start.transform()))
+    theirs = np.asarray(ants.apply_transforms(af, am, fwd, interpolator="linear").numpy()).T
+    inside = ours != 0
+    assert np.abs(ours - theirs)[inside].mean() < 1e-3 * float(np.abs(ours).max())
+
+    mask = sitk.Cast(fixed > 10, sitk.sitkUInt8)
+    refined = maskreg.register(fixed, moving, mask, stages=[
+        {"type": "greedy", "loss": "cc", "scales": [2, 1], "iterations": [20, 10]}], initial=t0, device="cpu")
+    brain = sitk.GetArrayFromImage(mask) > 0
+    fix = sitk.GetArrayFromImage(fixed)
+
+    def ncc(a):
+        x, y = fix[brain] - fix[brain].mean(), a[brain] - a[brain].mean()
+        return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+    after = sitk.GetArrayFromImage(warp.warp_image(moving, fixed, refined.transform()))
+    assert ncc(after) > ncc(ours) + 0.01  # measured: 0.858 (ANTs SyN, 20/10 its) -> 0.913
+    assert refined.jacobian_nonpositive_fraction == 0.0

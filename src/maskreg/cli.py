@@ -24,7 +24,7 @@ def _register(a: argparse.Namespace) -> None:
     fm = io.read_image(a.fixed_mask, role="fixed_mask") if a.fixed_mask else None
     mm = io.read_image(a.moving_mask, role="moving_mask") if a.moving_mask else None
     sampling = {"random": a.random} if a.random else "dense"
-    init = transforms.read_linear(a.initial, role="initial transform") if a.initial else None
+    init = transforms.read_transform(a.initial, role="initial transform") if a.initial else None
     res = maskreg.register(fixed, moving, fm, mm, stages=stages, device=a.device, seed=a.seed,
                            sampling=sampling, initial=init, threads=a.threads)
     out = Path(a.out)
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder for affine.mat, registration.json and, when a "
                                                 "deformable stage ran, warp.nii.gz and inverse_warp.nii.gz")
     r.add_argument("--warped", help="also write the moving image warped onto the fixed grid here")
-    r.add_argument("--initial", help="initial ITK/ANTs linear transform (fixed → moving points)")
+    r.add_argument("--initial", nargs="+", metavar="TRANSFORM",
+                   help="initial transform(s), fixed → moving points, in antsApplyTransforms' -t order (e.g. "
+                        "1Warp.nii.gz 0GenericAffine.mat): ITK/ANTs .mat/.txt/.h5 files or displacement fields")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     r.add_argument("--random", type=int, help="sample N points from the fixed mask per iteration")
     r.add_argument("--seed", type=int, default=0)

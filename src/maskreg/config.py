@@ -22,6 +22,8 @@ from maskreg.losses import NEEDS_DENSE, get_loss
 
 PATH_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
                 "fixed_landmarks", "moving_landmarks", "initial_transform")
+# columns holding a ";"-separated list of files (ANTs' -t order), see maskreg.transforms.read_transform
+LIST_COLUMNS = ("initial_transform",)
 PAIRED_COLUMNS = (("fixed_landmarks", "moving_landmarks"),)
 # per-subject overrides of the mask options: column "{role}_mask_{option}"
 MASK_OVERRIDES = {"missing": str, "kind": str, "threshold": float, "dilate_mm": float, "erode_mm": float,
@@ -174,12 +176,13 @@ def cohort_problems(table: pd.DataFrame, table_dir: Path, schema: dict) -> list[
         found = {}
         for col in PATH_COLUMNS:
             if col in present:
-                p = Path(present[col])
-                full = p if p.is_absolute() else table_dir / p
-                if _exists(full):
-                    found[col] = full
-                else:
-                    out.append(f"{who}, column '{col}': file not found: {present[col]} (looked at {full})")
+                for value in _cell_paths(col, present[col]):
+                    p = Path(value)
+                    full = p if p.is_absolute() else table_dir / p
+                    if _exists(full):
+                        found[col] = full
+                    else:
+                        out.append(f"{who}, column '{col}': file not found: {value} (looked at {full})")
         for a, b in PAIRED_COLUMNS:
             if (a in present) != (b in present):
                 out.append(f"{who}: '{a}' and '{b}' must be given together (one is empty)")
@@ -188,14 +191,20 @@ def cohort_problems(table: pd.DataFrame, table_dir: Path, schema: dict) -> list[
     return out
 
 
+def _cell_paths(column: str, value: str) -> list[str]:
+    if column in LIST_COLUMNS:
+        return [v.strip() for v in value.split(";") if v.strip()]
+    return [value]
+
+
 def resolve_paths(table: pd.DataFrame, table_dir: Path) -> pd.DataFrame:
     """Absolute paths for every path column; empty cells stay empty strings."""
     table = table.copy()
     for col in PATH_COLUMNS:
         if col not in table.columns:
             table[col] = ""
-        table[col] = [str((table_dir / v).resolve()) if isinstance(v, str) and v.strip() else ""
-                      for v in table[col].fillna("")]
+        table[col] = [";".join(str((table_dir / p).resolve()) for p in _cell_paths(col, v))
+                      if isinstance(v, str) and v.strip() else "" for v in table[col].fillna("")]
     return table
 
 

@@ -83,6 +83,16 @@ class RegistrationResult:
     inverse_displacement: sitk.Image | None = None
     jacobian_min: float | None = None
     jacobian_nonpositive_fraction: float | None = None
+    initial_nonlinear: bool = False
+
+    def ensure_fields(self) -> None:
+        """Zero forward/inverse fields on the fixed grid when no deformable part exists (the workflow writes
+        ``warp.nii.gz`` for every subject of a cohort where some need one)."""
+        if self.displacement is None:
+            zero = torch.zeros(1, self.fixed_grid.dim, *self.fixed_grid.shape)
+            self.displacement = field_image(zero, self.fixed_grid)
+            self.inverse_displacement = field_image(zero, self.fixed_grid)
+            self.jacobian_min, self.jacobian_nonpositive_fraction = 1.0, 0.0
 
     def transform(self) -> sitk.Transform:
         """The whole chain as one SimpleITK transform, for ``sitk.Resample``."""
@@ -96,6 +106,7 @@ class RegistrationResult:
             "overlap_voxels": last.overlap_voxels if last else None,
             "overlap_fraction": last.overlap_fraction if last else None,
             "deformable": self.displacement is not None,
+            "initial_nonlinear": self.initial_nonlinear,
             "jacobian_min": self.jacobian_min,
             "jacobian_nonpositive_fraction": self.jacobian_nonpositive_fraction,
             "linear": {"matrix": self.linear.matrix.tolist(), "translation": self.linear.translation.tolist(),
@@ -457,7 +468,7 @@ def _stage_config(stage: dict) -> dict:
 def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
              moving_mask: sitk.Image | None = None, stages: Sequence[dict] | None = None, *,
              device: str = "auto", seed: int = 0, sampling: str | dict = "dense",
-             min_overlap_voxels: int = 100, initial: LinearTransform | None = None,
+             min_overlap_voxels: int = 100, initial: LinearTransform | sitk.Transform | None = None,
              subject: str | None = None, threads: int | None = None,
              mask_kinds: tuple[str, str] = ("roi", "roi"), fixed_labels: sitk.Image | None = None,
              moving_labels: sitk.Image | None = None) -> RegistrationResult:
@@ -473,7 +484,21 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
     factor ``s``) so an artificial edge (field of view, ultrasound cone) cannot pull the registration.
     ``fixed_labels``/``moving_labels`` (integer maps on their images' grids) feed the optional label term of
     deformable stages: ``label_weight × (1 − soft Dice)`` over the labels present in both.
+
+    ``initial`` (fixed → moving points) is where the stages start: a :class:`LinearTransform` (or a linear
+    SimpleITK transform) is refined by the linear stages; a transform holding a displacement field (ANTs'
+    ``[1Warp.nii.gz, 0GenericAffine.mat]``, :func:`maskreg.transforms.read_transform`) is kept fixed and the
+    stages register the fixed image to the moving image resampled through it, as ANTs'
+    ``--initial-moving-transform`` does; the result is the whole chain (see :func:`_after_nonlinear_initial`).
     """
+    if initial is not None and not isinstance(initial, LinearTransform):
+        try:
+            initial = LinearTransform.from_sitk(initial)
+        except ValueError:
+            return _after_nonlinear_initial(
+                fixed, moving, fixed_mask, moving_mask, initial, stages=stages, device=device, seed=seed,
+                sampling=sampling, min_overlap_voxels=min_overlap_voxels, subject=subject, threads=threads,
+                mask_kinds=mask_kinds, fixed_labels=fixed_labels, moving_labels=moving_labels)
     for k in mask_kinds:
         if k not in ("roi", "valid"):
             raise MaskregError(f"unknown mask kind '{k}'; choose roi or valid")
@@ -528,6 +553,59 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
         result.jacobian_nonpositive_fraction = float((det <= 0).float().mean())
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _after_nonlinear_initial(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None,
+                             moving_mask: sitk.Image | None, initial: sitk.Transform, *,
+                             moving_labels: sitk.Image | None = None, subject: str | None = None,
+                             **kwargs: Any) -> RegistrationResult:
+    """Register with a fixed nonlinear initial transform ``T0``: the stages find ``S`` between the fixed image
+    and ``moving ∘ T0`` (resampled once onto the fixed grid, with its mask, labels and the region where ``T0``
+    stays inside the moving image), and the result is ``T = T0 ∘ S``.
+
+    ``T`` is written in maskreg's form ``L'(x + u'(x))``: with ``T0 = A0 ∘ N0`` (``A0``: the linear
+    transforms applied last, e.g. ANTs' ``0GenericAffine.mat``) and ``S = L ∘ (id + u)``, ``L' = A0 ∘ L`` and
+    ``u'(x) = L⁻¹(N0(L(x + u(x)))) − x``, exact at the fixed grid's voxels; the inverse field is ``u'``'s
+    numerical inverse. Moving content outside the fixed grid's field of view is not seen by the stages.
+    """
+    from maskreg import transforms as tfm
+    from maskreg.warp import warp_image, warp_labels, warp_mask
+
+    t0 = time.perf_counter()
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    in_view = warp_mask(ones, fixed, initial)
+    if int(sitk.GetArrayViewFromImage(in_view).sum()) == 0:
+        raise OverlapError(f"{where(subject, 'initial_transform')}maps no voxel of the fixed image inside the "
+                           f"moving image.")
+    moving0 = warp_image(moving, fixed, initial)
+    mask0 = in_view if moving_mask is None else warp_mask(moving_mask, fixed, initial) * in_view
+    labels0 = None if moving_labels is None else warp_labels(moving_labels, fixed, initial, subject=subject)
+    log.info("%snonlinear initial transform: moving image resampled onto the fixed grid (%.1f s)",
+             where(subject), time.perf_counter() - t0)
+    res = register(fixed, moving0, fixed_mask, mask0, moving_labels=labels0, subject=subject, **kwargs)
+
+    a0, rest = tfm.split_trailing_linear(initial)
+    lin = res.linear
+    parts = [s for s in [tfm.displacement_transform(res.displacement) if res.displacement is not None else None,
+                         lin.to_sitk(), *rest, lin.inverse().to_sitk()] if s is not None]
+    size, grid = fixed.GetSize(), res.fixed_grid
+    disp = sitk.TransformToDisplacementField(tfm.compose_sitk(parts), sitk.sitkVectorFloat64, size,
+                                             fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection())
+    dev = pick_device(kwargs.get("device", "auto"))
+    ops = dfm.FieldOps(grid, dev)
+    u = torch.as_tensor(np.moveaxis(sitk.GetArrayFromImage(disp), -1, 0)[None], dtype=torch.float32, device=dev)
+    with torch.no_grad():
+        inv = ops.invert(u)
+        det = dfm.jacobian_determinant(u, ops)
+    res.linear = tfm.compose(a0, lin)
+    res.displacement = field_image(u, grid)
+    res.inverse_displacement = field_image(inv, grid)
+    res.jacobian_min = float(det.min())
+    res.jacobian_nonpositive_fraction = float((det <= 0).float().mean())
+    res.initial_nonlinear = True
+    res.seconds = time.perf_counter() - t0
+    return res
 
 
 def _recenter(tx: LinearTransform, center: np.ndarray) -> LinearTransform:

@@ -5,14 +5,17 @@ ITK's and ANTs' resamplers use it. The linear part is ITK's ``AffineTransform`` 
 ``T(x) = A (x - c) + c + t``. Files are ITK transform files written and read by SimpleITK: ``.mat`` (the
 binary MATLAB format ANTs writes and reads) or ``.txt``/``.tfm``. A deformable part, when present, is a
 displacement field on the fixed grid (vector image, components x, y[, z] in LPS mm) applied *before* the
-linear part in point terms: ``T(x) = L(x + u(x))`` — with ANTs' list order ``[affine.mat, warp.nii.gz]``
-(ANTs applies the list last-first to points: warp first, then affine).
+linear part in point terms: ``T(x) = L(x + u(x))``. ANTs writes the same chain as
+``antsApplyTransforms -t warp.nii.gz -t affine.mat``: the moving *image* is transformed last-listed first
+(affine, then warp), so fixed-space *points* pass through the list first-listed first (warp, then affine).
+A list of transform files in this module is always in that ``-t`` order.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -77,15 +80,16 @@ class LinearTransform:
             for i in range(comp.GetNumberOfTransforms()):
                 out = compose(out, cls.from_sitk(comp.GetNthTransform(i)))
             return out
-        # probe the map at dim+1 points: exact for any affine map
-        o = np.array(tx.TransformPoint([0.0] * dim))
-        cols = [np.array(tx.TransformPoint(list(e))) - o for e in np.eye(dim)]
         if tx.GetName() not in ("AffineTransform", "Euler2DTransform", "Euler3DTransform", "VersorRigid3DTransform",
                                 "Similarity2DTransform", "Similarity3DTransform", "TranslationTransform",
                                 "ScaleTransform", "ScaleVersor3DTransform", "ScaleSkewVersor3DTransform",
                                 "AffineTransform_double_2_2", "AffineTransform_double_3_3", "IdentityTransform",
-                                "MatrixOffsetTransformBase"):
+                                "MatrixOffsetTransformBase", "VersorTransform", "QuaternionRigidTransform",
+                                "Rigid2DTransform", "Similarity2DTransform"):
             raise ValueError(f"not a linear transform: {tx.GetName()}")
+        # probe the map at dim+1 points: exact for any affine map
+        o = np.array(tx.TransformPoint([0.0] * dim))
+        cols = [np.array(tx.TransformPoint(list(e))) - o for e in np.eye(dim)]
         return cls(np.stack(cols, axis=1), o)
 
 
@@ -160,6 +164,100 @@ def read_chain(linear_path: str | os.PathLike, warp_path: str | os.PathLike | No
     lin = read_linear(linear_path, subject=subject)
     field = read_field(warp_path, subject=subject) if warp_path else None
     return lin, field, chain(lin, field)
+
+
+LINEAR_SUFFIXES = (".mat", ".txt", ".tfm")
+LIST_SEPARATOR = ";"
+
+
+def split_list(value: str) -> list[str]:
+    """The files of a ``;``-separated transform list (cohort column ``initial_transform``), ``-t`` order."""
+    return [v.strip() for v in str(value).split(LIST_SEPARATOR) if v.strip()]
+
+
+def may_be_nonlinear(value: str) -> bool:
+    """Whether a transform list could hold a displacement field, judged by file names only (cheap enough for
+    a cohort of thousands at workflow start): anything but ``.mat``/``.txt``/``.tfm`` files."""
+    return any(not p.lower().endswith(LINEAR_SUFFIXES) for p in split_list(value))
+
+
+def read_transform(paths: str | os.PathLike | Sequence[str | os.PathLike], *, subject: str | None = None,
+                   role: str = "initial_transform") -> LinearTransform | sitk.Transform:
+    """Read one transform or an ANTs-ordered list of them (fixed → moving points; the first listed is applied
+    first to points, as ``antsApplyTransforms -t a -t b``). Each file is an ITK transform file (``.mat``,
+    ``.txt``, ``.tfm``, a composite ``.h5`` as ``antsRegistration --write-composite-transform`` writes) or a
+    displacement-field image (vector components x, y[, z] in LPS mm, e.g. ANTs' ``1Warp.nii.gz``). A chain of
+    linear transforms only is returned collapsed as a :class:`LinearTransform`; anything else as one
+    SimpleITK transform."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = split_list(str(paths))
+    parts: list[sitk.Transform] = []
+    for p in map(str, paths):
+        if not os.path.exists(p):
+            raise InputError(f"{where(subject, role, p)}file not found.")
+        if p.lower().endswith(LINEAR_SUFFIXES + (".h5", ".hdf5", ".xfm")):
+            try:
+                parts.append(sitk.ReadTransform(p))
+            except RuntimeError as exc:
+                raise InputError(f"{where(subject, role, p)}is not an ITK transform file "
+                                 f"({str(exc).strip().splitlines()[-1]}).") from None
+        else:
+            try:
+                img = sitk.ReadImage(p)
+            except RuntimeError as exc:
+                raise InputError(f"{where(subject, role, p)}is neither an ITK transform file nor a readable "
+                                 f"displacement-field image ({str(exc).strip().splitlines()[-1]}).") from None
+            if img.GetNumberOfComponentsPerPixel() != img.GetDimension():
+                raise InputError(f"{where(subject, role, p)}is not a displacement field: {img.GetDimension()}D "
+                                 f"image with {img.GetNumberOfComponentsPerPixel()} component(s) per voxel.")
+            parts.append(displacement_transform(img))
+    if not parts:
+        raise InputError(f"{where(subject, role)}no transform file given.")
+    dims = {t.GetDimension() for t in parts}
+    if len(dims) > 1:
+        raise InputError(f"{where(subject, role)}the transforms mix dimensions {sorted(dims)}.")
+    comp = sitk.CompositeTransform(dims.pop())
+    for t in reversed(parts):  # ITK applies the last added first: add the first-listed last
+        comp.AddTransform(t)
+    try:
+        return LinearTransform.from_sitk(comp)
+    except ValueError:
+        return comp
+
+
+def flatten(tx: sitk.Transform) -> list[sitk.Transform]:
+    """The transforms of a (nested) composite in the order they are applied to points."""
+    if tx.GetName() != "CompositeTransform":
+        return [tx]
+    comp = sitk.CompositeTransform(tx)
+    out: list[sitk.Transform] = []
+    for i in reversed(range(comp.GetNumberOfTransforms())):
+        out += flatten(comp.GetNthTransform(i))
+    return out
+
+
+def compose_sitk(parts: Sequence[sitk.Transform]) -> sitk.Transform:
+    """One SimpleITK transform applying ``parts`` to points in the given order."""
+    comp = sitk.CompositeTransform(parts[0].GetDimension())
+    for t in reversed(parts):
+        comp.AddTransform(t)
+    return comp
+
+
+def split_trailing_linear(tx: sitk.Transform) -> tuple[LinearTransform, list[sitk.Transform]]:
+    """``tx = A ∘ rest``: the linear transforms applied last to points (collapsed into ``A``) and the rest in
+    point order; ``A`` is the identity when the last transform is not linear."""
+    parts = flatten(tx)
+    dim = tx.GetDimension()
+    a = LinearTransform.identity(dim)
+    while parts:
+        try:
+            last = LinearTransform.from_sitk(parts[-1])
+        except ValueError:
+            break
+        a = compose(a, last)  # the popped one runs before what is already in A
+        parts.pop()
+    return a, parts
 
 
 def inverse_chain(linear: LinearTransform, inverse_displacement: sitk.Image | None = None) -> sitk.Transform:

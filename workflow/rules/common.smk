@@ -4,6 +4,7 @@ import re
 import sys
 
 import maskreg.config as mcfg
+from maskreg.transforms import may_be_nonlinear, split_list
 from snakemake.utils import validate
 
 CONFIG_SCHEMA = mcfg.load_yaml(workflow.source_path("../schemas/config.schema.yaml"))
@@ -14,8 +15,10 @@ COHORT = mcfg.load_and_validate(config, CONFIG_SCHEMA, COHORT_SCHEMA)
 validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
 SUBJECTS = list(COHORT.index)
 RES = config["resources"]
-# a deformable stage adds the displacement fields to the outputs and to the warp and QC inputs
-DEFORMABLE = any(s["type"] in ("greedy", "syn") for s in config["registration"]["stages"])
+# a deformable stage, or an initial transform that may hold a displacement field (judged by file names),
+# adds the displacement fields to the outputs and to the warp and QC inputs
+DEFORMABLE = any(s["type"] in ("greedy", "syn") for s in config["registration"]["stages"]) or any(
+    may_be_nonlinear(v) for v in COHORT["initial_transform"] if v)
 
 
 wildcard_constraints:
@@ -35,6 +38,11 @@ def has(subject, column):
 def cohort_file(column):
     """Input function: the subject's file in ``column`` (an empty list when the cell is empty)."""
     return lambda wc: cohort_value(wc.subject, column) or []
+
+
+def cohort_files(column):
+    """Input function: the subject's ";"-separated files in ``column`` (``initial_transform``), in order."""
+    return lambda wc: split_list(cohort_value(wc.subject, column))
 
 
 def has_labels(subject):

@@ -9,7 +9,7 @@ rule register:
         moving=lambda wc: cohort_value(wc.subject, "moving"),
         fixed_mask="results/{subject}/masks/fixed_mask.nii.gz",
         moving_mask="results/{subject}/masks/moving_mask.nii.gz",
-        initial=cohort_file("initial_transform"),
+        initial=cohort_files("initial_transform"),
     output:
         **register_outputs(),
     params:

@@ -12,7 +12,7 @@ with logs.job(sm.log[0]) as log:
     moving = io.read_image(sm.input.moving, subject=subject, role="moving")
     fixed_mask = io.read_image(sm.input.fixed_mask, subject=subject, role="fixed_mask")
     moving_mask = io.read_image(sm.input.moving_mask, subject=subject, role="moving_mask")
-    initial = transforms.read_linear(sm.input.initial, subject=subject, role="initial_transform") \
+    initial = transforms.read_transform(list(sm.input.initial), subject=subject, role="initial_transform") \
         if sm.input.initial else None
     labels = {}
     if "fixed_labels" in sm.input.keys():
@@ -25,7 +25,8 @@ with logs.job(sm.log[0]) as log:
         threads=sm.threads, mask_kinds=tuple(sm.params.kinds), **labels)
     log.info("registered on %s in %.1f s", result.device, result.seconds)
     transforms.write_linear(result.linear, sm.output.linear)
-    if "warp" in sm.output.keys():
+    if "warp" in sm.output.keys():  # a linear-only subject in a deformable cohort gets zero fields
+        result.ensure_fields()
         transforms.write_field(result.displacement, sm.output.warp)
         transforms.write_field(result.inverse_displacement, sm.output.inverse_warp)
     with io.atomic_path(sm.output.report) as tmp:
