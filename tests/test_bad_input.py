@@ -191,6 +191,39 @@ def test_no_physical_overlap_after_initialisation():
          "at least 50 are needed (min_overlap_voxels)", "Check the initial alignment")
 
 
+def test_overlap_lost_during_optimisation_is_not_blamed_on_the_input():
+    """Masked MSE can lower its weighted mean by sliding the fixed mask off the moving mask (here: a bright
+    moving region outside the moving mask pulls the fixed mask out of it). The overlap was fine at the start,
+    so the error must say that the optimisation lost it, not "check the initial alignment"."""
+    n = 96
+    fixed = 100 + np.indices((n, n))[1].astype(np.float32) * 0.2
+    fixed_mask = np.zeros((n, n), np.uint8)
+    fixed_mask[30:66, 30:66] = 1
+    moving = np.zeros((n, n), np.float32)
+    moving[:, :40] = 100
+    moving_mask = np.zeros((n, n), np.uint8)
+    moving_mask[:, 30:] = 1
+    stages = [{"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [60, 30],
+               "learning_rate": 1.0}]
+    with pytest.raises(OverlapError) as info:
+        maskreg.register(img(fixed), img(moving), img(fixed_mask), img(moving_mask), stages=stages, device="cpu",
+                         subject="sub-08", min_overlap_voxels=250)
+    says(str(info.value), "subject 'sub-08'", "stage translation, level 1/2", "the overlap fell from 320",
+         "at least 250 are needed", "shrinking the overlap", "Use cc or mi")
+    assert "Check the initial alignment" not in str(info.value)
+
+
+def test_overlap_too_small_after_a_good_level_names_that_level():
+    from types import SimpleNamespace
+
+    from maskreg.register import _check_start_overlap
+    prob = SimpleNamespace(subject="sub-09", last_level=("stage rigid, level 2/3 (scale 2)", 0.62))
+    with pytest.raises(OverlapError) as info:
+        _check_start_overlap(prob, "stage affine, level 1/3 (scale 4)", 12.0, 400.0, 50)
+    says(str(info.value), "subject 'sub-09'", "stage affine, level 1/3", "only 12 effective voxels", "3.0%",
+         "was 62.0% of the fixed mask at the end of stage rigid, level 2/3", "shrinking the overlap")
+
+
 def test_device_cuda_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -171,6 +171,7 @@ class _Problem:
         self.device = device
         self.kinds = {"fixed": kinds[0], "moving": kinds[1]}
         self.subject = subject
+        self.last_level: tuple[str, float] | None = None  # (name, overlap fraction) of the last level done
         self.fgrid = Grid.of(fixed)
         self.mgrid = Grid.of(moving)
         self.dim = self.fgrid.dim
@@ -338,19 +339,68 @@ def _overlap(sampler_dense: _Sampler, h: torch.Tensor, fixed_mask_sum: float) ->
     return total, int((w > 0.5).sum()), total / max(fixed_mask_sum, 1e-9)
 
 
-def _moments(prob: _Problem, start: LinearTransform) -> LinearTransform:
-    """Translate so the mask-weighted intensity centres of mass correspond: ``T(com_f) = com_m``."""
-    def com(img, mask, grid):
+def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) -> LinearTransform:
+    """Translate so the mask-weighted intensity centres of mass correspond: ``T(com_f) = com_m``.
+
+    With ``principal_axes: true`` the rotation that maps the fixed image's principal axes (eigenvectors of the
+    mask- and intensity-weighted second moments, in LPS mm) onto the moving image's is added. Each axis is
+    known only up to its sign, so every proper rotation ``R = V_m S V_fᵀ`` (``S`` = diag(±1), det R = +1) and
+    the rotation-free start are scored with the stage's loss (default ``mi``) at a coarse level, and the best
+    is kept; axes of nearly equal moments (ratio > 0.95) give no reliable direction and are left alone.
+    """
+    stage = stage or {}
+
+    def moments(img, mask, grid):
         stride = max(1, int(mask.numel() // 2_000_000))
         pts, w, vals = prob.physical_points(grid, mask, stride=stride, image=img)
         vals = (vals - vals.min()) * w
         if float(vals.sum()) <= 0:
             vals = w
-        return ((vals[:, None] * pts).sum(0) / vals.sum()).cpu().numpy()
-    com_f = com(prob.f, prob.fm, prob.fgrid)
-    com_m = com(prob.m, prob.mm, prob.mgrid)
+        com = (vals[:, None] * pts).sum(0) / vals.sum()
+        d = pts - com
+        cov = (vals[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0) / vals.sum()
+        return com.cpu().numpy(), cov.cpu().numpy()
+    com_f, cov_f = moments(prob.f, prob.fm, prob.fgrid)
+    com_m, cov_m = moments(prob.m, prob.mm, prob.mgrid)
     shift = com_m - start.apply(com_f[None])[0]
-    return LinearTransform(start.matrix, start.translation + shift, start.center)
+    out = LinearTransform(start.matrix, start.translation + shift, start.center)
+    if not stage.get("principal_axes"):
+        return out
+    ev_f, v_f = np.linalg.eigh(cov_f)
+    ev_m, v_m = np.linalg.eigh(cov_m)
+    if min(ev_f[1:] / np.maximum(ev_f[:-1], 1e-12)).item() < 1 / 0.95 and \
+            min(ev_m[1:] / np.maximum(ev_m[:-1], 1e-12)).item() < 1 / 0.95:
+        log.info("%sstage moments: principal axes not distinct (moments %s, %s); rotation skipped",
+                 where(prob.subject), np.array2string(ev_f, precision=1), np.array2string(ev_m, precision=1))
+        return out
+    dim = prob.dim
+    candidates = [out]
+    for signs in np.array(np.meshgrid(*[[1.0, -1.0]] * dim)).reshape(dim, -1).T:
+        r = v_m @ np.diag(signs) @ v_f.T
+        if np.linalg.det(r) < 0:
+            continue
+        c = start.center  # T(x) = R (x - com_f) + com_m, written with the start's centre
+        candidates.append(LinearTransform(r, r @ (c - com_f) + com_m - c, c))
+    loss_name, loss_fn = get_loss(stage.get("loss", "mi"))
+    scale = int(stage.get("scales", [4])[0])
+    fl, ml = prob.levels(scale, None, True)
+    f_n, m_n = _normalised_intensities(fl, ml, loss_name)
+    dense = _Sampler(fl, ml, f_n, m_n, None, torch.Generator(device=prob.device))
+    scores = []
+    with torch.no_grad():
+        for cand in candidates:
+            h = torch.as_tensor(cand.homogeneous(), dtype=torch.float32, device=prob.device)
+            fv, wv, w = dense(h)
+            ok = float(w.sum()) >= 0.25 * float(fl.mask.sum())  # a candidate must keep a fair overlap
+            scores.append(float(loss_fn(fv, wv, w, window=int(stage.get("window", 5)),
+                                        bins=int(stage.get("bins", 32)))) if ok else math.inf)
+    best = int(np.argmin(scores))
+    rel = candidates[best].matrix @ np.linalg.inv(start.matrix)
+    angle = math.degrees(math.acos(float(np.clip((np.trace(rel) - (dim - 2)) / 2, -1.0, 1.0))))
+    log.info("%sstage moments: principal axes, %d candidate rotations scored by %s (%s); kept %s (%.1f°)",
+             where(prob.subject), len(candidates), loss_name, ", ".join(f"{v:.4g}" for v in scores),
+             "the translation only" if best == 0 else f"candidate {best}", angle)
+    return candidates[best]
 
 
 PLATEAU_WINDOW = 10
@@ -366,12 +416,41 @@ def _plateau(trace: torch.Tensor, it: int, tol: float, window: int = PLATEAU_WIN
     return (prev - last) / (abs(prev) + 1e-12) < tol
 
 
+def _check_start_overlap(prob: "_Problem", level_name: str, ow: float, fixed_mask_sum: float,
+                         min_overlap: int) -> None:
+    """Raise :class:`OverlapError` when a level starts with too little overlap; the advice depends on whether
+    an earlier level had enough (then the optimisation, not the input, lost it)."""
+    if ow >= min_overlap:
+        return
+    head = (f"{where(prob.subject)}{level_name}: only {ow:.0f} effective voxels of the fixed mask map inside the "
+            f"moving image and its mask ({100 * ow / max(fixed_mask_sum, 1e-9):.1f}% of the fixed mask); at least "
+            f"{min_overlap} are needed (min_overlap_voxels). ")
+    if prob.last_level is None:
+        raise OverlapError(head + "Check the initial alignment, the masks and the fields of view.")
+    name, fraction = prob.last_level
+    raise OverlapError(head + f"The overlap was {100 * fraction:.1f}% of the fixed mask at the end of {name}, "
+                       + _LOST_OVERLAP)
+
+
+_LOST_OVERLAP = ("so the optimisation moved the fixed mask off the moving image or its mask: the loss fell by "
+                 "shrinking the overlap (typical of mse between different subjects or contrasts, or of a too "
+                 "high learning_rate). Use cc or mi, a lower learning_rate, or masks that exclude what differs.")
+
+
 def _finish_level(prob: "_Problem", report: StageReport, level_name: str, grid: Grid, scale, it: int,
                   trace: torch.Tensor, w: torch.Tensor, fixed_mask_sum: float, t0: float, converged: bool,
-                  loss_name: str) -> None:
-    """Record a level's report (loss trace, overlap at its end, time) and log its one line."""
+                  loss_name: str, start_overlap: float, min_overlap: int) -> None:
+    """Record a level's report (loss trace, overlap at its end, time) and log its one line; raise
+    :class:`OverlapError` when the level ends with less overlap than ``min_overlap`` (it started with more)."""
     losses = trace[:it].cpu().tolist()
     ow, ov = float(w.sum()), int((w > 0.5).sum())
+    if ow < min_overlap:
+        raise OverlapError(f"{where(prob.subject)}{level_name}: the overlap fell from {start_overlap:.0f} effective "
+                           f"voxels at the start of the level to {ow:.0f} after {it} iterations; at least "
+                           f"{min_overlap} are needed (min_overlap_voxels). The loss went from "
+                           f"{losses[0] if losses else math.nan:.5g} to {losses[-1] if losses else math.nan:.5g}, "
+                           + _LOST_OVERLAP)
+    prob.last_level = (level_name, ow / max(fixed_mask_sum, 1e-9))
     rep = LevelReport(int(scale), list(grid.shape), it, losses[0] if losses else math.nan,
                       losses[-1] if losses else math.nan, round(ow, 1), ov, round(ow / max(fixed_mask_sum, 1e-9), 4),
                       round(time.perf_counter() - t0, 3), converged, [round(v, 6) for v in losses])
@@ -414,13 +493,9 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
         fsum = float(fl.mask.sum())
         p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
         h0 = lin.homogeneous(kind, p.detach(), current, prob.radius)
-        ow, ov, of = _overlap(dense, h0, fsum)
+        ow = _overlap(dense, h0, fsum)[0]
         level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
-        if ow < min_overlap:
-            raise OverlapError(f"{where(prob.subject)}{level_name}: only {ow:.0f} effective voxels of the fixed "
-                               f"mask map inside the moving image and its mask ({ov} voxels, {100 * of:.1f}% "
-                               f"of the fixed mask); at least {min_overlap} are needed (min_overlap_voxels). "
-                               f"Check the initial alignment, the masks and the fields of view.")
+        _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
         lr = float(stage["learning_rate"]) * float(np.mean(fl.grid.spacing))
         opt = torch.optim.Adam([p], lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_it, 1), eta_min=lr * 0.05)
@@ -452,7 +527,8 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
         current = lin.to_linear(kind, p.detach(), current, prob.radius)
         with torch.no_grad():
             _, _, w = dense(lin.homogeneous(kind, torch.zeros_like(p), current, prob.radius))
-        _finish_level(prob, report, level_name, fl.grid, scale, it, trace, w, fsum, t0, converged, loss_name)
+        _finish_level(prob, report, level_name, fl.grid, scale, it, trace, w, fsum, t0, converged, loss_name,
+                      ow, min_overlap)
     return current
 
 
@@ -530,7 +606,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
         if state is not None:
             raise MaskregError(f"stage {i + 1} ({kind}): linear stages must come before deformable ones.")
         if kind == "moments":
-            current = _moments(prob, current)
+            current = _moments(prob, current, raw)
             reports.append(StageReport("moments", None, round(time.perf_counter() - t0, 3)))
             log.info("%sstage moments: translation %s mm", where(subject),
                      np.array2string(current.translation, precision=2))
@@ -697,10 +773,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 _, _, w = evaluate(None, state.field)
         ow, fsum = float(w.sum()), float(fl.mask.sum())
         level_name = f"stage {kind}, level {li + 1}/{len(stage['scales'])} (scale {scale})"
-        if ow < min_overlap:
-            raise OverlapError(f"{where(prob.subject)}{level_name}: only {ow:.0f} effective voxels of the fixed "
-                               f"mask map inside the moving image and its mask; at least {min_overlap} are "
-                               f"needed (min_overlap_voxels).")
+        _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
         lr = float(stage["learning_rate"])
         trace = torch.zeros(max(n_it, 1), device=dev)
         tol = float(stage["tolerance"])
@@ -744,7 +817,8 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 break
         with torch.no_grad():
             _, _, w = evaluate(*halves(state.field)) if kind == "syn" else evaluate(None, state.field)
-        _finish_level(prob, report, level_name, fl.grid, scale, it, trace, w, fsum, t0, converged, loss_name)
+        _finish_level(prob, report, level_name, fl.grid, scale, it, trace, w, fsum, t0, converged, loss_name,
+                      ow, min_overlap)
     assert state is not None
     return state
 
