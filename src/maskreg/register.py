@@ -294,6 +294,9 @@ class _Sampler:
         self.random_n = random_n
         self.gen = generator
         self.maps = _level_maps(fl, ml, f_norm.device)
+        # moving image and mask sampled in one call: zero padding is exact for the image too, since points
+        # outside the moving grid ([-1, 1] with align_corners) get weight 0 through ``inside``
+        self.moving_and_mask = torch.cat([m_norm, ml.mask], 1)
         if random_n:
             wv = fl.mask.reshape(-1)
             self.mask_idx = torch.nonzero(wv > 0).reshape(-1)
@@ -325,8 +328,8 @@ class _Sampler:
         else:
             grid = F.affine_grid(theta, [1, 1, *self.fl.grid.shape], align_corners=True)
             fixed, mf = self.f, self.fl.mask
-        warped = F.grid_sample(self.m, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        mm = F.grid_sample(self.ml.mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        both = F.grid_sample(self.moving_and_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        warped, mm = both[:, :1], both[:, 1:]
         inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(warped.dtype)[:, None]
         w = mf.reshape(warped.shape) * mm * inside
         return fixed.reshape(warped.shape), warped, w
@@ -739,10 +742,12 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         f_lab, m_lab = prob.label_levels(fl, ml) if label_weight > 0 else (None, None)
         label_term: list[torch.Tensor] = []
 
+        moving_and_mask = torch.cat([m_n, ml.mask], 1)  # one sampling call; see _Sampler on the padding
+
         def evaluate(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
             grid = g0 + ops.offsets(u_moving, to_moving)
-            warped = F.grid_sample(m_n, grid, mode="bilinear", padding_mode="border", align_corners=True)
-            mm = F.grid_sample(ml.mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            both = F.grid_sample(moving_and_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            warped, mm = both[:, :1], both[:, 1:]
             inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(warped.dtype)[:, None]
             fixed_lab = f_lab
             if u_fixed is None:

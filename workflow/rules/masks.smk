@@ -12,6 +12,8 @@ rule prepare_mask:
         options=lambda wc: mask_options(wc.subject, wc.role),
     log:
         "logs/{subject}/prepare_mask_{role}.log",
+    benchmark:
+        "logs/{subject}/prepare_mask_{role}.benchmark.tsv"
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],

@@ -39,6 +39,8 @@ rule qc_masks:
         qc=config["qc"],
     log:
         "logs/{subject}/qc_masks.log",
+    benchmark:
+        "logs/{subject}/qc_masks.benchmark.tsv"
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
@@ -72,6 +74,8 @@ rule qc_subject:
         qc=config["qc"],
     log:
         "logs/{subject}/qc_subject.log",
+    benchmark:
+        "logs/{subject}/qc_subject.benchmark.tsv"
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],

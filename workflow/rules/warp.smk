@@ -14,6 +14,8 @@ rule warp_image:
         interpolation=config["warp"]["image"],
     log:
         "logs/{subject}/warp_image.log",
+    benchmark:
+        "logs/{subject}/warp_image.benchmark.tsv"
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
@@ -32,6 +34,8 @@ rule warp_labels:
         method=config["warp"]["labels"],
     log:
         "logs/{subject}/warp_labels.log",
+    benchmark:
+        "logs/{subject}/warp_labels.benchmark.tsv"
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
