@@ -1,0 +1,566 @@
+"""Deformable registration on real 3D brain pairs: maskreg vs ANTsPy (SyN, SyNQuick) vs FireANTs, CPU.
+
+Run: ``.venv/bin/python benchmarks/bench_deformable.py [--res 2 1] [--pairs brain afids] [--repeats 1]
+[--methods maskreg maskreg-fast ants-syn ants-synquick fireants] [--maskreg-fast YAML] [--threads 2] [--quick]``.
+
+Two pairs, at 2 mm (default: images resampled to 2 mm isotropic after a Gaussian anti-alias, masks resampled
+linearly and thresholded at 0.5, label maps with nearest neighbour) and/or 1 mm (the images as they are):
+
+* ``brain``: fixed = the MNI ICBM152 2009a template, mask gm_prob + wm_prob > 0, labels GM (gm_prob > 0.5) = 1
+  and WM (wm_prob > 0.5, wins ties) = 2; moving = the voxelmorph test T1 with its brain mask, FreeSurfer
+  labels 3, 42 -> 1 and 2, 41 -> 2. Accuracy: Dice of GM, WM and their mean on the fixed grid.
+* ``afids``: fixed = MNI152NLin6Asym (FSL's MNI152 T1 1 mm), moving = Colin27, both skull-stripped, neither
+  with a mask in the data: both masks come from ``maskreg.masks.auto_mask`` (Otsu foreground, largest
+  component, closing, hole filling: the brain's outline on these images). Accuracy: target registration error of the 32 AFIDs landmarks (MNI152NLin6Asym rater
+  consensus; Colin27 mean of the 32 rater sessions), read from the Slicer ``.fcsv`` files (RAS -> LPS):
+  ``|T(p_fixed) - p_moving|`` in mm, mean and max.
+
+For every method and pair the same code evaluates the fixed -> moving transform the method returned, read back
+from ANTs-ordered transform files with ``maskreg.transforms.read_transform``: labels warped with
+``maskreg.warp.warp_labels(..., "nearest")``, landmarks with ``TransformPoint``, and the share of fixed-mask
+voxels where the Jacobian determinant of the whole map (linear part included) is <= 0, from the map's
+displacement field on the fixed grid. Each method runs in its own fresh worker process (threads limited to
+``--threads``); the time is the wall time of the registration call alone (images loaded, peers imported, no
+file output), best of ``--repeats``; the memory is the peak resident set during the calls (the base, what the
+worker held before, in brackets). ``--quick`` divides every iteration count that a method exposes by 4 (a
+smoke test; not for figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+
+ROOT = common.OUT / "deformable"
+CONFIG = HERE.parent / "config" / "config.yaml"
+METHODS = ["maskreg", "maskreg-fast", "ants-syn", "ants-synquick", "fireants"]
+PAIRS = ["brain", "afids"]
+# FireANTs: moments -> affine (masked MI, maskreg's affine scales/iterations) -> greedy (masked local CC with
+# the settings of FireANTs' own brain scripts, scripts/pairwise/test_lpba40.py and test_mgh10.py)
+FIREANTS_AFFINE = {"scales": [4, 2, 1], "iterations": [100, 50, 25]}
+FIREANTS_GREEDY = {"scales": [4, 2, 1], "iterations": [200, 100, 50], "cc_kernel_size": 7,
+                   "smooth_grad_sigma": 2.0, "smooth_warp_sigma": 0.5, "optimizer_lr": 0.5}
+ANTS_SYN_REG_ITERATIONS = (40, 20, 0)  # ants.registration's default for type_of_transform="SyN"
+QUICK_DIVISOR = 4
+# AFIDs whose Colin27 placements spread more than this (rms distance to their mean, mm) are left out of the
+# "reliable" TRE mean: the ventral occipital horns (29, 30) spread 11-12 mm, every other landmark < 3 mm
+RATER_SPREAD_MM = 5.0
+
+
+def _sitk():
+    import SimpleITK as sitk
+    return sitk
+
+
+def quick_iterations(its, quick: bool) -> list[int]:
+    """``its`` divided by 4 (rounded up, zeros kept) with ``--quick``, else as they are."""
+    return [int(math.ceil(i / QUICK_DIVISOR)) if quick else int(i) for i in its]
+
+
+# ------------------------------------------------------------------------------------------- stage lists
+
+def default_stages() -> list[dict]:
+    """The project's default stage list: ``registration.stages`` of ``config/config.yaml``."""
+    import yaml
+    return yaml.safe_load(CONFIG.read_text())["registration"]["stages"]
+
+
+def fast_stages(spec: str | None) -> list[dict]:
+    """``--maskreg-fast``: a YAML/JSON stage list replaces the default list; a mapping updates its deformable
+    stage(s); nothing gives the default list with the deformable stage at iterations [40, 20, 10]."""
+    import yaml
+    stages = copy.deepcopy(default_stages())
+    value = yaml.safe_load(spec) if spec else {"iterations": [40, 20, 10]}
+    if isinstance(value, list):
+        return value
+    if not isinstance(value, dict):
+        raise SystemExit(f"--maskreg-fast: expected a YAML/JSON list of stages or a mapping, got {value!r}")
+    for s in stages:
+        if s["type"] in ("syn", "greedy"):
+            s.update(value)
+    return stages
+
+
+def quick_stages(stages: list[dict], quick: bool) -> list[dict]:
+    out = copy.deepcopy(stages)
+    for s in out:
+        if "iterations" in s:
+            s["iterations"] = quick_iterations(s["iterations"], quick)
+    return out
+
+
+def _stages_text(stages: list[dict]) -> str:
+    parts = []
+    for s in stages:
+        extra = {k: v for k, v in s.items() if k != "type"}
+        parts.append(s["type"] + (" " + json.dumps(extra, separators=(",", ":")) if extra else ""))
+    return " → ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def read_fcsv(path: Path) -> dict[int, tuple[str, list[float]]]:
+    """AFIDs landmarks of a Slicer markups ``.fcsv``: ``{label number: (name, LPS mm point)}``.
+    ``CoordinateSystem = 0`` (or RAS) is Slicer's RAS: LPS = (-x, -y, z); 1 (or LPS) is kept."""
+    system, out = None, {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            if "CoordinateSystem" in line:
+                system = line.split("=", 1)[1].strip()
+            continue
+        if not line:
+            continue
+        f = line.split(",")
+        x, y, z = (float(v) for v in f[1:4])
+        if system in ("0", "RAS"):
+            x, y = -x, -y
+        elif system not in ("1", "LPS"):
+            raise SystemExit(f"{path}: unknown CoordinateSystem {system!r}")
+        out[int(f[11])] = (f[12], [x, y, z])
+    return out
+
+
+def afids_landmarks() -> dict:
+    """Fixed (MNI152NLin6Asym rater consensus) and moving (Colin27, mean of all rater sessions) landmarks, LPS,
+    checked against the LPS columns of the data's ``landmarks.csv``."""
+    import csv
+    import numpy as np
+    src = common.DATA / "afids_templates" / "source_fcsv"
+    fixed = read_fcsv(src / "tpl-MNI152NLin6Asym_res-01_desc-groundtruth_afids.fcsv")
+    sessions = [read_fcsv(p) for p in sorted(src.glob("tpl-MNIColin27_desc-rater*_afids.fcsv"))]
+    ids = sorted(fixed)
+    if not sessions or any(sorted(s) != ids for s in sessions):
+        raise SystemExit(f"AFIDs: the Colin27 rater files under {src} do not all hold labels {ids}")
+    moving = {i: (fixed[i][0], np.mean([s[i][1] for s in sessions], axis=0).tolist()) for i in ids}
+    # inter-rater spread on Colin27: rms distance of the sessions' placements to their mean
+    spread = {i: float(np.sqrt(np.mean([np.sum((np.array(s[i][1]) - moving[i][1]) ** 2) for s in sessions])))
+              for i in ids}
+    for name, pts in (("mni152nlin6asym", fixed), ("colin27", moving)):
+        with open(common.DATA / "afids_templates" / name / "landmarks.csv") as fh:
+            for row in csv.DictReader(fh):
+                ref = [float(row[k]) for k in ("x_lps", "y_lps", "z_lps")]
+                if np.abs(np.array(ref) - pts[int(row["id"])][1]).max() > 1e-3:
+                    raise SystemExit(f"AFIDs {name} landmark {row['id']}: .fcsv gives {pts[int(row['id'])][1]}, "
+                                     f"landmarks.csv {ref} (LPS)")
+    return {"ids": ids, "names": [fixed[i][0] for i in ids], "fixed": [fixed[i][1] for i in ids],
+            "moving": [moving[i][1] for i in ids], "colin27_sessions": len(sessions),
+            "colin27_rms_mm": [spread[i] for i in ids]}
+
+
+def _write(img, path: Path) -> None:
+    sitk = _sitk()
+    tmp = path.with_name(".tmp_" + path.name)
+    sitk.WriteImage(img, str(tmp), useCompression=True)
+    os.replace(tmp, path)
+
+
+def _prepare_1mm() -> dict:
+    """The 1 mm sources of both pairs (float32 images, uint8 masks and labels), written once under ROOT."""
+    import numpy as np
+    sitk = _sitk()
+    from maskreg.masks import auto_mask
+    mni = common.DATA / "mni_icbm152_2009a" / "template"
+    vxm = common.DATA / "voxelmorph_brain_t1" / "test_scan"
+    afd = common.DATA / "afids_templates"
+    p = {"brain": {k: ROOT / f"brain_{k}_1mm.nii.gz" for k in
+                   ("fixed", "fixed_mask", "fixed_labels", "moving", "moving_mask", "moving_labels")},
+         "afids": {k: ROOT / f"afids_{k}_1mm.nii.gz" for k in ("fixed", "fixed_mask", "moving", "moving_mask")}}
+    b = p["brain"]
+    if not all(v.exists() for v in b.values()):
+        # fixed: the same rule as bench_linear.prepare (mask gm + wm > 0; GM 1, WM 2, WM written last wins ties)
+        img = sitk.Cast(sitk.ReadImage(str(mni / "image.nii.gz")), sitk.sitkFloat32)
+        gm = sitk.GetArrayFromImage(sitk.ReadImage(str(mni / "gm_prob.nii.gz"))).astype(np.float32)
+        wm = sitk.GetArrayFromImage(sitk.ReadImage(str(mni / "wm_prob.nii.gz"))).astype(np.float32)
+        scale = 255.0 if max(gm.max(), wm.max()) > 1.5 else 1.0
+        gm, wm = gm / scale, wm / scale
+        mask = sitk.GetImageFromArray(((gm + wm) > 0).astype(np.uint8))
+        mask.CopyInformation(img)
+        lab = np.zeros(gm.shape, np.uint8)
+        lab[gm > 0.5] = 1
+        lab[wm > 0.5] = 2
+        labels = sitk.GetImageFromArray(lab)
+        labels.CopyInformation(img)
+        _write(img, b["fixed"])
+        _write(mask, b["fixed_mask"])
+        _write(labels, b["fixed_labels"])
+        # moving: FreeSurfer cortex 3, 42 -> 1, cerebral white matter 2, 41 -> 2 (as bench_linear "subject")
+        src = sitk.ReadImage(str(vxm / "labels.nii.gz"))
+        fs = sitk.GetArrayFromImage(src)
+        out = np.zeros(fs.shape, np.uint8)
+        out[np.isin(fs, (3, 42))] = 1
+        out[np.isin(fs, (2, 41))] = 2
+        ml = sitk.GetImageFromArray(out)
+        ml.CopyInformation(src)
+        _write(sitk.Cast(sitk.ReadImage(str(vxm / "image.nii.gz")), sitk.sitkFloat32), b["moving"])
+        _write(sitk.Cast(sitk.ReadImage(str(vxm / "mask.nii.gz")) > 0, sitk.sitkUInt8), b["moving_mask"])
+        _write(ml, b["moving_labels"])
+    a = p["afids"]
+    if not all(v.exists() for v in a.values()):
+        for role, name in (("fixed", "mni152nlin6asym"), ("moving", "colin27")):
+            img = sitk.Cast(sitk.ReadImage(str(afd / name / "image.nii.gz")), sitk.sitkFloat32)
+            _write(img, a[role])
+            _write(auto_mask(img), a[f"{role}_mask"])
+    lm = ROOT / "afids_landmarks.json"
+    if not lm.exists():
+        lm.write_text(json.dumps(afids_landmarks(), indent=1))
+    return {pair: {k: str(v) for k, v in d.items()} for pair, d in p.items()} | {"landmarks": str(lm)}
+
+
+def prepare(res_list: list[int], pairs: list[str]) -> dict:
+    """Every pair at every resolution under ``OUT/deformable`` (cached); return their paths."""
+    from bench_linear import _mask_resample, _smooth_resample
+    sitk = _sitk()
+    ROOT.mkdir(parents=True, exist_ok=True)
+    src = _prepare_1mm()
+    paths: dict = {"landmarks": src["landmarks"]}
+    for pair in pairs:
+        for res in res_list:
+            if res == 1:
+                paths[(pair, res)] = dict(src[pair])
+                continue
+            out = {}
+            for k, v in src[pair].items():
+                p = ROOT / f"{pair}_{k}_{res}mm.nii.gz"
+                if not p.exists():
+                    img = sitk.ReadImage(v)
+                    if k.endswith("labels"):
+                        r = sitk.Cast(_smooth_resample(img, float(res), interp=sitk.sitkNearestNeighbor),
+                                      sitk.sitkUInt8)
+                    elif k.endswith("mask"):
+                        r = _mask_resample(img, float(res))
+                    else:
+                        s = min(img.GetSpacing())
+                        r = _smooth_resample(img, float(res), sigma_mm=0.5 * math.sqrt(max(res ** 2 - s ** 2, 0.0)))
+                    _write(r, p)
+                out[k] = str(p)
+            paths[(pair, res)] = out
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- workers
+# Each worker runs the registration (timed), then writes the fixed -> moving transform as ANTs-ordered files
+# (first listed applied first to points) under spec["out"] and returns their paths.
+
+def _worker_maskreg(spec: dict) -> dict:
+    sitk = _sitk()
+    import maskreg
+    from maskreg.transforms import write_field, write_linear
+    p = spec["paths"]
+    fixed, moving = sitk.ReadImage(p["fixed"]), sitk.ReadImage(p["moving"])
+    fm, mm = sitk.ReadImage(p["fixed_mask"]), sitk.ReadImage(p["moving_mask"])
+    stages = spec["stages"]
+    run = lambda: maskreg.register(fixed, moving, fm, mm, stages=stages, device="cpu",  # noqa: E731
+                                   threads=spec["threads"], seed=0)
+    meas = common.measure(run, spec["repeats"])
+    res = meas.pop("result")
+    out = Path(spec["out"])
+    files = []
+    if res.displacement is not None:
+        write_field(res.displacement, out / "warp.nii.gz")
+        files.append(str(out / "warp.nii.gz"))
+    write_linear(res.linear, out / "affine.mat")
+    files.append(str(out / "affine.mat"))  # T(x) = L(x + u(x)): the field first, then the linear part
+    stages_out = [{"type": s.type, "seconds": s.seconds, "iterations": [lv.iterations for lv in s.levels]}
+                  for s in res.stages]
+    return {**meas, "transform": files, "stages": stages_out, "own_jac_nonpos": res.jacobian_nonpositive_fraction,
+            "version": getattr(maskreg, "__version__", "dev")}
+
+
+def _worker_ants(spec: dict) -> dict:
+    import ants
+    p = spec["paths"]
+    # float images for antsRegistration (masks as they are)
+    fixed, moving = ants.image_read(p["fixed"], pixeltype="float"), ants.image_read(p["moving"], pixeltype="float")
+    fm, mm = ants.image_read(p["fixed_mask"]), ants.image_read(p["moving_mask"])
+    kw = {"mask": fm, "moving_mask": mm, "mask_all_stages": bool(spec.get("mask_all_stages"))}
+    if spec["method"] == "ants-syn":
+        kw["type_of_transform"] = "SyN"
+        kw["reg_iterations"] = tuple(quick_iterations(ANTS_SYN_REG_ITERATIONS, spec["quick"]))
+    else:
+        kw["type_of_transform"] = "antsRegistrationSyNQuick[s]"
+    out = Path(spec["out"])
+    counter = {"n": 0}
+
+    def run():
+        counter["n"] += 1
+        return ants.registration(fixed, moving, outprefix=str(out / f"r{counter['n']}_"), **kw)
+    meas = common.measure(run, spec["repeats"])
+    res = meas.pop("result")
+    return {**meas, "transform": list(res["fwdtransforms"]), "version": ants.__version__,
+            "settings": {k: v for k, v in kw.items() if k not in ("mask", "moving_mask")}}
+
+
+def _worker_fireants(spec: dict) -> dict:
+    import importlib.metadata as md
+    import numpy as np
+    import torch
+    sitk = _sitk()
+    from fireants.io.image import BatchedImages, Image
+    from fireants.registration.affine import AffineRegistration
+    from fireants.registration.greedy import GreedyRegistration
+    from fireants.registration.moments import MomentsRegistration
+    torch.set_num_threads(spec["threads"])
+    p = spec["paths"]
+
+    def load(img_path, mask_path):  # as bench_linear's FireANTs worker
+        img = sitk.Cast(sitk.ReadImage(img_path), sitk.sitkFloat32)
+        msk = sitk.Cast(sitk.ReadImage(mask_path) > 0, sitk.sitkFloat32)
+        a, m = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk)
+        # FireANTs' MI bins intensities in [0, 1]: robust min-max inside the mask (CC does not care)
+        lo, hi = np.percentile(a[m > 0], [0.5, 99.5])
+        a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+        norm = sitk.GetImageFromArray(a)
+        norm.CopyInformation(img)
+        prod = sitk.GetImageFromArray(a * m)
+        prod.CopyInformation(img)
+        im = Image(norm, device="cpu")
+        im_masked = im.concatenate(Image(msk, device="cpu"))  # last channel = mask (FireANTs' masked mode)
+        return BatchedImages([im_masked]), BatchedImages([Image(prod, device="cpu")])
+
+    fixed_b, fixed_prod = load(p["fixed"], p["fixed_mask"])
+    moving_b, moving_prod = load(p["moving"], p["moving_mask"])
+    q = spec["quick"]
+    g = FIREANTS_GREEDY
+
+    def run():
+        mom = MomentsRegistration(1, fixed_prod, moving_prod, moments=1, blur=False, progress_bar=False)
+        mom.optimize()
+        aff = AffineRegistration(FIREANTS_AFFINE["scales"], quick_iterations(FIREANTS_AFFINE["iterations"], q),
+                                 fixed_b, moving_b, loss_type="masked_mi", progress_bar=False,
+                                 init_rigid=mom.get_affine_init())
+        aff.optimize()
+        reg = GreedyRegistration(g["scales"], quick_iterations(g["iterations"], q), fixed_b, moving_b,
+                                 loss_type="masked_cc", cc_kernel_size=g["cc_kernel_size"],
+                                 deformation_type="compositive", smooth_grad_sigma=g["smooth_grad_sigma"],
+                                 smooth_warp_sigma=g["smooth_warp_sigma"], optimizer="Adam",
+                                 optimizer_lr=g["optimizer_lr"], init_affine=aff.get_affine_matrix().detach(),
+                                 progress_bar=False)
+        reg.optimize()
+        return reg
+    meas = common.measure(run, spec["repeats"])
+    reg = meas.pop("result")
+    # one displacement field on the fixed grid, LPS mm, affine included: T(x) = x + d(x)
+    path = Path(spec["out"]) / "warp.nii.gz"
+    reg.save_as_ants_transforms([str(path)])
+    return {**meas, "transform": [str(path)], "version": md.version("fireants")}
+
+
+WORKERS = {"maskreg": _worker_maskreg, "maskreg-fast": _worker_maskreg, "ants-syn": _worker_ants,
+           "ants-synquick": _worker_ants, "fireants": _worker_fireants}
+
+
+def worker_main(spec: dict) -> None:
+    common.set_threads(spec["threads"])
+    import logging
+    logging.disable(logging.WARNING)
+    t0 = time.perf_counter()
+    try:
+        Path(spec["out"]).mkdir(parents=True, exist_ok=True)
+        out = WORKERS[spec["method"]](spec)
+    except Exception as exc:  # report, do not crash the table
+        import traceback
+        traceback.print_exc()
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    out["worker_s"] = time.perf_counter() - t0
+    common.emit_result(out)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+def jacobian_determinant(tx, ref):
+    """Jacobian determinant of the map ``tx`` (fixed -> moving points) at the voxels of ``ref``'s grid (numpy
+    array, z-y-x). ``sitk.DisplacementFieldJacobianDeterminant`` differentiates along the index axes scaled by
+    the spacing but ignores the direction cosines (wrong for a flipped or oblique grid such as MNI's), so the
+    field's vectors are rotated into the index frame (``Dᵀ d``) on a grid with identity direction first:
+    ``det(I + Dᵀ G D) = det(I + G)``."""
+    import numpy as np
+    sitk = _sitk()
+    disp = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                             ref.GetSpacing(), ref.GetDirection())
+    d = np.array(ref.GetDirection()).reshape(3, 3)
+    arr = sitk.GetArrayViewFromImage(disp) @ d  # rows: (Dᵀ v)ᵀ = vᵀ D
+    rot = sitk.GetImageFromArray(arr, isVector=True)
+    rot.SetSpacing(ref.GetSpacing())
+    return sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(rot))
+
+
+class Evaluator:
+    """The same measures for every method's transform on one pair at one resolution."""
+
+    def __init__(self, pair: str, paths: dict, landmarks: dict):
+        import numpy as np
+        sitk = _sitk()
+        self.pair = pair
+        self.fixed = sitk.ReadImage(paths["fixed"])
+        self.fmask = sitk.GetArrayFromImage(sitk.ReadImage(paths["fixed_mask"])) > 0
+        self.flabels = sitk.ReadImage(paths["fixed_labels"]) if "fixed_labels" in paths else None
+        self.mlabels = sitk.ReadImage(paths["moving_labels"]) if "moving_labels" in paths else None
+        self.pf = np.array(landmarks["fixed"]) if pair == "afids" else None
+        self.pm = np.array(landmarks["moving"]) if pair == "afids" else None
+        self.reliable = (np.array(landmarks["colin27_rms_mm"]) <= RATER_SPREAD_MM) if pair == "afids" else None
+
+    def __call__(self, tx) -> dict:
+        import numpy as np
+        sitk = _sitk()
+        from maskreg.warp import warp_labels, warp_points
+        out = {}
+        if self.flabels is not None:
+            w = warp_labels(self.mlabels, self.flabels, tx, "nearest")
+            a, b = sitk.GetArrayViewFromImage(self.flabels), sitk.GetArrayViewFromImage(w)
+            dice = []
+            for lab in (1, 2):
+                x, y = a == lab, b == lab
+                dice.append(2.0 * float((x & y).sum()) / max(float(x.sum() + y.sum()), 1.0))
+            out.update(dice_gm=dice[0], dice_wm=dice[1], dice_mean=sum(dice) / 2)
+        if self.pf is not None:
+            e = np.linalg.norm(warp_points(self.pf, tx) - self.pm, axis=1)
+            out.update(tre_mean=float(e.mean()), tre_max=float(e.max()), tre_reliable=float(e[self.reliable].mean()))
+        det = jacobian_determinant(tx, self.fixed)[self.fmask]
+        out.update(jac_nonpos=float((det <= 0).mean()), jac_min=float(det.min()))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def _fmt(v, nd=2):
+    return None if v is None else f"{v:.{nd}f}"
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r.get(k) in (None, "") else str(r[k]) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--res", type=int, nargs="+", default=[2], choices=[1, 2], help="resolutions in mm (default 2)")
+    ap.add_argument("--repeats", type=int, default=1, help="best of N wall times (default 1)")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--pairs", nargs="+", default=PAIRS, choices=PAIRS)
+    ap.add_argument("--maskreg-fast", default=None, metavar="YAML",
+                    help="stages of the maskreg-fast row: a YAML/JSON list of stages, or a mapping merged into the "
+                         "default list's deformable stage (default '{iterations: [40, 20, 10]}')")
+    ap.add_argument("--ants-mask-all-stages", action="store_true",
+                    help="ants-syn: masks in the affine stage too (ANTsPy's default masks only the SyN stage)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"divide every exposed iteration count by {QUICK_DIVISOR} (smoke test, not for figures)")
+    args = common.standard_main(ap, worker_main, timeout=7200)
+    if args is None:
+        return
+    stages = quick_stages(default_stages(), args.quick)
+    stages_fast = quick_stages(fast_stages(args.maskreg_fast), args.quick)
+    ants_its = quick_iterations(ANTS_SYN_REG_ITERATIONS, args.quick)
+    print(f"threads per method: {args.threads}; repeats: best of {args.repeats}"
+          + (f"; QUICK: iteration counts / {QUICK_DIVISOR} (not for figures)" if args.quick else ""))
+    print(f"maskreg stages ({CONFIG.relative_to(HERE.parent)}): {_stages_text(stages)}")
+    if "maskreg-fast" in args.methods:
+        print(f"maskreg-fast stages: {_stages_text(stages_fast)}")
+    print(f"ants-syn: type_of_transform='SyN' (affine 2100x1200x1200x0 at shrink 4/2/2/1, fixed in ANTsPy; SyN "
+          f"Mattes MI, reg_iterations {tuple(ants_its)}), mask_all_stages={args.ants_mask_all_stages}; "
+          f"ants-synquick: 'antsRegistrationSyNQuick[s]' (iterations fixed in ANTsPy"
+          + (", NOT reduced by --quick)" if args.quick else ")"))
+    print(f"fireants: moments → affine masked MI {FIREANTS_AFFINE['scales']} "
+          f"{quick_iterations(FIREANTS_AFFINE['iterations'], args.quick)} → greedy masked CC "
+          f"{FIREANTS_GREEDY['scales']} {quick_iterations(FIREANTS_GREEDY['iterations'], args.quick)}, "
+          + ", ".join(f"{k} {v}" for k, v in FIREANTS_GREEDY.items() if k not in ("scales", "iterations")))
+    available = {}
+    for m in args.methods:
+        mod = {"ants-syn": "ants", "ants-synquick": "ants", "fireants": "fireants"}.get(m)
+        available[m] = common.peer_status(mod) if mod else (True, "")
+        if mod:
+            print(f"peer {m}: {available[m][1]}")
+    t0 = time.perf_counter()
+    res_list = sorted(args.res, reverse=True)
+    paths = prepare(res_list, args.pairs)
+    landmarks = json.loads(Path(paths["landmarks"]).read_text())
+    print(f"data prepared in {time.perf_counter() - t0:.1f} s under {ROOT}")
+
+    from maskreg.transforms import read_transform
+    sitk = _sitk()
+    tables: dict[str, list[dict]] = {p: [] for p in args.pairs}
+    details = []
+    for pair in args.pairs:
+        for res in res_list:
+            ev = Evaluator(pair, paths[(pair, res)], landmarks)
+            rows = []
+            for m in ["identity"] + args.methods:
+                row = {"res": f"{res} mm", "method": m}
+                rows.append(row)
+                if m == "identity":
+                    out = {"tx": sitk.Transform(3, sitk.sitkIdentity)}
+                elif not available[m][0]:
+                    row["note"] = available[m][1][:120]
+                    continue
+                else:
+                    spec = {"method": m, "paths": paths[(pair, res)], "repeats": args.repeats,
+                            "threads": args.threads, "quick": args.quick,
+                            "out": str(ROOT / "runs" / f"{pair}_{res}mm" / m),
+                            "stages": stages_fast if m == "maskreg-fast" else stages,
+                            "mask_all_stages": args.ants_mask_all_stages}
+                    print(f"running {m} on {pair} at {res} mm ...", flush=True)
+                    out = common.run_worker(Path(__file__), spec, timeout=args.timeout)
+                    if "error" in out:
+                        row["note"] = out["error"][:200]
+                        continue
+                    out["tx"] = read_transform(out["transform"])
+                    row["_t"] = out["best_s"]
+                    row["time_s"] = _fmt(out["best_s"], 1)
+                    row["runs_s"] = "/".join(f"{t:.1f}" for t in out["times_s"])
+                    if out.get("peak_rss_mb") is not None:
+                        row["peak_mb"] = f"{out['peak_rss_mb']:.0f} ({out['base_rss_mb']:.0f})"
+                    if out.get("own_jac_nonpos") is not None:
+                        row["own_jac"] = f"{100 * out['own_jac_nonpos']:.3f}"
+                    if "stages" in out:
+                        details.append(f"{pair} {res} mm {m}: " + "; ".join(
+                            f"{s['type']} {s['seconds']:.1f} s" + (f" (iterations {s['iterations']})"
+                                                                   if s["iterations"] else "")
+                            for s in out["stages"]))
+                t1 = time.perf_counter()
+                acc = ev(out["tx"])
+                row.update(dice_gm=_fmt(acc.get("dice_gm"), 3), dice_wm=_fmt(acc.get("dice_wm"), 3),
+                           dice_mean=_fmt(acc.get("dice_mean"), 3), tre_mean=_fmt(acc.get("tre_mean")),
+                           tre_max=_fmt(acc.get("tre_max")), tre_reliable=_fmt(acc.get("tre_reliable")),
+                           jac=f"{100 * acc['jac_nonpos']:.3f}", jac_min=_fmt(acc["jac_min"], 3))
+                print(f"  {m}: evaluated in {time.perf_counter() - t1:.1f} s: "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()), flush=True)
+            ref = next((r["_t"] for r in rows if r["method"] == "maskreg" and "_t" in r), None)
+            for r in rows:
+                if ref and "_t" in r:
+                    r["x_maskreg"] = f"{r['_t'] / ref:.2f}"
+            tables[pair] += rows
+
+    n_reliable = sum(v <= RATER_SPREAD_MM for v in landmarks["colin27_rms_mm"])
+    head = [("res", "res"), ("method", "method"), ("time_s", "time s"), ("x_maskreg", "× maskreg"),
+            ("runs_s", "runs s"), ("peak_mb", "peak MB (base)")]
+    acc_cols = {"brain": [("dice_gm", "Dice GM"), ("dice_wm", "Dice WM"), ("dice_mean", "Dice mean")],
+                "afids": [("tre_mean", "TRE mean mm"), ("tre_max", "TRE max mm"),
+                          ("tre_reliable", f"TRE mean mm, {n_reliable} AFIDs")]}
+    tail = [("jac", "det J ≤ 0 % (mask)"), ("jac_min", "min det J (mask)"), ("own_jac", "maskreg's own det ≤ 0 %"),
+            ("note", "note")]
+    for pair in args.pairs:
+        what = {"brain": "MNI ICBM152 2009a ← voxelmorph T1", "afids": "MNI152NLin6Asym ← Colin27, 32 AFIDs"}[pair]
+        print(f"\n**{pair}** ({what})\n")
+        print(markdown_table(tables[pair], head + acc_cols[pair] + tail))
+    if details:
+        print("\nmaskreg per-stage wall times (last run):")
+        print("\n".join("  " + d for d in details))
+    print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
