@@ -261,9 +261,9 @@ def _worker_maskreg(spec: dict) -> dict:
     fixed, moving = sitk.ReadImage(p["fixed"]), sitk.ReadImage(p["moving"])
     fm, mm = sitk.ReadImage(p["fixed_mask"]), sitk.ReadImage(p["moving_mask"])
     stages = spec["stages"]
-    run = lambda: maskreg.register(fixed, moving, fm, mm, stages=stages, device="cpu",  # noqa: E731
-                                   threads=spec["threads"], seed=0)
-    meas = common.measure(run, spec["repeats"])
+    run = lambda: maskreg.register(fixed, moving, fm, mm, stages=stages,  # noqa: E731
+                                   device=spec.get("device", "cpu"), threads=spec["threads"], seed=0)
+    meas = _measure(run, spec)
     res = meas.pop("result")
     out = Path(spec["out"])
     files = []
@@ -325,9 +325,10 @@ def _worker_fireants(spec: dict) -> dict:
         norm.CopyInformation(img)
         prod = sitk.GetImageFromArray(a * m)
         prod.CopyInformation(img)
-        im = Image(norm, device="cpu")
-        im_masked = im.concatenate(Image(msk, device="cpu"))  # last channel = mask (FireANTs' masked mode)
-        return BatchedImages([im_masked]), BatchedImages([Image(prod, device="cpu")])
+        dev = spec.get("device", "cpu")
+        im = Image(norm, device=dev)
+        im_masked = im.concatenate(Image(msk, device=dev))  # last channel = mask (FireANTs' masked mode)
+        return BatchedImages([im_masked]), BatchedImages([Image(prod, device=dev)])
 
     fixed_b, fixed_prod = load(p["fixed"], p["fixed_mask"])
     moving_b, moving_prod = load(p["moving"], p["moving_mask"])
@@ -348,13 +349,28 @@ def _worker_fireants(spec: dict) -> dict:
                                  optimizer_lr=g["optimizer_lr"], init_affine=aff.get_affine_matrix().detach(),
                                  progress_bar=False)
         reg.optimize()
+        if str(spec.get("device", "cpu")).startswith("cuda"):
+            import torch
+            torch.cuda.synchronize()
         return reg
-    meas = common.measure(run, spec["repeats"])
+    meas = _measure(run, spec)
     reg = meas.pop("result")
     # one displacement field on the fixed grid, LPS mm, affine included: T(x) = x + d(x)
     path = Path(spec["out"]) / "warp.nii.gz"
     reg.save_as_ants_transforms([str(path)])
     return {**meas, "transform": [str(path)], "version": md.version("fireants")}
+
+
+def _measure(run, spec: dict) -> dict:
+    """common.measure, plus the peak GPU memory (MB, torch's allocator) when the method runs on CUDA."""
+    cuda = str(spec.get("device", "cpu")).startswith("cuda")
+    if cuda:
+        import torch
+        torch.cuda.reset_peak_memory_stats()
+    meas = common.measure(run, spec["repeats"])
+    if cuda:
+        meas["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return meas
 
 
 WORKERS = {"maskreg": _worker_maskreg, "maskreg-fast": _worker_maskreg, "ants-syn": _worker_ants,
@@ -457,6 +473,7 @@ def main() -> None:
                          "default list's deformable stage (default '{iterations: [40, 20, 10]}')")
     ap.add_argument("--ants-mask-all-stages", action="store_true",
                     help="ants-syn: masks in the affine stage too (ANTsPy's default masks only the SyN stage)")
+    ap.add_argument("--device", default="cpu", help="maskreg's and FireANTs' device: cpu (default) or cuda")
     ap.add_argument("--quick", action="store_true",
                     help=f"divide every exposed iteration count by {QUICK_DIVISOR} (smoke test, not for figures)")
     args = common.standard_main(ap, worker_main, timeout=7200)
@@ -508,7 +525,7 @@ def main() -> None:
                     continue
                 else:
                     spec = {"method": m, "paths": paths[(pair, res)], "repeats": args.repeats,
-                            "threads": args.threads, "quick": args.quick,
+                            "threads": args.threads, "quick": args.quick, "device": args.device,
                             "out": str(ROOT / "runs" / f"{pair}_{res}mm" / m),
                             "stages": stages_fast if m == "maskreg-fast" else stages,
                             "mask_all_stages": args.ants_mask_all_stages}
@@ -523,6 +540,8 @@ def main() -> None:
                     row["runs_s"] = "/".join(f"{t:.1f}" for t in out["times_s"])
                     if out.get("peak_rss_mb") is not None:
                         row["peak_mb"] = f"{out['peak_rss_mb']:.0f} ({out['base_rss_mb']:.0f})"
+                    if out.get("gpu_peak_mb") is not None:
+                        row["gpu_mb"] = f"{out['gpu_peak_mb']:.0f}"
                     if out.get("own_jac_nonpos") is not None:
                         row["own_jac"] = f"{100 * out['own_jac_nonpos']:.3f}"
                     if "stages" in out:
@@ -546,7 +565,7 @@ def main() -> None:
 
     n_reliable = sum(v <= RATER_SPREAD_MM for v in landmarks["colin27_rms_mm"])
     head = [("res", "res"), ("method", "method"), ("time_s", "time s"), ("x_maskreg", "× maskreg"),
-            ("runs_s", "runs s"), ("peak_mb", "peak MB (base)")]
+            ("runs_s", "runs s"), ("peak_mb", "peak MB (base)"), ("gpu_mb", "GPU peak MB")]
     acc_cols = {"brain": [("dice_gm", "Dice GM"), ("dice_wm", "Dice WM"), ("dice_mean", "Dice mean")],
                 "afids": [("tre_mean", "TRE mean mm"), ("tre_max", "TRE max mm"),
                           ("tre_reliable", f"TRE mean mm, {n_reliable} AFIDs")]}
