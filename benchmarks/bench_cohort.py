@@ -7,7 +7,7 @@ It runs the whole workflow in a fresh working directory (default: a new folder u
 then reads every job's Snakemake ``benchmark:`` file (``logs/{subject}/*.benchmark.tsv``: wall seconds of the
 job, script start-up included) and every subject's ``registration.json`` (``seconds``: the registration call
 alone). Fixed cost of a register job = job wall time − registration time. It also times a bare
-``python -c "import maskreg.register, SimpleITK, torch"`` (best of 3): the floor every job pays.
+``python -c "import maskreg.engine, SimpleITK, torch"`` (best of 3): the floor every job pays.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def import_floor(repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import maskreg.register, SimpleITK, torch"], check=True)
+        subprocess.run([sys.executable, "-c", "import maskreg.engine, SimpleITK, torch"], check=True)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     print(common.machine_note())
     floor = import_floor()
-    print(f"fresh interpreter + imports (maskreg.register, SimpleITK, torch): {floor:.2f} s (best of 3)")
+    print(f"fresh interpreter + imports (maskreg.engine, SimpleITK, torch): {floor:.2f} s (best of 3)")
     if args.workdir:
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)

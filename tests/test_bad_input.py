@@ -29,7 +29,7 @@ from maskreg import io, masks
 from maskreg.config import load_and_validate, load_yaml
 from maskreg.errors import ConfigError, InputError, MaskError, MaskregError, OverlapError
 from maskreg.qc.metrics import tre
-from maskreg.register import pick_device
+from maskreg.engine import pick_device
 from maskreg.transforms import LinearTransform
 from maskreg.warp import check_labels, common_labels, warp_labels
 
@@ -216,7 +216,7 @@ def test_overlap_lost_during_optimisation_is_not_blamed_on_the_input():
 def test_overlap_too_small_after_a_good_level_names_that_level():
     from types import SimpleNamespace
 
-    from maskreg.register import _check_start_overlap
+    from maskreg.engine import _check_start_overlap
     prob = SimpleNamespace(subject="sub-09", last_level=("stage rigid, level 2/3 (scale 2)", 0.62))
     with pytest.raises(OverlapError) as info:
         _check_start_overlap(prob, "stage affine, level 1/3 (scale 4)", 12.0, 400.0, 50)

@@ -13,7 +13,7 @@ import maskreg
 from maskreg.deformable import FieldOps, jacobian_determinant
 from maskreg.grid import Grid
 from maskreg.qc.metrics import jacobian_determinant as sitk_jacobian
-from maskreg.register import field_image
+from maskreg.engine import field_image
 
 
 def img(a: np.ndarray) -> sitk.Image:

@@ -248,7 +248,7 @@ def test_result_chain_matches_simpleitk_resample():
 
 def test_pick_device_takes_the_gpu_with_most_free_memory(monkeypatch):
     """No GPU here: torch.cuda is simulated to check the choice among several visible devices."""
-    from maskreg.register import pick_device
+    from maskreg.engine import pick_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     free = {0: 2e9, 1: 30e9, 2: 10e9}

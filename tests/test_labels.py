@@ -24,7 +24,7 @@ from conftest import shared
 from maskreg import transforms, warp
 from maskreg.deformable import FieldOps
 from maskreg.grid import Grid
-from maskreg.register import field_image
+from maskreg.engine import field_image
 
 
 # ----------------------------------------------------------------------------------------------- helpers

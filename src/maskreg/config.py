@@ -18,7 +18,7 @@ import yaml
 
 from maskreg.errors import ConfigError, InputError
 from maskreg.io import read_landmarks
-from maskreg.losses import NEEDS_DENSE, get_loss
+from maskreg.loss_names import NEEDS_DENSE, canonical
 
 PATH_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
                 "fixed_landmarks", "moving_landmarks", "initial_transform")
@@ -100,7 +100,7 @@ def stage_problems(config: dict) -> list[str]:
         loss = st.get("loss")
         if random_sampling and isinstance(loss, str):
             try:
-                if get_loss(loss)[0] in NEEDS_DENSE:
+                if canonical(loss) in NEEDS_DENSE:
                     out.append(f"{at}: loss '{loss}' needs dense sampling (it uses neighbourhoods); "
                                f"use mse, mi or nmi with registration.sampling.random")
             except ValueError:

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from maskreg.loss_names import ALIASES, NEEDS_DENSE, canonical  # noqa: F401  (re-exported)
+
 EPS = 1e-6
 
 
@@ -223,14 +225,9 @@ def nmi(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: i
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"mse": mse, "cc": local_cc, "mi": mattes_mi, "nmi": nmi}
-ALIASES = {"masked_mse": "mse", "masked_cc": "cc", "masked_mi": "mi", "masked_nmi": "nmi", "lncc": "cc",
-           "ncc": "cc"}
-NEEDS_DENSE = {"cc"}
 
 
 def get_loss(name: str) -> tuple[str, Callable[..., torch.Tensor]]:
     """Canonical name and function of a loss; accepts FireANTs' ``masked_*`` names."""
-    key = ALIASES.get(name, name)
-    if key not in LOSSES:
-        raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(sorted(LOSSES) + sorted(ALIASES))}")
+    key = canonical(name)
     return key, LOSSES[key]
