@@ -468,6 +468,25 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
+class _Adam:
+    """Adam (Kingma & Ba 2015; torch.optim.Adam's update and defaults) for one parameter vector. Not
+    ``torch.optim``: creating its first optimizer imports ``torch._dynamo`` and sympy, 1.6 s of every job."""
+
+    def __init__(self, p: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.p, self.b1, self.b2, self.eps = p, betas[0], betas[1], eps
+        self.m = torch.zeros_like(p)
+        self.v = torch.zeros_like(p)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor, lr: float) -> None:
+        self.t += 1
+        self.m.mul_(self.b1).add_(grad, alpha=1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        denom = (self.v / (1 - self.b2 ** self.t)).sqrt_().add_(self.eps)
+        self.p.addcdiv_(self.m, denom, value=-lr / (1 - self.b1 ** self.t))
+
+
 def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampling, min_overlap: int,
                       seed: int, report: StageReport) -> LinearTransform:
     kind = stage["type"]
@@ -500,8 +519,7 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
         level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
         _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
         lr = float(stage["learning_rate"]) * float(np.mean(fl.grid.spacing))
-        opt = torch.optim.Adam([p], lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_it, 1), eta_min=lr * 0.05)
+        opt = _Adam(p)
         trace = torch.zeros(max(n_it, 1), device=dev)
         # a loss drawn from random samples is noisy by construction: its plateau test would stop at random,
         # so random sampling runs the level's whole (cosine-decayed) schedule
@@ -512,13 +530,12 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
             from tqdm import tqdm
             bar = tqdm(total=n_it, desc=f"{kind} s{scale}", leave=False)
         for it in range(1, n_it + 1):
-            opt.zero_grad(set_to_none=True)
             h = lin.homogeneous(kind, p, current, prob.radius)
             fixed_v, warped_v, w = sampler(h)
             loss = loss_fn(fixed_v, warped_v, w, window=int(stage["window"]), bins=int(stage["bins"]))
-            loss.backward()
-            opt.step()
-            sched.step()
+            (grad,) = torch.autograd.grad(loss, [p])
+            # cosine decay from lr to 5 % of it over the level (torch's CosineAnnealingLR, eta_min = 0.05 lr)
+            opt.step(grad, 0.05 * lr + 0.95 * lr * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(n_it, 1))))
             trace[it - 1] = loss.detach()
             if bar is not None:
                 bar.update(1)
