@@ -168,10 +168,8 @@ def _write(img, path: Path) -> None:
 
 def _prepare_1mm() -> dict:
     """The 1 mm sources of both pairs (float32 images, uint8 masks and labels), written once under ROOT."""
-    import numpy as np
     sitk = _sitk()
     from maskreg.masks import auto_mask
-    mni = common.DATA / "mni_icbm152_2009a" / "template"
     vxm = common.DATA / "voxelmorph_brain_t1" / "test_scan"
     afd = common.DATA / "afids_templates"
     p = {"brain": {k: ROOT / f"brain_{k}_1mm.nii.gz" for k in
@@ -179,30 +177,12 @@ def _prepare_1mm() -> dict:
          "afids": {k: ROOT / f"afids_{k}_1mm.nii.gz" for k in ("fixed", "fixed_mask", "moving", "moving_mask")}}
     b = p["brain"]
     if not all(v.exists() for v in b.values()):
-        # fixed: the same rule as bench_linear.prepare (mask gm + wm > 0; GM 1, WM 2, WM written last wins ties)
-        img = sitk.Cast(sitk.ReadImage(str(mni / "image.nii.gz")), sitk.sitkFloat32)
-        gm = sitk.GetArrayFromImage(sitk.ReadImage(str(mni / "gm_prob.nii.gz"))).astype(np.float32)
-        wm = sitk.GetArrayFromImage(sitk.ReadImage(str(mni / "wm_prob.nii.gz"))).astype(np.float32)
-        scale = 255.0 if max(gm.max(), wm.max()) > 1.5 else 1.0
-        gm, wm = gm / scale, wm / scale
-        mask = sitk.GetImageFromArray(((gm + wm) > 0).astype(np.uint8))
-        mask.CopyInformation(img)
-        lab = np.zeros(gm.shape, np.uint8)
-        lab[gm > 0.5] = 1
-        lab[wm > 0.5] = 2
-        labels = sitk.GetImageFromArray(lab)
-        labels.CopyInformation(img)
+        from bench_linear import mni_brain, voxelmorph_gm_wm
+        img, mask, labels = mni_brain()
         _write(img, b["fixed"])
         _write(mask, b["fixed_mask"])
         _write(labels, b["fixed_labels"])
-        # moving: FreeSurfer cortex 3, 42 -> 1, cerebral white matter 2, 41 -> 2 (as bench_linear "subject")
-        src = sitk.ReadImage(str(vxm / "labels.nii.gz"))
-        fs = sitk.GetArrayFromImage(src)
-        out = np.zeros(fs.shape, np.uint8)
-        out[np.isin(fs, (3, 42))] = 1
-        out[np.isin(fs, (2, 41))] = 2
-        ml = sitk.GetImageFromArray(out)
-        ml.CopyInformation(src)
+        ml = voxelmorph_gm_wm()
         _write(sitk.Cast(sitk.ReadImage(str(vxm / "image.nii.gz")), sitk.sitkFloat32), b["moving"])
         _write(sitk.Cast(sitk.ReadImage(str(vxm / "mask.nii.gz")) > 0, sitk.sitkUInt8), b["moving_mask"])
         _write(ml, b["moving_labels"])

@@ -117,31 +117,55 @@ def _mask_points(mask):
     return ijk @ d.T + np.array(mask.GetOrigin())
 
 
+def mni_brain():
+    """MNI ICBM152 2009a at 1 mm: the float32 T1, its brain mask (gm_prob + wm_prob > 0) and GM/WM labels
+    (gm_prob > 0.5 -> 1, wm_prob > 0.5 -> 2, WM winning where both are), uint8."""
+    import numpy as np
+    sitk = _sitk()
+    mni = common.DATA / "mni_icbm152_2009a" / "template"
+    img = sitk.Cast(sitk.ReadImage(str(mni / "image.nii.gz")), sitk.sitkFloat32)
+    gm = sitk.GetArrayFromImage(sitk.ReadImage(str(mni / "gm_prob.nii.gz"))).astype(np.float32)
+    wm = sitk.GetArrayFromImage(sitk.ReadImage(str(mni / "wm_prob.nii.gz"))).astype(np.float32)
+    scale = 255.0 if max(gm.max(), wm.max()) > 1.5 else 1.0
+    gm, wm = gm / scale, wm / scale
+    mask = sitk.GetImageFromArray(((gm + wm) > 0).astype(np.uint8))
+    mask.CopyInformation(img)
+    lab = np.zeros(gm.shape, np.uint8)
+    lab[gm > 0.5] = 1
+    lab[wm > 0.5] = 2
+    labels = sitk.GetImageFromArray(lab)
+    labels.CopyInformation(img)
+    return img, mask, labels
+
+
+def voxelmorph_gm_wm():
+    """The voxelmorph test scan's FreeSurfer labels as GM/WM: cortex 3, 42 -> 1; cerebral white matter 2, 41
+    -> 2 (uint8, the label map's grid)."""
+    import numpy as np
+    sitk = _sitk()
+    src = sitk.ReadImage(str(common.DATA / "voxelmorph_brain_t1" / "test_scan" / "labels.nii.gz"))
+    fs = sitk.GetArrayFromImage(src)
+    out = np.zeros(fs.shape, np.uint8)
+    out[np.isin(fs, (3, 42))] = 1
+    out[np.isin(fs, (2, 41))] = 2
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(src)
+    return img
+
+
 def prepare(res_list: list[int], pairs: list[str]) -> dict:
     """Write every pair at every resolution under ``OUT/linear`` once (cached); return their paths."""
     import numpy as np
     sitk = _sitk()
     root = common.OUT / "linear"
     root.mkdir(parents=True, exist_ok=True)
-    mni = common.DATA / "mni_icbm152_2009a" / "template"
     vxm = common.DATA / "voxelmorph_brain_t1" / "test_scan"
     paths: dict = {}
     f1 = root / "fixed_1mm.nii.gz"
     fm1 = root / "fixed_mask_1mm.nii.gz"
     fl1 = root / "fixed_labels_1mm.nii.gz"
     if not (f1.exists() and fm1.exists() and fl1.exists()):
-        img = sitk.Cast(sitk.ReadImage(str(mni / "image.nii.gz")), sitk.sitkFloat32)
-        gm = sitk.GetArrayFromImage(sitk.ReadImage(str(mni / "gm_prob.nii.gz"))).astype(np.float32)
-        wm = sitk.GetArrayFromImage(sitk.ReadImage(str(mni / "wm_prob.nii.gz"))).astype(np.float32)
-        scale = 255.0 if max(gm.max(), wm.max()) > 1.5 else 1.0
-        gm, wm = gm / scale, wm / scale
-        mask = sitk.GetImageFromArray(((gm + wm) > 0).astype(np.uint8))
-        mask.CopyInformation(img)
-        lab = np.zeros(gm.shape, np.uint8)
-        lab[gm > 0.5] = 1
-        lab[wm > 0.5] = 2
-        labels = sitk.GetImageFromArray(lab)
-        labels.CopyInformation(img)
+        img, mask, labels = mni_brain()
         sitk.WriteImage(img, str(f1))
         sitk.WriteImage(mask, str(fm1))
         sitk.WriteImage(labels, str(fl1))
@@ -183,13 +207,7 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
     if "subject" in pairs:
         sl = root / "subject_moving_labels_1mm.nii.gz"
         if not sl.exists():
-            lab = sitk.GetArrayFromImage(sitk.ReadImage(str(vxm / "labels.nii.gz")))
-            out = np.zeros(lab.shape, np.uint8)
-            out[np.isin(lab, (3, 42))] = 1
-            out[np.isin(lab, (2, 41))] = 2
-            o = sitk.GetImageFromArray(out)
-            o.CopyInformation(sitk.ReadImage(str(vxm / "labels.nii.gz")))
-            sitk.WriteImage(o, str(sl))
+            sitk.WriteImage(voxelmorph_gm_wm(), str(sl))
         paths["subject_moving_labels_1mm"] = str(sl)
 
     for res in res_list:

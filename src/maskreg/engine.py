@@ -24,7 +24,8 @@ from maskreg import deformable as dfm
 from maskreg import linear as lin
 from maskreg.errors import InputError, MaskregError, OverlapError, where
 from maskreg.grid import Grid
-from maskreg.losses import NEEDS_DENSE, get_loss, intensity_scale
+from maskreg.loss_names import NEEDS_DENSE
+from maskreg.losses import get_loss, intensity_scale
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
 from maskreg.transforms import LinearTransform, chain
 

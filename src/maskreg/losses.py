@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from maskreg.loss_names import ALIASES, NEEDS_DENSE, canonical  # noqa: F401  (re-exported)
+from maskreg.loss_names import canonical
 
 EPS = 1e-6
 
