@@ -186,6 +186,19 @@ def test_principal_axes_undo_a_large_rotation(principal_axes):
         assert err > 5 * min(fixed.GetSpacing()), err
 
 
+def test_principal_axes_of_a_round_object_leave_the_rotation_alone(caplog):
+    """A round blob has no principal directions: the axes step must keep the moments translation, not pick an
+    arbitrary rotation that scores the same."""
+    z, y, x = np.mgrid[0:40, 0:40, 0:40].astype(np.float32)
+    blob = lambda c: np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / 60.0)  # noqa: E731
+    fixed, moving = make_image(blob((20, 20, 20))), make_image(blob((23, 18, 21)))
+    with caplog.at_level(logging.INFO, logger="maskreg"):
+        res = maskreg.register(fixed, moving, stages=[{"type": "moments", "principal_axes": True}], device="cpu")
+    assert np.allclose(res.linear.matrix, np.eye(3))
+    assert np.allclose(res.linear.translation, (3, -2, 1), atol=0.05)
+    assert "principal axes not distinct" in caplog.text
+
+
 def test_same_seed_same_transform_on_cpu():
     f, m, fm = rectangle_pair(64, 128)
     runs = [maskreg.register(f, m, fm, None, stages=TRANSLATION, device="cpu", sampling={"random": 128},

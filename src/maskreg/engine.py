@@ -291,7 +291,7 @@ class _Sampler:
 
     def __init__(self, fl: Level, ml: Level, f_norm, m_norm, random_n: int | None, generator):
         self.fl, self.ml = fl, ml
-        self.f, self.m = f_norm, m_norm
+        self.f = f_norm
         self.random_n = random_n
         self.gen = generator
         self.maps = _level_maps(fl, ml, f_norm.device)
@@ -350,7 +350,8 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
     mask- and intensity-weighted second moments, in LPS mm) onto the moving image's is added. Each axis is
     known only up to its sign, so every proper rotation ``R = V_m S V_fᵀ`` (``S`` = diag(±1), det R = +1) and
     the rotation-free start are scored with the stage's loss (default ``mi``) at a coarse level, and the best
-    is kept; axes of nearly equal moments (ratio > 0.95) give no reliable direction and are left alone.
+    is kept. When either image has two nearly equal moments (ratio > 0.95), their axes have no reliable
+    direction and the rotation is skipped.
     """
     stage = stage or {}
 
@@ -372,7 +373,7 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
         return out
     ev_f, v_f = np.linalg.eigh(cov_f)
     ev_m, v_m = np.linalg.eigh(cov_m)
-    if min(ev_f[1:] / np.maximum(ev_f[:-1], 1e-12)).item() < 1 / 0.95 and \
+    if min(ev_f[1:] / np.maximum(ev_f[:-1], 1e-12)).item() < 1 / 0.95 or \
             min(ev_m[1:] / np.maximum(ev_m[:-1], 1e-12)).item() < 1 / 0.95:
         log.info("%sstage moments: principal axes not distinct (moments %s, %s); rotation skipped",
                  where(prob.subject), np.array2string(ev_f, precision=1), np.array2string(ev_m, precision=1))
@@ -469,6 +470,12 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def _cosine(lr: float, it: int, n_it: int) -> float:
+    """Step size of iteration ``it`` (1-based) of ``n_it``: cosine decay from ``lr`` to 5 % of it (torch's
+    CosineAnnealingLR with eta_min = 0.05 lr), for the linear and the deformable stages alike."""
+    return 0.05 * lr + 0.95 * lr * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(n_it, 1)))
+
+
 class _Adam:
     """Adam (Kingma & Ba 2015; torch.optim.Adam's update and defaults) for one parameter vector. Not
     ``torch.optim``: creating its first optimizer imports ``torch._dynamo`` and sympy, 1.6 s of every job."""
@@ -535,8 +542,7 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
             fixed_v, warped_v, w = sampler(h)
             loss = loss_fn(fixed_v, warped_v, w, window=int(stage["window"]), bins=int(stage["bins"]))
             (grad,) = torch.autograd.grad(loss, [p])
-            # cosine decay from lr to 5 % of it over the level (torch's CosineAnnealingLR, eta_min = 0.05 lr)
-            opt.step(grad, 0.05 * lr + 0.95 * lr * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(n_it, 1))))
+            opt.step(grad, _cosine(lr, it, n_it))
             trace[it - 1] = loss.detach()
             if bar is not None:
                 bar.update(1)
@@ -802,7 +808,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         tol = float(stage["tolerance"])
         converged, it = False, 0
         for it in range(1, n_it + 1):
-            step = 0.05 * lr + 0.95 * lr * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(n_it, 1)))
+            step = _cosine(lr, it, n_it)
             field = state.field.detach().requires_grad_(kind == "syn" and _has_reg(stage))
             if kind == "syn":
                 with torch.no_grad():

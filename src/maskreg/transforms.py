@@ -216,9 +216,7 @@ def read_transform(paths: str | os.PathLike | Sequence[str | os.PathLike], *, su
     dims = {t.GetDimension() for t in parts}
     if len(dims) > 1:
         raise InputError(f"{where(subject, role)}the transforms mix dimensions {sorted(dims)}.")
-    comp = sitk.CompositeTransform(dims.pop())
-    for t in reversed(parts):  # ITK applies the last added first: add the first-listed last
-        comp.AddTransform(t)
+    comp = compose_sitk(parts)
     try:
         return LinearTransform.from_sitk(comp)
     except ValueError:
@@ -239,7 +237,7 @@ def flatten(tx: sitk.Transform) -> list[sitk.Transform]:
 def compose_sitk(parts: Sequence[sitk.Transform]) -> sitk.Transform:
     """One SimpleITK transform applying ``parts`` to points in the given order."""
     comp = sitk.CompositeTransform(parts[0].GetDimension())
-    for t in reversed(parts):
+    for t in reversed(parts):  # ITK applies the last added first: add the first-listed last
         comp.AddTransform(t)
     return comp
 
