@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,9 @@ def _describe_device() -> str:
 
 
 def _commit() -> str:
+    """The checkout's commit; ``$MASKREG_COMMIT`` where the tree travelled without its .git (a GPU machine)."""
+    if os.environ.get("MASKREG_COMMIT"):
+        return os.environ["MASKREG_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                              check=True).stdout.strip()
