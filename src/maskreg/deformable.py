@@ -68,14 +68,22 @@ class FieldOps:
     def max_voxels(self, u: torch.Tensor) -> float:
         """An upper bound of ``max |u|`` in voxels of this grid: the largest length in mm over the finest
         spacing (exact for isotropic grids)."""
-        return float(u.pow(2).sum(1).max().sqrt()) / float(self.spacing.min())
+        return float(self.max_voxels_t(u))
 
-    def exp(self, v: torch.Tensor, max_step_vox: float = 0.5) -> torch.Tensor:
-        """Displacement of ``exp(v)`` by scaling and squaring (enough squarings that the first step is at
-        most ``max_step_vox`` voxels; ``exp(v) ∘ exp(-v)`` is then the identity to ~0.03 voxel, and each extra
-        squaring would cost a full-grid resampling of the field per call)."""
-        vmax = self.max_voxels(v)
-        n = max(0, math.ceil(math.log2(max(vmax / max_step_vox, 1.0))))
+    def max_voxels_t(self, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`max_voxels` as a 0-dim tensor on ``u``'s device (no read-back)."""
+        return u.pow(2).sum(1).max().sqrt() / self.spacing.min()
+
+    @staticmethod
+    def squarings(vmax_vox: float, max_step_vox: float = 0.5) -> int:
+        """Squarings for :meth:`exp` of a field whose largest vector is ``vmax_vox`` voxels long."""
+        return max(0, math.ceil(math.log2(max(vmax_vox / max_step_vox, 1.0))))
+
+    def exp(self, v: torch.Tensor, squarings: int | None = None, max_step_vox: float = 0.5) -> torch.Tensor:
+        """Displacement of ``exp(v)`` by scaling and squaring: ``squarings`` of them, by default enough that
+        the first step is at most ``max_step_vox`` voxels (``exp(v) ∘ exp(-v)`` is then the identity to ~0.03
+        voxel, and each extra squaring would cost a full-grid resampling of the field per call)."""
+        n = self.squarings(self.max_voxels(v), max_step_vox) if squarings is None else squarings
         u = v / (2 ** n)
         for _ in range(n):
             u = self.compose(u, u)

@@ -27,6 +27,7 @@ from maskreg.grid import Grid
 from maskreg.loss_names import NEEDS_DENSE
 from maskreg.losses import get_loss, intensity_scale
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
+from maskreg.stepper import Stepper
 from maskreg.transforms import LinearTransform, chain
 
 log = logging.getLogger("maskreg")
@@ -477,22 +478,34 @@ def _cosine(lr: float, it: int, n_it: int) -> float:
 
 
 class _Adam:
-    """Adam (Kingma & Ba 2015; torch.optim.Adam's update and defaults) for one parameter vector. Not
-    ``torch.optim``: creating its first optimizer imports ``torch._dynamo`` and sympy, 1.6 s of every job."""
+    """Adam (Kingma & Ba 2015; torch.optim.Adam's update and defaults) for one parameter tensor, with the
+    step sizes of every iteration given up front (``lrs``, one per iteration) and the step count kept on the
+    parameter's device, so an iteration never reads a value back to the host (graph-safe, see
+    :mod:`maskreg.stepper`). Not ``torch.optim``: creating its first optimizer imports ``torch._dynamo`` and
+    sympy, 1.6 s of every job."""
 
-    def __init__(self, p: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.p, self.b1, self.b2, self.eps = p, betas[0], betas[1], eps
+    def __init__(self, p: torch.Tensor, lrs: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.p, self.lrs, self.b1, self.b2, self.eps = p, lrs, betas[0], betas[1], eps
         self.m = torch.zeros_like(p)
         self.v = torch.zeros_like(p)
-        self.t = 0
+        self.t = torch.zeros(1, dtype=torch.long, device=p.device)  # steps done
 
     @torch.no_grad()
-    def step(self, grad: torch.Tensor, lr: float) -> None:
+    def step(self, grad: torch.Tensor) -> None:
+        lr = self.lrs.index_select(0, self.t)
         self.t += 1
+        t = self.t.to(self.m.dtype)
         self.m.mul_(self.b1).add_(grad, alpha=1 - self.b1)
         self.v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
-        denom = (self.v / (1 - self.b2 ** self.t)).sqrt_().add_(self.eps)
-        self.p.addcdiv_(self.m, denom, value=-lr / (1 - self.b1 ** self.t))
+        denom = (self.v / (1 - torch.pow(self.b2, t))).sqrt_().add_(self.eps)
+        self.p.sub_(lr / (1 - torch.pow(self.b1, t)) * self.m / denom)
+
+
+def _schedule(lr: float, n_it: int, device: torch.device) -> torch.Tensor:
+    """:func:`_cosine` step sizes of iterations 1..n_it as a tensor on ``device`` (one copy per level)."""
+    return torch.tensor([_cosine(lr, it, n_it) for it in range(1, max(n_it, 1) + 1)], dtype=torch.float32,
+                        device=device)
 
 
 def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampling, min_overlap: int,
@@ -527,8 +540,20 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
         level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
         _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
         lr = float(stage["learning_rate"]) * float(np.mean(fl.grid.spacing))
-        opt = _Adam(p)
+        opt = _Adam(p, _schedule(lr, n_it, dev))
         trace = torch.zeros(max(n_it, 1), device=dev)
+        start_t = lin.start_tensors(current, dev)
+        window, bins = int(stage["window"]), int(stage["bins"])
+
+        def iteration(_key) -> None:  # graph-safe: see maskreg.stepper
+            h = lin.homogeneous(kind, p, start_t, prob.radius)
+            fixed_v, warped_v, w = sampler(h)
+            loss = loss_fn(fixed_v, warped_v, w, window=window, bins=bins)
+            (grad,) = torch.autograd.grad(loss, [p])
+            trace.index_copy_(0, opt.t, loss.detach().reshape(1))
+            opt.step(grad)
+        # random sampling draws new points at every iteration: not graph-safe, so eager
+        stepper = Stepper(iteration, dev, graphs=not random_n)
         # a loss drawn from random samples is noisy by construction: its plateau test would stop at random,
         # so random sampling runs the level's whole (cosine-decayed) schedule
         tol = 0.0 if random_n else float(stage["tolerance"])
@@ -538,12 +563,7 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
             from tqdm import tqdm
             bar = tqdm(total=n_it, desc=f"{kind} s{scale}", leave=False)
         for it in range(1, n_it + 1):
-            h = lin.homogeneous(kind, p, current, prob.radius)
-            fixed_v, warped_v, w = sampler(h)
-            loss = loss_fn(fixed_v, warped_v, w, window=int(stage["window"]), bins=int(stage["bins"]))
-            (grad,) = torch.autograd.grad(loss, [p])
-            opt.step(grad, _cosine(lr, it, n_it))
-            trace[it - 1] = loss.detach()
+            stepper()
             if bar is not None:
                 bar.update(1)
             if _plateau(trace, it, tol):
@@ -551,6 +571,7 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
                 break
         if bar is not None:
             bar.close()
+        stepper.close()
         current = lin.to_linear(kind, p.detach(), current, prob.radius)
         with torch.no_grad():
             _, _, w = dense(lin.homogeneous(kind, torch.zeros_like(p), current, prob.radius))
@@ -803,16 +824,20 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         ow, fsum = float(w.sum()), float(fl.mask.sum())
         level_name = f"stage {kind}, level {li + 1}/{len(stage['scales'])} (scale {scale})"
         _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
-        lr = float(stage["learning_rate"])
         trace = torch.zeros(max(n_it, 1), device=dev)
         tol = float(stage["tolerance"])
-        converged, it = False, 0
-        for it in range(1, n_it + 1):
-            step = _cosine(lr, it, n_it)
-            field = state.field.detach().requires_grad_(kind == "syn" and _has_reg(stage))
+        lrs = _schedule(float(stage["learning_rate"]), n_it, dev)
+        count = torch.zeros(1, dtype=torch.long, device=dev)  # iterations done
+        vmax = ops.max_voxels_t(state.field)  # max |field| (voxels) after the last update
+        fluid, elastic = float(stage["fluid_sigma"]), float(stage["elastic_sigma"])
+        window, bins = int(stage["window"]), int(stage["bins"])
+        buf = state.field  # updated in place: the iteration's state lives at fixed addresses (graph-safe)
+
+        def iteration(squarings) -> None:  # graph-safe: see maskreg.stepper
+            field = buf.detach().requires_grad_(kind == "syn" and _has_reg(stage))
             if kind == "syn":
                 with torch.no_grad():
-                    uf, um = halves(field)
+                    uf, um = ops.exp(-0.5 * field, squarings), ops.exp(0.5 * field, squarings)
                 uf.requires_grad_(True)
                 um.requires_grad_(True)
                 fixed_v, warped_v, w = evaluate(uf, um)
@@ -821,7 +846,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 field.requires_grad_(True)
                 fixed_v, warped_v, w = evaluate(None, field)
                 leaves = [field]
-            loss = loss_fn(fixed_v, warped_v, w, window=int(stage["window"]), bins=int(stage["bins"]))
+            loss = loss_fn(fixed_v, warped_v, w, window=window, bins=bins)
             reg = _regulariser(stage, field)
             total = loss + reg if reg is not None else loss
             if label_term:
@@ -834,16 +859,23 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             else:
                 g = grads[0]
             with torch.no_grad():
-                d = ops.smooth(-g, float(stage["fluid_sigma"]))
-                dmax = ops.max_voxels(d)
-                if dmax > 0:
-                    d = d * (step / dmax)
-                new = state.field + d if kind == "syn" else ops.compose(state.field, d)
-                state.field = ops.smooth(new, float(stage["elastic_sigma"]))
-            trace[it - 1] = loss.detach()
+                d = ops.smooth(-g, fluid)
+                # a step of the scheduled size (voxels) along the smoothed gradient; none where it is 0
+                d = d * (lrs.index_select(0, count) / ops.max_voxels_t(d).clamp_min(1e-20))
+                new = buf + d if kind == "syn" else ops.compose(buf, d)
+                buf.copy_(ops.smooth(new, elastic))
+                trace.index_copy_(0, count, loss.detach().reshape(1))
+                count.add_(1)
+                vmax.copy_(ops.max_voxels_t(buf))
+        stepper = Stepper(iteration, dev)
+        converged, it = False, 0
+        for it in range(1, n_it + 1):
+            # exp(±v/2) needs enough squarings for the current field: one read-back per iteration
+            stepper(ops.squarings(0.5 * float(vmax)) if kind == "syn" else None)
             if _plateau(trace, it, tol):
                 converged = True
                 break
+        stepper.close()
         with torch.no_grad():
             _, _, w = evaluate(*halves(state.field)) if kind == "syn" else evaluate(None, state.field)
         _finish_level(prob, report, level_name, fl.grid, scale, it, trace, w, fsum, t0, converged, loss_name,

@@ -24,13 +24,23 @@ def n_params(kind: str, dim: int) -> int:
 
 
 def _rotation(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rotation matrix of angle ``p[0]`` (2D) or of the rotation vector ``p`` (3D, radians: axis × angle).
+
+    3D: Rodrigues' formula ``R = I + a K + b K²`` with ``K`` the cross-product matrix of ``p``,
+    ``a = sin θ / θ`` and ``b = (1 − cos θ) / θ² = ½ (sin(θ/2) / (θ/2))²``, through ``sinc`` at
+    ``θ = sqrt(|p|² + 10⁻¹²)`` (smooth at ``p = 0``, where the gradient stays finite): the same map as
+    ``matrix_exp(K)`` with fewer operations and no host synchronisation (a GPU iteration replayed as a CUDA
+    graph must not read values back)."""
     if dim == 2:
         c, s = torch.cos(p[0]), torch.sin(p[0])
         return torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
     z = torch.zeros((), dtype=p.dtype, device=p.device)
     k = torch.stack([torch.stack([z, -p[2], p[1]]), torch.stack([p[2], z, -p[0]]),
                      torch.stack([-p[1], p[0], z])])
-    return torch.linalg.matrix_exp(k)
+    theta = ((p[:3] * p[:3]).sum() + 1e-12).sqrt()
+    a = torch.sinc(theta / math.pi)
+    b = 0.5 * torch.sinc(theta / (2 * math.pi)) ** 2
+    return torch.eye(3, dtype=p.dtype, device=p.device) + a * k + b * (k @ k)
 
 
 def update_matrix(kind: str, p: torch.Tensor, dim: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,13 +59,20 @@ def update_matrix(kind: str, p: torch.Tensor, dim: int, radius: float) -> tuple[
     raise ValueError(f"unknown linear stage '{kind}'")
 
 
-def homogeneous(kind: str, p: torch.Tensor, start: LinearTransform, radius: float) -> torch.Tensor:
-    """Homogeneous ``(dim+1, dim+1)`` torch matrix of ``U(p) ∘ start`` (float32 on ``p``'s device)."""
-    dim = start.dim
+def start_tensors(start: LinearTransform, device: torch.device, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
+    """``(A0, t0, c)`` of ``start`` as tensors on ``device``, for :func:`homogeneous` (copied once per level,
+    not per iteration)."""
+    return tuple(torch.as_tensor(v, dtype=dtype, device=device) for v in (start.matrix, start.translation,
+                                                                          start.center))
+
+
+def homogeneous(kind: str, p: torch.Tensor, start: LinearTransform | tuple[torch.Tensor, ...],
+                radius: float) -> torch.Tensor:
+    """Homogeneous ``(dim+1, dim+1)`` torch matrix of ``U(p) ∘ start`` (float32 on ``p``'s device); ``start``
+    may be given as :func:`start_tensors`."""
+    a0, t0, c = start_tensors(start, p.device, p.dtype) if isinstance(start, LinearTransform) else start
+    dim = a0.shape[0]
     l_mat, dt = update_matrix(kind, p, dim, radius)
-    a0 = torch.as_tensor(start.matrix, dtype=p.dtype, device=p.device)
-    t0 = torch.as_tensor(start.translation, dtype=p.dtype, device=p.device)
-    c = torch.as_tensor(start.center, dtype=p.dtype, device=p.device)
     a = l_mat @ a0
     t = t0 + dt
     top = torch.cat([a, (c + t - a @ c)[:, None]], dim=1)
