@@ -73,8 +73,8 @@ def main() -> None:
         lv = "; ".join(f"{'x'.join(map(str, x.shape))}: {x.iterations} it {x.seconds:.3f} s" for x in s.levels)
         n_it += sum(x.iterations for x in s.levels)
         print(f"  {s.type:8s} {s.seconds:7.3f} s  {lv}")
-    print(f"  outside the stages (set-up, full-resolution fields, results to the host): "
-          f"{res.seconds - sum(s.seconds for s in res.stages):.3f} s of {res.seconds:.3f} s")
+    print("  phases: " + ", ".join(f"{k} {v:.3f} s" for k, v in res.phase_seconds.items())
+          + f"; whole call {res.seconds:.3f} s")
     if args.no_profile:
         return
     from torch.profiler import ProfilerActivity, profile

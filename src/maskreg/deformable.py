@@ -122,9 +122,14 @@ def jacobian_determinant(u: torch.Tensor, ops: FieldOps) -> torch.Tensor:
     jac = torch.stack(grads, dim=2)  # [1, comp, axis, *shape]
     jac = torch.einsum("bca...,ka->bck...", jac, ops.direction)
     eye = torch.eye(dim, device=u.device).reshape(1, dim, dim, *([1] * dim))
-    m = jac + eye
-    m = m.permute(0, *range(3, 3 + dim), 1, 2)
-    return torch.linalg.det(m)[:, None]
+    m = jac + eye  # [1, row, col, *shape]
+    if dim == 2:
+        det = m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]
+    else:  # cofactor expansion along the first row: elementwise, no batched LU of millions of 3x3 matrices
+        det = (m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
+               - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
+               + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0]))
+    return det[:, None]
 
 
 def bending_energy(u: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,7 @@ class RegistrationResult:
     jacobian_min: float | None = None
     jacobian_nonpositive_fraction: float | None = None
     initial_nonlinear: bool = False
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # set-up, stages, fields, ... (wall s)
 
     def ensure_fields(self) -> None:
         """Zero forward/inverse fields on the fixed grid when no deformable part exists (the workflow writes
@@ -638,6 +639,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
         common = prob.set_labels(fixed_labels, moving_labels)
         log.info("%slabel term over %d label(s): %s", where(subject), len(common), common)
     center = prob.center.cpu().numpy()
+    t_setup = _synced_clock(dev)
     current = LinearTransform.identity(prob.dim, center) if initial is None else _recenter(initial, center)
     reports: list[StageReport] = []
     state: FieldState | None = None
@@ -668,15 +670,28 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
         rep.seconds = round(time.perf_counter() - t0, 3)
         reports.append(rep)
     result = RegistrationResult(current, prob.fgrid, str(dev), 0.0, reports)
+    t_stages = _synced_clock(dev)
+    result.phase_seconds["set-up"] = round(t_setup - t_start, 3)
+    result.phase_seconds["stages"] = round(t_stages - t_setup, 3)
     if state is not None:
         fwd, inv, ops = _full_resolution_fields(prob, state)
-        result.displacement = field_image(fwd, prob.fgrid)
-        result.inverse_displacement = field_image(inv, prob.fgrid)
         det = dfm.jacobian_determinant(fwd, ops)
         result.jacobian_min = float(det.min())
         result.jacobian_nonpositive_fraction = float((det <= 0).float().mean())
+        t_fields = _synced_clock(dev)
+        result.phase_seconds["full-resolution fields"] = round(t_fields - t_stages, 3)
+        result.displacement = field_image(fwd, prob.fgrid)
+        result.inverse_displacement = field_image(inv, prob.fgrid)
+        result.phase_seconds["fields to SimpleITK"] = round(time.perf_counter() - t_fields, 3)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _synced_clock(dev: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work (phase timings)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
 
 
 def _after_nonlinear_initial(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None,
@@ -912,8 +927,10 @@ def _full_resolution_fields(prob: _Problem, state: FieldState) -> tuple[torch.Te
 def field_image(u: torch.Tensor, grid: Grid) -> sitk.Image:
     """A ``[1, dim, *shape]`` mm displacement tensor as an ITK displacement-field image (VectorFloat64, LPS
     mm components x, y[, z]) on ``grid``."""
-    arr = u[0].detach().cpu().double().numpy()
-    arr = np.moveaxis(arr, 0, -1)  # [*shape, dim]
+    v = u[0].detach()
+    perm = v.permute(*range(1, v.dim()), 0)  # [*shape, dim]
+    # one strided copy into float64 on the device, one transfer, one copy into the image
+    arr = torch.empty(perm.shape, dtype=torch.float64, device=v.device).copy_(perm).cpu().numpy()
     img = sitk.GetImageFromArray(arr, isVector=True)
     img.SetSpacing(grid.spacing)
     img.SetOrigin(grid.origin)

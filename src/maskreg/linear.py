@@ -76,8 +76,7 @@ def homogeneous(kind: str, p: torch.Tensor, start: LinearTransform | tuple[torch
     a = l_mat @ a0
     t = t0 + dt
     top = torch.cat([a, (c + t - a @ c)[:, None]], dim=1)
-    bottom = torch.zeros(1, dim + 1, dtype=p.dtype, device=p.device)
-    bottom[0, dim] = 1
+    bottom = torch.eye(dim + 1, dtype=p.dtype, device=p.device)[dim:]  # (0, ..., 0, 1), made on the device
     return torch.cat([top, bottom], dim=0)
 
 

@@ -7,6 +7,7 @@ into it; masks are box-averaged (the fraction of fine voxels inside the mask), n
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -17,28 +18,30 @@ import torch.nn.functional as F
 from maskreg.grid import Grid, resampling_theta, shrink_factors
 
 
-def gaussian_kernel1d(sigma: float, device: torch.device) -> torch.Tensor:
-    """Normalised 1D Gaussian, ``sigma`` in voxels, truncated at 3 sigma."""
+@functools.lru_cache(maxsize=256)
+def gaussian_weights(sigma: float) -> tuple[float, ...]:
+    """Normalised 1D Gaussian weights, ``sigma`` in voxels, truncated at 3 sigma (computed on the host)."""
     radius = max(1, int(math.ceil(3.0 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
+    k = [math.exp(-0.5 * (x / sigma) ** 2) for x in range(-radius, radius + 1)]
+    total = math.fsum(k)
+    return tuple(v / total for v in k)
 
 
-def filter_axis(t: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
-    """Convolve every channel of ``t`` (``[B, C, *spatial]``) with the odd 1D ``kernel`` along spatial
-    ``axis`` (tensor order), zero padding, same size: a weighted sum of shifted views, which is memory-bound
-    and much faster on the CPU than a 3D convolution with a 1D kernel."""
+def filter_axis(t: torch.Tensor, kernel: tuple[float, ...] | torch.Tensor, axis: int) -> torch.Tensor:
+    """Convolve every channel of ``t`` (``[B, C, *spatial]``) with the odd 1D ``kernel`` (host weights)
+    along spatial ``axis`` (tensor order), zero padding, same size: a weighted sum of shifted views, which
+    is memory-bound and much faster on the CPU than a 3D convolution with a 1D kernel. The weights stay on
+    the host, so filtering never reads a value back from a GPU (graph-safe, see :mod:`maskreg.stepper`)."""
+    weights = kernel.tolist() if isinstance(kernel, torch.Tensor) else list(kernel)
     ax = 2 + axis
-    r = kernel.numel() // 2
+    r = len(weights) // 2
     n = t.shape[ax]
     pad = [0, 0] * (t.dim() - 2)
     pad[2 * (t.dim() - 3 - axis)] = r
     pad[2 * (t.dim() - 3 - axis) + 1] = r
     p = F.pad(t, pad)
-    weights = kernel.tolist()
     out = p.narrow(ax, 0, n) * weights[0]
-    for j in range(1, kernel.numel()):
+    for j in range(1, len(weights)):
         out = out.add(p.narrow(ax, j, n), alpha=weights[j])
     return out
 
@@ -49,10 +52,10 @@ def gaussian_blur(t: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
     for axis, s in enumerate(sigmas):
         if s <= 0:
             continue
-        k = gaussian_kernel1d(s, t.device)
-        if k.numel() > 2 * t.shape[2 + axis] - 1:  # a kernel longer than the axis: trim it (same result)
+        k = gaussian_weights(float(s))
+        if len(k) > 2 * t.shape[2 + axis] - 1:  # a kernel longer than the axis: trim it (same result)
             r = t.shape[2 + axis] - 1
-            c = k.numel() // 2
+            c = len(k) // 2
             k = k[c - r: c + r + 1]
         t = filter_axis(t, k, axis)
     return t
@@ -76,10 +79,10 @@ def box_average(t: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
     for axis, f in enumerate(factors):
         if f == 1:
             continue
-        k = torch.ones(f if f % 2 else f + 1, device=t.device)
+        k = [1.0] * (f if f % 2 else f + 1)
         if f % 2 == 0:
             k[0] = k[-1] = 0.5
-        t = filter_axis(t, k / f, axis)
+        t = filter_axis(t, tuple(v / f for v in k), axis)
     return t
 
 
