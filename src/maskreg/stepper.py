@@ -72,5 +72,9 @@ class Stepper:
             graph.replay()
 
     def close(self) -> None:
-        """Free the graphs and their memory pool (call at the end of a pyramid level)."""
+        """Free the graphs and their private memory pool (call at the end of a pyramid level: a pool kept
+        per level would hold every level's intermediates at once)."""
+        for graph in self.graphs.values():
+            graph.reset()
         self.graphs.clear()
+        self.pool = None
