@@ -285,6 +285,31 @@ def _normalised_intensities(fl: Level, ml: Level, loss_name: str) -> tuple[torch
 ALL_MASK_VOXELS = -1
 
 
+class _AffineGrid:
+    """``F.affine_grid(theta, [1, 1, *shape], align_corners=True)`` by broadcasting one normalised coordinate
+    vector per axis: ``grid = Σ_a c_a θ[:, a] + θ[:, dim]``, one full-size operation instead of a batched
+    matrix product over every voxel (no cuBLAS: nothing per-stream to allocate inside a CUDA graph)."""
+
+    def __init__(self, shape: Sequence[int], device: torch.device):
+        dim = len(shape)
+        self.dim = dim
+        self.coords = []
+        for a in range(dim):  # a: x, y[, z]; tensor axis dim - 1 - a
+            n = shape[dim - 1 - a]
+            c = torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device)
+            view = [1] * (dim + 2)
+            view[1 + (dim - 1 - a)] = n
+            self.coords.append(c.reshape(view))
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        """``[1, *shape, dim]`` normalised sampling grid of ``theta`` ``(1, dim, dim+1)``."""
+        t = theta[0]
+        g = self.coords[0] * t[:, 0] + t[:, self.dim]
+        for a in range(1, self.dim):
+            g = g + self.coords[a] * t[:, a]
+        return g
+
+
 class _Sampler:
     """Evaluates ``(fixed, warped moving, weight)`` at the fixed level's points: every voxel (dense, for
     losses with neighbourhoods), every voxel of the fixed mask (``random_n = ALL_MASK_VOXELS``: the same loss
@@ -297,6 +322,7 @@ class _Sampler:
         self.random_n = random_n
         self.gen = generator
         self.maps = _level_maps(fl, ml, f_norm.device)
+        self.affine_grid = _AffineGrid(fl.grid.shape, f_norm.device)
         # moving image and mask sampled in one call: zero padding is exact for the image too, since points
         # outside the moving grid ([-1, 1] with align_corners) get weight 0 through ``inside``
         self.moving_and_mask = torch.cat([m_norm, ml.mask], 1)
@@ -329,7 +355,7 @@ class _Sampler:
             fixed = self.f.reshape(-1)[idx].reshape(1, 1, -1)
             mf = self.fl.mask.reshape(-1)[idx].reshape(1, 1, -1)
         else:
-            grid = F.affine_grid(theta, [1, 1, *self.fl.grid.shape], align_corners=True)
+            grid = self.affine_grid(theta)
             fixed, mf = self.f, self.fl.mask
         both = F.grid_sample(self.moving_and_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         warped, mm = both[:, :1], both[:, 1:]
@@ -782,7 +808,6 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
     dev = prob.device
     dim = prob.dim
     h = torch.as_tensor(linear.homogeneous(), dtype=torch.float32, device=dev)
-    a_lin = h[:dim, :dim]
     sigmas = stage.get("smoothing_sigmas") or [None] * len(stage["scales"])
     if state is not None and state.kind != kind:
         raise MaskregError(f"stage {kind} cannot follow a {state.kind} stage; use one deformable type.")
@@ -795,8 +820,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             state.ops.upsample(state.field, ops)
         state = FieldState(kind, ops, field)
         g0 = F.affine_grid(_theta(h, _level_maps(fl, ml, dev), dim), [1, 1, *fl.grid.shape], align_corners=True)
-        to_moving = torch.as_tensor(ml.grid.physical_to_normalised()[:dim, :dim], dtype=torch.float32,
-                                    device=dev) @ a_lin
+        to_moving = ml.grid.physical_to_normalised()[:dim, :dim] @ linear.matrix  # mm -> moving normalised
 
         label_weight = float(stage.get("label_weight", 0.0)) if prob.labels is not None else 0.0
         f_lab, m_lab = prob.label_levels(fl, ml) if label_weight > 0 else (None, None)
