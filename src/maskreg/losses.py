@@ -142,38 +142,43 @@ def _bspline3(d: torch.Tensor) -> torch.Tensor:
                        torch.where(a < 2, (2 - a) ** 3 / 6, torch.zeros_like(a)))
 
 
-def _bspline3_derivative(d: torch.Tensor) -> torch.Tensor:
-    """Derivative of :func:`_bspline3` with respect to ``d``."""
-    a = d.abs()
-    g = torch.where(a < 1, (-12 * a + 9 * a**2) / 6, torch.where(a < 2, -0.5 * (2 - a) ** 2, torch.zeros_like(a)))
-    return g * torch.sign(d)
+def _parzen_weights(t: torch.Tensor) -> torch.Tensor:
+    """Cubic B-spline weights of the four bins ``floor(mv) - 1 .. floor(mv) + 2`` for the fractional parts
+    ``t = mv - floor(mv)`` ``[N]`` → ``[N, 4]`` (they sum to 1): ``β₃(t + 1), β₃(t), β₃(t - 1), β₃(t - 2)``."""
+    t2, s = t * t, 1 - t
+    t3 = t2 * t
+    return torch.stack([s * s * s, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3], 1) / 6
+
+
+def _parzen_derivatives(t: torch.Tensor) -> torch.Tensor:
+    """``d/dmv`` of :func:`_parzen_weights` ``[N, 4]``."""
+    t2, s = t * t, 1 - t
+    return torch.stack([-0.5 * s * s, 1.5 * t2 - 2 * t, 0.5 + t - 1.5 * t2, 0.5 * t2], 1)
 
 
 class _ParzenHistogram(torch.autograd.Function):
     """Unnormalised joint histogram ``H[fb, j] = Σ_x w(x) β₃(mv(x) − j)`` (flattened ``bins²``).
 
-    Its gradient in the moving bin coordinate is closed-form, ``∂L/∂mv(x) = w(x) Σ_j β₃'(mv − j)
-    ∂L/∂H[fb(x), j]``: four gathers per voxel instead of autograd through the B-spline weights of every
-    voxel. (The entropies on the small ``bins²`` histogram stay in autograd.)"""
+    Each voxel adds to the four moving bins its B-spline reaches, with weights in closed form from the
+    fractional part of ``mv``: one scatter of ``4N`` values. The gradient in the moving bin coordinate is
+    closed-form too, ``∂L/∂mv(x) = w(x) Σ_j β₃'(mv − j) ∂L/∂H[fb(x), j]``: one gather, instead of autograd
+    through the B-spline of every voxel (and ~100 fewer kernel launches per iteration than four passes).
+    (The entropies on the small ``bins²`` histogram stay in autograd.)"""
 
     @staticmethod
     def forward(ctx, mv, fb, w, bins):
-        base = mv.floor().long()
+        base = mv.floor()
+        t = mv - base
+        idx = (fb * bins + base.long() - 1)[:, None] + torch.arange(4, device=mv.device)
         hist = torch.zeros(bins * bins, dtype=mv.dtype, device=mv.device)
-        for k in (-1, 0, 1, 2):
-            j = base + k
-            hist.index_add_(0, fb * bins + j, w * _bspline3(mv - j.to(mv.dtype)))
-        ctx.save_for_backward(mv, fb, w, base)
-        ctx.bins = bins
+        hist.index_add_(0, idx.reshape(-1), (w[:, None] * _parzen_weights(t)).reshape(-1))
+        ctx.save_for_backward(t, idx, w)
         return hist
 
     @staticmethod
     def backward(ctx, grad_hist):
-        mv, fb, w, base = ctx.saved_tensors
-        grad = torch.zeros_like(mv)
-        for k in (-1, 0, 1, 2):
-            j = base + k
-            grad += _bspline3_derivative(mv - j.to(mv.dtype)) * grad_hist[fb * ctx.bins + j]
+        t, idx, w = ctx.saved_tensors
+        grad = (_parzen_derivatives(t) * grad_hist[idx]).sum(1)
         return grad * w, None, None, None
 
 
