@@ -1,4 +1,4 @@
-"""Deformable registration on real 3D brain pairs: maskreg vs ANTsPy (SyN, SyNQuick) vs FireANTs, CPU.
+"""Deformable registration on real brain pairs (3D, and one 2D): maskreg vs ANTsPy (SyN, SyNQuick) vs FireANTs.
 
 Run: ``.venv/bin/python benchmarks/bench_deformable.py [--res 2 1] [--pairs brain afids] [--repeats 1]
 [--methods maskreg maskreg-fast ants-syn ants-synquick fireants] [--maskreg-fast YAML] [--threads 2] [--quick]``.
@@ -14,6 +14,13 @@ linearly and thresholded at 0.5, label maps with nearest neighbour) and/or 1 mm 
   component, closing, hole filling: the brain's outline on these images). Accuracy: target registration error of the 32 AFIDs landmarks (MNI152NLin6Asym rater
   consensus; Colin27 mean of the 32 rater sessions), read from the Slicer ``.fcsv`` files (RAS -> LPS):
   ``|T(p_fixed) - p_moving|`` in mm, mean and max.
+
+* ``brain2d``: 2D, fixed = ANTsPy's example slice r16, moving = r64 (two subjects' axial T1 slices,
+  256 x 256 at 1 mm, bundled in ``resources/demo/antspy_brain2d``), masks from ``auto_mask``, registered on
+  their own grid whatever ``--res`` says (the ``res`` column reads ``native``). No labels exist: accuracy is the
+  Dice of the brain outlines (fixed mask vs warped moving mask) and the NCC of the images inside the fixed
+  mask. Both are weak (the outline is what the masks give, and NCC favours methods that optimise a
+  correlation), but they separate a registration that worked from one that did not.
 
 For every method and pair the same code evaluates the fixed -> moving transform the method returned, read back
 from ANTs-ordered transform files with ``maskreg.transforms.read_transform``: labels warped with
@@ -45,7 +52,8 @@ import common  # noqa: E402
 ROOT = common.OUT / "deformable"
 CONFIG = HERE.parent / "config" / "config.yaml"
 METHODS = ["maskreg", "maskreg-fast", "ants-syn", "ants-synquick", "fireants"]
-PAIRS = ["brain", "afids"]
+PAIRS = ["brain", "afids", "brain2d"]
+BRAIN2D = HERE.parent / "resources" / "demo" / "antspy_brain2d"  # ANTsPy's r16/r64 slices (licence beside)
 # FireANTs: moments -> affine (masked MI, maskreg's affine scales/iterations) -> greedy (masked local CC with
 # the settings of FireANTs' own brain scripts, scripts/pairwise/test_lpba40.py and test_mgh10.py)
 FIREANTS_AFFINE = {"scales": [4, 2, 1], "iterations": [100, 50, 25]}
@@ -206,6 +214,10 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
     src = _prepare_1mm()
     paths: dict = {"landmarks": src["landmarks"]}
     for pair in pairs:
+        if pair == "brain2d":
+            for res in res_list:
+                paths[(pair, res)] = _prepare_2d()
+            continue
         for res in res_list:
             if res == 1:
                 paths[(pair, res)] = dict(src[pair])
@@ -227,6 +239,20 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
                 out[k] = str(p)
             paths[(pair, res)] = out
     return paths
+
+
+def _prepare_2d() -> dict:
+    """The 2D pair (float32 images, ``auto_mask`` masks; the masks double as one-label maps), written once."""
+    sitk = _sitk()
+    from maskreg.masks import auto_mask
+    p = {k: ROOT / f"brain2d_{k}.nii.gz" for k in ("fixed", "fixed_mask", "moving", "moving_mask")}
+    if not all(v.exists() for v in p.values()):
+        for role, name in (("fixed", "r16"), ("moving", "r64")):
+            img = sitk.Cast(sitk.ReadImage(str(BRAIN2D / f"{name}.nii.gz")), sitk.sitkFloat32)
+            _write(img, p[role])
+            _write(auto_mask(img), p[f"{role}_mask"])
+    out = {k: str(v) for k, v in p.items()}
+    return out | {"fixed_labels": out["fixed_mask"], "moving_labels": out["moving_mask"]}
 
 
 # --------------------------------------------------------------------------------------------- workers
@@ -337,7 +363,18 @@ def _worker_fireants(spec: dict) -> dict:
     reg = meas.pop("result")
     # one displacement field on the fixed grid, LPS mm, affine included: T(x) = x + d(x)
     path = Path(spec["out"]) / "warp.nii.gz"
-    reg.save_as_ants_transforms([str(path)])
+    if _sitk().ReadImage(p["fixed"]).GetDimension() == 2:
+        # FireANTs 1.5.0 builds its 2D warp image with GetImageFromArray([H, W, 2]) and no isVector, i.e. a
+        # 3D scalar image, and CopyInformation then fails: build it as the vector image it is
+        import fireants.registration.deformablemixin as dm
+        orig = dm.sitk.GetImageFromArray
+        dm.sitk.GetImageFromArray = lambda a, isVector=None: orig(a, isVector=True)
+        try:
+            reg.save_as_ants_transforms([str(path)])
+        finally:
+            dm.sitk.GetImageFromArray = orig
+    else:
+        reg.save_as_ants_transforms([str(path)])
     return {**meas, "transform": [str(path)], "version": md.version("fireants")}
 
 
@@ -377,19 +414,13 @@ def worker_main(spec: dict) -> None:
 
 def jacobian_determinant(tx, ref):
     """Jacobian determinant of the map ``tx`` (fixed -> moving points) at the voxels of ``ref``'s grid (numpy
-    array, z-y-x). ``sitk.DisplacementFieldJacobianDeterminant`` differentiates along the index axes scaled by
-    the spacing but ignores the direction cosines (wrong for a flipped or oblique grid such as MNI's), so the
-    field's vectors are rotated into the index frame (``Dᵀ d``) on a grid with identity direction first:
-    ``det(I + Dᵀ G D) = det(I + G)``."""
-    import numpy as np
+    array, ``[z,] y, x``), from the map's displacement field on that grid, through
+    ``maskreg.qc.metrics.jacobian_determinant`` (physical space, direction cosines included, 2D or 3D)."""
     sitk = _sitk()
+    from maskreg.qc.metrics import jacobian_determinant as field_jacobian
     disp = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
                                              ref.GetSpacing(), ref.GetDirection())
-    d = np.array(ref.GetDirection()).reshape(3, 3)
-    arr = sitk.GetArrayViewFromImage(disp) @ d  # rows: (Dᵀ v)ᵀ = vᵀ D
-    rot = sitk.GetImageFromArray(arr, isVector=True)
-    rot.SetSpacing(ref.GetSpacing())
-    return sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(rot))
+    return sitk.GetArrayFromImage(field_jacobian(disp))
 
 
 class Evaluator:
@@ -403,6 +434,7 @@ class Evaluator:
         self.fmask = sitk.GetArrayFromImage(sitk.ReadImage(paths["fixed_mask"])) > 0
         self.flabels = sitk.ReadImage(paths["fixed_labels"]) if "fixed_labels" in paths else None
         self.mlabels = sitk.ReadImage(paths["moving_labels"]) if "moving_labels" in paths else None
+        self.moving = sitk.ReadImage(paths["moving"])
         self.pf = np.array(landmarks["fixed"]) if pair == "afids" else None
         self.pm = np.array(landmarks["moving"]) if pair == "afids" else None
         self.reliable = (np.array(landmarks["colin27_rms_mm"]) <= RATER_SPREAD_MM) if pair == "afids" else None
@@ -416,10 +448,16 @@ class Evaluator:
             w = warp_labels(self.mlabels, self.flabels, tx, "nearest")
             a, b = sitk.GetArrayViewFromImage(self.flabels), sitk.GetArrayViewFromImage(w)
             dice = []
-            for lab in (1, 2):
+            for lab in ((1,) if self.pair == "brain2d" else (1, 2)):
                 x, y = a == lab, b == lab
                 dice.append(2.0 * float((x & y).sum()) / max(float(x.sum() + y.sum()), 1.0))
-            out.update(dice_gm=dice[0], dice_wm=dice[1], dice_mean=sum(dice) / 2)
+            if self.pair == "brain2d":
+                from maskreg.qc.metrics import masked_ncc
+                from maskreg.warp import warp_image
+                warped = warp_image(self.moving, self.fixed, tx)
+                out.update(dice_mask=dice[0], ncc=masked_ncc(self.fixed, warped, self.flabels))
+            else:
+                out.update(dice_gm=dice[0], dice_wm=dice[1], dice_mean=sum(dice) / 2)
         if self.pf is not None:
             e = np.linalg.norm(warp_points(self.pf, tx) - self.pm, axis=1)
             out.update(tre_mean=float(e.mean()), tre_max=float(e.max()), tre_reliable=float(e[self.reliable].mean()))
@@ -492,14 +530,14 @@ def main() -> None:
     tables: dict[str, list[dict]] = {p: [] for p in args.pairs}
     details = []
     for pair in args.pairs:
-        for res in res_list:
+        for res in (res_list[:1] if pair == "brain2d" else res_list):  # 2D: its own grid, once
             ev = Evaluator(pair, paths[(pair, res)], landmarks)
             rows = []
             for m in ["identity"] + args.methods:
-                row = {"res": f"{res} mm", "method": m}
+                row = {"res": "native" if pair == "brain2d" else f"{res} mm", "method": m}
                 rows.append(row)
                 if m == "identity":
-                    out = {"tx": sitk.Transform(3, sitk.sitkIdentity)}
+                    out = {"tx": sitk.Transform(ev.fixed.GetDimension(), sitk.sitkIdentity)}
                 elif not available[m][0]:
                     row["note"] = available[m][1][:120]
                     continue
@@ -509,7 +547,7 @@ def main() -> None:
                             "out": str(ROOT / "runs" / f"{pair}_{res}mm" / m),
                             "stages": stages_fast if m == "maskreg-fast" else stages,
                             "mask_all_stages": args.ants_mask_all_stages}
-                    print(f"running {m} on {pair} at {res} mm ...", flush=True)
+                    print(f"running {m} on {pair} at {row['res']} ...", flush=True)
                     out = common.run_worker(Path(__file__), spec, timeout=args.timeout)
                     if "error" in out:
                         row["note"] = out["error"][:200]
@@ -525,13 +563,14 @@ def main() -> None:
                     if out.get("own_jac_nonpos") is not None:
                         row["own_jac"] = f"{100 * out['own_jac_nonpos']:.3f}"
                     if "stages" in out:
-                        details.append(f"{pair} {res} mm {m}: " + "; ".join(
+                        details.append(f"{pair} {row['res']} {m}: " + "; ".join(
                             f"{s['type']} {s['seconds']:.1f} s" + (f" (iterations {s['iterations']})"
                                                                    if s["iterations"] else "")
                             for s in out["stages"]))
                 t1 = time.perf_counter()
                 acc = ev(out["tx"])
-                row.update(dice_gm=_fmt(acc.get("dice_gm"), 3), dice_wm=_fmt(acc.get("dice_wm"), 3),
+                row.update(dice_mask=_fmt(acc.get("dice_mask"), 3), ncc=_fmt(acc.get("ncc"), 3),
+                           dice_gm=_fmt(acc.get("dice_gm"), 3), dice_wm=_fmt(acc.get("dice_wm"), 3),
                            dice_mean=_fmt(acc.get("dice_mean"), 3), tre_mean=_fmt(acc.get("tre_mean")),
                            tre_max=_fmt(acc.get("tre_max")), tre_reliable=_fmt(acc.get("tre_reliable")),
                            jac=f"{100 * acc['jac_nonpos']:.3f}", jac_min=_fmt(acc["jac_min"], 3))
@@ -548,11 +587,13 @@ def main() -> None:
             ("runs_s", "runs s"), ("peak_mb", "peak MB (base)"), ("gpu_mb", "GPU peak MB")]
     acc_cols = {"brain": [("dice_gm", "Dice GM"), ("dice_wm", "Dice WM"), ("dice_mean", "Dice mean")],
                 "afids": [("tre_mean", "TRE mean mm"), ("tre_max", "TRE max mm"),
-                          ("tre_reliable", f"TRE mean mm, {n_reliable} AFIDs")]}
+                          ("tre_reliable", f"TRE mean mm, {n_reliable} AFIDs")],
+                "brain2d": [("dice_mask", "Dice brain outline"), ("ncc", "NCC in fixed mask")]}
     tail = [("jac", "det J ≤ 0 % (mask)"), ("jac_min", "min det J (mask)"), ("own_jac", "maskreg's own det ≤ 0 %"),
             ("note", "note")]
     for pair in args.pairs:
-        what = {"brain": "MNI ICBM152 2009a ← voxelmorph T1", "afids": "MNI152NLin6Asym ← Colin27, 32 AFIDs"}[pair]
+        what = {"brain": "MNI ICBM152 2009a ← voxelmorph T1", "afids": "MNI152NLin6Asym ← Colin27, 32 AFIDs",
+                "brain2d": "2D: ANTsPy r16 ← r64"}[pair]
         print(f"\n**{pair}** ({what})\n")
         print(markdown_table(tables[pair], head + acc_cols[pair] + tail))
     if details:

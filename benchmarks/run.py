@@ -1,8 +1,8 @@
 """One entry point for the speed suites: runs the benchmark scripts in sequence and appends what they print,
 with the device, date and commit, to benchmarks/RESULTS.md.
 
-    python benchmarks/run.py --suite cpu     # 2 mm brain + AFIDs deformable, 2 mm linear, on the CPU
-    python benchmarks/run.py --suite gpu     # the same plus 1 mm, maskreg and FireANTs on CUDA
+    python benchmarks/run.py --suite cpu     # 2 mm brain + AFIDs + the 2D slice pair deformable, 2 mm linear
+    python benchmarks/run.py --suite gpu     # the deformable pairs at 2 and 1 mm, maskreg and FireANTs on CUDA
     python benchmarks/run.py --suite cohort  # fixed cost per Snakemake job on the demo cohort
     python benchmarks/run.py --suite cpu --dry-run   # print the commands only
 
