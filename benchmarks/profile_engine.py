@@ -57,7 +57,7 @@ def main() -> None:
         return r
 
     t0 = time.perf_counter()
-    run()
+    res = run()
     print(f"warm-up call: {time.perf_counter() - t0:.2f} s")
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -826,29 +826,29 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         f_lab, m_lab = prob.label_levels(fl, ml) if label_weight > 0 else (None, None)
         label_term: list[torch.Tensor] = []
 
-        moving_and_mask = torch.cat([m_n, ml.mask], 1)  # one sampling call; see _Sampler on the padding
+        # each side's image, mask (and labels) sampled in one call, zero padding: points outside a grid get
+        # weight 0 through ``inside`` (see _Sampler), so the padding value never reaches a loss
+        moving_stack = torch.cat([m_n, ml.mask] + ([m_lab] if m_lab is not None else []), 1)
+        fixed_stack = torch.cat([f_n, fl.mask] + ([f_lab] if f_lab is not None else []), 1)
+
+        def inside(grid: torch.Tensor) -> torch.Tensor:
+            return (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(grid.dtype)[:, None]
 
         def evaluate(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
             grid = g0 + ops.offsets(u_moving, to_moving)
-            both = F.grid_sample(moving_and_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            warped, mm = both[:, :1], both[:, 1:]
-            inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(warped.dtype)[:, None]
-            fixed_lab = f_lab
+            ms = F.grid_sample(moving_stack, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            warped, mm = ms[:, :1], ms[:, 1:2] * inside(grid)
             if u_fixed is None:
+                fs = fixed_stack
                 fixed, mf = f_n, fl.mask
             else:
-                fixed = ops.sample(f_n, u_fixed)
                 fgrid = ops.identity + ops.offsets(u_fixed)
-                mf = F.grid_sample(fl.mask, fgrid, mode="bilinear", padding_mode="zeros", align_corners=True)
-                mf = mf * (fgrid.abs() <= 1.0 + 1e-6).all(dim=-1).to(mf.dtype)[:, None]
-                if f_lab is not None:
-                    fixed_lab = F.grid_sample(f_lab, fgrid, mode="bilinear", padding_mode="zeros",
-                                              align_corners=True)
-            w = mf * mm * inside
+                fs = F.grid_sample(fixed_stack, fgrid, mode="bilinear", padding_mode="zeros", align_corners=True)
+                fixed, mf = fs[:, :1], fs[:, 1:2] * inside(fgrid)
+            w = mf * mm
             label_term.clear()
             if m_lab is not None:
-                warped_lab = F.grid_sample(m_lab, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-                label_term.append(label_weight * soft_dice_loss(fixed_lab, warped_lab, w.detach()))
+                label_term.append(label_weight * soft_dice_loss(fs[:, 2:], ms[:, 2:], w.detach()))
             return fixed, warped, w
 
         def halves(v):
