@@ -171,3 +171,36 @@ def test_same_inputs_same_transforms(tmp_path):
     again = [np.array(sitk.ReadTransform(str(work / "results/a/transforms/affine.mat")).GetParameters()),
              sitk.GetArrayFromImage(sitk.ReadImage(str(work / "results/a/transforms/warp.nii.gz")))]
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+
+
+def test_batched_registration_keeps_per_subject_results_and_failures(tmp_path):
+    """resources.register.batch_size: 2 registers two subjects per job in one process; the subjects' files
+    equal a one-job-per-subject run's, a failed subject fails alone (in the middle of a batch), and a rerun
+    plans only what is left."""
+    rows = {"a": ("r64", "r16"), "bad": ("r64", "const"), "c": ("r64", "r27")}
+    (tmp_path / "single").mkdir()
+    (tmp_path / "batched").mkdir()
+    single = make_project(tmp_path / "single", rows)
+    batched = make_project(tmp_path / "batched", rows)
+    cfg = yaml.safe_load((batched / "config.yaml").read_text())
+    cfg["resources"] = {"register": {"batch_size": 2}}
+    (batched / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for work in (single, batched):
+        proc = snakemake(work)
+        assert proc.returncode != 0 and "1 of 3 subject(s) failed" in proc.stderr, proc.stderr[-2000:]
+    # one job registered a and bad, another c; the per-subject jobs only published
+    assert sorted(p.name for p in (batched / "results/.batches").iterdir()) == ["batch0000", "batch0001"]
+    status = yaml.safe_load((batched / "results/.batches/batch0000/status.json").read_text())
+    assert status["a"]["ok"] and not status["bad"]["ok"] and "constant" in status["bad"]["error"]
+    for s in ("a", "c"):
+        one = sitk.ReadTransform(str(single / f"results/{s}/transforms/affine.mat"))
+        two = sitk.ReadTransform(str(batched / f"results/{s}/transforms/affine.mat"))
+        assert np.allclose(one.GetParameters(), two.GetParameters(), atol=1e-5), s
+        assert (batched / f"results/{s}/qc/registration.png").exists()
+        assert "registered on cpu" in (batched / f"logs/{s}/register.log").read_text()
+    assert "image is constant" in (batched / "logs/bad/register.log").read_text().splitlines()[-1]
+    m = pd.read_csv(batched / "results/cohort/metrics.tsv", sep="\t", keep_default_na=False).set_index("subject")
+    assert list(m.status) == ["ok", "failed", "ok"] and "constant" in m.loc["bad", "error"]
+    # the batches are up to date: a rerun would only publish bad again (and fail again)
+    plan = planned(batched)
+    assert "register_batch" not in plan and plan.get("register") == 1, plan

@@ -20,10 +20,17 @@ RES = config["resources"]
 DEFORMABLE = any(s["type"] in ("greedy", "syn") for s in config["registration"]["stages"]) or any(
     may_be_nonlinear(v) for v in COHORT["initial_transform"] if v)
 
+# batched registration (resources.register.batch_size > 1): consecutive cohort rows, batch_size at a time, are
+# registered by one job (one process, one CUDA context); `register` then publishes each subject's files
+BATCH_SIZE = RES["register"]["batch_size"]
+BATCHES = {f"batch{i // BATCH_SIZE:04d}": SUBJECTS[i:i + BATCH_SIZE] for i in range(0, len(SUBJECTS), BATCH_SIZE)}
+SUBJECT_BATCH = {s: b for b, members in BATCHES.items() for s in members}
+
 
 wildcard_constraints:
     subject="|".join(map(re.escape, SUBJECTS)) if SUBJECTS else "[A-Za-z0-9._-]+",
     role="fixed|moving",
+    batch="batch[0-9]+",
 
 
 def cohort_value(subject, column):
@@ -55,14 +62,17 @@ def mask_options(subject, role):
     return mcfg.mask_options(config["masks"][role], COHORT.loc[subject].to_dict(), role)
 
 
-def register_resources():
+def register_resources(batched=False):
     """Resources of GPU rules; no GPU is requested when the config says device: cpu.
 
     mem_mb and runtime grow with the attempt (`--retries N`): attempt 2 asks for twice the configured
-    memory and time, so a job killed for exceeding them on a cluster is resubmitted with more."""
+    memory and time, so a job killed for exceeding them on a cluster is resubmitted with more. A batch job
+    (`batched`) asks for the runtime of one registration times its number of subjects."""
     r = RES["register"]
     mem_mb, runtime = r["mem_mb"], r["runtime"]
-    out = {"mem_mb": lambda wc, attempt: mem_mb * attempt, "runtime": lambda wc, attempt: runtime * attempt}
+    n = (lambda wc: len(BATCHES[wc.batch])) if batched else (lambda wc: 1)
+    out = {"mem_mb": lambda wc, attempt: mem_mb * attempt,
+           "runtime": lambda wc, attempt: runtime * attempt * n(wc)}
     if config["device"] != "cpu" and r["gpu"] > 0:
         out["gpu"] = r["gpu"]
         if r.get("gpu_model"):
@@ -88,6 +98,29 @@ def register_label_inputs(wc):
         return {}
     return {"fixed_labels": cohort_value(wc.subject, "fixed_labels"),
             "moving_labels": cohort_value(wc.subject, "moving_labels")}
+
+
+def registration_job(subject):
+    """What maskreg.jobs.register_subject needs for a subject (paths and mask kinds), for batch jobs."""
+    job = {"fixed": cohort_value(subject, "fixed"), "moving": cohort_value(subject, "moving"),
+           "fixed_mask": f"results/{subject}/masks/fixed_mask.nii.gz",
+           "moving_mask": f"results/{subject}/masks/moving_mask.nii.gz",
+           "initial": split_list(cohort_value(subject, "initial_transform")),
+           "kinds": [mask_options(subject, r)["kind"] for r in ("fixed", "moving")]}
+    if LABEL_TERM and has_labels(subject):
+        job.update(fixed_labels=cohort_value(subject, "fixed_labels"),
+                   moving_labels=cohort_value(subject, "moving_labels"))
+    return job
+
+
+def batch_inputs(wc):
+    """Every input file of every subject of a batch (the DAG's edges; the script reads params.jobs)."""
+    out = []
+    for s in BATCHES[wc.batch]:
+        job = registration_job(s)
+        out += [job[k] for k in ("fixed", "moving", "fixed_mask", "moving_mask")] + job["initial"]
+        out += [job[k] for k in ("fixed_labels", "moving_labels") if k in job]
+    return out
 
 
 def register_outputs():
