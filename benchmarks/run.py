@@ -31,7 +31,7 @@ SUITES: dict[str, list[list[str]]] = {
         ["bench_deformable.py", "--res", "2", "1", "--device", "cuda", "--repeats", "2",
          "--methods", "maskreg", "maskreg-fast", "fireants", "ants-syn"],
     ],
-    "cohort": [["bench_cohort.py", "--cores", "1"]],
+    "cohort": [["bench_cohort.py", "--cores", "1"], ["bench_cohort.py", "--cores", "1", "--batch-size", "6"]],
 }
 
 

@@ -1,6 +1,7 @@
 """One subject's registration from files to files, alone or as part of a batch in one warm process.
 
-The workflow's scripts call these; nothing here knows Snakemake. A *batch* registers several subjects in one
+The workflow's scripts call these; nothing here knows Snakemake. ``python -m maskreg.jobs publish ...`` runs
+:func:`publish` with the standard library alone (no torch, no SimpleITK: ~0.1 s a subject). A *batch* registers several subjects in one
 process, so the interpreter, the imports and (on a GPU) the CUDA context are paid once per batch instead of
 once per subject. Each subject's results go to its own folder inside the batch folder with its own log and a
 status, so one failed subject does not lose the others: :func:`publish` then moves each subject's files to
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from maskreg import io, logs, transforms
+from maskreg import logs
 from maskreg.errors import MaskregError, where
 
 log = logging.getLogger("maskreg")
@@ -36,6 +37,7 @@ def register_subject(subject: str, *, fixed: str, moving: str, fixed_mask: str, 
     ``warp``/``inverse_warp`` (displacement fields, zero where the subject has no deformable part). Every
     file is written atomically. Returns the :class:`maskreg.RegistrationResult`."""
     import maskreg
+    from maskreg import io, transforms
 
     read = io.read_image
     images = {"fixed": read(fixed, subject=subject, role="fixed"),
@@ -71,6 +73,8 @@ def register_batch(jobs: Mapping[str, Mapping[str, Any]], out_dir: str | os.Path
     ``outputs``) in this process, into ``out_dir/{subject}/`` (the :data:`OUTPUT_FILES` and ``register.log``).
     A subject that fails is logged (its log ends with ``ERROR: ...``) and recorded; the others go on.
     Returns and writes ``out_dir/status.json``: ``{subject: {"ok": bool, "error": str, "seconds": float}}``."""
+    from maskreg import io
+
     out = Path(out_dir)
     status: dict[str, dict] = {}
     for subject, kw in jobs.items():
@@ -118,3 +122,25 @@ def _place(src: Path, dest: str) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m maskreg.jobs publish BATCH_DIR SUBJECT LOG NAME=PATH ...``: :func:`publish`; exit 1 with
+    the subject's error on stderr when its registration failed."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 4 or args[0] != "publish" or any("=" not in a for a in args[4:]):
+        print("usage: python -m maskreg.jobs publish BATCH_DIR SUBJECT LOG NAME=PATH ...", file=sys.stderr)
+        return 2
+    outputs = dict(a.split("=", 1) for a in args[4:])
+    try:
+        publish(args[1], args[2], outputs, args[3])
+    except MaskregError as exc:
+        print(f"maskreg: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

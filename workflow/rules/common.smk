@@ -14,6 +14,7 @@ COHORT_SCHEMA = mcfg.load_yaml(workflow.source_path("../schemas/cohort.schema.ya
 COHORT = mcfg.load_and_validate(config, CONFIG_SCHEMA, COHORT_SCHEMA)
 validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
 SUBJECTS = list(COHORT.index)
+PYTHON = sys.executable  # the interpreter running Snakemake (and maskreg): for shell jobs
 RES = config["resources"]
 # a deformable stage, or an initial transform that may hold a displacement field (judged by file names),
 # adds the displacement fields to the outputs and to the warp and QC inputs

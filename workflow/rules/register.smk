@@ -70,7 +70,8 @@ else:
         log:
             "logs/{subject}/register.log",
         localrule: True
-        run:
-            from maskreg.jobs import publish
-
-            publish(input.batch, wildcards.subject, dict(output.items()), log[0])
+        # a shell job, not run: (Snakemake 9 runs a run: block by re-invoking itself, ~3 s a job); the
+        # publisher imports the standard library only
+        shell:
+            "{PYTHON} -m maskreg.jobs publish {input.batch} {wildcards.subject} {log} "
+            + " ".join(f"{k}={{output.{k}}}" for k in register_outputs())
