@@ -64,6 +64,12 @@ def test_syn_forward_inverse_and_determinism():
     a1, a2 = (sitk.GetArrayFromImage(r.displacement) for r in (r1, r2))
     assert np.array_equal(a1, a2)
     assert np.abs(a1).max() > 3  # a real deformation, not the identity
+    # fields come back as computed (float32), with the phases of the call timed and reported
+    assert r1.displacement.GetPixelID() == sitk.sitkVectorFloat32
+    assert list(r1.phase_seconds) == ["set-up", "stages", "full-resolution fields", "fields to SimpleITK"]
+    assert all(v >= 0 for v in r1.phase_seconds.values())
+    assert sum(r1.phase_seconds.values()) <= r1.seconds + 0.01
+    assert r1.summary()["phase_seconds"] == r1.phase_seconds
     # forward ∘ inverse ≈ identity: x + w(x) + u(x + w(x)) = x for the inverse w
     fwd = sitk.DisplacementFieldTransform(sitk.Cast(r1.displacement, sitk.sitkVectorFloat64))
     inv = sitk.DisplacementFieldTransform(sitk.Cast(r1.inverse_displacement, sitk.sitkVectorFloat64))

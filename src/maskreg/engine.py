@@ -105,7 +105,7 @@ class RegistrationResult:
         """A JSON-ready report (no loss traces longer than needed)."""
         last = self.stages[-1].levels[-1] if self.stages and self.stages[-1].levels else None
         return {
-            "device": self.device, "seconds": round(self.seconds, 3),
+            "device": self.device, "seconds": round(self.seconds, 3), "phase_seconds": self.phase_seconds,
             "overlap_voxels": last.overlap_voxels if last else None,
             "overlap_fraction": last.overlap_fraction if last else None,
             "deformable": self.displacement is not None,
