@@ -204,3 +204,8 @@ def test_batched_registration_keeps_per_subject_results_and_failures(tmp_path):
     # the batches are up to date: a rerun would only publish bad again (and fail again)
     plan = planned(batched)
     assert "register_batch" not in plan and plan.get("register") == 1, plan
+    # a registration setting changes: both batches and every subject's registration are planned again
+    cfg["registration"]["stages"][1]["iterations"] = [25, 10]
+    (batched / "config.yaml").write_text(yaml.safe_dump(cfg))
+    plan = planned(batched)
+    assert plan.get("register_batch") == 2 and plan.get("register") == 3, plan
