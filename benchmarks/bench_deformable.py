@@ -310,34 +310,17 @@ def _worker_ants(spec: dict) -> dict:
 
 def _worker_fireants(spec: dict) -> dict:
     import importlib.metadata as md
-    import numpy as np
+
     import torch
-    sitk = _sitk()
-    from fireants.io.image import BatchedImages, Image
+    from bench_linear import fireants_images
     from fireants.registration.affine import AffineRegistration
     from fireants.registration.greedy import GreedyRegistration
     from fireants.registration.moments import MomentsRegistration
     torch.set_num_threads(spec["threads"])
     p = spec["paths"]
-
-    def load(img_path, mask_path):  # as bench_linear's FireANTs worker
-        img = sitk.Cast(sitk.ReadImage(img_path), sitk.sitkFloat32)
-        msk = sitk.Cast(sitk.ReadImage(mask_path) > 0, sitk.sitkFloat32)
-        a, m = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk)
-        # FireANTs' MI bins intensities in [0, 1]: robust min-max inside the mask (CC does not care)
-        lo, hi = np.percentile(a[m > 0], [0.5, 99.5])
-        a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
-        norm = sitk.GetImageFromArray(a)
-        norm.CopyInformation(img)
-        prod = sitk.GetImageFromArray(a * m)
-        prod.CopyInformation(img)
-        dev = spec.get("device", "cpu")
-        im = Image(norm, device=dev)
-        im_masked = im.concatenate(Image(msk, device=dev))  # last channel = mask (FireANTs' masked mode)
-        return BatchedImages([im_masked]), BatchedImages([Image(prod, device=dev)])
-
-    fixed_b, fixed_prod = load(p["fixed"], p["fixed_mask"])
-    moving_b, moving_prod = load(p["moving"], p["moving_mask"])
+    dev = spec.get("device", "cpu")
+    fixed_b, fixed_prod = fireants_images(p["fixed"], p["fixed_mask"], dev)
+    moving_b, moving_prod = fireants_images(p["moving"], p["moving_mask"], dev)
     q = spec["quick"]
     g = FIREANTS_GREEDY
 

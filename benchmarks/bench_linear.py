@@ -297,35 +297,38 @@ def _worker_ants(spec: dict) -> dict:
     return {**meas, "matrix": _probe_matrix(tx), "version": ants.__version__}
 
 
+def fireants_images(img_path: str, mask_path: str, device: str = "cpu"):
+    """One image for FireANTs' masked mode: ``(BatchedImages of [image, mask] channels, BatchedImages of
+    image × mask)`` (the second for its moments). Intensities are scaled to [0, 1] by the 0.5/99.5
+    percentiles inside the mask, as FireANTs' MI bins expect (maskreg does the same; CC does not care)."""
+    import numpy as np
+    sitk = _sitk()
+    from fireants.io.image import BatchedImages, Image
+    img = sitk.Cast(sitk.ReadImage(img_path), sitk.sitkFloat32)
+    msk = sitk.Cast(sitk.ReadImage(mask_path) > 0, sitk.sitkFloat32)
+    a, m = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk)
+    lo, hi = np.percentile(a[m > 0], [0.5, 99.5])
+    a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+    norm = sitk.GetImageFromArray(a)
+    norm.CopyInformation(img)
+    prod = sitk.GetImageFromArray(a * m)
+    prod.CopyInformation(img)
+    im_masked = Image(norm, device=device).concatenate(Image(msk, device=device))  # last channel = mask
+    return BatchedImages([im_masked]), BatchedImages([Image(prod, device=device)])
+
+
 def _worker_fireants(spec: dict) -> dict:
     import importlib.metadata as md
     import numpy as np
     import torch
-    sitk = _sitk()
-    from fireants.io.image import BatchedImages, Image
     from fireants.registration.affine import AffineRegistration
     from fireants.registration.moments import MomentsRegistration
     from fireants.registration.rigid import RigidRegistration
     torch.set_num_threads(spec["threads"])
     p = spec["paths"]
 
-    def load(img_path, mask_path):
-        img = sitk.Cast(sitk.ReadImage(img_path), sitk.sitkFloat32)
-        msk = sitk.Cast(sitk.ReadImage(mask_path) > 0, sitk.sitkFloat32)
-        a, m = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk)
-        # FireANTs' MI bins intensities in [0, 1]: robust min-max inside the mask (maskreg does the same)
-        lo, hi = np.percentile(a[m > 0], [0.5, 99.5])
-        a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
-        norm = sitk.GetImageFromArray(a)
-        norm.CopyInformation(img)
-        prod = sitk.GetImageFromArray(a * m)
-        prod.CopyInformation(img)
-        im = Image(norm, device="cpu")
-        im_masked = im.concatenate(Image(msk, device="cpu"))  # last channel = mask (FireANTs' masked mode)
-        return BatchedImages([im_masked]), BatchedImages([Image(prod, device="cpu")])
-
-    fixed_b, fixed_prod = load(p["fixed"], p["fixed_mask"])
-    moving_b, moving_prod = load(p["moving"], p["moving_mask"])
+    fixed_b, fixed_prod = fireants_images(p["fixed"], p["fixed_mask"])
+    moving_b, moving_prod = fireants_images(p["moving"], p["moving_mask"])
     loss = "masked_" + spec["loss"]
     scales, iters = MASKREG_ITERS["scales"], MASKREG_ITERS["iterations"]
 

@@ -25,8 +25,7 @@ SPACING = (1.5, 1.1, 2.0)  # x, y, z mm
 
 def oblique_pair(seed: int = 0, shape=(40, 56, 48)):
     """Smooth random blobs on an oblique, anisotropic grid (z, y, x = ``shape``); the moving image is the fixed
-    one seen through a known affine (fixed -> moving points, mm) plus a smooth local bump. Masks: the
-    ellipsoid inside the field of view."""
+    one resampled through a known affine. Mask: an ellipsoid inside the field of view."""
     rng = np.random.default_rng(seed)
     a = ndimage.gaussian_filter(rng.normal(size=shape), 3.0)
     a = (a - a.min()) / (a.max() - a.min()) * 100
@@ -44,7 +43,7 @@ def oblique_pair(seed: int = 0, shape=(40, 56, 48)):
     truth.SetCenter(centre)
     truth.SetMatrix((1.04, 0.03, 0.0, -0.02, 0.97, 0.04, 0.01, 0.0, 1.02))
     truth.SetTranslation((2.5, -1.8, 1.2))
-    moving = sitk.Resample(fixed, fixed, truth, sitk.sitkLinear, 0.0)  # moving(x) = fixed(T⁻¹...) grid-wise
+    moving = sitk.Resample(fixed, fixed, truth, sitk.sitkLinear, 0.0)  # moving(x) = fixed(truth(x))
     mask = sitk.GetImageFromArray(roi.astype(np.uint8))
     mask.CopyInformation(fixed)
     return fixed, moving, mask

@@ -851,8 +851,8 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 label_term.append(label_weight * soft_dice_loss(fs[:, 2:], ms[:, 2:], w.detach()))
             return fixed, warped, w
 
-        def halves(v):
-            return ops.exp(-0.5 * v), ops.exp(0.5 * v)
+        def halves(v, squarings=None):
+            return ops.exp(-0.5 * v, squarings), ops.exp(0.5 * v, squarings)
 
         with torch.no_grad():
             if kind == "syn":
@@ -876,7 +876,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             field = buf.detach().requires_grad_(kind == "syn" and _has_reg(stage))
             if kind == "syn":
                 with torch.no_grad():
-                    uf, um = ops.exp(-0.5 * field, squarings), ops.exp(0.5 * field, squarings)
+                    uf, um = halves(field, squarings)
                 uf.requires_grad_(True)
                 um.requires_grad_(True)
                 fixed_v, warped_v, w = evaluate(uf, um)
@@ -905,7 +905,8 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 buf.copy_(ops.smooth(new, elastic))
                 trace.index_copy_(0, count, loss.detach().reshape(1))
                 count.add_(1)
-                vmax.copy_(ops.max_voxels_t(buf))
+                if kind == "syn":  # only exp's squarings need it
+                    vmax.copy_(ops.max_voxels_t(buf))
         stepper = Stepper(iteration, dev)
         converged, it = False, 0
         for it in range(1, n_it + 1):

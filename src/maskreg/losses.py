@@ -162,7 +162,8 @@ class _ParzenHistogram(torch.autograd.Function):
     Each voxel adds to the four moving bins its B-spline reaches, with weights in closed form from the
     fractional part of ``mv``: one scatter of ``4N`` values. The gradient in the moving bin coordinate is
     closed-form too, ``∂L/∂mv(x) = w(x) Σ_j β₃'(mv − j) ∂L/∂H[fb(x), j]``: one gather, instead of autograd
-    through the B-spline of every voxel (and ~100 fewer kernel launches per iteration than four passes).
+    through the B-spline of every voxel. One Mattes MI evaluation with its gradient runs 113 computing
+    operators where four passes over the bins ran 244 (torch.profiler count, CPU).
     (The entropies on the small ``bins²`` histogram stay in autograd.)"""
 
     @staticmethod

@@ -27,12 +27,12 @@ def gaussian_weights(sigma: float) -> tuple[float, ...]:
     return tuple(v / total for v in k)
 
 
-def filter_axis(t: torch.Tensor, kernel: tuple[float, ...] | torch.Tensor, axis: int) -> torch.Tensor:
+def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.Tensor:
     """Convolve every channel of ``t`` (``[B, C, *spatial]``) with the odd 1D ``kernel`` (host weights)
     along spatial ``axis`` (tensor order), zero padding, same size: a weighted sum of shifted views, which
     is memory-bound and much faster on the CPU than a 3D convolution with a 1D kernel. The weights stay on
     the host, so filtering never reads a value back from a GPU (graph-safe, see :mod:`maskreg.stepper`)."""
-    weights = kernel.tolist() if isinstance(kernel, torch.Tensor) else list(kernel)
+    weights = list(kernel)
     ax = 2 + axis
     r = len(weights) // 2
     n = t.shape[ax]

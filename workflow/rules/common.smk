@@ -101,13 +101,18 @@ def register_label_inputs(wc):
             "moving_labels": cohort_value(wc.subject, "moving_labels")}
 
 
+def mask_kinds(subject):
+    """The subject's (fixed, moving) mask kinds, roi or valid, as the engine takes them."""
+    return [mask_options(subject, r)["kind"] for r in ("fixed", "moving")]
+
+
 def registration_job(subject):
     """What maskreg.jobs.register_subject needs for a subject (paths and mask kinds), for batch jobs."""
     job = {"fixed": cohort_value(subject, "fixed"), "moving": cohort_value(subject, "moving"),
            "fixed_mask": f"results/{subject}/masks/fixed_mask.nii.gz",
            "moving_mask": f"results/{subject}/masks/moving_mask.nii.gz",
            "initial": split_list(cohort_value(subject, "initial_transform")),
-           "kinds": [mask_options(subject, r)["kind"] for r in ("fixed", "moving")]}
+           "kinds": mask_kinds(subject)}
     if LABEL_TERM and has_labels(subject):
         job.update(fixed_labels=cohort_value(subject, "fixed_labels"),
                    moving_labels=cohort_value(subject, "moving_labels"))

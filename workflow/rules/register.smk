@@ -21,7 +21,7 @@ if BATCH_SIZE == 1:
             **register_outputs(),
         params:
             registration=config["registration"],
-            kinds=lambda wc: [mask_options(wc.subject, r)["kind"] for r in ("fixed", "moving")],
+            kinds=lambda wc: mask_kinds(wc.subject),
             device=config["device"],
             seed=config["seed"],
         threads: RES["register"]["threads"]
@@ -64,7 +64,7 @@ else:
             **register_outputs(),
         params:  # the batch's settings for this subject: a change reruns it (and so its batch)
             registration=config["registration"],
-            kinds=lambda wc: [mask_options(wc.subject, r)["kind"] for r in ("fixed", "moving")],
+            kinds=lambda wc: mask_kinds(wc.subject),
             device=config["device"],
             seed=config["seed"],
         log:
