@@ -14,6 +14,10 @@ composite order, ANTs' ``[warp.nii.gz, affine.mat]``).
   half-way displacements, ``½(∂/∂u₊ − ∂/∂u₋)`` (the log-domain demons approximation), smoothed and scaled
   as for ``greedy``. Forward ``exp(v)`` and inverse ``exp(-v)`` come from scaling and squaring, so the map
   is a diffeomorphism up to the field's discretisation.
+
+In both, the gradient with respect to a displacement is the loss's gradient in the sampled image times that
+warped image's spatial gradient on the level grid (:meth:`FieldOps.spatial_gradient`; ANTs and greedy take
+the same), not the backward pass of ``grid_sample``; the mask enters as a constant weight.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from maskreg.grid import Grid
 from maskreg.pyramid import gaussian_blur, resample
+from maskreg.sampling import grid_sample
 
 DEFORMABLE_STAGES = ("greedy", "syn")
 DEFORMABLE_DEFAULTS = {
@@ -36,10 +41,15 @@ DEFORMABLE_DEFAULTS = {
 }
 
 
+# scaling and squaring inside the SyN iterations runs on a grid of about half the resolution once a level has
+# this many voxels (see FieldOps.exp_pair_in_iteration)
+COARSE_EXP_MIN_VOXELS = 1 << 18
+
+
 class FieldOps:
     """Operations on displacement fields of one level grid (identity grid and mm → normalised map cached)."""
 
-    def __init__(self, grid: Grid, device: torch.device):
+    def __init__(self, grid: Grid, device: torch.device, coarse_exp: bool = False):
         self.grid = grid
         dim = grid.dim
         self.dim = dim
@@ -49,6 +59,13 @@ class FieldOps:
         # mm -> voxels of this grid per component (for step sizes): |D^T u| / spacing
         self.spacing = torch.as_tensor(grid.spacing, dtype=torch.float32, device=device)
         self.direction = torch.as_tensor(grid.direction_matrix, dtype=torch.float32, device=device)
+        self.coarse: FieldOps | None = None
+        if coarse_exp and grid.voxel_count() >= COARSE_EXP_MIN_VOXELS:
+            fine = min(grid.spacing)
+            size = tuple((n + 2) // 2 if n >= 32 and s <= 2.0 * fine else n
+                         for n, s in zip(grid.size, grid.spacing))
+            if size != grid.size:
+                self.coarse = FieldOps(grid.corner_aligned(size), device)
 
     def offsets(self, u: torch.Tensor, matrix: np.ndarray | None = None) -> torch.Tensor:
         """``[1, *shape, dim]`` normalised offsets of the mm displacement ``u`` through ``matrix`` (a host
@@ -69,10 +86,29 @@ class FieldOps:
             out.append(torch.zeros_like(u[:, 0]) if acc is None else acc)
         return torch.stack(out, dim=-1)
 
+    def spatial_gradient(self, t: torch.Tensor) -> torch.Tensor:
+        """``[N, C, *shape]`` → ``[N, C·dim, *shape]``: each channel's gradient in physical (LPS) space, per
+        mm, components ``(x, y[, z])`` per channel (central differences inside, one-sided at the edges;
+        direction cosines and spacing included). Elementwise work only (graph-safe, no cuBLAS)."""
+        dim = self.dim
+        # derivative along index axis a (x first) in units per mm: tensor axis 2 + dim - 1 - a
+        d = [torch.gradient(t, dim=2 + dim - 1 - a)[0] * (1.0 / self.grid.spacing[a]) for a in range(dim)]
+        m = self.grid.direction_matrix  # column a: the physical direction of index axis a
+        out = []
+        for c in range(t.shape[1]):
+            for k in range(dim):
+                acc = None
+                for a in range(dim):
+                    coef = float(m[k, a])
+                    if abs(coef) <= 1e-12:
+                        continue
+                    acc = d[a][:, c] * coef if acc is None else torch.add(acc, d[a][:, c], alpha=coef)
+                out.append(torch.zeros_like(t[:, 0]) if acc is None else acc)
+        return torch.stack(out, dim=1)
+
     def sample(self, t: torch.Tensor, u: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
         """``t`` (on this grid) sampled at ``x + u(x)``."""
-        return F.grid_sample(t, self.identity + self.offsets(u), mode="bilinear", padding_mode=padding_mode,
-                             align_corners=True)
+        return grid_sample(t, self.identity + self.offsets(u), padding_mode=padding_mode)
 
     def compose(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Displacement of ``(id + u) ∘ (id + v)``: ``v(x) + u(x + v(x))``."""
@@ -95,12 +131,43 @@ class FieldOps:
     def exp(self, v: torch.Tensor, squarings: int | None = None, max_step_vox: float = 0.5) -> torch.Tensor:
         """Displacement of ``exp(v)`` by scaling and squaring: ``squarings`` of them, by default enough that
         the first step is at most ``max_step_vox`` voxels (``exp(v) ∘ exp(-v)`` is then the identity to ~0.03
-        voxel, and each extra squaring would cost a full-grid resampling of the field per call)."""
+        voxel, and each extra squaring would cost a full-grid resampling of the field per call).
+
+        ``v`` may hold several fields (``[N, dim, *shape]``): they are exponentiated in the same calls, which
+        is how :meth:`exp_pair` gets ``exp(±v)`` at once (on the CPU ``grid_sample`` runs one thread per
+        batch item, so a batch of two uses two cores; on CUDA it halves the launches)."""
         n = self.squarings(self.max_voxels(v), max_step_vox) if squarings is None else squarings
         u = v / (2 ** n)
         for _ in range(n):
             u = self.compose(u, u)
         return u
+
+    def exp_pair(self, v: torch.Tensor, squarings: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exp(-v), exp(v))`` of one field ``[1, dim, *shape]`` in one batched scaling and squaring."""
+        both = self.exp(torch.cat([-v, v], 0), squarings)
+        return both[:1], both[1:]
+
+    def iteration_squarings(self, vmax_vox: float) -> int:
+        """Squarings :meth:`exp_pair_in_iteration` needs for a field of ``vmax_vox`` voxels (this grid's)."""
+        if self.coarse is None:
+            return self.squarings(vmax_vox)
+        ratio = min(c / f for c, f in zip(self.coarse.grid.spacing, self.grid.spacing))
+        return self.squarings(vmax_vox / ratio)
+
+    def exp_pair_in_iteration(self, v: torch.Tensor, squarings: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`exp_pair` as the SyN iterations use it. On a large grid (``coarse_exp``) the scaling and
+        squaring runs on a corner-aligned grid of about half the resolution per axis (1/8 of the voxels in 3D)
+        and the results are interpolated back: the velocity is smooth at that scale (its updates are
+        Gaussian-smoothed with the fluid sigma, whose response at the coarse grid's Nyquist frequency is ~6 %
+        for 1.5 voxels), and each squaring is a full resampling of the field, the iteration's largest cost.
+        The registration's returned fields are always exponentiated on the full grid."""
+        if self.coarse is None:
+            return self.exp_pair(v, squarings)
+        mode = "trilinear" if self.dim == 3 else "bilinear"
+        vc = F.interpolate(v, size=self.coarse.grid.shape, mode=mode, align_corners=True)
+        both = F.interpolate(self.coarse.exp(torch.cat([-vc, vc], 0), squarings), size=self.grid.shape,
+                             mode=mode, align_corners=True)
+        return both[:1], both[1:]
 
     def invert(self, u: torch.Tensor, iterations: int = 20) -> torch.Tensor:
         """Inverse displacement ``w`` with ``w(x) = -u(x + w(x))`` by fixed-point iteration."""

@@ -27,6 +27,7 @@ from maskreg.grid import Grid
 from maskreg.loss_names import NEEDS_DENSE
 from maskreg.losses import get_loss, intensity_scale
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
+from maskreg.sampling import grid_sample
 from maskreg.stepper import Stepper
 from maskreg.transforms import LinearTransform, chain
 
@@ -357,7 +358,7 @@ class _Sampler:
         else:
             grid = self.affine_grid(theta)
             fixed, mf = self.f, self.fl.mask
-        both = F.grid_sample(self.moving_and_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        both = grid_sample(self.moving_and_mask, grid)
         warped, mm = both[:, :1], both[:, 1:]
         inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(warped.dtype)[:, None]
         w = mf.reshape(warped.shape) * mm * inside
@@ -815,7 +816,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         t0 = time.perf_counter()
         fl, ml = prob.levels(int(scale), sig, bool(stage.get("use_mask", True)))
         f_n, m_n = _normalised_intensities(fl, ml, loss_name)
-        ops = dfm.FieldOps(fl.grid, dev)
+        ops = dfm.FieldOps(fl.grid, dev, coarse_exp=kind == "syn")
         field = torch.zeros(1, dim, *fl.grid.shape, device=dev) if state is None else \
             state.ops.upsample(state.field, ops)
         state = FieldState(kind, ops, field)
@@ -824,7 +825,6 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
 
         label_weight = float(stage.get("label_weight", 0.0)) if prob.labels is not None else 0.0
         f_lab, m_lab = prob.label_levels(fl, ml) if label_weight > 0 else (None, None)
-        label_term: list[torch.Tensor] = []
 
         # each side's image, mask (and labels) sampled in one call, zero padding: points outside a grid get
         # weight 0 through ``inside`` (see _Sampler), so the padding value never reaches a loss
@@ -834,32 +834,34 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         def inside(grid: torch.Tensor) -> torch.Tensor:
             return (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(grid.dtype)[:, None]
 
-        def evaluate(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
+        def sample(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
+            """Both sides' stacks (image, mask[, labels]) at their half-way points and the weight ``w``."""
             grid = g0 + ops.offsets(u_moving, to_moving)
-            ms = F.grid_sample(moving_stack, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            warped, mm = ms[:, :1], ms[:, 1:2] * inside(grid)
+            ms = grid_sample(moving_stack, grid)
+            w = ms[:, 1:2] * inside(grid)
             if u_fixed is None:
                 fs = fixed_stack
-                fixed, mf = f_n, fl.mask
+                w = w * fl.mask
             else:
                 fgrid = ops.identity + ops.offsets(u_fixed)
-                fs = F.grid_sample(fixed_stack, fgrid, mode="bilinear", padding_mode="zeros", align_corners=True)
-                fixed, mf = fs[:, :1], fs[:, 1:2] * inside(fgrid)
-            w = mf * mm
-            label_term.clear()
-            if m_lab is not None:
-                label_term.append(label_weight * soft_dice_loss(fs[:, 2:], ms[:, 2:], w.detach()))
-            return fixed, warped, w
+                fs = grid_sample(fixed_stack, fgrid)
+                w = w * fs[:, 1:2] * inside(fgrid)
+            return fs, ms, w
 
-        def halves(v, squarings=None):
-            return ops.exp(-0.5 * v, squarings), ops.exp(0.5 * v, squarings)
+        def objective(fs: torch.Tensor, ms: torch.Tensor, w: torch.Tensor):
+            """(similarity loss, total with the label term) of sampled stacks; ``w`` is held constant."""
+            loss = loss_fn(fs[:, :1], ms[:, :1], w, window=window, bins=bins)
+            if m_lab is None:
+                return loss, loss
+            return loss, loss + label_weight * soft_dice_loss(fs[:, 2:], ms[:, 2:], w)
+
+        def overlap_weight(field: torch.Tensor) -> torch.Tensor:
+            if kind == "syn":
+                return sample(*ops.exp_pair(0.5 * field))[2]
+            return sample(None, field)[2]
 
         with torch.no_grad():
-            if kind == "syn":
-                uf, um = halves(state.field)
-                _, _, w = evaluate(uf, um)
-            else:
-                _, _, w = evaluate(None, state.field)
+            w = overlap_weight(state.field)
         ow, fsum = float(w.sum()), float(fl.mask.sum())
         level_name = f"stage {kind}, level {li + 1}/{len(stage['scales'])} (scale {scale})"
         _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
@@ -871,33 +873,43 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         fluid, elastic = float(stage["fluid_sigma"]), float(stage["elastic_sigma"])
         window, bins = int(stage["window"]), int(stage["bins"])
         buf = state.field  # updated in place: the iteration's state lives at fixed addresses (graph-safe)
+        # channels whose loss gradient moves the field: the image and the labels, not the mask (a weight)
+        moved = [0] + list(range(2, moving_stack.shape[1]))
+
+        def displacement_gradient(stack: torch.Tensor, dstack: torch.Tensor) -> torch.Tensor:
+            """∂loss/∂u (``[1, dim, *shape]``, per mm) by the chain rule: the loss's gradient in each sampled
+            channel times that channel's spatial gradient on the level grid (the warped image's gradient,
+            ANTs' and greedy's choice), instead of ``grid_sample``'s backward (a second, slower pass)."""
+            g = None
+            for c in moved:
+                term = dstack[:, c:c + 1] * ops.spatial_gradient(stack[:, c:c + 1])
+                g = term if g is None else g + term
+            return g
 
         def iteration(squarings) -> None:  # graph-safe: see maskreg.stepper
-            field = buf.detach().requires_grad_(kind == "syn" and _has_reg(stage))
-            if kind == "syn":
-                with torch.no_grad():
-                    uf, um = halves(field, squarings)
-                uf.requires_grad_(True)
-                um.requires_grad_(True)
-                fixed_v, warped_v, w = evaluate(uf, um)
-                leaves = [uf, um]
-            else:
-                field.requires_grad_(True)
-                fixed_v, warped_v, w = evaluate(None, field)
-                leaves = [field]
-            loss = loss_fn(fixed_v, warped_v, w, window=window, bins=bins)
-            reg = _regulariser(stage, field)
-            total = loss + reg if reg is not None else loss
-            if label_term:
-                total = total + label_term[0]
-            grads = torch.autograd.grad(total, leaves + ([field] if kind == "syn" and reg is not None else []))
-            if kind == "syn":
-                g = 0.5 * (grads[1] - grads[0])
-                if reg is not None:
-                    g = g + grads[2]
-            else:
-                g = grads[0]
+            reg = None
             with torch.no_grad():
+                if kind == "syn":
+                    uf, um = ops.exp_pair_in_iteration(0.5 * buf, squarings)
+                    fs, ms, w = sample(uf, um)
+                else:
+                    fs, ms, w = sample(None, buf)
+            fs_l = fs.detach().requires_grad_(kind == "syn")
+            ms_l = ms.detach().requires_grad_(True)
+            loss, total = objective(fs_l, ms_l, w)
+            leaves = [ms_l] + ([fs_l] if kind == "syn" else [])
+            if _has_reg(stage):
+                field = buf.detach().requires_grad_(True)
+                reg = _regulariser(stage, field)
+                total = total + reg
+                leaves.append(field)
+            grads = torch.autograd.grad(total, leaves)
+            with torch.no_grad():
+                g = displacement_gradient(ms, grads[0])
+                if kind == "syn":  # ½(∂/∂u₊ − ∂/∂u₋): u₋ = exp(-v/2) moves the fixed image
+                    g = 0.5 * (g - displacement_gradient(fs, grads[1]))
+                if reg is not None:
+                    g = g + grads[-1]
                 d = ops.smooth(-g, fluid)
                 # a step of the scheduled size (voxels) along the smoothed gradient; none where it is 0
                 d = d * (lrs.index_select(0, count) / ops.max_voxels_t(d).clamp_min(1e-20))
@@ -911,13 +923,13 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         converged, it = False, 0
         for it in range(1, n_it + 1):
             # exp(±v/2) needs enough squarings for the current field: one read-back per iteration
-            stepper(ops.squarings(0.5 * float(vmax)) if kind == "syn" else None)
+            stepper(ops.iteration_squarings(0.5 * float(vmax)) if kind == "syn" else None)
             if _plateau(trace, it, tol):
                 converged = True
                 break
         stepper.close()
         with torch.no_grad():
-            _, _, w = evaluate(*halves(state.field)) if kind == "syn" else evaluate(None, state.field)
+            w = overlap_weight(state.field)
         _finish_level(prob, report, level_name, fl.grid, scale, it, trace, w, fsum, t0, converged, loss_name,
                       ow, min_overlap)
     assert state is not None
@@ -945,7 +957,8 @@ def _full_resolution_fields(prob: _Problem, state: FieldState) -> tuple[torch.Te
     with torch.no_grad():
         field = state.ops.upsample(state.field, ops)
         if state.kind == "syn":
-            return ops.exp(field), ops.exp(-field), ops
+            inv, fwd = ops.exp_pair(field)
+            return fwd, inv, ops
         return field, ops.invert(field), ops
 
 

@@ -80,6 +80,13 @@ class Grid:
         origin = self.index_to_physical()[: self.dim] @ np.append(shift, 1.0)
         return Grid(size, spacing, tuple(float(v) for v in origin), self.direction)
 
+    def corner_aligned(self, size: tuple[int, ...]) -> "Grid":
+        """A grid of ``size`` voxels (x-first) whose first and last voxel centres are this grid's (same origin
+        and direction, spacing ``s (n-1)/(m-1)``): ``F.interpolate(..., align_corners=True)`` between the two
+        is exact (multi)linear resampling in physical space."""
+        spacing = tuple(s * (n - 1) / (m - 1) if m > 1 else s for s, n, m in zip(self.spacing, self.size, size))
+        return Grid(tuple(int(m) for m in size), spacing, self.origin, self.direction)
+
     def to_image(self, array: np.ndarray | None = None, pixel=sitk.sitkFloat32) -> sitk.Image:
         """A SimpleITK image on this grid, from ``array`` (shape ``self.shape``) or zeros."""
         if array is None:

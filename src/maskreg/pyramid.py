@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from maskreg.grid import Grid, resampling_theta, shrink_factors
+from maskreg.sampling import grid_sample
 
 
 @functools.lru_cache(maxsize=256)
@@ -94,7 +95,7 @@ def resample(t: torch.Tensor, in_grid: Grid, out_grid: Grid, out_to_in: np.ndarr
     m = np.eye(dim + 1) if out_to_in is None else out_to_in
     theta = torch.as_tensor(resampling_theta(out_grid, in_grid, m), dtype=torch.float32, device=t.device)
     grid = F.affine_grid(theta[None], [1, 1, *out_grid.shape], align_corners=True)
-    return F.grid_sample(t, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return grid_sample(t, grid, mode=mode, padding_mode=padding_mode)
 
 
 def erode_voxels(mask: torch.Tensor, radii: tuple[int, ...]) -> torch.Tensor:
