@@ -39,6 +39,9 @@ DEFORMABLE_DEFAULTS = {
     "smoothing_sigmas": None, "use_mask": True, "bending_weight": 0.0, "gradient_weight": 0.0,
     "label_weight": 0.0,
 }
+# per-type defaults over DEFORMABLE_DEFAULTS: SyN moves both images half-way, so a one-voxel step moves each
+# image half a voxel (2 mm brain pair: mean Dice 0.682 at 0.5, 0.699 at 1.0, no folding)
+TYPE_DEFAULTS = {"syn": {"learning_rate": 1.0}}
 
 
 # scaling and squaring inside the SyN iterations runs on a grid of about half the resolution once a level has

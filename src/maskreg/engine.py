@@ -795,6 +795,7 @@ class FieldState:
 
 def _deformable_config(stage: dict) -> dict:
     s = dict(dfm.DEFORMABLE_DEFAULTS)
+    s.update(dfm.TYPE_DEFAULTS.get(stage.get("type", ""), {}))
     s.update({k: v for k, v in stage.items() if v is not None})
     if len(s["scales"]) != len(s["iterations"]):
         raise MaskregError(f"stage {s['type']}: scales {s['scales']} and iterations {s['iterations']} must have "
