@@ -134,3 +134,57 @@ def test_label_term_raises_dice_on_the_brain_pair():
         w = sitk.GetArrayFromImage(sitk.Resample(ml, fixed, r.transform(), sitk.sitkNearestNeighbor, 0))
         return np.mean([2 * ((a == v) & (w == v)).sum() / ((a == v).sum() + (w == v).sum()) for v in (1, 2)])
     assert mean_dice(1.0) > mean_dice(0.0) + 0.005
+
+
+def test_small_roi_in_a_large_oblique_image_is_registered_on_its_box_only(monkeypatch):
+    """A 12 mm ROI in a 3D oblique, anisotropic image: the deformable levels work on the mask's box (plus a
+    margin), the fields still cover the whole fixed grid, nothing folds anywhere, and inside the ROI the
+    result is the one computed on the whole grid."""
+    size, spacing = (96, 80, 40), (1.0, 1.25, 2.5)
+    ref = sitk.Image(list(size), sitk.sitkFloat32)
+    ref.SetSpacing(spacing)
+    ref.SetOrigin((-40.0, 25.0, -30.0))
+    ref.SetDirection(sitk.VersorTransform([0.2, 0.9, -0.3], 0.5).GetMatrix())
+    grid = Grid.of(ref)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
+    pts = idx @ grid.index_to_physical()[:3, :3].T + grid.index_to_physical()[:3, 3]
+    centre = pts.mean(0) + np.array([8.0, -5.0, 4.0])
+
+    def blobs(shift):
+        p = pts - shift
+        v = sum(np.exp(-np.sum((p - centre - o) ** 2, 1) / (2 * 4.0 ** 2))
+                for o in (np.zeros(3), np.array([6.0, 3.0, -2.0]), np.array([-5.0, 4.0, 3.0])))
+        return v.reshape(size).transpose(2, 1, 0)
+
+    def image(a, pixel=sitk.sitkFloat32):
+        out = sitk.Cast(sitk.GetImageFromArray(a.astype(np.float32)), pixel)
+        out.CopyInformation(ref)
+        return out
+    f_arr, m_arr = blobs(np.zeros(3)), blobs(np.array([2.0, -1.5, 1.0]))  # moving: the blobs moved 2.7 mm
+    roi = (np.linalg.norm(pts - centre, axis=1) < 12.0).reshape(size).transpose(2, 1, 0)
+    stages = [{"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [60, 40]}]
+
+    def run():
+        return maskreg.register(image(f_arr), image(m_arr), image(roi, sitk.sitkUInt8), None, stages=stages,
+                                device="cpu")
+    res = run()
+    finest = res.stages[0].levels[-1]
+    assert np.prod(finest.shape) < 0.25 * np.prod(grid.shape)  # the box, not the grid
+    assert res.displacement.GetSize() == size and res.inverse_displacement.GetSize() == size
+    np.testing.assert_allclose(res.displacement.GetDirection(), ref.GetDirection())
+    assert res.jacobian_nonpositive_fraction == 0.0
+    warped = sitk.GetArrayFromImage(sitk.Resample(image(m_arr), image(f_arr), res.transform(), sitk.sitkLinear))
+    before = np.abs(m_arr - f_arr)[roi].sum()
+    after = np.abs(warped - f_arr)[roi].sum()
+    assert after < 0.25 * before, after / before  # measured 0.10
+
+    # the same registration on the whole grid: inside the ROI the two fields agree to a small fraction of the
+    # 2.7 mm shift (measured mean 0.04 mm, max 0.14 mm)
+    whole = lambda grid, mask, margin: (grid, tuple(slice(0, n) for n in grid.shape))  # noqa: E731
+    monkeypatch.setattr(maskreg.engine, "roi_box", whole)
+    full = run()
+    assert np.prod(full.stages[0].levels[-1].shape) == np.prod(grid.shape)
+    a = sitk.GetArrayFromImage(res.displacement)[roi]
+    b = sitk.GetArrayFromImage(full.displacement)[roi]
+    diff = np.linalg.norm(a - b, axis=1)
+    assert diff.mean() < 0.1 and diff.max() < 0.4, (diff.mean(), diff.max())

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from maskreg import deformable as dfm
 from maskreg import linear as lin
 from maskreg.errors import InputError, MaskregError, OverlapError, where
-from maskreg.grid import Grid
+from maskreg.grid import Grid, resampling_theta
 from maskreg.loss_names import NEEDS_DENSE
 from maskreg.losses import get_loss, intensity_scale
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
@@ -263,8 +263,13 @@ def soft_dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, w: t
 def _level_maps(fl: Level, ml: Level, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed level's normalised → physical and the moving level's physical → normalised matrices
     (homogeneous, float32), computed once per level."""
-    return (torch.as_tensor(fl.grid.normalised_to_physical(), dtype=torch.float32, device=device),
-            torch.as_tensor(ml.grid.physical_to_normalised(), dtype=torch.float32, device=device))
+    return _level_maps_of(fl.grid, ml.grid, device)
+
+
+def _level_maps_of(fixed_grid: Grid, moving_grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_level_maps` for any fixed-side grid (a level's ROI box)."""
+    return (torch.as_tensor(fixed_grid.normalised_to_physical(), dtype=torch.float32, device=device),
+            torch.as_tensor(moving_grid.physical_to_normalised(), dtype=torch.float32, device=device))
 
 
 def _theta(h: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor], dim: int) -> torch.Tensor:
@@ -817,12 +822,19 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         t0 = time.perf_counter()
         fl, ml = prob.levels(int(scale), sig, bool(stage.get("use_mask", True)))
         f_n, m_n = _normalised_intensities(fl, ml, loss_name)
-        ops = dfm.FieldOps(fl.grid, dev, coarse_exp=kind == "syn")
-        field = torch.zeros(1, dim, *fl.grid.shape, device=dev) if state is None else \
+        # the field lives on the fixed mask's box plus a margin (the ROI box), not on the whole level grid
+        wgrid, box = roi_box(fl.grid, fl.mask, roi_margin(stage))
+        ops = dfm.FieldOps(wgrid, dev, coarse_exp=kind == "syn")
+        field = torch.zeros(1, dim, *wgrid.shape, device=dev) if state is None else \
             state.ops.upsample(state.field, ops)
         state = FieldState(kind, ops, field)
-        g0 = F.affine_grid(_theta(h, _level_maps(fl, ml, dev), dim), [1, 1, *fl.grid.shape], align_corners=True)
+        g0 = F.affine_grid(_theta(h, _level_maps_of(wgrid, ml.grid, dev), dim), [1, 1, *wgrid.shape],
+                           align_corners=True)
         to_moving = ml.grid.physical_to_normalised()[:dim, :dim] @ linear.matrix  # mm -> moving normalised
+        # the fixed image moves too (syn): box points in the whole fixed level's normalised coordinates
+        f_ident = F.affine_grid(torch.as_tensor(resampling_theta(wgrid, fl.grid, np.eye(dim + 1)), dtype=torch.float32,
+                                                device=dev)[None], [1, 1, *wgrid.shape], align_corners=True)
+        to_fixed = fl.grid.physical_to_normalised()[:dim, :dim]
 
         label_weight = float(stage.get("label_weight", 0.0)) if prob.labels is not None else 0.0
         f_lab, m_lab = prob.label_levels(fl, ml) if label_weight > 0 else (None, None)
@@ -831,6 +843,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         # weight 0 through ``inside`` (see _Sampler), so the padding value never reaches a loss
         moving_stack = torch.cat([m_n, ml.mask] + ([m_lab] if m_lab is not None else []), 1)
         fixed_stack = torch.cat([f_n, fl.mask] + ([f_lab] if f_lab is not None else []), 1)
+        fixed_box = fixed_stack[(slice(None), slice(None)) + box]  # the fixed stack where it does not move
 
         def inside(grid: torch.Tensor) -> torch.Tensor:
             return (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(grid.dtype)[:, None]
@@ -841,10 +854,10 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             ms = grid_sample(moving_stack, grid)
             w = ms[:, 1:2] * inside(grid)
             if u_fixed is None:
-                fs = fixed_stack
-                w = w * fl.mask
+                fs = fixed_box
+                w = w * fs[:, 1:2]
             else:
-                fgrid = ops.identity + ops.offsets(u_fixed)
+                fgrid = f_ident + ops.offsets(u_fixed, to_fixed)
                 fs = grid_sample(fixed_stack, fgrid)
                 w = w * fs[:, 1:2] * inside(fgrid)
             return fs, ms, w
@@ -863,7 +876,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
 
         with torch.no_grad():
             w = overlap_weight(state.field)
-        ow, fsum = float(w.sum()), float(fl.mask.sum())
+        ow, fsum = float(w.sum()), float(fl.mask.sum())  # the box holds the whole fixed mask
         level_name = f"stage {kind}, level {li + 1}/{len(stage['scales'])} (scale {scale})"
         _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
         trace = torch.zeros(max(n_it, 1), device=dev)
@@ -931,10 +944,39 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         stepper.close()
         with torch.no_grad():
             w = overlap_weight(state.field)
-        _finish_level(prob, report, level_name, fl.grid, scale, it, trace, w, fsum, t0, converged, loss_name,
+        _finish_level(prob, report, level_name, wgrid, scale, it, trace, w, fsum, t0, converged, loss_name,
                       ow, min_overlap)
     assert state is not None
     return state
+
+
+def roi_margin(stage: dict) -> int:
+    """Voxels kept around the fixed mask's box: the loss's window reaches ``window // 2`` beyond the mask, the
+    fluid smoothing spreads each update over ~3 sigma, and 3 more voxels let the field decay (elastic)."""
+    return int(stage["window"]) // 2 + math.ceil(3 * float(stage["fluid_sigma"])) + 3
+
+
+def roi_box(grid: Grid, mask: torch.Tensor, margin: int) -> tuple[Grid, tuple[slice, ...]]:
+    """The part of ``grid`` a deformable level works on: the box of ``mask > 0`` grown by ``margin`` voxels
+    and clipped to the grid, as a sub-grid and the tensor slices (tensor order) that cut it out.
+
+    The loss weighs nothing outside the fixed mask, so the field is driven there only by smoothing; computing
+    it on the whole grid costs time in proportion to the grid, not to the region of interest (a small mask in a
+    large image: a hippocampus in a head scan). Beyond the box, the field is extended from its faces (as the
+    levels' fields are upsampled, border padding): constant along the outward direction, continuous, with no
+    folding. Without a mask, or when the box is the whole grid, the grid is returned unchanged."""
+    nz = torch.nonzero(mask[0, 0] > 0)
+    shape = grid.shape
+    if nz.numel() == 0:
+        return grid, tuple(slice(0, n) for n in shape)
+    lo = [max(0, int(v) - margin) for v in nz.min(0).values]
+    hi = [min(n, int(v) + margin + 1) for v, n in zip(nz.max(0).values, shape)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    if all(a == 0 and b == n for a, b, n in zip(lo, hi, shape)):
+        return grid, box
+    start = tuple(reversed(lo))  # tensor order -> x-first
+    size = tuple(reversed([b - a for a, b in zip(lo, hi)]))
+    return grid.crop(start, size), box
 
 
 def _has_reg(stage: dict) -> bool:

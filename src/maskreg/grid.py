@@ -80,6 +80,13 @@ class Grid:
         origin = self.index_to_physical()[: self.dim] @ np.append(shift, 1.0)
         return Grid(size, spacing, tuple(float(v) for v in origin), self.direction)
 
+    def crop(self, start: tuple[int, ...], size: tuple[int, ...]) -> "Grid":
+        """The sub-grid of ``size`` voxels starting at voxel index ``start`` (both x-first): same spacing and
+        direction, its voxel ``j`` is this grid's voxel ``start + j``."""
+        origin = self.index_to_physical() @ np.append(np.asarray(start, dtype=np.float64), 1.0)
+        return Grid(tuple(int(n) for n in size), self.spacing, tuple(float(v) for v in origin[: self.dim]),
+                    self.direction)
+
     def corner_aligned(self, size: tuple[int, ...]) -> "Grid":
         """A grid of ``size`` voxels (x-first) whose first and last voxel centres are this grid's (same origin
         and direction, spacing ``s (n-1)/(m-1)``): ``F.interpolate(..., align_corners=True)`` between the two
