@@ -61,7 +61,7 @@ def test_bad_config_lists_every_problem_at_once():
     cfg["colour"] = "blue"
     cfg["masks"]["fixed"]["dilate_mm"] = -2
     cfg["registration"]["stages"][1].update(scales=[1, 2, 4])
-    cfg["registration"]["stages"][2].update(iterations=[10, 10])
+    cfg["registration"]["stages"][2].update(iterations=[10, 10, 10])
     cfg["device"] = "gpu"
     with pytest.raises(ConfigError) as info:
         load_and_validate(cfg, CONFIG_SCHEMA, COHORT_SCHEMA)
@@ -69,7 +69,7 @@ def test_bad_config_lists_every_problem_at_once():
     assert "unknown key(s) ('colour' was unexpected)" in text
     assert "masks.fixed.dilate_mm: -2 is less than the minimum of 0" in text
     assert "registration.stages.1 (rigid): scales [1, 2, 4] must not increase" in text
-    assert "registration.stages.2 (affine): scales [4, 2, 1] and iterations [10, 10]" in text
+    assert "registration.stages.2 (affine): scales [4, 2] and iterations [10, 10, 10]" in text
     assert "device: 'gpu' does not match" in text
 
 
