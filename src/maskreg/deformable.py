@@ -46,7 +46,7 @@ TYPE_DEFAULTS = {"syn": {"learning_rate": 1.0}}
 
 # scaling and squaring inside the SyN iterations runs on a grid of about half the resolution once a level has
 # this many voxels (see FieldOps.exp_pair_in_iteration)
-COARSE_EXP_MIN_VOXELS = 1 << 18
+COARSE_EXP_MIN_VOXELS = 1 << 16
 
 
 class FieldOps:
