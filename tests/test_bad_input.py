@@ -405,7 +405,7 @@ def _stage(cfg, i):
                                                     "type 'array'"),
     (lambda c: c.update(registration=[1, 2]), "config registration: [1, 2] is not of type 'object'"),
     (lambda c: c["masks"].update(fixed="auto"), "config masks.fixed: 'auto' is not of type 'object'"),
-    (lambda c: _stage(c, 1).update(smoothing_sigmas=[2, -1, 0]),
+    (lambda c: _stage(c, 1).update(smoothing_sigmas=[2, -1]),
      "config registration.stages.1.smoothing_sigmas.1: -1 is less than the minimum of 0"),
     (lambda c: _stage(c, 3).update(fluid_sigma=-0.5),
      "config registration.stages.3.fluid_sigma: -0.5 is less than the minimum of 0"),
@@ -413,8 +413,8 @@ def _stage(cfg, i):
      "config registration.stages.3.elastic_sigma: -1 is less than the minimum of 0"),
     (lambda c: _stage(c, 2).update(scales=[2, 4, 1]),
      "config registration.stages.2 (affine): scales [2, 4, 1] must not increase (coarse to fine, e.g. [4, 2, 1])"),
-    (lambda c: _stage(c, 1).update(iterations=[10, 10]),
-     "config registration.stages.1 (rigid): scales [4, 2, 1] and iterations [10, 10] must have the same length"),
+    (lambda c: _stage(c, 1).update(iterations=[10, 10, 10]),
+     "config registration.stages.1 (rigid): scales [4, 2] and iterations [10, 10, 10] must have the same length"),
     (lambda c: c.pop("cohort"), "config cohort: missing; set cohort: to the path of the cohort table"),
     (lambda c: c.update(device="gpu"), "config device: 'gpu' does not match"),
 ])
@@ -428,7 +428,7 @@ def test_bad_config_key(mutate, expected):
 def test_config_and_cohort_problems_reported_together(tmp_path):
     t = cohort(tmp_path, [["a/b", "f.nii.gz", "gone.nii.gz"], ["", "f.nii.gz", "m.nii.gz"]])
     cfg = cfg_with(t)
-    _stage(cfg, 1).update(smoothing_sigmas=[-1, 0, 0])
+    _stage(cfg, 1).update(smoothing_sigmas=[-1, 0])
     cfg["seed"] = -3
     with pytest.raises(ConfigError) as info:
         load_and_validate(cfg, CONFIG_SCHEMA, COHORT_SCHEMA)
