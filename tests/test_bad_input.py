@@ -209,8 +209,24 @@ def test_overlap_lost_during_optimisation_is_not_blamed_on_the_input():
         maskreg.register(img(fixed), img(moving), img(fixed_mask), img(moving_mask), stages=stages, device="cpu",
                          subject="sub-08", min_overlap_voxels=250)
     says(str(info.value), "subject 'sub-08'", "stage translation, level 1/2", "the overlap fell from 320",
-         "at least 250 are needed", "shrinking the overlap", "Use cc or mi")
+         "at least 162 are needed (half the fixed mask at this level, which is smaller than min_overlap_voxels "
+         "= 250)", "shrinking the overlap", "Use cc or mi")
     assert "Check the initial alignment" not in str(info.value)
+
+
+def test_a_small_roi_is_not_failed_at_coarse_levels_for_being_small():
+    """A 10 × 10 voxel ROI has ~6 voxels at scale 4: fewer than min_overlap_voxels (100) however well it
+    overlaps. A level needs at most half its fixed mask, so the registration runs, and still aligns."""
+    n = 96
+    fixed = blob((n, n), seed=3)
+    moving = np.roll(fixed, (2, -1), axis=(0, 1))
+    roi = np.zeros((n, n), np.uint8)
+    roi[40:50, 44:54] = 1
+    stages = [{"type": "translation", "loss": "mse", "scales": [4, 2, 1], "iterations": [40, 40, 40]}]
+    res = maskreg.register(img(fixed), img(moving), img(roi), None, stages=stages, device="cpu", subject="sub-10")
+    first = res.stages[0].levels[0]
+    assert first.overlap_weight < 100 and first.overlap_fraction > 0.9
+    np.testing.assert_allclose(res.linear.translation, [-1.0, 2.0], atol=0.3)
 
 
 def test_overlap_too_small_after_a_good_level_names_that_level():

@@ -455,15 +455,30 @@ def _plateau(trace: torch.Tensor, it: int, tol: float, window: int = PLATEAU_WIN
     return (prev - last) / (abs(prev) + 1e-12) < tol
 
 
+def level_min_overlap(min_overlap: int, fixed_mask_sum: float) -> float:
+    """The overlap a level needs: ``min_overlap_voxels``, or half the level's fixed mask (sum of weights) where
+    that is smaller. A small ROI has few voxels at a coarse level (a 15 mm ball: ~30 at 8 mm), and failing it for
+    "too little overlap" while 90 % of it overlaps would be wrong; losing half of the mask is still an error."""
+    return min(float(min_overlap), 0.5 * fixed_mask_sum)
+
+
+def _needed(need: float, min_overlap: int) -> str:
+    if need >= min_overlap:
+        return f"{need:.0f} are needed (min_overlap_voxels)"
+    return (f"{need:.0f} are needed (half the fixed mask at this level, which is smaller than "
+            f"min_overlap_voxels = {min_overlap})")
+
+
 def _check_start_overlap(prob: "_Problem", level_name: str, ow: float, fixed_mask_sum: float,
                          min_overlap: int) -> None:
     """Raise :class:`OverlapError` when a level starts with too little overlap; the advice depends on whether
     an earlier level had enough (then the optimisation, not the input, lost it)."""
-    if ow >= min_overlap:
+    need = level_min_overlap(min_overlap, fixed_mask_sum)
+    if ow >= need:
         return
     head = (f"{where(prob.subject)}{level_name}: only {ow:.0f} effective voxels of the fixed mask map inside the "
             f"moving image and its mask ({100 * ow / max(fixed_mask_sum, 1e-9):.1f}% of the fixed mask); at least "
-            f"{min_overlap} are needed (min_overlap_voxels). ")
+            f"{_needed(need, min_overlap)}. ")
     if prob.last_level is None:
         raise OverlapError(head + "Check the initial alignment, the masks and the fields of view.")
     name, fraction = prob.last_level
@@ -483,10 +498,11 @@ def _finish_level(prob: "_Problem", report: StageReport, level_name: str, grid: 
     :class:`OverlapError` when the level ends with less overlap than ``min_overlap`` (it started with more)."""
     losses = trace[:it].cpu().tolist()
     ow, ov = float(w.sum()), int((w > 0.5).sum())
-    if ow < min_overlap:
+    need = level_min_overlap(min_overlap, fixed_mask_sum)
+    if ow < need:
         raise OverlapError(f"{where(prob.subject)}{level_name}: the overlap fell from {start_overlap:.0f} effective "
                            f"voxels at the start of the level to {ow:.0f} after {it} iterations; at least "
-                           f"{min_overlap} are needed (min_overlap_voxels). The loss went from "
+                           f"{_needed(need, min_overlap)}. The loss went from "
                            f"{losses[0] if losses else math.nan:.5g} to {losses[-1] if losses else math.nan:.5g}, "
                            + _LOST_OVERLAP)
     prob.last_level = (level_name, ow / max(fixed_mask_sum, 1e-9))
