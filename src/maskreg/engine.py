@@ -848,8 +848,9 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                            align_corners=True)
         to_moving = ml.grid.physical_to_normalised()[:dim, :dim] @ linear.matrix  # mm -> moving normalised
         # the fixed image moves too (syn): box points in the whole fixed level's normalised coordinates
-        f_ident = F.affine_grid(torch.as_tensor(resampling_theta(wgrid, fl.grid, np.eye(dim + 1)), dtype=torch.float32,
-                                                device=dev)[None], [1, 1, *wgrid.shape], align_corners=True)
+        box_to_level = torch.as_tensor(resampling_theta(wgrid, fl.grid, np.eye(dim + 1)), dtype=torch.float32,
+                                       device=dev)[None]
+        f_ident = F.affine_grid(box_to_level, [1, 1, *wgrid.shape], align_corners=True)
         to_fixed = fl.grid.physical_to_normalised()[:dim, :dim]
 
         label_weight = float(stage.get("label_weight", 0.0)) if prob.labels is not None else 0.0
