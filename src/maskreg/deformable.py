@@ -49,6 +49,23 @@ TYPE_DEFAULTS = {"syn": {"learning_rate": 1.0}}
 COARSE_EXP_MIN_VOXELS = 1 << 16
 
 
+def _mix(components: list[torch.Tensor], m: np.ndarray) -> list[torch.Tensor]:
+    """``out_i = Σ_j m[i, j] components_j`` for a host matrix ``m``: elementwise multiply-adds with its entries
+    as scalars, zeros skipped (one multiply per output on axis-aligned grids). No cuBLAS call, so no per-stream
+    cuBLAS workspace and nothing to sync in a CUDA graph, and as fast as a batched matrix product."""
+    tol = 1e-12 * float(np.abs(m).max())
+    out = []
+    for i in range(m.shape[0]):
+        acc = None
+        for j, comp in enumerate(components):
+            c = float(m[i, j])
+            if abs(c) <= tol:
+                continue
+            acc = comp * c if acc is None else acc.add_(comp, alpha=c)
+        out.append(torch.zeros_like(components[0]) if acc is None else acc)
+    return out
+
+
 class FieldOps:
     """Operations on displacement fields of one level grid (identity grid and mm → normalised map cached)."""
 
@@ -61,7 +78,6 @@ class FieldOps:
         self.identity = F.affine_grid(eye, [1, 1, *grid.shape], align_corners=True)
         # mm -> voxels of this grid per component (for step sizes): |D^T u| / spacing
         self.spacing = torch.as_tensor(grid.spacing, dtype=torch.float32, device=device)
-        self.direction = torch.as_tensor(grid.direction_matrix, dtype=torch.float32, device=device)
         self.coarse: FieldOps | None = None
         if coarse_exp and grid.voxel_count() >= COARSE_EXP_MIN_VOXELS:
             fine = min(grid.spacing)
@@ -72,22 +88,9 @@ class FieldOps:
 
     def offsets(self, u: torch.Tensor, matrix: np.ndarray | None = None) -> torch.Tensor:
         """``[1, *shape, dim]`` normalised offsets of the mm displacement ``u`` through ``matrix`` (a host
-        ``dim x dim`` array; default: this grid's mm → normalised map). Elementwise multiply-adds with the
-        entries as scalars, zeros skipped (one multiply per component on axis-aligned grids): no cuBLAS call,
-        so no per-stream cuBLAS workspace and nothing to sync in a CUDA graph, and as fast as a batched
-        matrix product on both devices."""
+        ``dim x dim`` array; default: this grid's mm → normalised map)."""
         m = self.to_norm if matrix is None else matrix
-        tol = 1e-12 * float(np.abs(m).max())
-        out = []
-        for i in range(self.dim):
-            acc = None
-            for j in range(self.dim):
-                c = float(m[i, j])
-                if abs(c) <= tol:
-                    continue
-                acc = u[:, j] * c if acc is None else torch.add(acc, u[:, j], alpha=c)
-            out.append(torch.zeros_like(u[:, 0]) if acc is None else acc)
-        return torch.stack(out, dim=-1)
+        return torch.stack(_mix([u[:, j] for j in range(self.dim)], m), dim=-1)
 
     def spatial_gradient(self, t: torch.Tensor) -> torch.Tensor:
         """``[N, C, *shape]`` → ``[N, C·dim, *shape]``: each channel's gradient in physical (LPS) space, per
@@ -96,18 +99,9 @@ class FieldOps:
         dim = self.dim
         # derivative along index axis a (x first) in units per mm: tensor axis 2 + dim - 1 - a
         d = [torch.gradient(t, dim=2 + dim - 1 - a)[0] * (1.0 / self.grid.spacing[a]) for a in range(dim)]
-        m = self.grid.direction_matrix  # column a: the physical direction of index axis a
-        out = []
-        for c in range(t.shape[1]):
-            for k in range(dim):
-                acc = None
-                for a in range(dim):
-                    coef = float(m[k, a])
-                    if abs(coef) <= 1e-12:
-                        continue
-                    acc = d[a][:, c] * coef if acc is None else torch.add(acc, d[a][:, c], alpha=coef)
-                out.append(torch.zeros_like(t[:, 0]) if acc is None else acc)
-        return torch.stack(out, dim=1)
+        # physical component k = Σ_a D[k, a] ∂/∂index_a (column a of D: index axis a's direction)
+        m = self.grid.direction_matrix
+        return torch.stack([g for c in range(t.shape[1]) for g in _mix([da[:, c] for da in d], m)], dim=1)
 
     def sample(self, t: torch.Tensor, u: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
         """``t`` (on this grid) sampled at ``x + u(x)``."""
@@ -195,15 +189,7 @@ def jacobian_determinant(u: torch.Tensor, ops: FieldOps) -> torch.Tensor:
     """Jacobian determinant of ``x → x + u(x)`` (``[1, 1, *shape]``), central differences in physical
     space (direction cosines and spacing included)."""
     dim = ops.dim
-    # derivatives along the grid axes (tensor order reversed to x-first), in mm
-    grads = []
-    for a in range(dim):  # a: grid axis in x-first order
-        axis = 2 + (dim - 1 - a)
-        g = torch.gradient(u, dim=axis)[0] / ops.spacing[a]
-        grads.append(g)
-    # du/d(index-axis a) -> du/dx_phys = (du/daxis) @ D^T  (axes a run along direction column a)
-    jac = torch.stack(grads, dim=2)  # [1, comp, axis, *shape]
-    jac = torch.einsum("bca...,ka->bck...", jac, ops.direction)
+    jac = ops.spatial_gradient(u).reshape(u.shape[0], dim, dim, *u.shape[2:])  # [1, component, ∂x_k, *shape]
     eye = torch.eye(dim, device=u.device).reshape(1, dim, dim, *([1] * dim))
     m = jac + eye  # [1, row, col, *shape]
     if dim == 2:

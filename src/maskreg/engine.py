@@ -260,14 +260,9 @@ def soft_dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, w: t
     return 1.0 - (2 * inter / total.clamp_min(1e-6)).mean()
 
 
-def _level_maps(fl: Level, ml: Level, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed level's normalised → physical and the moving level's physical → normalised matrices
-    (homogeneous, float32), computed once per level."""
-    return _level_maps_of(fl.grid, ml.grid, device)
-
-
-def _level_maps_of(fixed_grid: Grid, moving_grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_level_maps` for any fixed-side grid (a level's ROI box)."""
+def _level_maps(fixed_grid: Grid, moving_grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed-side grid's normalised → physical and the moving level's physical → normalised matrices
+    (homogeneous, float32), computed once per level (the fixed side: a level's grid or its ROI box)."""
     return (torch.as_tensor(fixed_grid.normalised_to_physical(), dtype=torch.float32, device=device),
             torch.as_tensor(moving_grid.physical_to_normalised(), dtype=torch.float32, device=device))
 
@@ -289,6 +284,12 @@ def _normalised_intensities(fl: Level, ml: Level, loss_name: str) -> tuple[torch
 
 
 ALL_MASK_VOXELS = -1
+
+
+def _inside(grid: torch.Tensor) -> torch.Tensor:
+    """``[N, 1, *shape]``: 1 where a normalised sampling point lies inside the sampled grid, else 0 (so the
+    zero padding of ``grid_sample`` never reaches a loss: those points weigh 0)."""
+    return (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(grid.dtype)[:, None]
 
 
 class _AffineGrid:
@@ -327,10 +328,10 @@ class _Sampler:
         self.f = f_norm
         self.random_n = random_n
         self.gen = generator
-        self.maps = _level_maps(fl, ml, f_norm.device)
+        self.maps = _level_maps(fl.grid, ml.grid, f_norm.device)
         self.affine_grid = _AffineGrid(fl.grid.shape, f_norm.device)
         # moving image and mask sampled in one call: zero padding is exact for the image too, since points
-        # outside the moving grid ([-1, 1] with align_corners) get weight 0 through ``inside``
+        # outside the moving grid ([-1, 1] with align_corners) get weight 0 through ``_inside``
         self.moving_and_mask = torch.cat([m_norm, ml.mask], 1)
         if random_n:
             wv = fl.mask.reshape(-1)
@@ -365,8 +366,7 @@ class _Sampler:
             fixed, mf = self.f, self.fl.mask
         both = grid_sample(self.moving_and_mask, grid)
         warped, mm = both[:, :1], both[:, 1:]
-        inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(warped.dtype)[:, None]
-        w = mf.reshape(warped.shape) * mm * inside
+        w = mf.reshape(warped.shape) * mm * _inside(grid)
         return fixed.reshape(warped.shape), warped, w
 
 
@@ -462,7 +462,7 @@ def level_min_overlap(min_overlap: int, fixed_mask_sum: float) -> float:
     return min(float(min_overlap), 0.5 * fixed_mask_sum)
 
 
-def _needed(need: float, min_overlap: int) -> str:
+def _needed_text(need: float, min_overlap: int) -> str:
     if need >= min_overlap:
         return f"{need:.0f} are needed (min_overlap_voxels)"
     return (f"{need:.0f} are needed (half the fixed mask at this level, which is smaller than "
@@ -478,7 +478,7 @@ def _check_start_overlap(prob: "_Problem", level_name: str, ow: float, fixed_mas
         return
     head = (f"{where(prob.subject)}{level_name}: only {ow:.0f} effective voxels of the fixed mask map inside the "
             f"moving image and its mask ({100 * ow / max(fixed_mask_sum, 1e-9):.1f}% of the fixed mask); at least "
-            f"{_needed(need, min_overlap)}. ")
+            f"{_needed_text(need, min_overlap)}. ")
     if prob.last_level is None:
         raise OverlapError(head + "Check the initial alignment, the masks and the fields of view.")
     name, fraction = prob.last_level
@@ -502,7 +502,7 @@ def _finish_level(prob: "_Problem", report: StageReport, level_name: str, grid: 
     if ow < need:
         raise OverlapError(f"{where(prob.subject)}{level_name}: the overlap fell from {start_overlap:.0f} effective "
                            f"voxels at the start of the level to {ow:.0f} after {it} iterations; at least "
-                           f"{_needed(need, min_overlap)}. The loss went from "
+                           f"{_needed_text(need, min_overlap)}. The loss went from "
                            f"{losses[0] if losses else math.nan:.5g} to {losses[-1] if losses else math.nan:.5g}, "
                            + _LOST_OVERLAP)
     prob.last_level = (level_name, ow / max(fixed_mask_sum, 1e-9))
@@ -844,7 +844,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         field = torch.zeros(1, dim, *wgrid.shape, device=dev) if state is None else \
             state.ops.upsample(state.field, ops)
         state = FieldState(kind, ops, field)
-        g0 = F.affine_grid(_theta(h, _level_maps_of(wgrid, ml.grid, dev), dim), [1, 1, *wgrid.shape],
+        g0 = F.affine_grid(_theta(h, _level_maps(wgrid, ml.grid, dev), dim), [1, 1, *wgrid.shape],
                            align_corners=True)
         to_moving = ml.grid.physical_to_normalised()[:dim, :dim] @ linear.matrix  # mm -> moving normalised
         # the fixed image moves too (syn): box points in the whole fixed level's normalised coordinates
@@ -857,26 +857,23 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         f_lab, m_lab = prob.label_levels(fl, ml) if label_weight > 0 else (None, None)
 
         # each side's image, mask (and labels) sampled in one call, zero padding: points outside a grid get
-        # weight 0 through ``inside`` (see _Sampler), so the padding value never reaches a loss
+        # weight 0 through ``_inside``, so the padding value never reaches a loss
         moving_stack = torch.cat([m_n, ml.mask] + ([m_lab] if m_lab is not None else []), 1)
         fixed_stack = torch.cat([f_n, fl.mask] + ([f_lab] if f_lab is not None else []), 1)
         fixed_box = fixed_stack[(slice(None), slice(None)) + box]  # the fixed stack where it does not move
-
-        def inside(grid: torch.Tensor) -> torch.Tensor:
-            return (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(grid.dtype)[:, None]
 
         def sample(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
             """Both sides' stacks (image, mask[, labels]) at their half-way points and the weight ``w``."""
             grid = g0 + ops.offsets(u_moving, to_moving)
             ms = grid_sample(moving_stack, grid)
-            w = ms[:, 1:2] * inside(grid)
+            w = ms[:, 1:2] * _inside(grid)
             if u_fixed is None:
                 fs = fixed_box
                 w = w * fs[:, 1:2]
             else:
                 fgrid = f_ident + ops.offsets(u_fixed, to_fixed)
                 fs = grid_sample(fixed_stack, fgrid)
-                w = w * fs[:, 1:2] * inside(fgrid)
+                w = w * fs[:, 1:2] * _inside(fgrid)
             return fs, ms, w
 
         def objective(fs: torch.Tensor, ms: torch.Tensor, w: torch.Tensor):

@@ -30,8 +30,7 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     """``F.grid_sample(input, grid, mode, padding_mode, align_corners=True)``, the same values.
 
     ``input``: ``[N, C, *in_shape]``; ``grid``: ``[N, *out_shape, dim]`` normalised ``(x, y[, z])``; returns
-    ``[N, C, *out_shape]``. ``grid`` may have batch 1 against a larger ``N`` only through the caller's
-    broadcasting (not here)."""
+    ``[N, C, *out_shape]``. Only 3D inputs are split: that is the kernel measured."""
     k = _pieces(grid.shape[1])
     if input.device.type != "cpu" or k < 2 or input.requires_grad or input.dim() != 5:
         return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
