@@ -127,3 +127,40 @@ def test_graph_replay_matches_eager_cuda(stages, monkeypatch):
     # the same kernels, but the atomic adds of grid_sample's backward sum in any order: run to run, eager or
     # graphed, the maps differ by this much (H100: mean 0.01 mm, max 0.09 mm for syn)
     assert diff.mean() < 0.02 and diff.max() < 0.3, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 17, 30, 23), (1, 2, 40, 9)], ids=["3d", "2d"])
+def test_cuda_filters_match_cpu(shape):
+    """On CUDA, Gaussian filters run as depthwise convolutions and local-CC box sums as average pooling; on
+    the CPU both are sums of shifted views. They agree, also with a kernel longer than an axis (the 9-voxel
+    axis) and a window shrunk on a thin axis."""
+    from maskreg.losses import _box
+    from maskreg.pyramid import gaussian_blur
+    t = torch.randn(*shape)
+    sig = (1.5,) * (len(shape) - 2)
+    for cpu, gpu in ((gaussian_blur(t, sig), gaussian_blur(t.cuda(), sig)),
+                     (gaussian_blur(t, (4.0,) * len(sig)), gaussian_blur(t.cuda(), (4.0,) * len(sig))),
+                     (_box(t, 5), _box(t.cuda(), 5)), (_box(t, 11), _box(t.cuda(), 11))):
+        assert torch.allclose(cpu, gpu.cpu(), atol=1e-5), float((cpu - gpu.cpu()).abs().max())
+
+
+def test_cuda_filter_weights_made_during_a_capture_fall_back():
+    """A convolution weight cannot be copied to the GPU while a CUDA graph is captured: the filter then
+    falls back to shifted views for that call, and the replay gives the eager result."""
+    from maskreg.pyramid import _CONV_WEIGHTS, gaussian_blur
+    from maskreg.stepper import Stepper
+    t = torch.randn(1, 3, 20, 21, 22, device="cuda")
+    out = torch.empty_like(t)
+    sig = (0.9137, 0.9137, 0.9137)  # a kernel no other test uses: not cached yet
+    _CONV_WEIGHTS.clear()
+
+    def step(_key):
+        out.copy_(gaussian_blur(t, sig))
+    stepper = Stepper(step, torch.device("cuda"), warmup=0)  # the first call is captured
+    stepper()
+    torch.cuda.synchronize()
+    assert not _CONV_WEIGHTS and len(stepper.graphs) == 1
+    ref = gaussian_blur(t, sig)  # eager: makes and caches the weights
+    assert _CONV_WEIGHTS
+    assert torch.allclose(out, ref, atol=1e-5)
+    stepper.close()

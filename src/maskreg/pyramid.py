@@ -28,11 +28,41 @@ def gaussian_weights(sigma: float) -> tuple[float, ...]:
     return tuple(v / total for v in k)
 
 
+_CONV_WEIGHTS: dict[tuple, torch.Tensor] = {}
+
+
+def _conv_weight(kernel: tuple[float, ...], axis: int, channels: int, t: torch.Tensor) -> torch.Tensor | None:
+    """The depthwise weight ``[C, 1, k, 1, 1]`` (``k`` on ``axis``) of a 1D kernel on ``t``'s device, cached;
+    ``None`` when it would have to be made during a CUDA graph capture (a host → device copy is not allowed
+    there: the caller falls back to shifted views for that one call)."""
+    key = (t.device, t.dtype, kernel, axis, channels, t.dim())
+    w = _CONV_WEIGHTS.get(key)
+    if w is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        shape = [1] * t.dim()
+        shape[2 + axis] = len(kernel)
+        w = torch.tensor(kernel, dtype=t.dtype, device=t.device).reshape(shape)
+        w = w.expand(channels, *shape[1:]).contiguous()
+        _CONV_WEIGHTS[key] = w
+    return w
+
+
 def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.Tensor:
     """Convolve every channel of ``t`` (``[B, C, *spatial]``) with the odd 1D ``kernel`` (host weights)
-    along spatial ``axis`` (tensor order), zero padding, same size: a weighted sum of shifted views, which
-    is memory-bound and much faster on the CPU than a 3D convolution with a 1D kernel. The weights stay on
-    the host, so filtering never reads a value back from a GPU (graph-safe, see :mod:`maskreg.stepper`)."""
+    along spatial ``axis`` (tensor order), zero padding, same size.
+
+    On the CPU a weighted sum of shifted views: memory-bound, and much faster there than a 3D convolution
+    with a 1D kernel; the weights stay on the host. On CUDA a depthwise cuDNN convolution: the shifted views'
+    strided elementwise kernels are not vectorised there (H100, a 3-channel 167x204x167 field, sigma 1.5:
+    2.8 → 1.3 ms for three axes). Both are graph-safe (see :mod:`maskreg.stepper`)."""
+    if t.is_cuda and t.dim() in (4, 5):
+        w = _conv_weight(tuple(kernel), axis, t.shape[1], t)
+        if w is not None:
+            pad = [0] * (t.dim() - 2)
+            pad[axis] = len(kernel) // 2
+            conv = F.conv3d if t.dim() == 5 else F.conv2d
+            return conv(t, w, padding=tuple(pad), groups=t.shape[1])
     weights = list(kernel)
     ax = 2 + axis
     r = len(weights) // 2
