@@ -126,15 +126,20 @@ class _LocalCC(torch.autograd.Function):
         fixed, moving, w, sw, mf, mm, vf, vm, cov, d, wsum = ctx.saved_tensors
         # sw is the window *mean* of w, so a and b carry 1/|W| and a box mean below makes the box sum
         wa = w * 2 * cov / (d * sw)
-        grads = [None, None]
-        # the loss is symmetric in (fixed, moving): the same formula with the roles swapped
+        wb2 = w * 2 * cov * cov / (d * d * sw)  # b without its v_other factor
+        # the loss is symmetric in (fixed, moving): the same formula with the roles swapped; both sides'
+        # box sums run in one call, sharing the ``wa`` channel
+        chans, sides = [wa], []
         for i, (this, other, m_this, m_other, v_other) in enumerate(
                 ((fixed, moving, mf, mm, vm), (moving, fixed, mm, mf, vf))):
-            if not ctx.needs_input_grad[i]:
-                continue
-            wb = w * 2 * cov * cov * v_other / (d * d * sw)
-            k = _box(torch.cat([wa, wa * m_other, wb, wb * m_this], dim=1), ctx.window)
-            g = other * k[:, 0:1] - k[:, 1:2] - this * k[:, 2:3] + k[:, 3:4]
+            if ctx.needs_input_grad[i]:
+                wb = wb2 * v_other
+                sides.append((i, this, other, len(chans)))
+                chans += [wa * m_other, wb, wb * m_this]
+        k = _box(torch.cat(chans, dim=1), ctx.window)
+        grads = [None, None]
+        for i, this, other, j in sides:
+            g = other * k[:, 0:1] - k[:, j:j + 1] - this * k[:, j + 1:j + 2] + k[:, j + 2:j + 3]
             grads[i] = -grad_out * w * g / wsum
         return grads[0], grads[1], None, None
 
