@@ -9,8 +9,9 @@ is one SyN stage (CC, window 5, scales [4, 2, 1], iterations [80, 40, 20]) whose
 brain mask (a 15 mm ball has ~30 voxels at the 8 mm level: a level needs at most half its fixed mask to
 overlap, so the default ``min_overlap_voxels`` does not stop it). ``box`` is maskreg as it is (deformable
 levels on the mask's box plus a margin); ``whole grid`` forces the box to the whole level grid
-(``maskreg.engine.roi_box`` replaced in this process), which is what the engine did before. It prints, per radius: the voxels of the finest level, the SyN time of each, their ratio,
-and how far the two fields differ inside the ROI (mean and max, mm).
+(``maskreg.engine.roi_box`` replaced in this process), which is what the engine did before. It prints, per
+radius: the voxels of the finest level, the SyN time of each, their ratio, and how far the two fields differ
+inside the ROI (mean and max, mm).
 """
 
 from __future__ import annotations

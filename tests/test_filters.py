@@ -34,9 +34,11 @@ def test_gaussian_blur_and_box_means_match_scipy():
     for axis, s in enumerate(sig):
         want = ndimage.correlate1d(want, np.asarray(gaussian_weights(s)), axis=axis, mode="constant", cval=0.0)
     np.testing.assert_allclose(gaussian_blur(t, sig)[0, 0].numpy(), want, atol=1e-5)
-    # local CC's box mean: window 5, shrunk to 5 on the 6-voxel axis
+    # local CC's box mean: window 5; window 7 shrinks to 5 on the 6-voxel axis
     np.testing.assert_allclose(_box(t, 5)[0, 0].numpy(),
                                ndimage.uniform_filter(a, 5, mode="constant", cval=0.0), atol=1e-5)
+    np.testing.assert_allclose(_box(t, 7)[0, 0].numpy(),
+                               ndimage.uniform_filter(a, (7, 7, 5), mode="constant", cval=0.0), atol=1e-5)
     # the pyramid's box average: an even factor averages f + 1 voxels with half weights at both ends
     k2 = np.array([0.5, 1.0, 0.5]) / 2
     want = ndimage.correlate1d(ndimage.correlate1d(a, np.ones(3) / 3, axis=0, mode="constant"), k2, axis=1,

@@ -4,8 +4,8 @@ The workflow's scripts call these; nothing here knows Snakemake. ``python -m mas
 :func:`publish` with the standard library alone (no torch, no SimpleITK: ~0.1 s a subject). A *batch*
 registers several subjects in one process, so the interpreter, the imports and (on a GPU) the CUDA context
 are paid once per batch instead of once per subject. Each subject's results go to its own folder inside the
-batch folder with its own log and a status, so one failed subject does not lose the others: :func:`publish` then moves each subject's files to
-their final place, or fails for that subject alone with its error.
+batch folder with its own log and a status, so one failed subject does not lose the others: :func:`publish`
+then moves each subject's files to their final place, or fails for that subject alone with its error.
 """
 
 from __future__ import annotations
