@@ -23,7 +23,7 @@ def _register(a: argparse.Namespace) -> None:
     moving = io.read_image(a.moving, role="moving")
     fm = io.read_image(a.fixed_mask, role="fixed_mask") if a.fixed_mask else None
     mm = io.read_image(a.moving_mask, role="moving_mask") if a.moving_mask else None
-    sampling = {"random": a.random} if a.random else "dense"
+    sampling = {"random": a.random} if a.random else {"fraction": a.fraction} if a.fraction else "dense"
     init = transforms.read_transform(a.initial, role="initial transform") if a.initial else None
     res = maskreg.register(fixed, moving, fm, mm, stages=stages, device=a.device, seed=a.seed,
                            sampling=sampling, initial=init, threads=a.threads)
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "1Warp.nii.gz 0GenericAffine.mat): ITK/ANTs .mat/.txt/.h5 files or displacement fields")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     r.add_argument("--random", type=int, help="sample N points from the fixed mask per iteration")
+    r.add_argument("--fraction", type=float, help="sample this fraction of the fixed-mask voxels per level (0-1]")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int)
     r.set_defaults(func=_register)

@@ -25,6 +25,7 @@ from maskreg import linear as lin
 from maskreg.errors import InputError, MaskregError, OverlapError, where
 from maskreg.grid import Grid, resampling_theta
 from maskreg.loss_names import NEEDS_DENSE
+from maskreg.points import PointLoss
 from maskreg.losses import get_loss, intensity_scale
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
 from maskreg.sampling import grid_sample
@@ -40,12 +41,11 @@ DEFAULT_STAGES: list[dict[str, Any]] = [
 ]
 
 # 32 bins and learning rate 0.25 (the issue's defaults) suit inter-subject, multi-contrast pairs best (demo
-# abdomen: mean Dice 0.33 vs 0.23 with 16 bins / 0.1). For a same-modality affine, 16 bins, 0.1 and 40 final
-# iterations recover a known 2 mm brain transform to 0.022/0.041 mm, ANTsPy's accuracy (32 bins: 0.11-0.14 mm;
-# benchmarks/bench_linear.py's known pair); config/README.md says so.
+# abdomen: mean Dice 0.33 vs 0.23 with 16 bins / 0.1). With jittered points (maskreg.points) and regular steps,
+# 32 bins recover the known 2 mm brain affine of benchmarks/bench_linear.py to 0.04 mm (mean over the brain).
 STAGE_DEFAULTS: dict[str, Any] = {
     "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25], "learning_rate": 0.25,
-    "optimizer": "adam", "tolerance": 1e-5, "window": 5, "bins": 32, "smoothing_sigmas": None,
+    "optimizer": "regular_step", "tolerance": 1e-5, "window": 5, "bins": 32, "smoothing_sigmas": None,
     "use_mask": True,
 }
 
@@ -219,6 +219,8 @@ class _Problem:
         self.ones_f = torch.ones_like(self.f)
         self.ones_m = torch.ones_like(self.m)
         self._levels: dict[tuple, tuple[Level, Level]] = {}
+        self._normalised: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._point_losses: dict[tuple, PointLoss] = {}
         self.labels: tuple[torch.Tensor, torch.Tensor] | None = None  # one-hot [1, K, ...], fixed and moving
         self._label_levels: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # centre of rotation: fixed mask centroid (physical); radius for parameter scaling
@@ -259,6 +261,26 @@ class _Problem:
             self._levels[key] = (fl, ml)
         return self._levels[key]
 
+
+    def normalised(self, level_key: tuple, loss_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The level's images with normalised intensities (:func:`_normalised_intensities`), cached: the
+        stages of a registration share them."""
+        key = (level_key, loss_name == "mse")
+        if key not in self._normalised:
+            self._normalised[key] = _normalised_intensities(*self.levels(*level_key), loss_name)
+        return self._normalised[key]
+
+    def point_loss(self, level_key: tuple, loss_name: str, fraction: float, seed: int) -> PointLoss:
+        """The level's :class:`PointLoss` (jittered points drawn from ``seed``), cached: the linear stages of a
+        registration evaluate their pointwise losses at the same points, and build the gradient images once."""
+        key = (level_key, loss_name == "mse", fraction, seed)
+        if key not in self._point_losses:
+            fl, ml = self.levels(*level_key)
+            f_n, m_n = self.normalised(level_key, loss_name)
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self._point_losses[key] = PointLoss(f_n, fl.mask, m_n, ml.mask, gen, fraction=fraction)
+        return self._point_losses[key]
 
     def set_labels(self, fixed_labels: sitk.Image, moving_labels: sitk.Image) -> list[int]:
         """One-hot channels of the labels present in both maps (background excluded); returns them."""
@@ -316,9 +338,6 @@ def _normalised_intensities(fl: Level, ml: Level, loss_name: str) -> tuple[torch
     return f_n, (ml.image - off) / sc
 
 
-ALL_MASK_VOXELS = -1
-
-
 def _inside(grid: torch.Tensor) -> torch.Tensor:
     """``[N, 1, *shape]``: 1 where a normalised sampling point lies inside the sampled grid, else 0 (so the
     zero padding of ``grid_sample`` never reaches a loss: those points weigh 0)."""
@@ -351,56 +370,25 @@ class _AffineGrid:
 
 
 class _Sampler:
-    """Evaluates ``(fixed, warped moving, weight)`` at the fixed level's points: every voxel (dense, for
-    losses with neighbourhoods), every voxel of the fixed mask (``random_n = ALL_MASK_VOXELS``: the same loss
-    as dense for pointwise losses, since other voxels weigh 0, at a fraction of the cost for small masks), or
-    ``n`` voxels drawn from the fixed mask directly, redrawn at every call (seeded)."""
+    """Evaluates ``(fixed, warped moving, weight)`` on every voxel of the fixed level (dense: for losses with
+    neighbourhoods, for overlap reports and for scoring candidate starts). Pointwise losses of the linear
+    stages use :class:`maskreg.points.PointLoss` instead."""
 
-    def __init__(self, fl: Level, ml: Level, f_norm, m_norm, random_n: int | None, generator):
+    def __init__(self, fl: Level, ml: Level, f_norm, m_norm):
         self.fl, self.ml = fl, ml
         self.f = f_norm
-        self.random_n = random_n
-        self.gen = generator
         self.maps = _level_maps(fl.grid, ml.grid, f_norm.device)
         self.affine_grid = _AffineGrid(fl.grid.shape, f_norm.device)
         # moving image and mask sampled in one call: zero padding is exact for the image too, since points
         # outside the moving grid ([-1, 1] with align_corners) get weight 0 through ``_inside``
         self.moving_and_mask = torch.cat([m_norm, ml.mask], 1)
-        if random_n:
-            wv = fl.mask.reshape(-1)
-            self.mask_idx = torch.nonzero(wv > 0).reshape(-1)
-            shape = fl.grid.shape
-            # normalised (x, y[, z]) coordinates of every candidate voxel
-            coords = []
-            rem = self.mask_idx
-            for n in reversed(shape):  # x first
-                coords.append(rem % n)
-                rem = torch.div(rem, n, rounding_mode="floor")
-            ijk = torch.stack(coords, 1).float()
-            sizes = torch.tensor(fl.grid.size, dtype=torch.float32, device=ijk.device)
-            self.norm_pts = 2 * ijk / (sizes - 1).clamp_min(1) - 1
 
     def __call__(self, h: torch.Tensor):
-        dim = self.fl.grid.dim
-        theta = _theta(h, self.maps, dim)
-        if self.random_n:
-            if self.random_n == ALL_MASK_VOXELS:
-                idx, pts0 = self.mask_idx, self.norm_pts
-            else:
-                sel = torch.randint(0, self.mask_idx.numel(), (self.random_n,), generator=self.gen,
-                                    device=self.mask_idx.device)
-                idx, pts0 = self.mask_idx[sel], self.norm_pts[sel]
-            pts = pts0 @ theta[0, :, :dim].T + theta[0, :, dim]
-            grid = pts.reshape(1, -1, *([1] * (dim - 1)), dim)
-            fixed = self.f.reshape(-1)[idx].reshape(1, 1, -1)
-            mf = self.fl.mask.reshape(-1)[idx].reshape(1, 1, -1)
-        else:
-            grid = self.affine_grid(theta)
-            fixed, mf = self.f, self.fl.mask
+        grid = self.affine_grid(_theta(h, self.maps, self.fl.grid.dim))
         both = grid_sample(self.moving_and_mask, grid)
         warped, mm = both[:, :1], both[:, 1:]
-        w = mf.reshape(warped.shape) * mm * _inside(grid)
-        return fixed.reshape(warped.shape), warped, w
+        w = self.fl.mask * mm * _inside(grid)
+        return self.f, warped, w
 
 
 def _overlap(sampler_dense: _Sampler, h: torch.Tensor, fixed_mask_sum: float) -> tuple[float, int, float]:
@@ -457,7 +445,7 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
     scale = int(stage.get("scales", [4])[0])
     fl, ml = prob.levels(scale, None, True)
     f_n, m_n = _normalised_intensities(fl, ml, loss_name)
-    dense = _Sampler(fl, ml, f_n, m_n, None, torch.Generator(device=prob.device))
+    dense = _Sampler(fl, ml, f_n, m_n)
     scores = []
     with torch.no_grad():
         for cand in candidates:
@@ -525,12 +513,13 @@ _LOST_OVERLAP = ("so the optimisation moved the fixed mask off the moving image 
 
 
 def _finish_level(prob: "_Problem", report: StageReport, level_name: str, grid: Grid, scale, it: int,
-                  trace: torch.Tensor, w: torch.Tensor, fixed_mask_sum: float, t0: float, converged: bool,
-                  loss_name: str, start_overlap: float, min_overlap: int) -> None:
-    """Record a level's report (loss trace, overlap at its end, time) and log its one line; raise
-    :class:`OverlapError` when the level ends with less overlap than ``min_overlap`` (it started with more)."""
+                  trace: torch.Tensor, overlap: tuple[float, int], fixed_mask_sum: float, t0: float,
+                  converged: bool, loss_name: str, start_overlap: float, min_overlap: int) -> None:
+    """Record a level's report (loss trace, ``overlap`` at its end: sum of weights and voxels with weight > 0.5,
+    time) and log its one line; raise :class:`OverlapError` when the level ends with less overlap than
+    ``min_overlap`` (it started with more)."""
     losses = trace[:it].cpu().tolist()
-    ow, ov = float(w.sum()), int((w > 0.5).sum())
+    ow, ov = overlap
     need = level_min_overlap(min_overlap, fixed_mask_sum)
     if ow < need:
         raise OverlapError(f"{where(prob.subject)}{level_name}: the overlap fell from {start_overlap:.0f} effective "
@@ -584,6 +573,34 @@ class _Adam:
         self.p.sub_(lr / (1 - torch.pow(self.b1, t)) * self.m / denom)
 
 
+class _RegularStep:
+    """Regular-step gradient descent (ITK's ``RegularStepGradientDescentOptimizer``): each iteration moves the
+    parameters by the current step length along the negative gradient direction (Euclidean norm of the
+    scaled parameters: mm at the fixed mask's radius, see :mod:`maskreg.linear`); the step length starts at
+    ``lrs[0]`` and is halved whenever the gradient turns by more than 90° (the last step overshot the
+    optimum), so it converges to the optimum's precision in a few halvings. Adam, by contrast, keeps moving
+    every parameter by about its step size until the schedule decays: on the known 2 mm brain pair of
+    ``benchmarks/bench_linear.py`` it needed 100 full-resolution iterations for the accuracy this reaches in
+    10. The schedule ``lrs`` caps the step length too. Graph-safe like :class:`_Adam`."""
+
+    RELAXATION = 0.5
+
+    def __init__(self, p: torch.Tensor, lrs: torch.Tensor):
+        self.p, self.lrs = p, lrs
+        self.step_len = lrs[0].clone()
+        self.prev = torch.zeros_like(p)
+        self.t = torch.zeros(1, dtype=torch.long, device=p.device)
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        lr = self.lrs.index_select(0, self.t)[0]
+        self.t += 1
+        turned = (grad * self.prev).sum() < 0
+        self.step_len.copy_(torch.minimum(torch.where(turned, self.step_len * self.RELAXATION, self.step_len), lr))
+        self.prev.copy_(grad)
+        self.p.sub_(self.step_len * grad / grad.norm().clamp_min(1e-20))
+
+
 def _schedule(lr: float, n_it: int, device: torch.device) -> torch.Tensor:
     """:func:`_cosine` step sizes of iterations 1..n_it as a tensor on ``device`` (one copy per level)."""
     return torch.tensor([_cosine(lr, it, n_it) for it in range(1, max(n_it, 1) + 1)], dtype=torch.float32,
@@ -596,6 +613,7 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
     loss_name, loss_fn = get_loss(stage["loss"])
     scales, iters = list(stage["scales"]), list(stage["iterations"])
     random_n = sampling.get("random") if isinstance(sampling, dict) else None
+    fraction = float(sampling.get("fraction", 1.0)) if isinstance(sampling, dict) else 1.0
     if random_n and loss_name in NEEDS_DENSE:
         raise MaskregError(f"stage {kind}: loss '{loss_name}' needs dense sampling (it uses neighbourhoods); "
                            f"use mse, mi or nmi with random sampling.")
@@ -606,32 +624,43 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
     current = start
     for li, (scale, n_it, sig) in enumerate(zip(scales, iters, sigmas)):
         t0 = time.perf_counter()
-        fl, ml = prob.levels(int(scale), sig, bool(stage.get("use_mask", True)))
-        f_n, m_n = _normalised_intensities(fl, ml, loss_name)
-        dense = _Sampler(fl, ml, f_n, m_n, None, gen)
-        if random_n:
-            sampler = _Sampler(fl, ml, f_n, m_n, random_n, gen)
-        elif loss_name not in NEEDS_DENSE and float((fl.mask > 0).float().mean()) < 0.9:
-            sampler = _Sampler(fl, ml, f_n, m_n, ALL_MASK_VOXELS, gen)
-        else:
-            sampler = dense
+        level_key = (int(scale), sig, bool(stage.get("use_mask", True)))
+        fl, ml = prob.levels(*level_key)
+        f_n, m_n = prob.normalised(level_key, loss_name)
+        dense = _Sampler(fl, ml, f_n, m_n)
         fsum = float(fl.mask.sum())
         p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
         h0 = lin.homogeneous(kind, p.detach(), current, prob.radius)
-        ow = _overlap(dense, h0, fsum)[0]
+        # pointwise losses: jittered fixed-mask points, gradient through the moving gradient image (see
+        # maskreg.points: no interpolation bias, no grid_sample backward); cc: every voxel, through autograd
+        if loss_name in NEEDS_DENSE:
+            points = None
+            ow = _overlap(dense, h0, fsum)[0]
+        else:
+            points = (PointLoss(f_n, fl.mask, m_n, ml.mask, gen, random_n) if random_n
+                      else prob.point_loss(level_key, loss_name, fraction, seed))
+            ow = points.overlap(_theta(h0, dense.maps, prob.dim)[0])[0]
         level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
         _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
         lr = float(stage["learning_rate"]) * float(np.mean(fl.grid.spacing))
-        opt = _Adam(p, _schedule(lr, n_it, dev))
+        opt = (_RegularStep if stage["optimizer"] == "regular_step" else _Adam)(p, _schedule(lr, n_it, dev))
         trace = torch.zeros(max(n_it, 1), device=dev)
         start_t = lin.start_tensors(current, dev)
         window, bins = int(stage["window"]), int(stage["bins"])
 
         def iteration(_key) -> None:  # graph-safe: see maskreg.stepper
             h = lin.homogeneous(kind, p, start_t, prob.radius)
-            fixed_v, warped_v, w = sampler(h)
-            loss = loss_fn(fixed_v, warped_v, w, window=window, bins=bins)
-            (grad,) = torch.autograd.grad(loss, [p])
+            if points is not None:
+                theta = _theta(h, dense.maps, prob.dim)[0]
+                loss, dtheta = points(theta, loss_fn, bins=bins)
+                if dtheta is None:
+                    (grad,) = torch.autograd.grad(loss, [p])
+                else:
+                    (grad,) = torch.autograd.grad(theta, [p], grad_outputs=dtheta)
+            else:
+                fixed_v, warped_v, w = dense(h)
+                loss = loss_fn(fixed_v, warped_v, w, window=window, bins=bins)
+                (grad,) = torch.autograd.grad(loss, [p])
             trace.index_copy_(0, opt.t, loss.detach().reshape(1))
             opt.step(grad)
         # random sampling draws new points at every iteration: not graph-safe, so eager
@@ -655,10 +684,13 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
             bar.close()
         stepper.close()
         current = lin.to_linear(kind, p.detach(), current, prob.radius)
-        with torch.no_grad():
-            _, _, w = dense(lin.homogeneous(kind, torch.zeros_like(p), current, prob.radius))
-        _finish_level(prob, report, level_name, fl.grid, scale, it, trace, w, fsum, t0, converged, loss_name,
-                      ow, min_overlap)
+        h_end = lin.homogeneous(kind, torch.zeros_like(p), current, prob.radius)
+        if points is None:
+            end_overlap = _overlap(dense, h_end, fsum)[:2]
+        else:
+            end_overlap = points.overlap(_theta(h_end, dense.maps, prob.dim)[0])
+        _finish_level(prob, report, level_name, fl.grid, scale, it, trace, end_overlap, fsum, t0, converged,
+                      loss_name, ow, min_overlap)
     return current
 
 
@@ -684,7 +716,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
     images on their image's grid (see :mod:`maskreg.masks`). ``stages`` is a list of dicts such as
     ``{"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]}``; types:
     ``moments``, ``translation``, ``rigid``, ``similarity``, ``affine``. ``sampling`` is ``"dense"`` or
-    ``{"random": N}`` (N points drawn from the fixed mask's voxels at each iteration, seeded by ``seed``).
+    ``{"random": N}`` (N points drawn from the fixed mask's voxels at each iteration, seeded by ``seed``) or
+    ``{"fraction": f}`` (a seeded subset of that fraction of the fixed-mask voxels per level); it applies to the
+    pointwise losses of linear stages, whose points are jittered within their voxels (:mod:`maskreg.points`).
     ``mask_kinds`` gives the (fixed, moving) mask kinds: ``roi`` masks weight the loss as they are; ``valid``
     masks are also eroded at every level by elastix's rule (``s+1`` voxels fixed, ``2s+1`` moving at shrink
     factor ``s``) so an artificial edge (field of view, ultrasound cone) cannot pull the registration.
@@ -991,8 +1025,8 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         stepper.close()
         with torch.no_grad():
             w = overlap_weight(state.field)
-        _finish_level(prob, report, level_name, wgrid, scale, it, trace, w, fsum, t0, converged, loss_name,
-                      ow, min_overlap)
+        _finish_level(prob, report, level_name, wgrid, scale, it, trace, (float(w.sum()), int((w > 0.5).sum())),
+                      fsum, t0, converged, loss_name, ow, min_overlap)
     assert state is not None
     return state
 

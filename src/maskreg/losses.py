@@ -26,8 +26,8 @@ def intensity_scale(image: torch.Tensor, weight: torch.Tensor, low: float = 0.5,
     vals = image[weight > 0]
     if vals.numel() == 0:
         vals = image.flatten()
-    if vals.numel() > 2_000_000:  # quantile() has a size limit; a strided subset is plenty
-        vals = vals[:: vals.numel() // 1_000_000 + 1]
+    if vals.numel() > 200_000:  # a strided subset is plenty (and quantile() sorts: 70 ms for two 2 mm brains)
+        vals = vals[:: vals.numel() // 100_000]
     q = torch.quantile(vals.float(), torch.tensor([low / 100, high / 100], device=vals.device))
     lo, hi = float(q[0]), float(q[1])
     return lo, max(hi - lo, 1e-6)
