@@ -37,7 +37,13 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 
-MASKREG_ITERS = {"scales": [4, 2, 1], "iterations": [100, 50, 25]}
+# maskreg: rigid gets the bulk of the motion at 8 and 4 mm, affine refines down to the images' own resolution
+# (10 iterations there, as ANTsPy's Affine); 20 % of the fixed-mask voxels as points, as ANTsPy's Regular 0.2
+MASKREG_RIGID = {"scales": [4, 2], "iterations": [100, 50]}
+MASKREG_AFFINE = {"scales": [4, 2, 1], "iterations": [100, 50, 10]}
+MASKREG_SAMPLING = {"fraction": 0.2}
+# FireANTs: its rigid and affine stages at every level (its defaults need more iterations than maskreg's)
+FIREANTS_ITERS = {"scales": [4, 2, 1], "iterations": [100, 50, 25]}
 # true fixed -> moving map of the "known" pair: T(x) = A (x - c) + c + t, c = fixed mask centroid
 TRUE_ROT_DEG, TRUE_AXIS = 8.0, (1.0, 2.0, 3.0)
 TRUE_T = (6.0, -9.0, 4.0)
@@ -259,9 +265,9 @@ def _worker_maskreg(spec: dict) -> dict:
     fm, mm = sitk.ReadImage(p["fixed_mask"]), sitk.ReadImage(p["moving_mask"])
     extra = spec.get("stage_extra") or {}
     stages = [{"type": "moments"},
-              {"type": "rigid", "loss": spec["loss"], **MASKREG_ITERS, **extra},
-              {"type": "affine", "loss": spec["loss"], **MASKREG_ITERS, **extra}]
-    sampling = {"random": int(spec["random"])} if spec.get("random") else "dense"
+              {"type": "rigid", "loss": spec["loss"], **MASKREG_RIGID, **extra},
+              {"type": "affine", "loss": spec["loss"], **MASKREG_AFFINE, **extra}]
+    sampling = {"random": int(spec["random"])} if spec.get("random") else spec.get("sampling") or MASKREG_SAMPLING
     register = maskreg.register  # loads the torch engine here, not inside the timed call (no imports timed)
     run = lambda: register(fixed, moving, fm, mm, stages, device="cpu",  # noqa: E731
                            threads=spec["threads"], seed=0, sampling=sampling)
@@ -331,7 +337,7 @@ def _worker_fireants(spec: dict) -> dict:
     fixed_b, fixed_prod = fireants_images(p["fixed"], p["fixed_mask"])
     moving_b, moving_prod = fireants_images(p["moving"], p["moving_mask"])
     loss = "masked_" + spec["loss"]
-    scales, iters = MASKREG_ITERS["scales"], MASKREG_ITERS["iterations"]
+    scales, iters = FIREANTS_ITERS["scales"], FIREANTS_ITERS["iterations"]
 
     def run():
         mom = MomentsRegistration(1, fixed_prod, moving_prod, moments=1, blur=False, progress_bar=False)
@@ -430,14 +436,17 @@ def main() -> None:
                     help="maskreg losses to run (mi is the reference of the time ratio); default mi")
     ap.add_argument("--maskreg-extra", type=json.loads, default=None,
                     help='extra keys for maskreg\'s rigid and affine stages, JSON, e.g. \'{"learning_rate": 0.5}\'')
+    ap.add_argument("--maskreg-sampling", type=json.loads, default=MASKREG_SAMPLING,
+                    help=f'maskreg\'s sampling, JSON: "dense" or {{"fraction": f}} (default {MASKREG_SAMPLING})')
     ap.add_argument("--maskreg-random", type=int, default=0, metavar="N",
                     help="also run maskreg (mi, mse) with random sampling of N fixed-mask points per iteration")
     args = common.standard_main(ap, worker_main, timeout=3600)
     if args is None:
         return
     print(f"threads per method: {args.threads}; repeats: best of {args.repeats}; maskreg stages moments → rigid "
-          f"→ affine, scales {MASKREG_ITERS['scales']}, iterations {MASKREG_ITERS['iterations']}"
-          + (f", extra {args.maskreg_extra}" if args.maskreg_extra else ""))
+          f"{MASKREG_RIGID} → affine {MASKREG_AFFINE}, sampling {args.maskreg_sampling}"
+          + (f", extra {args.maskreg_extra}" if args.maskreg_extra else "")
+          + f"; FireANTs moments → rigid → affine, each {FIREANTS_ITERS}")
     available = {}
     for m in args.methods:
         if m == "maskreg":
@@ -466,7 +475,8 @@ def main() -> None:
                 for loss, rnd in variants:
                     runs.append((m, loss, {"method": m, "loss": loss, "paths": paths[(pair, res)],
                                            "repeats": args.repeats, "threads": args.threads, "random": rnd,
-                                           "stage_extra": args.maskreg_extra if m == "maskreg" else None}))
+                                           "stage_extra": args.maskreg_extra if m == "maskreg" else None,
+                                           "sampling": args.maskreg_sampling}))
             ref_time = None
             for m, loss, spec in runs:
                 name = m if m == "identity" else f"{m} ({loss})"
