@@ -28,7 +28,7 @@ from maskreg.loss_names import NEEDS_DENSE
 from maskreg.points import PointLoss
 from maskreg.losses import get_loss, intensity_scale
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
-from maskreg.sampling import grid_sample
+from maskreg.sampling import grid_sample, inside
 from maskreg.stepper import Stepper
 from maskreg.transforms import LinearTransform, chain
 
@@ -338,12 +338,6 @@ def _normalised_intensities(fl: Level, ml: Level, loss_name: str) -> tuple[torch
     return f_n, (ml.image - off) / sc
 
 
-def _inside(grid: torch.Tensor) -> torch.Tensor:
-    """``[N, 1, *shape]``: 1 where a normalised sampling point lies inside the sampled grid, else 0 (so the
-    zero padding of ``grid_sample`` never reaches a loss: those points weigh 0)."""
-    return (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(grid.dtype)[:, None]
-
-
 class _AffineGrid:
     """``F.affine_grid(theta, [1, 1, *shape], align_corners=True)`` by broadcasting one normalised coordinate
     vector per axis: ``grid = Σ_a c_a θ[:, a] + θ[:, dim]``, one full-size operation instead of a batched
@@ -380,14 +374,14 @@ class _Sampler:
         self.maps = _level_maps(fl.grid, ml.grid, f_norm.device)
         self.affine_grid = _AffineGrid(fl.grid.shape, f_norm.device)
         # moving image and mask sampled in one call: zero padding is exact for the image too, since points
-        # outside the moving grid ([-1, 1] with align_corners) get weight 0 through ``_inside``
+        # outside the moving grid ([-1, 1] with align_corners) get weight 0 through ``inside``
         self.moving_and_mask = torch.cat([m_norm, ml.mask], 1)
 
     def __call__(self, h: torch.Tensor):
         grid = self.affine_grid(_theta(h, self.maps, self.fl.grid.dim))
         both = grid_sample(self.moving_and_mask, grid)
         warped, mm = both[:, :1], both[:, 1:]
-        w = self.fl.mask * mm * _inside(grid)
+        w = self.fl.mask * mm * inside(grid)
         return self.f, warped, w
 
 
@@ -444,7 +438,7 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
     loss_name, loss_fn = get_loss(stage.get("loss", "mi"))
     scale = int(stage.get("scales", [4])[0])
     fl, ml = prob.levels(scale, None, True)
-    f_n, m_n = _normalised_intensities(fl, ml, loss_name)
+    f_n, m_n = prob.normalised((scale, None, True), loss_name)
     dense = _Sampler(fl, ml, f_n, m_n)
     scores = []
     with torch.no_grad():
@@ -627,19 +621,19 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
         level_key = (int(scale), sig, bool(stage.get("use_mask", True)))
         fl, ml = prob.levels(*level_key)
         f_n, m_n = prob.normalised(level_key, loss_name)
-        dense = _Sampler(fl, ml, f_n, m_n)
+        maps = _level_maps(fl.grid, ml.grid, dev)
         fsum = float(fl.mask.sum())
         p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
         h0 = lin.homogeneous(kind, p.detach(), current, prob.radius)
         # pointwise losses: jittered fixed-mask points, gradient through the moving gradient image (see
         # maskreg.points: no interpolation bias, no grid_sample backward); cc: every voxel, through autograd
         if loss_name in NEEDS_DENSE:
-            points = None
+            points, dense = None, _Sampler(fl, ml, f_n, m_n)
             ow = _overlap(dense, h0, fsum)[0]
         else:
             points = (PointLoss(f_n, fl.mask, m_n, ml.mask, gen, random_n) if random_n
                       else prob.point_loss(level_key, loss_name, fraction, seed))
-            ow = points.overlap(_theta(h0, dense.maps, prob.dim)[0])[0]
+            ow = points.overlap(_theta(h0, maps, prob.dim)[0])[0]
         level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
         _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
         lr = float(stage["learning_rate"]) * float(np.mean(fl.grid.spacing))
@@ -651,12 +645,9 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
         def iteration(_key) -> None:  # graph-safe: see maskreg.stepper
             h = lin.homogeneous(kind, p, start_t, prob.radius)
             if points is not None:
-                theta = _theta(h, dense.maps, prob.dim)[0]
+                theta = _theta(h, maps, prob.dim)[0]
                 loss, dtheta = points(theta, loss_fn, bins=bins)
-                if dtheta is None:
-                    (grad,) = torch.autograd.grad(loss, [p])
-                else:
-                    (grad,) = torch.autograd.grad(theta, [p], grad_outputs=dtheta)
+                (grad,) = torch.autograd.grad(theta, [p], grad_outputs=dtheta)
             else:
                 fixed_v, warped_v, w = dense(h)
                 loss = loss_fn(fixed_v, warped_v, w, window=window, bins=bins)
@@ -688,7 +679,7 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
         if points is None:
             end_overlap = _overlap(dense, h_end, fsum)[:2]
         else:
-            end_overlap = points.overlap(_theta(h_end, dense.maps, prob.dim)[0])
+            end_overlap = points.overlap(_theta(h_end, maps, prob.dim)[0])
         _finish_level(prob, report, level_name, fl.grid, scale, it, trace, end_overlap, fsum, t0, converged,
                       loss_name, ow, min_overlap)
     return current
@@ -921,7 +912,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         f_lab, m_lab = prob.label_levels(fl, ml) if label_weight > 0 else (None, None)
 
         # each side's image, mask (and labels) sampled in one call, zero padding: points outside a grid get
-        # weight 0 through ``_inside``, so the padding value never reaches a loss
+        # weight 0 through ``inside``, so the padding value never reaches a loss
         moving_stack = torch.cat([m_n, ml.mask] + ([m_lab] if m_lab is not None else []), 1)
         fixed_stack = torch.cat([f_n, fl.mask] + ([f_lab] if f_lab is not None else []), 1)
         fixed_box = fixed_stack[(slice(None), slice(None)) + box]  # the fixed stack where it does not move
@@ -930,14 +921,14 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             """Both sides' stacks (image, mask[, labels]) at their half-way points and the weight ``w``."""
             grid = g0 + ops.offsets(u_moving, to_moving)
             ms = grid_sample(moving_stack, grid)
-            w = ms[:, 1:2] * _inside(grid)
+            w = ms[:, 1:2] * inside(grid)
             if u_fixed is None:
                 fs = fixed_box
                 w = w * fs[:, 1:2]
             else:
                 fgrid = f_ident + ops.offsets(u_fixed, to_fixed)
                 fs = grid_sample(fixed_stack, fgrid)
-                w = w * fs[:, 1:2] * _inside(fgrid)
+                w = w * fs[:, 1:2] * inside(fgrid)
             return fs, ms, w
 
         def objective(fs: torch.Tensor, ms: torch.Tensor, w: torch.Tensor):

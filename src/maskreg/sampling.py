@@ -51,3 +51,9 @@ def _split_call(input: torch.Tensor, grid: torch.Tensor, k: int, mode: str, padd
                         align_corners=True)  # [k, C, per, ...]
     out = out.transpose(0, 1).reshape(1, input.shape[1], per * k, *out.shape[3:])
     return out[:, :, :rows] if pad else out
+
+
+def inside(grid: torch.Tensor) -> torch.Tensor:
+    """``[N, 1, *shape]``: 1 where a normalised sampling point lies inside the sampled grid, else 0 (so the
+    zero padding of ``grid_sample`` never reaches a loss: those points weigh 0)."""
+    return (grid.abs() <= 1.0 + 1e-6).all(dim=-1).to(grid.dtype)[:, None]
