@@ -44,3 +44,36 @@ def test_gaussian_blur_and_box_means_match_scipy():
     want = ndimage.correlate1d(ndimage.correlate1d(a, np.ones(3) / 3, axis=0, mode="constant"), k2, axis=1,
                                mode="constant")
     np.testing.assert_allclose(box_average(t, (3, 2, 1))[0, 0].numpy(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("zero_padding", [True, False], ids=["zeros", "border"])
+def test_axis_by_axis_decimation_equals_trilinear_resampling_onto_the_shrunk_grid(zero_padding):
+    """The pyramid decimates one axis at a time; that must be what grid_sample onto ``Grid.shrink`` gives,
+    for odd and even factors, a factor of 1, and sizes the factors do not divide (a last coarse voxel past
+    the end: zero or border padding), on an oblique, anisotropic grid."""
+    import SimpleITK as sitk
+
+    from maskreg.grid import Grid
+    from maskreg.pyramid import decimate_axis, downsample_mask, filter_decimate, resample
+
+    img = sitk.Image([11, 10, 13], sitk.sitkFloat32)
+    img.SetSpacing([0.9, 1.4, 2.2])
+    img.SetDirection(sitk.VersorTransform((1.0, 2.0, 0.5), 0.4).GetMatrix())
+    grid = Grid.of(img)
+    t = torch.rand(1, 2, *grid.shape, generator=torch.Generator().manual_seed(2))
+    for factors in [(2, 2, 2), (3, 1, 4), (4, 3, 2)]:  # x-first
+        coarse = grid.shrink(factors)
+        want = resample(t, grid, coarse, padding_mode="zeros" if zero_padding else "border")
+        got = t
+        for axis, f in enumerate(reversed(factors)):
+            got = decimate_axis(got, axis, f, coarse.shape[axis], zero_padding)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+        if zero_padding:  # the mask's box average, sampled at the coarse centres
+            mask = (t[:, :1] > 0.5).float()
+            old = resample(box_average(mask, tuple(reversed(factors))), grid, coarse).clamp(0, 1)
+            torch.testing.assert_close(downsample_mask(mask, grid, coarse, factors), old, atol=2e-6, rtol=0)
+            k = gaussian_weights(1.2)
+            both = filter_decimate(t, (k, k, k), tuple(reversed(factors)), coarse.shape)
+            torch.testing.assert_close(both, resample(gaussian_blur(t, (1.2,) * 3), grid, coarse), atol=2e-6,
+                                       rtol=0)

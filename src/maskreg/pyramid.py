@@ -148,12 +148,79 @@ def valid_mask_radii(factors: tuple[int, ...], role: str) -> tuple[int, ...]:
     return tuple((f + 1) if role == "fixed" else (2 * f + 1) for f in factors)
 
 
+def _box_kernel(f: int) -> tuple[float, ...]:
+    """:func:`box_average`'s 1D kernel for factor ``f``."""
+    k = [1.0] * (f if f % 2 else f + 1)
+    if f % 2 == 0:
+        k[0] = k[-1] = 0.5
+    return tuple(v / f for v in k)
+
+
+def _decimate_gather(t: torch.Tensor, ax: int, factor: int, js: range, zero_padding: bool) -> torch.Tensor:
+    """:func:`decimate_axis` for the coarse voxels ``js`` by gathering both taps (any position, padded)."""
+    n = t.shape[ax]
+    pos = factor * torch.arange(js.start, js.stop, dtype=torch.float64) + (factor - 1) / 2.0
+    i0 = pos.floor().long()
+    w1 = pos - i0.double()
+    w0 = 1.0 - w1
+    i1 = i0 + 1
+    if zero_padding:
+        w0 = torch.where(i0 <= n - 1, w0, torch.zeros_like(w0))
+        w1 = torch.where(i1 <= n - 1, w1, torch.zeros_like(w1))
+    shape = [1] * t.dim()
+    shape[ax] = len(js)
+    out = t.index_select(ax, i0.clamp(max=n - 1).to(t.device)) * w0.to(t.dtype).reshape(shape).to(t.device)
+    return out + t.index_select(ax, i1.clamp(max=n - 1).to(t.device)) * w1.to(t.dtype).reshape(shape).to(t.device)
+
+
+def decimate_axis(t: torch.Tensor, axis: int, factor: int, size: int, zero_padding: bool) -> torch.Tensor:
+    """Linear interpolation of ``t`` along spatial ``axis`` (tensor order) at the centres of a shrunk grid's
+    voxels (:meth:`Grid.shrink`: coarse voxel ``j`` at fine index ``f j + (f − 1)/2``, ``size`` of them).
+    Trilinear resampling onto an axis-aligned shrunk grid factors into these 1D steps, so decimating axis by
+    axis gives what ``grid_sample`` onto the coarse grid gives (padding by zeros, or by the border value).
+
+    An odd factor lands on fine voxel ``f j + (f − 1)/2``, an even one halfway between ``f j + f/2 − 1`` and
+    ``f j + f/2``: strided views of ``t``; only a last coarse voxel reaching past the end is gathered."""
+    ax = 2 + axis
+    n = t.shape[ax]
+    if factor == 1 and size == n:
+        return t
+    lo, hi = (factor - 1) // 2, factor // 2  # the two taps of coarse voxel 0 (equal for an odd factor)
+    inside = max(0, min(size, (n - 1 - hi) // factor + 1))  # coarse voxels whose taps are all inside
+
+    def taps(start: int) -> torch.Tensor:
+        idx = [slice(None)] * t.dim()
+        idx[ax] = slice(start, start + factor * (inside - 1) + 1, factor)
+        return t[tuple(idx)]
+    parts = []
+    if inside > 0:
+        parts.append(taps(lo) if lo == hi else 0.5 * (taps(lo) + taps(hi)))
+    if inside < size:
+        parts.append(_decimate_gather(t, ax, factor, range(inside, size), zero_padding))
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, ax)
+
+
+def filter_decimate(t: torch.Tensor, kernels: tuple[tuple[float, ...] | None, ...], factors: tuple[int, ...],
+                    sizes: tuple[int, ...], zero_padding: bool = True) -> torch.Tensor:
+    """Filter every channel of ``t`` with a 1D kernel per spatial axis (tensor order; ``None`` = none, zero
+    padding) and decimate it onto the shrunk grid (``factors``, ``sizes`` in tensor order), one axis at a
+    time: each pass runs on the already decimated result of the one before (a factor 2 in 3D: 1 + ½ + ¼ of
+    the full-size work of filtering all three axes first)."""
+    for axis, (k, f, m) in enumerate(zip(kernels, factors, sizes)):
+        if k is not None and len(k) > 1:
+            t = filter_axis(t, k, axis)
+        t = decimate_axis(t, axis, f, m, zero_padding)
+    return t
+
+
 def downsample_mask(mask: torch.Tensor, grid: Grid, level_grid: Grid, factors: tuple[int, ...]) -> torch.Tensor:
-    """Fraction of each coarse voxel's fine voxels inside ``mask`` (``factors`` x-first)."""
+    """Fraction of each coarse voxel's fine voxels inside ``mask`` (``factors`` x-first): the box average of
+    :func:`box_average`, sampled at the coarse voxel centres (``level_grid`` = ``grid.shrink(factors)``)."""
     if level_grid == grid:
         return mask
-    frac = box_average(mask, tuple(reversed(factors)))
-    return resample(frac, grid, level_grid).clamp_(0.0, 1.0)
+    f_t = tuple(reversed(factors))
+    kernels = tuple(_box_kernel(f) if f > 1 else None for f in f_t)
+    return filter_decimate(mask, kernels, f_t, level_grid.shape).clamp_(0.0, 1.0)
 
 
 @dataclass
@@ -187,7 +254,13 @@ def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
     if all(f == 1 for f in factors):
         smoothed = normalised_blur(image, mask, sig_t)
         return Level(grid, smoothed, mask, factors)
-    smoothed = normalised_blur(image, mask, sig_t)
+    # normalised convolution G*(I·m) / G*m with both sums blurred and decimated axis by axis (the mask's
+    # box average rides along as a third channel): the ratio is taken on the coarse grid
     coarse = grid.shrink(factors)
-    img = resample(smoothed, grid, coarse, padding_mode="border")
+    f_t = tuple(reversed(factors))
+    kernels = tuple(gaussian_weights(float(s)) if s > 0 else None for s in sig_t)
+    num_den = filter_decimate(torch.cat([image * mask, mask], 1), kernels, f_t, coarse.shape)
+    num, den = num_den[:, :1], num_den[:, 1:]
+    eps = 1e-6
+    img = torch.where(den > eps, num / den.clamp_min(eps), torch.zeros_like(num))
     return Level(coarse, img, downsample_mask(mask, grid, coarse, factors), factors)
