@@ -11,7 +11,7 @@ import torch
 
 import maskreg
 from maskreg.engine import _RegularStep
-from maskreg.losses import mattes_mi, mse
+from maskreg.losses import VALUE_AND_GRAD, mattes_mi, mse
 from maskreg.points import PointLoss, gradient_images, jitter, voxel_points
 from maskreg.sampling import grid_sample
 
@@ -68,7 +68,7 @@ def test_point_gradient_matches_finite_differences():
     theta = torch.tensor([[1.01, 0.02, 0.0, 0.01], [-0.01, 0.99, 0.015, -0.02], [0.0, 0.01, 1.0, 0.03]])
     for loss_fn in (mse, mattes_mi):
         pl = PointLoss(fixed, mask, moving, ones, torch.Generator().manual_seed(0))
-        _, d = pl(theta, loss_fn, bins=16)
+        _, d = pl(theta, VALUE_AND_GRAD[loss_fn.__name__.replace("mattes_", "")], bins=16)
         w = pl.fixed_weight
         eps = 1e-3
         fd = torch.zeros_like(theta)
@@ -175,3 +175,19 @@ def test_affine_started_at_the_truth_stays_there():
     err = np.linalg.norm([np.subtract(est.TransformPoint(tuple(p)), truth.TransformPoint(tuple(p))) for p in pts],
                          axis=1)
     assert err.mean() < 0.06, err.mean()
+
+
+def test_a_level_stops_once_its_step_has_halved_five_times_unless_tolerance_is_zero():
+    """regular_step's own convergence: on the known pair started at the truth, the step halves within a few
+    iterations and the level stops (converged) long before its 300 iterations, and before the 20 the
+    plateau test needs; tolerance 0 runs every iteration."""
+    fixed, moving, fmask, mmask, truth = _known_pair()
+    stage = {"type": "affine", "loss": "mi", "scales": [2], "iterations": [300], "tolerance": 1e-12}
+    res = maskreg.register(fixed, moving, fmask, mmask, [stage], device="cpu", initial=truth,
+                           sampling={"fraction": 0.2})
+    lv = res.stages[0].levels[0]
+    assert lv.converged and lv.iterations < 20, lv.iterations
+    res0 = maskreg.register(fixed, moving, fmask, mmask, [dict(stage, tolerance=0)], device="cpu", initial=truth,
+                            sampling={"fraction": 0.2})
+    lv0 = res0.stages[0].levels[0]
+    assert not lv0.converged and lv0.iterations == 300

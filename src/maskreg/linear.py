@@ -86,10 +86,3 @@ def to_linear(kind: str, p: torch.Tensor, start: LinearTransform, radius: float)
         l_mat, dt = update_matrix(kind, p.double().cpu(), start.dim, radius)
     a = l_mat.numpy() @ start.matrix
     return LinearTransform(a, start.translation + dt.numpy(), start.center.copy())
-
-
-def rms_radius(points_weighted: torch.Tensor, weights: torch.Tensor, center: torch.Tensor) -> float:
-    """RMS distance (mm) of weighted points ``(N, dim)`` from ``center``; at least 1 mm."""
-    d2 = ((points_weighted - center) ** 2).sum(1)
-    r = math.sqrt(float((weights * d2).sum() / weights.sum().clamp_min(1e-9)))
-    return max(r, 1.0)

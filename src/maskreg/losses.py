@@ -26,8 +26,8 @@ def intensity_scale(image: torch.Tensor, weight: torch.Tensor, low: float = 0.5,
     vals = image[weight > 0]
     if vals.numel() == 0:
         vals = image.flatten()
-    if vals.numel() > 200_000:  # a strided subset is plenty (and quantile() sorts: 70 ms for two 2 mm brains)
-        vals = vals[:: vals.numel() // 100_000]
+    if vals.numel() > 40_000:  # a strided subset is plenty: quantile() sorts (two 2 mm brains: 70 ms for all
+        vals = vals[:: vals.numel() // 20_000]  # their voxels, 8 ms for 100 k each, 2 ms for 20 k each)
     q = torch.quantile(vals.float(), torch.tensor([low / 100, high / 100], device=vals.device))
     lo, hi = float(q[0]), float(q[1])
     return lo, max(hi - lo, 1e-6)
@@ -257,7 +257,74 @@ def nmi(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: i
     return -(hf + hm) / hfm.clamp_min(EPS)
 
 
+def _histogram_terms(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int):
+    """What the closed-form MI gradients share: the unnormalised Parzen histogram ``H`` (flat ``bins²``), its
+    sum ``S``, each point's four histogram cells ``idx`` ``[N, 4]``, ``∂β₃/∂mv`` there and ``∂mv/∂moving``
+    (``usable`` inside [0, 1], 0 where the clamp holds), with the binning of :func:`joint_histogram`."""
+    usable = bins - 5
+    f, m, w = fixed.reshape(-1), moving.reshape(-1), weight.reshape(-1)
+    fb = (f.clamp(0, 1) * usable + 2).round().long()
+    mv = m.clamp(0, 1) * usable + 2
+    base = mv.floor()
+    t = mv - base
+    idx = (fb * bins + base.long() - 1)[:, None] + torch.arange(4, device=m.device)
+    hist = torch.zeros(bins * bins, dtype=m.dtype, device=m.device)
+    hist.index_add_(0, idx.reshape(-1), (w[:, None] * _parzen_weights(t)).reshape(-1))
+    dmv = torch.where((m > 0) & (m < 1), torch.full_like(m, float(usable)), torch.zeros_like(m))
+    return hist, hist.sum().clamp_min(EPS), idx, _parzen_derivatives(t), dmv, w
+
+
+def _log_clamped(q: torch.Tensor) -> torch.Tensor:
+    return torch.log(q.clamp_min(1e-10))
+
+
+def mattes_mi_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32,
+                             **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mattes_mi` and its gradient in ``moving`` (same shape), in closed form, for points ``[1, 1, N]``.
+
+    With ``P = H / S``, ``MI = Σ P log P − Σ p_f log p_f − Σ p_m log p_m`` has ``∂MI/∂P_ij = log(P_ij / (p_f,i
+    p_m,j)) − 1``, and ``∂P_kl/∂H_ij = (δ − P_kl) / S``. A point moves only its own fixed row, through
+    ``Σ_j β₃'(mv − j) = 0``, so every term constant in ``j`` drops out:
+    ``∂L/∂mv(x) = −w(x)/S · Σ_j β₃'(mv(x) − j) (log P[f(x), j] − log p_m,j)``. The weights are constants, as in
+    :func:`mattes_mi`. Some thirty operators, no autograd."""
+    hist, total, idx, dbeta, dmv, w = _histogram_terms(fixed, moving, weight, bins)
+    p = (hist / total).reshape(bins, bins)
+    pf, pm = p.sum(1), p.sum(0)
+    log_p, log_pf, log_pm = _log_clamped(p), _log_clamped(pf), _log_clamped(pm)
+    mi = (p * log_p).sum() - (pf * log_pf).sum() - (pm * log_pm).sum()
+    g_cell = (log_p - log_pm[None, :]).reshape(-1)
+    grad = -(dbeta * g_cell[idx]).sum(1) * (w * dmv / total)
+    return -mi, grad.reshape(moving.shape)
+
+
+def nmi_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32,
+                       **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nmi` and its gradient in ``moving``, in closed form (see :func:`mattes_mi_value_and_grad`):
+    ``L = −(H_f + H_m) / H_fm`` gives, after the terms constant in ``j`` drop out,
+    ``∂L/∂mv(x) = w(x)/S · Σ_j β₃'(mv − j) (H_fm log p_m,j − (H_f + H_m) log P[f(x), j]) / H_fm²``."""
+    hist, total, idx, dbeta, dmv, w = _histogram_terms(fixed, moving, weight, bins)
+    p = (hist / total).reshape(bins, bins)
+    pf, pm = p.sum(1), p.sum(0)
+    log_p, log_pm = _log_clamped(p), _log_clamped(pm)
+    hf, hm, hfm = -(pf * _log_clamped(pf)).sum(), -(pm * log_pm).sum(), -(p * log_p).sum()
+    hfm = hfm.clamp_min(EPS)
+    g_cell = ((hfm * log_pm[None, :] - (hf + hm) * log_p) / (hfm * hfm)).reshape(-1)
+    grad = (dbeta * g_cell[idx]).sum(1) * (w * dmv / total)
+    return -(hf + hm) / hfm, grad.reshape(moving.shape)
+
+
+def mse_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, **_
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mse` and its gradient in ``moving``: ``−2 w (f − m) / Σ w``."""
+    total = weight.sum().clamp_min(EPS)
+    diff = fixed - moving
+    return (weight * diff * diff).sum() / total, (-2.0 / total) * weight * diff
+
+
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"mse": mse, "cc": local_cc, "mi": mattes_mi, "nmi": nmi}
+# pointwise losses: value and gradient in the moving values, in closed form (used at sampled points)
+VALUE_AND_GRAD: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "mse": mse_value_and_grad, "mi": mattes_mi_value_and_grad, "nmi": nmi_value_and_grad}
 
 
 def get_loss(name: str) -> tuple[str, Callable[..., torch.Tensor]]:

@@ -17,8 +17,9 @@ an iteration reads no random numbers (graph-safe, see :mod:`maskreg.stepper`).
 ``q_n = θ x̃_n`` (normalised moving coordinates, ``x̃ = (x, 1)``) has ``∂L/∂θ = Σ_n (∂L/∂m_n) ∇M(q_n) x̃_nᵀ``.
 ``∇M`` is sampled from central-difference gradient images (ITK's default for its v4 metrics) in the same
 ``grid_sample`` call as ``M`` and the moving mask, so an iteration is one forward sampling, the loss and
-its gradient in the sampled values (small autograd graph), one ``(dim, N) @ (N, dim + 1)`` product, and the
-chain to the stage's parameters through ``θ`` (a graph of a few matrix operations). No ``grid_sample``
+its gradient in the sampled values (closed form, :data:`maskreg.losses.VALUE_AND_GRAD`: no autograd), one
+``(dim, N) @ (N, dim + 1)`` product, and the chain to the stage's parameters through ``θ`` (a graph of a few
+matrix operations). No ``grid_sample``
 backward runs (on the CPU, a full-resolution iteration over 252 k points went from 55-62 to 41-49 ms).
 
 Conventions: fixed-side points are in the fixed level's normalised coordinates (``grid_sample``,
@@ -127,9 +128,11 @@ class PointLoss:
         """Points per evaluation."""
         return int(self.random_n or self.centres.shape[0])
 
-    def __call__(self, theta: torch.Tensor, loss_fn: Callable[..., torch.Tensor], **loss_kw
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, ∂loss/∂θ)`` at ``theta`` ``(dim, dim + 1)`` (its graph is not used: detach it or not)."""
+    def __call__(self, theta: torch.Tensor, value_and_grad: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+                 **loss_kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, ∂loss/∂θ)`` at ``theta`` ``(dim, dim + 1)`` (its graph is not used: detach it or not).
+        ``value_and_grad(fixed, moving, weight, **loss_kw) -> (loss, ∂loss/∂moving)`` is the loss in closed
+        form (:data:`maskreg.losses.VALUE_AND_GRAD`)."""
         if self.random_n:
             sel = torch.randint(0, self.centres.shape[0], (self.random_n,), generator=self.gen,
                                 device=self.centres.device)
@@ -140,13 +143,10 @@ class PointLoss:
         q = pts @ theta.T  # (N, dim): moving normalised coordinates
         s = _as_points(grid_sample(self.moving_stack, _point_grid(q)))  # [1, 2 + dim, N]
         w = fixed_w * s[:, 1:2] * inside(q[None])
-        warped = s[:, :1].detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = loss_fn(fixed_v, warped, w, **loss_kw)
-            (g,) = torch.autograd.grad(loss, [warped])
+        loss, g = value_and_grad(fixed_v, s[:, :1], w, **loss_kw)
         # ∂L/∂θ[a, b] = Σ_n g_n ∂M/∂q_a(q_n) x̃_n[b]
         dtheta = (s[0, 2:] * g[0]) @ pts
-        return loss.detach(), dtheta
+        return loss, dtheta
 
     def overlap(self, theta: torch.Tensor) -> tuple[float, int]:
         """Effective overlap at ``theta`` in voxels of the level: the sum of the points' weights and the number
