@@ -25,9 +25,9 @@ from maskreg import linear as lin
 from maskreg.errors import InputError, MaskregError, OverlapError, where
 from maskreg.grid import Grid, resampling_theta
 from maskreg.loss_names import NEEDS_DENSE
-from maskreg.points import PointLoss
 from maskreg.losses import VALUE_AND_GRAD, get_loss, intensity_scale
 from maskreg.moments import weighted_moments
+from maskreg.points import PointLoss
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
 from maskreg.sampling import grid_sample, inside
 from maskreg.stepper import Stepper
@@ -244,7 +244,6 @@ class _Problem:
                         lev.mask = downsample_mask(erode_voxels(full, radii), grid, lev.grid, lev.factors)
             self._levels[key] = (fl, ml)
         return self._levels[key]
-
 
     def normalised(self, level_key: tuple, loss_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The level's images with normalised intensities (:func:`_normalised_intensities`), cached: the
@@ -547,6 +546,10 @@ class _Adam:
         denom = (self.v / (1 - torch.pow(self.b2, t))).sqrt_().add_(self.eps)
         self.p.sub_(lr / (1 - torch.pow(self.b1, t)) * self.m / denom)
 
+    def converged(self) -> bool:
+        """Adam has no convergence test of its own (the plateau test and the schedule end its levels)."""
+        return False
+
 
 class _RegularStep:
     """Regular-step gradient descent (ITK's ``RegularStepGradientDescentOptimizer``): each iteration moves the
@@ -559,8 +562,8 @@ class _RegularStep:
     10. The schedule ``lrs`` caps the step length too. Graph-safe like :class:`_Adam`."""
 
     RELAXATION = 0.5
-    # a level has converged once its step has been halved this often: the optimum is then known to 2⁻⁵ of the
-    # first step (learning_rate 0.25 voxel: 1/128 voxel). On the 2 mm brain pairs of bench_linear.py 4, 5 and 6
+    # a level has converged once its step is below 2⁻⁵ of the first (five halvings; the cosine cap alone never
+    # gets there, it ends at 5 %): the optimum is then known to 1/128 voxel at learning_rate 0.25 voxel. On the 2 mm brain pairs of bench_linear.py 4, 5 and 6
     # halvings gave the same accuracy (known pair 0.015-0.018 mm, Dice within 0.003) and 5 took 0.6-0.8 s where
     # the plateau test alone took 0.9-1.2 s
     MIN_STEP_HALVINGS = 5
@@ -582,7 +585,7 @@ class _RegularStep:
         self.p.sub_(self.step_len * grad / grad.norm().clamp_min(1e-20))
 
     def converged(self) -> bool:
-        """Whether the step has shrunk below its minimum (reads the step length back: call it rarely)."""
+        """Whether the step has shrunk below 2⁻⁵ of the first (reads the step length back: call it rarely)."""
         return float(self.step_len) < self.min_step
 
 
@@ -661,8 +664,7 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
             if bar is not None:
                 bar.update(1)
             # tolerance 0 turns both early stops off (random sampling: a noisy gradient halves the step at random)
-            if _plateau(trace, it, tol) or (tol > 0 and it % 5 == 0 and isinstance(opt, _RegularStep)
-                                            and opt.converged()):
+            if _plateau(trace, it, tol) or (tol > 0 and it % 5 == 0 and opt.converged()):
                 converged = True
                 break
         if bar is not None:
@@ -885,8 +887,9 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         raise MaskregError(f"stage {kind} cannot follow a {state.kind} stage; use one deformable type.")
     for li, (scale, n_it, sig) in enumerate(zip(stage["scales"], stage["iterations"], sigmas)):
         t0 = time.perf_counter()
-        fl, ml = prob.levels(int(scale), sig, bool(stage.get("use_mask", True)))
-        f_n, m_n = _normalised_intensities(fl, ml, loss_name)
+        level_key = (int(scale), sig, bool(stage.get("use_mask", True)))
+        fl, ml = prob.levels(*level_key)
+        f_n, m_n = prob.normalised(level_key, loss_name)  # shared with the linear stages at the same level
         # the field lives on the fixed mask's box plus a margin (the ROI box), not on the whole level grid
         wgrid, box = roi_box(fl.grid, fl.mask, roi_margin(stage))
         ops = dfm.FieldOps(wgrid, dev, coarse_exp=kind == "syn")

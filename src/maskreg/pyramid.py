@@ -97,9 +97,20 @@ def normalised_blur(image: torch.Tensor, mask: torch.Tensor, sigmas: tuple[float
     Where no mask voxel is near, the result is 0; with no smoothing the image is returned unchanged."""
     if all(s <= 0 for s in sigmas):
         return image
-    num = gaussian_blur(image * mask, sigmas)
-    den = gaussian_blur(mask, sigmas)
+    return _ratio(gaussian_blur(image * mask, sigmas), gaussian_blur(mask, sigmas), eps)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``num / den`` where ``den > eps``, else 0: the last step of a normalised convolution."""
     return torch.where(den > eps, num / den.clamp_min(eps), torch.zeros_like(num))
+
+
+def _box_kernel(f: int) -> tuple[float, ...]:
+    """:func:`box_average`'s 1D kernel for factor ``f``."""
+    k = [1.0] * (f if f % 2 else f + 1)
+    if f % 2 == 0:
+        k[0] = k[-1] = 0.5
+    return tuple(v / f for v in k)
 
 
 def box_average(t: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
@@ -107,12 +118,8 @@ def box_average(t: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
     channel. An odd factor f averages f voxels; an even one f+1 voxels with half weights at both ends, so
     the box stays centred."""
     for axis, f in enumerate(factors):
-        if f == 1:
-            continue
-        k = [1.0] * (f if f % 2 else f + 1)
-        if f % 2 == 0:
-            k[0] = k[-1] = 0.5
-        t = filter_axis(t, tuple(v / f for v in k), axis)
+        if f > 1:
+            t = filter_axis(t, _box_kernel(f), axis)
     return t
 
 
@@ -146,14 +153,6 @@ def valid_mask_radii(factors: tuple[int, ...], role: str) -> tuple[int, ...]:
     the fixed mask, ``2 s + 1`` for the moving mask, so smoothing and interpolation at that level never reach
     beyond the valid region."""
     return tuple((f + 1) if role == "fixed" else (2 * f + 1) for f in factors)
-
-
-def _box_kernel(f: int) -> tuple[float, ...]:
-    """:func:`box_average`'s 1D kernel for factor ``f``."""
-    k = [1.0] * (f if f % 2 else f + 1)
-    if f % 2 == 0:
-        k[0] = k[-1] = 0.5
-    return tuple(v / f for v in k)
 
 
 def _decimate_gather(t: torch.Tensor, ax: int, factor: int, js: range, zero_padding: bool) -> torch.Tensor:
@@ -254,13 +253,11 @@ def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
     if all(f == 1 for f in factors):
         smoothed = normalised_blur(image, mask, sig_t)
         return Level(grid, smoothed, mask, factors)
-    # normalised convolution G*(I·m) / G*m with both sums blurred and decimated axis by axis (the mask's
-    # box average rides along as a third channel): the ratio is taken on the coarse grid
+    # normalised convolution G*(I·m) / G*m, its two sums blurred and decimated axis by axis as two channels of
+    # one tensor: the ratio is taken on the coarse grid
     coarse = grid.shrink(factors)
     f_t = tuple(reversed(factors))
     kernels = tuple(gaussian_weights(float(s)) if s > 0 else None for s in sig_t)
     num_den = filter_decimate(torch.cat([image * mask, mask], 1), kernels, f_t, coarse.shape)
-    num, den = num_den[:, :1], num_den[:, 1:]
-    eps = 1e-6
-    img = torch.where(den > eps, num / den.clamp_min(eps), torch.zeros_like(num))
+    img = _ratio(num_den[:, :1], num_den[:, 1:])
     return Level(coarse, img, downsample_mask(mask, grid, coarse, factors), factors)
