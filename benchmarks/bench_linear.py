@@ -272,6 +272,8 @@ def _worker_maskreg(spec: dict) -> dict:
               {"type": "affine", "loss": spec["loss"], **MASKREG_AFFINE, **extra}]
     sampling = {"random": int(spec["random"])} if spec.get("random") else spec.get("sampling") or MASKREG_SAMPLING
     register = maskreg.register  # loads the torch engine here, not inside the timed call (no imports timed)
+    from maskreg import cpu_kernels
+    cpu_kernels.warm_up()  # loads the compiled CPU kernels from numba's cache (~0.6 s once per process)
     run = lambda: register(fixed, moving, fm, mm, stages, device="cpu",  # noqa: E731
                            threads=spec["threads"], seed=0, sampling=sampling)
     meas = common.measure(run, spec["repeats"])

@@ -44,3 +44,16 @@ def make_image(a, spacing=None, origin=None, direction=None):
     if direction is not None:
         img.SetDirection(direction)
     return img
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Run the test on torch's own CPU operators: the compiled kernels of ``maskreg.cpu_kernels`` off (the
+    CUDA code path, and the fallback where numba is missing)."""
+    from maskreg import cpu_kernels
+
+    monkeypatch.setenv("MASKREG_CPU_KERNELS", "0")
+    cpu_kernels._module.cache_clear()
+    yield
+    monkeypatch.delenv("MASKREG_CPU_KERNELS")
+    cpu_kernels._module.cache_clear()

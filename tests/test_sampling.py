@@ -14,7 +14,7 @@ from maskreg.sampling import grid_sample
 
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 @pytest.mark.parametrize("shape", [(23, 17, 9), (5, 3, 4)])
-def test_split_grid_sample_is_bit_identical(shape, padding):
+def test_split_grid_sample_is_bit_identical(shape, padding, torch_kernels):
     torch.manual_seed(0)
     x = torch.randn(1, 3, *shape)
     g = torch.rand(1, *shape, 3) * 2.4 - 1.2  # some points outside: padding matters
@@ -22,7 +22,7 @@ def test_split_grid_sample_is_bit_identical(shape, padding):
     assert torch.equal(grid_sample(x, g, padding_mode=padding), ref)
 
 
-def test_split_grid_sample_points_batch_and_gradient():
+def test_split_grid_sample_points_batch_and_gradient(torch_kernels):
     torch.manual_seed(1)
     x = torch.randn(1, 2, 20, 30, 40)
     pts = torch.rand(1, 12347, 1, 1, 3) * 2 - 1  # mask-direct layout, a length no piece count divides

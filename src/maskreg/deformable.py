@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from maskreg import cpu_kernels
 from maskreg.grid import Grid
 from maskreg.pyramid import gaussian_blur, resample
 from maskreg.sampling import grid_sample
@@ -66,6 +67,15 @@ def _mix(components: list[torch.Tensor], m: np.ndarray) -> list[torch.Tensor]:
     return out
 
 
+def _resize(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``t`` ``[N, C, *spatial]`` linearly interpolated to ``shape``, corners aligned (grids made by
+    ``Grid.corner_aligned``): the compiled kernel on the CPU (2 fields to a 2 mm brain grid: 40 -> ?? ms)."""
+    if cpu_kernels.enabled(t):
+        return cpu_kernels.resize(t, shape)
+    mode = "trilinear" if t.dim() == 5 else "bilinear"
+    return F.interpolate(t, size=shape, mode=mode, align_corners=True)
+
+
 class FieldOps:
     """Operations on displacement fields of one level grid (identity grid and mm → normalised map cached)."""
 
@@ -78,6 +88,9 @@ class FieldOps:
         self.identity = F.affine_grid(eye, [1, 1, *grid.shape], align_corners=True)
         # mm -> voxels of this grid per component (for step sizes): |D^T u| / spacing
         self.spacing = torch.as_tensor(grid.spacing, dtype=torch.float32, device=device)
+        self.to_index = grid.physical_to_index()[:dim, :dim]  # numpy: mm -> voxel index offsets (x first)
+        # numpy: physical gradient component k from the derivative along index axis a, D[k, a] / spacing[a]
+        self.index_to_physical_gradient = grid.direction_matrix / np.asarray(grid.spacing)[None, :]
         self.coarse: FieldOps | None = None
         if coarse_exp and grid.voxel_count() >= COARSE_EXP_MIN_VOXELS:
             fine = min(grid.spacing)
@@ -108,7 +121,10 @@ class FieldOps:
         return grid_sample(t, self.identity + self.offsets(u), padding_mode=padding_mode)
 
     def compose(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Displacement of ``(id + u) ∘ (id + v)``: ``v(x) + u(x + v(x))``."""
+        """Displacement of ``(id + u) ∘ (id + v)``: ``v(x) + u(x + v(x))`` (3D CPU: one compiled pass, no sampling
+        grid stored; the coarse exponentials' squarings 12 -> ~3 ms each at 2 mm brain size)."""
+        if self.dim == 3 and cpu_kernels.enabled(u, v):
+            return cpu_kernels.compose(u, v, self.to_index)
         return v + self.sample(u, v)
 
     def max_voxels(self, u: torch.Tensor) -> float:
@@ -160,10 +176,8 @@ class FieldOps:
         The registration's returned fields are always exponentiated on the full grid."""
         if self.coarse is None:
             return self.exp_pair(v, squarings)
-        mode = "trilinear" if self.dim == 3 else "bilinear"
-        vc = F.interpolate(v, size=self.coarse.grid.shape, mode=mode, align_corners=True)
-        both = F.interpolate(self.coarse.exp(torch.cat([-vc, vc], 0), squarings), size=self.grid.shape,
-                             mode=mode, align_corners=True)
+        vc = _resize(v, self.coarse.grid.shape)
+        both = _resize(self.coarse.exp(torch.cat([-vc, vc], 0), squarings), self.grid.shape)
         return both[:1], both[1:]
 
     def invert(self, u: torch.Tensor, iterations: int = 20) -> torch.Tensor:

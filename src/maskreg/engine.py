@@ -20,6 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from maskreg import cpu_kernels
 from maskreg import deformable as dfm
 from maskreg import linear as lin
 from maskreg.errors import InputError, MaskregError, OverlapError, where
@@ -29,7 +30,7 @@ from maskreg.losses import VALUE_AND_GRAD, get_loss, intensity_scale
 from maskreg.moments import weighted_moments
 from maskreg.points import PointLoss
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
-from maskreg.sampling import grid_sample, inside
+from maskreg.sampling import grid_sample, grid_sample_inside, inside
 from maskreg.stepper import Stepper
 from maskreg.transforms import LinearTransform, chain
 
@@ -913,19 +914,31 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         moving_stack = torch.cat([m_n, ml.mask] + ([m_lab] if m_lab is not None else []), 1)
         fixed_stack = torch.cat([f_n, fl.mask] + ([f_lab] if f_lab is not None else []), 1)
         fixed_box = fixed_stack[(slice(None), slice(None)) + box]  # the fixed stack where it does not move
+        # 3D on the CPU: sampling at "affine map of the voxel index + matrix @ field" in one compiled pass, the
+        # grids g0 + offsets never stored (maskreg.cpu_kernels.sample_mapped)
+        fused = dim == 3 and cpu_kernels.enabled(moving_stack, fixed_stack)
+        index_to_moving = (ml.grid.physical_to_normalised() @ linear.homogeneous() @ wgrid.index_to_physical())[:dim]
+        index_to_fixed = (fl.grid.physical_to_normalised() @ wgrid.index_to_physical())[:dim]
 
         def sample(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
             """Both sides' stacks (image, mask[, labels]) at their half-way points and the weight ``w``."""
+            if fused:
+                ms, ins = cpu_kernels.sample_mapped(moving_stack, index_to_moving, to_moving, u_moving)
+                w = ms[:, 1:2] * ins
+                if u_fixed is None:
+                    return fixed_box, ms, w * fixed_box[:, 1:2]
+                fs, ins = cpu_kernels.sample_mapped(fixed_stack, index_to_fixed, to_fixed, u_fixed)
+                return fs, ms, w.mul_(fs[:, 1:2]).mul_(ins)
             grid = g0 + ops.offsets(u_moving, to_moving)
-            ms = grid_sample(moving_stack, grid)
-            w = ms[:, 1:2] * inside(grid)
+            ms, ins = grid_sample_inside(moving_stack, grid)
+            w = ms[:, 1:2] * ins
             if u_fixed is None:
                 fs = fixed_box
                 w = w * fs[:, 1:2]
             else:
                 fgrid = f_ident + ops.offsets(u_fixed, to_fixed)
-                fs = grid_sample(fixed_stack, fgrid)
-                w = w * fs[:, 1:2] * inside(fgrid)
+                fs, ins = grid_sample_inside(fixed_stack, fgrid)
+                w = w * fs[:, 1:2] * ins
             return fs, ms, w
 
         def objective(fs: torch.Tensor, ms: torch.Tensor, w: torch.Tensor):
@@ -959,6 +972,15 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         # channels whose loss gradient moves the field: the image and the labels, not the mask (a weight)
         moved = [0] + list(range(2, moving_stack.shape[1]))
 
+        def fused_displacement_gradient(terms) -> torch.Tensor:
+            """:func:`displacement_gradient` of ``Σ alpha · (stack, dstack)`` terms in compiled passes (3D CPU)."""
+            g = torch.zeros(1, dim, *wgrid.shape)
+            for stack, dstack, alpha in terms:
+                for c in moved:
+                    cpu_kernels.add_gradient_product(g, stack[:, c:c + 1], dstack[:, c:c + 1],
+                                                     ops.index_to_physical_gradient, alpha)
+            return g
+
         def displacement_gradient(stack: torch.Tensor, dstack: torch.Tensor) -> torch.Tensor:
             """∂loss/∂u (``[1, dim, *shape]``, per mm) by the chain rule: the loss's gradient in each sampled
             channel times that channel's spatial gradient on the level grid (the warped image's gradient,
@@ -988,9 +1010,13 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 leaves.append(field)
             grads = torch.autograd.grad(total, leaves)
             with torch.no_grad():
-                g = displacement_gradient(ms, grads[0])
-                if kind == "syn":  # ½(∂/∂u₊ − ∂/∂u₋): u₋ = exp(-v/2) moves the fixed image
-                    g = 0.5 * (g - displacement_gradient(fs, grads[1]))
+                if fused:
+                    g = fused_displacement_gradient([(ms, grads[0], 0.5), (fs, grads[1], -0.5)] if kind == "syn"
+                                                    else [(ms, grads[0], 1.0)])
+                else:
+                    g = displacement_gradient(ms, grads[0])
+                    if kind == "syn":  # ½(∂/∂u₊ − ∂/∂u₋): u₋ = exp(-v/2) moves the fixed image
+                        g = 0.5 * (g - displacement_gradient(fs, grads[1]))
                 if reg is not None:
                     g = g + grads[-1]
                 d = ops.smooth(-g, fluid)

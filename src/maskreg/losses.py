@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from maskreg import cpu_kernels
 from maskreg.loss_names import canonical
 
 EPS = 1e-6
@@ -110,6 +111,12 @@ class _LocalCC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fixed, moving, w, window):
+        ctx.compiled = None
+        if fixed.dim() in (4, 5) and cpu_kernels.enabled(fixed.detach(), moving.detach(), w):
+            # the same sums and formulas in fused loops (maskreg.cpu_kernels), statistics kept for backward
+            ctx.compiled = cpu_kernels.LocalCC(fixed, moving, w, window, CC_EPS)
+            need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            return fixed.new_tensor(ctx.compiled.loss(need_f, need_m))
         sw, mf, mm, vf, vm, cov = _local_stats(fixed, moving, w, window)
         d = vf * vm + CC_EPS
         cc = cov * cov / d
@@ -120,6 +127,9 @@ class _LocalCC(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.compiled is not None:
+            gf, gm = ctx.compiled.gradients(float(grad_out))
+            return gf, gm, None, None
         fixed, moving, w, sw, mf, mm, vf, vm, cov, d, wsum = ctx.saved_tensors
         # sw is the window *mean* of w, so a and b carry 1/|W| and a box mean below makes the box sum
         wa = w * 2 * cov / (d * sw)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from maskreg import cpu_kernels
 from maskreg.grid import Grid, resampling_theta, shrink_factors
 from maskreg.sampling import grid_sample
 
@@ -63,6 +64,8 @@ def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.
             pad[axis] = len(kernel) // 2
             conv = F.conv3d if t.dim() == 5 else F.conv2d
             return conv(t, w, padding=tuple(pad), groups=t.shape[1])
+    if t.dim() in (4, 5) and cpu_kernels.enabled(t):  # one fused pass (3-channel field, 3 axes: 29 -> 9 ms)
+        return cpu_kernels.filter_axis(t, kernel, axis)
     ax = 2 + axis
     r = len(kernel) // 2
     n = t.shape[ax]

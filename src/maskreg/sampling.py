@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from maskreg import cpu_kernels
+
 # pieces per call: measured best at about twice the thread count on 2 cores (1 → 2 → 4 → 8: 126, 48, 34, 38 ms)
 PIECES_PER_THREAD = 2
 
@@ -30,7 +32,10 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     """``F.grid_sample(input, grid, mode, padding_mode, align_corners=True)``, the same values.
 
     ``input``: ``[N, C, *in_shape]``; ``grid``: ``[N, *out_shape, dim]`` normalised ``(x, y[, z])``; returns
-    ``[N, C, *out_shape]``. Only 3D inputs are split: that is the kernel measured."""
+    ``[N, C, *out_shape]``. Only 3D inputs are split: that is the kernel measured. 3D trilinear sampling on the
+    CPU runs the compiled kernel of :mod:`maskreg.cpu_kernels` when it is enabled (2.5x the split call)."""
+    if input.dim() == 5 and mode == "bilinear" and cpu_kernels.enabled(input, grid):
+        return cpu_kernels.sample(input, grid, padding_mode)[0]
     k = _pieces(grid.shape[1])
     if input.device.type != "cpu" or k < 2 or input.requires_grad or input.dim() != 5:
         return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
@@ -51,6 +56,15 @@ def _split_call(input: torch.Tensor, grid: torch.Tensor, k: int, mode: str, padd
                         align_corners=True)  # [k, C, per, ...]
     out = out.transpose(0, 1).reshape(1, input.shape[1], per * k, *out.shape[3:])
     return out[:, :, :rows] if pad else out
+
+
+def grid_sample_inside(input: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grid_sample(input, grid), inside(grid))`` (zero padding), from one pass where the compiled CPU kernel
+    serves the call."""
+    if input.dim() == 5 and cpu_kernels.enabled(input, grid):
+        out, ins = cpu_kernels.sample(input, grid, "zeros", with_inside=True)
+        return out, ins
+    return grid_sample(input, grid), inside(grid)
 
 
 def inside(grid: torch.Tensor) -> torch.Tensor:

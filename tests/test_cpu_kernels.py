@@ -1,0 +1,198 @@
+"""The compiled CPU kernels (maskreg.cpu_kernels) compute what the torch operators they replace compute: on
+odd, anisotropic shapes, 2D and 3D, points outside the image, thin slabs, and whatever the thread count."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskreg import cpu_kernels, losses, pyramid
+from maskreg.sampling import inside
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.enabled(torch.zeros(1)), reason="numba kernels not available")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    scale = max(float(b.abs().max()), 1e-12)
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) <= rel * scale, float((a - b).abs().max()) / scale
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_sample_matches_grid_sample_with_points_outside(padding):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 14, 5)  # two batch items, three channels, an axis of 5
+    g = torch.rand(2, 6, 7, 4, 3) * 2.6 - 1.3  # a third of the points outside on some axis
+    out, ins = cpu_kernels.sample(x, g, padding, with_inside=True)
+    _close(out, F.grid_sample(x, g, padding_mode=padding, align_corners=True))
+    assert torch.equal(ins, inside(g))
+    assert 0 < float(ins.mean()) < 1
+    # one image sampled at two grids (the batch of the grid wins), and a point list layout
+    _close(cpu_kernels.sample(x[:1], g, padding)[0],
+           F.grid_sample(x[:1].expand(2, -1, -1, -1, -1), g, padding_mode=padding, align_corners=True))
+    pts = torch.rand(1, 1001, 1, 1, 3) * 2 - 1
+    _close(cpu_kernels.sample(x[:1], pts, padding)[0], F.grid_sample(x[:1], pts, padding_mode=padding,
+                                                                    align_corners=True))
+
+
+def test_sample_exact_at_voxel_centres_and_zero_beyond_one_voxel():
+    x = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(1, 1, 4, 5, 6)
+    ident = F.affine_grid(torch.eye(3, 4)[None], [1, 1, 4, 5, 6], align_corners=True)
+    _close(cpu_kernels.sample(x, ident)[0], x, 1e-6)
+    far = torch.full((1, 1, 1, 1, 3), 1.0 + 2.0 / 5 + 1e-3)  # more than one voxel past the last centre
+    assert float(cpu_kernels.sample(x, far)[0]) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 11, 8, 13), (1, 3, 17, 9), (2, 1, 1, 6, 7)])
+@pytest.mark.parametrize("sigma", [0.5, 1.5, 4.0])
+def test_filter_axis_matches_shifted_sums(shape, sigma, monkeypatch):
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    k = pyramid.gaussian_weights(sigma)
+    for axis in range(len(shape) - 2):
+        kk = k
+        if len(kk) > 2 * shape[2 + axis] - 1:  # as gaussian_blur trims it
+            r, c = shape[2 + axis] - 1, len(kk) // 2
+            kk = kk[c - r: c + r + 1]
+        got = cpu_kernels.filter_axis(x, kk, axis)
+        with monkeypatch.context() as m:
+            m.setenv("MASKREG_CPU_KERNELS", "0")
+            cpu_kernels._module.cache_clear()
+            ref = pyramid.filter_axis(x, kk, axis)
+        cpu_kernels._module.cache_clear()
+        _close(got, ref)
+
+
+@pytest.mark.parametrize("size", [(17, 23, 13), (5, 6, 4), (9, 30, 3), (1, 30, 3)])
+def test_resize_matches_trilinear_interpolate(size):
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 9, 12, 7)
+    _close(cpu_kernels.resize(x, size), F.interpolate(x, size=size, mode="trilinear", align_corners=True))
+    x2 = torch.randn(1, 2, 9, 12)
+    _close(cpu_kernels.resize(x2, size[1:]), F.interpolate(x2, size=size[1:], mode="bilinear",
+                                                            align_corners=True))
+
+
+@pytest.mark.parametrize("shape,window", [((1, 1, 20, 17, 15), 5), ((1, 1, 3, 17, 15), 5),
+                                          ((1, 1, 21, 19), 7), ((1, 1, 12, 11, 10), 3)])
+def test_local_cc_value_and_both_gradients_match_autograd(shape, window):
+    torch.manual_seed(3)
+    f = torch.rand(shape)
+    m = 0.6 * f + 0.4 * torch.rand(shape)
+    w = (torch.rand(shape) > 0.3).float() * torch.rand(shape)  # soft weights with holes
+    ff, mm = f.clone().requires_grad_(), m.clone().requires_grad_()
+    loss = losses.local_cc(ff, mm, w, window)  # the compiled path (CPU, kernels on)
+    gf, gm = torch.autograd.grad(loss, [ff, mm])
+    fa, ma = f.clone().requires_grad_(), m.clone().requires_grad_()
+    ref = losses.local_cc_autograd(fa, ma, w, window)
+    rf, rm = torch.autograd.grad(ref, [fa, ma])
+    assert abs(float(loss.detach()) - float(ref.detach())) < 1e-5
+    _close(gf, rf, 1e-4)
+    _close(gm, rm, 1e-4)
+    # only the moving side asked for: the same moving gradient
+    mm2 = m.clone().requires_grad_()
+    _close(torch.autograd.grad(losses.local_cc(f, mm2, w, window), mm2)[0], rm, 1e-4)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    torch.manual_seed(4)
+    f, m = torch.rand(1, 1, 30, 25, 20), torch.rand(1, 1, 30, 25, 20)
+    w = torch.ones_like(f)
+    g = torch.rand(1, 30, 25, 20, 3) * 2 - 1
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            cc = cpu_kernels.LocalCC(f, m, w, 5, losses.CC_EPS)
+            value = cc.loss(True, True)
+            outs.append((value, *cc.gradients(), cpu_kernels.sample(f, g)[0],
+                         cpu_kernels.filter_axis(f, pyramid.gaussian_weights(1.5), 1)))
+    finally:
+        torch.set_num_threads(before)
+    assert outs[0][0] == outs[1][0]
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        assert torch.equal(a, b)
+
+
+def test_a_newer_local_cc_invalidates_the_older_ones_statistics():
+    f = torch.rand(1, 1, 8, 9, 10)
+    first = cpu_kernels.LocalCC(f, f, torch.ones_like(f), 3, losses.CC_EPS)
+    first.loss(False, True)
+    second = cpu_kernels.LocalCC(f, f.flip(-1), torch.ones_like(f), 3, losses.CC_EPS)
+    second.loss(False, True)
+    with pytest.raises(RuntimeError, match="newer LocalCC"):
+        first.gradients()
+    assert second.gradients()[1] is not None
+
+
+def test_kernels_off_by_environment(monkeypatch):
+    monkeypatch.setenv("MASKREG_CPU_KERNELS", "0")
+    cpu_kernels._module.cache_clear()
+    try:
+        assert not cpu_kernels.enabled(torch.zeros(1))
+    finally:
+        monkeypatch.delenv("MASKREG_CPU_KERNELS")
+        cpu_kernels._module.cache_clear()
+    assert cpu_kernels.enabled(torch.zeros(1))
+    assert not cpu_kernels.enabled(torch.zeros(1, requires_grad=True))
+
+
+def _oblique_grid():
+    from maskreg.grid import Grid
+    c, s = np.cos(0.3), np.sin(0.3)
+    direction = np.array([[c, -s, 0], [s * 0.9, c * 0.9, -0.43589], [s * 0.43589, c * 0.43589, 0.9]])
+    q, _ = np.linalg.qr(direction)  # orthonormal, oblique on every axis
+    return Grid((13, 11, 9), (1.2, 0.8, 2.5), (3.0, -7.0, 11.0), tuple(q.flatten()))
+
+
+def _smooth_field(shape, amp, seed):
+    torch.manual_seed(seed)
+    return pyramid.gaussian_blur(torch.randn(1, 3, *shape) * amp, (2.0, 2.0, 2.0))
+
+
+def test_sample_mapped_equals_grid_sample_on_affine_grid_plus_field():
+    from maskreg import deformable as dfm
+    from maskreg.sampling import grid_sample
+    grid = _oblique_grid()
+    ops = dfm.FieldOps(grid, torch.device("cpu"))
+    torch.manual_seed(5)
+    img = torch.rand(1, 2, 10, 14, 12)
+    a = np.array([[0.15, 0.02, -0.01, -0.9], [0.01, 0.17, 0.03, -0.8], [-0.02, 0.01, 0.24, -1.05]])
+    m = np.array([[0.10, 0.01, 0.0], [0.0, 0.09, -0.02], [0.01, 0.0, 0.12]])
+    u = _smooth_field(grid.shape, 20.0, 6)
+    theta = torch.as_tensor(a @ np.linalg.inv(_index_to_normalised(grid)), dtype=torch.float32)[None, :3]
+    g = F.affine_grid(theta, [1, 1, *grid.shape], align_corners=True) + ops.offsets(u, m)
+    out, ins = cpu_kernels.sample_mapped(img, a, m, u)
+    _close(out, F.grid_sample(img, g, align_corners=True), 1e-5)
+    assert torch.equal(ins, inside(g)) and 0 < float(ins.mean()) < 1
+
+
+def _index_to_normalised(grid) -> np.ndarray:
+    n = np.asarray(grid.size, dtype=np.float64)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(2.0 / (n - 1))
+    m[:3, 3] = -1.0
+    return m
+
+
+def test_compose_matches_sampling_on_an_oblique_anisotropic_grid():
+    from maskreg import deformable as dfm
+    grid = _oblique_grid()
+    ops = dfm.FieldOps(grid, torch.device("cpu"))
+    u = torch.cat([_smooth_field(grid.shape, 15.0, 7), _smooth_field(grid.shape, 15.0, 8)])
+    v = torch.cat([_smooth_field(grid.shape, 15.0, 9), _smooth_field(grid.shape, 15.0, 10)])
+    ref = v + F.grid_sample(u, ops.identity + ops.offsets(v), padding_mode="border", align_corners=True)
+    _close(cpu_kernels.compose(u, v, ops.to_index), ref, 1e-5)
+    assert float((ref - v).abs().max()) > 0.1  # the fields moved things
+
+
+def test_gradient_product_matches_torch_gradient_in_physical_space():
+    from maskreg import deformable as dfm
+    grid = _oblique_grid()
+    ops = dfm.FieldOps(grid, torch.device("cpu"))
+    torch.manual_seed(11)
+    s, dl = torch.rand(1, 1, *grid.shape), torch.randn(1, 1, *grid.shape)
+    out = torch.ones(1, 3, *grid.shape)
+    cpu_kernels.add_gradient_product(out, s, dl, ops.index_to_physical_gradient, -0.5)
+    _close(out, 1.0 - 0.5 * dl * ops.spatial_gradient(s), 1e-5)
