@@ -63,11 +63,15 @@ def test_filter_axis_matches_shifted_sums(shape, sigma, monkeypatch):
         _close(got, ref)
 
 
-@pytest.mark.parametrize("size", [(17, 23, 13), (5, 6, 4), (9, 30, 3), (1, 30, 3)])
+@pytest.mark.parametrize("size", [(17, 23, 13), (5, 6, 4), (9, 30, 3), (1, 30, 3), (9, 12, 7)])
 def test_resize_matches_trilinear_interpolate(size):
     torch.manual_seed(2)
     x = torch.randn(2, 3, 9, 12, 7)
-    _close(cpu_kernels.resize(x, size), F.interpolate(x, size=size, mode="trilinear", align_corners=True))
+    x0 = x.clone()
+    out = cpu_kernels.resize(x, size)
+    _close(out, F.interpolate(x, size=size, mode="trilinear", align_corners=True))
+    out.add_(1.0)  # a new tensor whatever the size, (9, 12, 7) = the input's included: the input is untouched
+    assert torch.equal(x, x0)
     x2 = torch.randn(1, 2, 9, 12)
     _close(cpu_kernels.resize(x2, size[1:]), F.interpolate(x2, size=size[1:], mode="bilinear",
                                                             align_corners=True))
@@ -104,7 +108,7 @@ def test_results_do_not_depend_on_the_thread_count():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            cc = cpu_kernels.LocalCC(f, m, w, 5, losses.CC_EPS)
+            cc = cpu_kernels.LocalCC(f, m, w, [5, 5, 5], losses.EPS, losses.CC_EPS)
             value = cc.loss(True, True)
             outs.append((value, *cc.gradients(), cpu_kernels.sample(f, g)[0],
                          cpu_kernels.filter_axis(f, pyramid.gaussian_weights(1.5), 1)))
@@ -117,9 +121,9 @@ def test_results_do_not_depend_on_the_thread_count():
 
 def test_a_newer_local_cc_invalidates_the_older_ones_statistics():
     f = torch.rand(1, 1, 8, 9, 10)
-    first = cpu_kernels.LocalCC(f, f, torch.ones_like(f), 3, losses.CC_EPS)
+    first = cpu_kernels.LocalCC(f, f, torch.ones_like(f), [3, 3, 3], losses.EPS, losses.CC_EPS)
     first.loss(False, True)
-    second = cpu_kernels.LocalCC(f, f.flip(-1), torch.ones_like(f), 3, losses.CC_EPS)
+    second = cpu_kernels.LocalCC(f, f.flip(-1), torch.ones_like(f), [3, 3, 3], losses.EPS, losses.CC_EPS)
     second.loss(False, True)
     with pytest.raises(RuntimeError, match="newer LocalCC"):
         first.gradients()
@@ -153,7 +157,6 @@ def _smooth_field(shape, amp, seed):
 
 def test_sample_mapped_equals_grid_sample_on_affine_grid_plus_field():
     from maskreg import deformable as dfm
-    from maskreg.sampling import grid_sample
     grid = _oblique_grid()
     ops = dfm.FieldOps(grid, torch.device("cpu"))
     torch.manual_seed(5)

@@ -185,24 +185,28 @@ def filter_axis(a, kernel, axis, out):  # pragma: no cover
     r = kernel.shape[0] // 2
     for cz in prange(C * Z):
         c, z = cz // Z, cz % Z
-        out[c, z, :, :] = 0.0
         if axis == 0:  # whole planes streamed per tap
+            out[c, z, :, :] = 0.0
             for s in range(max(-r, -z), min(r, Z - 1 - z) + 1):
+                k = kernel[r + s]  # a local: the output's stores could alias ``kernel``, so a load would repeat
                 for y in range(Y):
                     for x in range(X):
-                        out[c, z, y, x] += kernel[r + s] * a[c, z + s, y, x]
+                        out[c, z, y, x] += k * a[c, z + s, y, x]
             continue
-        for y in range(Y):
+        for y in range(Y):  # rows zeroed and accumulated while in cache
+            out[c, z, y, :] = 0.0
             if axis == 2:
                 for s in range(-min(r, X - 1), min(r, X - 1) + 1):
+                    k = kernel[r + s]
                     lo, hi = max(0, -s), min(X, X - s)
                     dst, src = out[c, z, y, lo:hi], a[c, z, y, lo + s:hi + s]  # views: indices from 0 vectorise
                     for i in range(hi - lo):
-                        dst[i] += kernel[r + s] * src[i]
+                        dst[i] += k * src[i]
             else:
                 for s in range(max(-r, -y), min(r, Y - 1 - y) + 1):
+                    k = kernel[r + s]
                     for x in range(X):
-                        out[c, z, y, x] += kernel[r + s] * a[c, z, y + s, x]
+                        out[c, z, y, x] += k * a[c, z, y + s, x]
 
 
 @nb.njit(**_JIT)

@@ -19,6 +19,7 @@ is writable, else in the user's cache directory): ~10 s once per installation (`
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from functools import lru_cache
@@ -175,31 +176,25 @@ def resize(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         out = np.empty(target, np.float32)
         mod.resize_axis(a, ax, out)
         a = out
-    return torch.from_numpy(np.ascontiguousarray(a)).reshape(*t.shape[:2], *size)
-
-
-def _radii(shape: tuple[int, ...], window: int) -> tuple[list[int], int]:
-    """Per-axis window radii (z, y, x; shrunk to an odd size that fits, as ``losses._box``) and the number of
-    voxels in a full window."""
-    ks = [min(window, n if n % 2 else n - 1) for n in shape]
-    ks = [max(k, 1) for k in ks]
-    ks = [1] * (3 - len(ks)) + ks
-    return [k // 2 for k in ks], int(np.prod(ks))
+    if a.base is not None:  # no axis changed: a copy, as F.interpolate gives, never a view of ``t``
+        a = a.copy()
+    return torch.from_numpy(a).reshape(*t.shape[:2], *size)
 
 
 class LocalCC:
     """The masked local squared CC of ``maskreg.losses._LocalCC`` for one ``[1, 1, *spatial]`` pair: the
-    loss now, both sides' gradients on request (the window statistics are kept between the two)."""
+    loss now, both sides' gradients on request (the window statistics are kept between the two). ``sizes``:
+    the (odd) window per spatial axis (``losses.window_sizes``); ``eps`` bounds the window weight, ``cc_eps``
+    the variance product, as in the torch code."""
 
-    EPS = 1e-6
-
-    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, window: int,
-                 cc_eps: float):
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, sizes: list[int],
+                 eps: float, cc_eps: float):
         self.mod = _k()
         self.f, self.m, self.w = (_as_czyx(t)[0] for t in (fixed, moving, weight))
-        (self.rz, self.ry, self.rx), n = _radii(tuple(fixed.shape[2:]), window)
-        self.inv_n = 1.0 / n
-        self.cc_eps = cc_eps
+        sizes = [1] * (3 - len(sizes)) + list(sizes)  # 2D: a z axis of one voxel
+        self.rz, self.ry, self.rx = (k // 2 for k in sizes)
+        self.inv_n = 1.0 / math.prod(sizes)
+        self.eps, self.cc_eps = eps, cc_eps
         shape6 = (6, *self.f.shape)
         a = _scratch("cc_products", shape6)
         self.mod.cc_products(self.f, self.m, self.w, a)
@@ -207,7 +202,7 @@ class LocalCC:
         self.token = _WORK.cc_owner = next(_TOKENS)
         self.sums = _scratch("cc_sums", shape6)
         self.mod.box_sum(a, _scratch("cc_tmp", shape6), self.sums, self.rz, self.ry, self.rx)
-        self.wsum = max(float(self.w.sum(dtype=np.float64)), self.EPS)
+        self.wsum = max(float(self.w.sum(dtype=np.float64)), eps)
         self.shape = fixed.shape
 
     def _check_owner(self) -> None:
@@ -221,7 +216,7 @@ class LocalCC:
         nb_ch = 1 + 3 * (need_f + need_m) if (need_f or need_m) else 1
         self.terms = _scratch("cc_terms", (nb_ch, *self.f.shape))
         per_slice = np.zeros(self.f.shape[0], np.float64)
-        self.mod.cc_terms(self.sums, self.w, self.inv_n, self.EPS, self.cc_eps, self.terms, per_slice, need_f,
+        self.mod.cc_terms(self.sums, self.w, self.inv_n, self.eps, self.cc_eps, self.terms, per_slice, need_f,
                           need_m)
         self.need = (need_f, need_m)
         return -float(per_slice.sum()) / self.wsum
@@ -257,7 +252,7 @@ def warm_up() -> bool:
     sample_mapped(x, np.eye(3, 4), np.eye(3), field)
     compose(field, field, np.eye(3))
     add_gradient_product(field, x, x, np.eye(3))
-    cc = LocalCC(x, x.flip(-1), torch.ones_like(x), 3, 1e-5)
+    cc = LocalCC(x, x.flip(-1), torch.ones_like(x), [3, 3, 3], 1e-6, 1e-5)
     cc.loss(True, True)
     cc.gradients()
     return True

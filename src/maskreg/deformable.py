@@ -125,7 +125,7 @@ class FieldOps:
 
     def compose(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Displacement of ``(id + u) ∘ (id + v)``: ``v(x) + u(x + v(x))`` (3D CPU: one compiled pass, no sampling
-        grid stored; the coarse exponentials' squarings 12 -> ~3 ms each at 2 mm brain size)."""
+        grid stored; one squaring of the SyN iterations' coarse pair, 2 fields of 45x57x47: 14-17 -> 4-8 ms)."""
         if self.dim == 3 and cpu_kernels.enabled(u, v):
             return cpu_kernels.compose(u, v, self.to_index)
         return v + self.sample(u, v)

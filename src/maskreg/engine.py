@@ -24,13 +24,13 @@ from maskreg import cpu_kernels
 from maskreg import deformable as dfm
 from maskreg import linear as lin
 from maskreg.errors import InputError, MaskregError, OverlapError, where
-from maskreg.grid import Grid, resampling_theta
+from maskreg.grid import Grid
 from maskreg.loss_names import NEEDS_DENSE
 from maskreg.losses import VALUE_AND_GRAD, get_loss, intensity_scale
 from maskreg.moments import weighted_moments
 from maskreg.points import PointLoss
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
-from maskreg.sampling import grid_sample, grid_sample_inside, inside
+from maskreg.sampling import grid_sample_inside
 from maskreg.stepper import Stepper
 from maskreg.transforms import LinearTransform, chain
 
@@ -363,9 +363,9 @@ class _Sampler:
 
     def __call__(self, h: torch.Tensor):
         grid = self.affine_grid(_theta(h, self.maps, self.fl.grid.dim))
-        both = grid_sample(self.moving_and_mask, grid)
+        both, ins = grid_sample_inside(self.moving_and_mask, grid)
         warped, mm = both[:, :1], both[:, 1:]
-        w = self.fl.mask * mm * inside(grid)
+        w = self.fl.mask * mm * ins
         return self.f, warped, w
 
 
@@ -882,7 +882,6 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
     loss_name, loss_fn = get_loss(stage["loss"])
     dev = prob.device
     dim = prob.dim
-    h = torch.as_tensor(linear.homogeneous(), dtype=torch.float32, device=dev)
     sigmas = stage.get("smoothing_sigmas") or [None] * len(stage["scales"])
     if state is not None and state.kind != kind:
         raise MaskregError(f"stage {kind} cannot follow a {state.kind} stage; use one deformable type.")
@@ -897,14 +896,11 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         field = torch.zeros(1, dim, *wgrid.shape, device=dev) if state is None else \
             state.ops.upsample(state.field, ops)
         state = FieldState(kind, ops, field)
-        g0 = F.affine_grid(_theta(h, _level_maps(wgrid, ml.grid, dev), dim), [1, 1, *wgrid.shape],
-                           align_corners=True)
-        to_moving = ml.grid.physical_to_normalised()[:dim, :dim] @ linear.matrix  # mm -> moving normalised
-        # the fixed image moves too (syn): box points in the whole fixed level's normalised coordinates
-        box_to_level = torch.as_tensor(resampling_theta(wgrid, fl.grid, np.eye(dim + 1)), dtype=torch.float32,
-                                       device=dev)[None]
-        f_ident = F.affine_grid(box_to_level, [1, 1, *wgrid.shape], align_corners=True)
-        to_fixed = fl.grid.physical_to_normalised()[:dim, :dim]
+        # each side's map from a physical point of the box to its level's normalised coordinates (homogeneous,
+        # numpy); the fixed image moves too (syn). Its linear part maps a displacement (mm) to normalised offsets.
+        moving_map = ml.grid.physical_to_normalised() @ linear.homogeneous()
+        fixed_map = fl.grid.physical_to_normalised()
+        to_moving, to_fixed = moving_map[:dim, :dim], fixed_map[:dim, :dim]
 
         label_weight = float(stage.get("label_weight", 0.0)) if prob.labels is not None else 0.0
         f_lab, m_lab = prob.label_levels(fl, ml) if label_weight > 0 else (None, None)
@@ -914,11 +910,15 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         moving_stack = torch.cat([m_n, ml.mask] + ([m_lab] if m_lab is not None else []), 1)
         fixed_stack = torch.cat([f_n, fl.mask] + ([f_lab] if f_lab is not None else []), 1)
         fixed_box = fixed_stack[(slice(None), slice(None)) + box]  # the fixed stack where it does not move
-        # 3D on the CPU: sampling at "affine map of the voxel index + matrix @ field" in one compiled pass, the
-        # grids g0 + offsets never stored (maskreg.cpu_kernels.sample_mapped)
+        # 3D on the CPU: sampling at "affine map of the voxel index + matrix @ field" in one compiled pass, no
+        # sampling grid stored (maskreg.cpu_kernels.sample_mapped); otherwise the two maps' affine grids
         fused = dim == 3 and cpu_kernels.enabled(moving_stack, fixed_stack)
-        index_to_moving = (ml.grid.physical_to_normalised() @ linear.homogeneous() @ wgrid.index_to_physical())[:dim]
-        index_to_fixed = (fl.grid.physical_to_normalised() @ wgrid.index_to_physical())[:dim]
+        if fused:
+            index_to_moving, index_to_fixed = ((m @ wgrid.index_to_physical())[:dim] for m in (moving_map, fixed_map))
+        else:
+            g0, f_ident = (F.affine_grid(torch.as_tensor((m @ wgrid.normalised_to_physical())[None, :dim],
+                                                         dtype=torch.float32, device=dev),
+                                         [1, 1, *wgrid.shape], align_corners=True) for m in (moving_map, fixed_map))
 
         def sample(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
             """Both sides' stacks (image, mask[, labels]) at their half-way points and the weight ``w``."""
@@ -972,23 +972,23 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         # channels whose loss gradient moves the field: the image and the labels, not the mask (a weight)
         moved = [0] + list(range(2, moving_stack.shape[1]))
 
-        def fused_displacement_gradient(terms) -> torch.Tensor:
-            """:func:`displacement_gradient` of ``Σ alpha · (stack, dstack)`` terms in compiled passes (3D CPU)."""
-            g = torch.zeros(1, dim, *wgrid.shape)
+        def displacement_gradient(terms) -> torch.Tensor:
+            """∂loss/∂u (``[1, dim, *shape]``, per mm) of ``Σ alpha · (stack, dstack)`` terms by the chain rule: the
+            loss's gradient in each sampled channel times that channel's spatial gradient on the level grid (the
+            warped image's gradient, ANTs' and greedy's choice), instead of ``grid_sample``'s backward (a second,
+            slower pass). 3D CPU: each term accumulated in one compiled pass."""
+            if fused:
+                g = torch.zeros(1, dim, *wgrid.shape)
+                for stack, dstack, alpha in terms:
+                    for c in moved:
+                        cpu_kernels.add_gradient_product(g, stack[:, c:c + 1], dstack[:, c:c + 1],
+                                                         ops.index_to_physical_gradient, alpha)
+                return g
+            g = None
             for stack, dstack, alpha in terms:
                 for c in moved:
-                    cpu_kernels.add_gradient_product(g, stack[:, c:c + 1], dstack[:, c:c + 1],
-                                                     ops.index_to_physical_gradient, alpha)
-            return g
-
-        def displacement_gradient(stack: torch.Tensor, dstack: torch.Tensor) -> torch.Tensor:
-            """∂loss/∂u (``[1, dim, *shape]``, per mm) by the chain rule: the loss's gradient in each sampled
-            channel times that channel's spatial gradient on the level grid (the warped image's gradient,
-            ANTs' and greedy's choice), instead of ``grid_sample``'s backward (a second, slower pass)."""
-            g = None
-            for c in moved:
-                term = dstack[:, c:c + 1] * ops.spatial_gradient(stack[:, c:c + 1])
-                g = term if g is None else g + term
+                    term = (alpha * dstack[:, c:c + 1]) * ops.spatial_gradient(stack[:, c:c + 1])
+                    g = term if g is None else g + term
             return g
 
         def iteration(squarings) -> None:  # graph-safe: see maskreg.stepper
@@ -1010,13 +1010,9 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 leaves.append(field)
             grads = torch.autograd.grad(total, leaves)
             with torch.no_grad():
-                if fused:
-                    g = fused_displacement_gradient([(ms, grads[0], 0.5), (fs, grads[1], -0.5)] if kind == "syn"
-                                                    else [(ms, grads[0], 1.0)])
-                else:
-                    g = displacement_gradient(ms, grads[0])
-                    if kind == "syn":  # ½(∂/∂u₊ − ∂/∂u₋): u₋ = exp(-v/2) moves the fixed image
-                        g = 0.5 * (g - displacement_gradient(fs, grads[1]))
+                # syn: ½(∂/∂u₊ − ∂/∂u₋), u₋ = exp(-v/2) moves the fixed image
+                g = displacement_gradient([(ms, grads[0], 0.5), (fs, grads[1], -0.5)] if kind == "syn"
+                                          else [(ms, grads[0], 1.0)])
                 if reg is not None:
                     g = g + grads[-1]
                 d = ops.smooth(-g, fluid)

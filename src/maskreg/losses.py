@@ -65,13 +65,18 @@ def _box_axis(t: torch.Tensor, k: int, axis: int) -> torch.Tensor:
     return c.narrow(ax, k, n) - c.narrow(ax, 0, n)
 
 
+def window_sizes(shape: tuple[int, ...], window: int) -> list[int]:
+    """The box's size per spatial axis of ``shape``: ``window`` (odd), shrunk to the largest odd size that fits
+    on axes shorter than it (thin slabs)."""
+    return [min(window, n if n % 2 else n - 1) for n in shape]
+
+
 def _box(t: torch.Tensor, window: int) -> torch.Tensor:
     """Box mean with a ``window`` (odd) per axis, shrunk on axes shorter than the window (thin slabs).
 
     On CUDA average pooling per axis (zero padding counted, stride 1): the shifted adds' strided kernels are
     not vectorised there (H100, 6 channels of 167x204x167, window 5: 3.0 → 1.7 ms)."""
-    axes = [(axis, min(window, n if n % 2 else n - 1)) for axis, n in enumerate(t.shape[2:])]
-    axes = [(axis, k) for axis, k in axes if k > 1]
+    axes = [(axis, k) for axis, k in enumerate(window_sizes(tuple(t.shape[2:]), window)) if k > 1]
     if t.is_cuda and t.dim() in (4, 5):
         pool = F.avg_pool3d if t.dim() == 5 else F.avg_pool2d
         for axis, k in axes:
@@ -114,7 +119,8 @@ class _LocalCC(torch.autograd.Function):
         ctx.compiled = None
         if fixed.dim() in (4, 5) and cpu_kernels.enabled(fixed.detach(), moving.detach(), w):
             # the same sums and formulas in fused loops (maskreg.cpu_kernels), statistics kept for backward
-            ctx.compiled = cpu_kernels.LocalCC(fixed, moving, w, window, CC_EPS)
+            ctx.compiled = cpu_kernels.LocalCC(fixed, moving, w, window_sizes(tuple(fixed.shape[2:]), window), EPS,
+                                               CC_EPS)
             need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             return fixed.new_tensor(ctx.compiled.loss(need_f, need_m))
         sw, mf, mm, vf, vm, cov = _local_stats(fixed, moving, w, window)

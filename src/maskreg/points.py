@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from maskreg.sampling import grid_sample, inside
+from maskreg.sampling import grid_sample, grid_sample_inside
 
 
 def _as_points(t: torch.Tensor) -> torch.Tensor:
@@ -141,8 +141,8 @@ class PointLoss:
             pts, fixed_v, fixed_w = self.points, self.fixed_values, self.fixed_weight
         theta = theta.detach()
         q = pts @ theta.T  # (N, dim): moving normalised coordinates
-        s = _as_points(grid_sample(self.moving_stack, _point_grid(q)))  # [1, 2 + dim, N]
-        w = fixed_w * s[:, 1:2] * inside(q[None])
+        s, ins = (_as_points(t) for t in grid_sample_inside(self.moving_stack, _point_grid(q)))  # [1, 2 + dim, N]
+        w = fixed_w * s[:, 1:2] * ins
         loss, g = value_and_grad(fixed_v, s[:, :1], w, **loss_kw)
         # ∂L/∂θ[a, b] = Σ_n g_n ∂M/∂q_a(q_n) x̃_n[b]
         dtheta = (s[0, 2:] * g[0]) @ pts
@@ -156,8 +156,8 @@ class PointLoss:
             pts, _, fixed_w = ((self.points, None, self.fixed_weight) if not self.random_n
                                else self._fixed_side(self.centres))
             q = pts @ theta.detach().T
-            s = _as_points(grid_sample(self.moving_stack[:, 1:2], _point_grid(q)))
-            w = fixed_w * s * inside(q[None])
+            s, ins = (_as_points(t) for t in grid_sample_inside(self.moving_stack[:, 1:2], _point_grid(q)))
+            w = fixed_w * s * ins
             to_mask = self.mask_sum / max(float(fixed_w.sum()), 1e-9)
             per_point = self.mask_voxels / pts.shape[0]
             return float(w.sum()) * to_mask, int(round(float((w > 0.5).sum()) * per_point))

@@ -64,7 +64,7 @@ def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.
             pad[axis] = len(kernel) // 2
             conv = F.conv3d if t.dim() == 5 else F.conv2d
             return conv(t, w, padding=tuple(pad), groups=t.shape[1])
-    if t.dim() in (4, 5) and cpu_kernels.enabled(t):  # one fused pass (3-channel field, 3 axes: 29 -> 9 ms)
+    if t.dim() in (4, 5) and cpu_kernels.enabled(t):  # one pass (3-channel 2 mm brain field, σ 1.5, 3 axes: 19-25 -> 10-14 ms)
         return cpu_kernels.filter_axis(t, kernel, axis)
     ax = 2 + axis
     r = len(kernel) // 2
