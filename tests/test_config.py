@@ -56,6 +56,18 @@ def test_bad_cohort_lists_every_problem_at_once(tmp_path):
     assert len(info.value.problems) == 4
 
 
+def test_a_folder_is_not_an_image(tmp_path):
+    """'..' or a folder name in an image column exists but is no file (found by the validator's fuzz test)."""
+    shutil.copy(DEMO / "antspy_brain2d" / "r64.nii.gz", tmp_path / "a.nii.gz")
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "c.tsv").write_text("subject\tfixed\tmoving\ns0\ta.nii.gz\t..\ns1\ta.nii.gz\tscans\n")
+    with pytest.raises(ConfigError) as info:
+        load_and_validate(demo_config(tmp_path / "c.tsv"), CONFIG_SCHEMA, COHORT_SCHEMA)
+    assert "row 1 (subject 's0'), column 'moving': is a folder, not a file: .." in str(info.value)
+    assert "row 2 (subject 's1'), column 'moving': is a folder, not a file: scans" in str(info.value)
+    assert len(info.value.problems) == 2
+
+
 def test_bad_config_lists_every_problem_at_once():
     cfg = demo_config(REPO / "config/cohort.tsv")
     cfg["colour"] = "blue"

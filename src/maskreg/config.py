@@ -123,9 +123,17 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def _exists(path: Path) -> bool:
+    """Whether ``path`` is a file (a folder such as ``..`` is not an image, a mask or a table)."""
     try:
-        return path.exists()
+        return path.is_file()
     except (OSError, ValueError):  # e.g. a name too long for the file system
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
         return False
 
 
@@ -182,7 +190,8 @@ def cohort_problems(table: pd.DataFrame, table_dir: Path, schema: dict) -> list[
                     if _exists(full):
                         found[col] = full
                     else:
-                        out.append(f"{who}, column '{col}': file not found: {value} (looked at {full})")
+                        what = "is a folder, not a file" if _is_dir(full) else "file not found"
+                        out.append(f"{who}, column '{col}': {what}: {value} (looked at {full})")
         for a, b in PAIRED_COLUMNS:
             if (a in present) != (b in present):
                 out.append(f"{who}: '{a}' and '{b}' must be given together (one is empty)")
