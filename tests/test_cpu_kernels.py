@@ -63,6 +63,31 @@ def test_filter_axis_matches_shifted_sums(shape, sigma, monkeypatch):
         _close(got, ref)
 
 
+@pytest.mark.parametrize("shape,sigmas", [((1, 3, 20, 17, 15), (1.5, 1.5, 1.5)), ((1, 2, 3, 17, 15), (0.5, 2.0, 1.0)),
+                                          ((1, 1, 9, 30), (1.5, 0.0)), ((1, 3, 40, 6, 2), (4.0, 4.0, 4.0)),
+                                          ((2, 1, 12, 11, 10), (0.0, 1.5, 0.0))])
+def test_streamed_blur_matches_one_axis_at_a_time(shape, sigmas, monkeypatch):
+    """pyramid.gaussian_blur's one-pass kernel against the torch filters applied axis by axis (zero padding,
+    kernels longer than an axis trimmed, a sigma of 0 leaving its axis alone), whatever the thread count."""
+    torch.manual_seed(5)
+    x = torch.randn(shape)
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got.append(pyramid.gaussian_blur(x, sigmas))
+    finally:
+        torch.set_num_threads(before)
+    with monkeypatch.context() as m:
+        m.setenv("MASKREG_CPU_KERNELS", "0")
+        cpu_kernels._module.cache_clear()
+        ref = pyramid.gaussian_blur(x, sigmas)
+    cpu_kernels._module.cache_clear()
+    _close(got[0], ref)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+
+
 @pytest.mark.parametrize("size", [(17, 23, 13), (5, 6, 4), (9, 30, 3), (1, 30, 3), (9, 12, 7)])
 def test_resize_matches_trilinear_interpolate(size):
     torch.manual_seed(2)

@@ -82,15 +82,19 @@ def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.
 def gaussian_blur(t: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
     """Separable Gaussian blur of ``t`` ``[1, C, *spatial]``; ``sigmas`` per spatial axis in tensor order
     (voxels; 0 = no blur on that axis). Zero padding: use :func:`normalised_blur` for images."""
+    kernels = []
     for axis, s in enumerate(sigmas):
-        if s <= 0:
-            continue
-        k = gaussian_weights(float(s))
+        k = gaussian_weights(float(s)) if s > 0 else (1.0,)
         if len(k) > 2 * t.shape[2 + axis] - 1:  # a kernel longer than the axis: trim it (same result)
             r = t.shape[2 + axis] - 1
             c = len(k) // 2
             k = k[c - r: c + r + 1]
-        t = filter_axis(t, k, axis)
+        kernels.append(k)
+    if t.dim() in (4, 5) and cpu_kernels.enabled(t) and any(len(k) > 1 for k in kernels):
+        return cpu_kernels.blur(t, tuple(kernels))  # every axis in one streamed pass
+    for axis, k in enumerate(kernels):
+        if len(k) > 1:
+            t = filter_axis(t, k, axis)
     return t
 
 
