@@ -88,6 +88,39 @@ def test_streamed_blur_matches_one_axis_at_a_time(shape, sigmas, monkeypatch):
     assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
 
 
+@pytest.mark.parametrize("fluid,elastic", [(1.5, 0.5), (0.0, 1.0), (2.0, 0.0)])
+def test_smooth_step_is_the_syn_update(fluid, elastic, monkeypatch):
+    """cpu_kernels.smooth_step against the torch update it replaces in the SyN iteration: d = G_fluid * (-g) scaled
+    to a longest vector of ``step`` voxels, field = G_elastic * (field + d); and the returned longest vector."""
+    torch.manual_seed(6)
+    shape = (1, 3, 23, 18, 15)
+    g, field = torch.randn(shape), 3 * torch.randn(shape)
+    spacing = (1.2, 0.8, 2.0)  # x, y, z (mm): the finest sets the voxel unit
+    step = 1.5
+    with monkeypatch.context() as m:
+        m.setenv("MASKREG_CPU_KERNELS", "0")
+        cpu_kernels._module.cache_clear()
+        d = pyramid.gaussian_blur(-g, (fluid,) * 3)
+        d = d * (step / float(d.pow(2).sum(1).max().sqrt() / min(spacing)))
+        ref = pyramid.gaussian_blur(field + d, (elastic,) * 3)
+        ref_max = float(ref.pow(2).sum(1).max().sqrt() / min(spacing))
+    cpu_kernels._module.cache_clear()
+    kernels = [pyramid.gaussian_kernels(shape[2:], (s,) * 3) for s in (fluid, elastic)]
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            buf = field.clone()
+            vmax = cpu_kernels.smooth_step(buf, g, kernels[0], kernels[1], step, 1.0 / min(spacing))
+            outs.append(buf)
+            _close(buf, ref)
+            assert vmax == pytest.approx(ref_max, rel=1e-5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("size", [(17, 23, 13), (5, 6, 4), (9, 30, 3), (1, 30, 3), (9, 12, 7)])
 def test_resize_matches_trilinear_interpolate(size):
     torch.manual_seed(2)

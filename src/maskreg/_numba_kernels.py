@@ -400,6 +400,53 @@ def blur3d(a, kz, ky, kx, nslabs, ring, out):  # pragma: no cover
 
 
 @nb.njit(**_JIT)
+def blur_combine(a, b, alpha, beta, kz, ky, kx, nslabs, ring, out, maxsq):  # pragma: no cover
+    """``out`` = ``alpha·a + beta·b`` (fields ``[C, Z, Y, X]``) filtered along x, y and z with the odd kernels
+    ``kx, ky, kz`` (zero padding), streamed as :func:`blur3d` with every channel of a plane together (``ring``
+    ``[nslabs, len(kz), C, Y, X]``, scratch), and ``maxsq[t]`` the largest ``Σ_c out²`` over slab ``t``'s
+    voxels: a deformable update's smoothing, its combination and its norm in one pass."""
+    C, Z, Y, X = a.shape
+    rz = kz.shape[0] // 2
+    kk = 2 * rz + 1
+    n = Y * X
+    of = out.reshape(C, Z * n)
+    for t in prange(nslabs):
+        z_lo, z_hi = t * Z // nslabs, (t + 1) * Z // nslabs
+        rg = ring[t]
+        plane = np.empty((Y, X), np.float32)
+        pf = plane.ravel()
+        tmp = np.empty((Y, X), np.float32)
+        m = 0.0
+        nxt = max(0, z_lo - rz)
+        for z in range(z_lo, z_hi):
+            while nxt <= min(Z - 1, z + rz):
+                for c in range(C):
+                    pa, pb = a[c, nxt].ravel(), b[c, nxt].ravel()
+                    for i in range(n):
+                        pf[i] = alpha * pa[i] + beta * pb[i]
+                    _filter_plane_xy(plane, tmp, rg[nxt % kk, c], ky, kx)
+                nxt += 1
+            lo, hi = max(-rz, -z), min(rz, Z - 1 - z)
+            for c in range(C):
+                o = out[c, z].ravel()
+                v = rg[(z + lo) % kk, c].ravel()
+                w = kz[rz + lo]
+                for i in range(n):
+                    o[i] = w * v[i]
+                for sh in range(lo + 1, hi + 1):
+                    v = rg[(z + sh) % kk, c].ravel()
+                    w = kz[rz + sh]
+                    for i in range(n):
+                        o[i] += w * v[i]
+            for i in range(z * n, (z + 1) * n):
+                s = 0.0
+                for c in range(C):
+                    s += of[c, i] * of[c, i]
+                m = max(m, s)
+        maxsq[t] = m
+
+
+@nb.njit(**_JIT)
 def resize_axis(a, axis, out):  # pragma: no cover
     """Linear interpolation of ``a`` ``[C, Z, Y, X]`` along ``axis`` onto ``out``'s length there, the first and
     last samples of both aligned (``align_corners=True``): ``out[i] = a(i · (n_in - 1) / (n_out - 1))``."""

@@ -79,17 +79,23 @@ def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.
     return out
 
 
+def gaussian_kernels(shape: tuple[int, ...], sigmas: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
+    """:func:`gaussian_weights` per spatial axis of ``shape`` (tensor order; ``(1.0,)`` where sigma is 0), a
+    kernel longer than its axis trimmed (the taps past both ends would add nothing)."""
+    kernels = []
+    for n, s in zip(shape, sigmas):
+        k = gaussian_weights(float(s)) if s > 0 else (1.0,)
+        if len(k) > 2 * n - 1:
+            c = len(k) // 2
+            k = k[c - (n - 1): c + n]
+        kernels.append(k)
+    return tuple(kernels)
+
+
 def gaussian_blur(t: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
     """Separable Gaussian blur of ``t`` ``[1, C, *spatial]``; ``sigmas`` per spatial axis in tensor order
     (voxels; 0 = no blur on that axis). Zero padding: use :func:`normalised_blur` for images."""
-    kernels = []
-    for axis, s in enumerate(sigmas):
-        k = gaussian_weights(float(s)) if s > 0 else (1.0,)
-        if len(k) > 2 * t.shape[2 + axis] - 1:  # a kernel longer than the axis: trim it (same result)
-            r = t.shape[2 + axis] - 1
-            c = len(k) // 2
-            k = k[c - r: c + r + 1]
-        kernels.append(k)
+    kernels = gaussian_kernels(tuple(t.shape[2:]), sigmas)
     if t.dim() in (4, 5) and cpu_kernels.enabled(t) and any(len(k) > 1 for k in kernels):
         return cpu_kernels.blur(t, tuple(kernels))  # every axis in one streamed pass
     for axis, k in enumerate(kernels):
