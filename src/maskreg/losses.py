@@ -118,7 +118,7 @@ class _LocalCC(torch.autograd.Function):
     def forward(ctx, fixed, moving, w, window):
         ctx.compiled = None
         if fixed.dim() in (4, 5) and cpu_kernels.enabled(fixed.detach(), moving.detach(), w):
-            # the same sums and formulas in fused loops (maskreg.cpu_kernels), statistics kept for backward
+            # the same sums and formulas in streamed loops (maskreg.cpu_kernels), backward terms kept for backward
             ctx.compiled = cpu_kernels.LocalCC(fixed, moving, w, window_sizes(tuple(fixed.shape[2:]), window), EPS,
                                                CC_EPS)
             need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
