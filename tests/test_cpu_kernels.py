@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from maskreg import cpu_kernels, losses, pyramid
+from maskreg.deformable import FieldOps
+from maskreg.grid import Grid
 from maskreg.sampling import inside
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.enabled(torch.zeros(1)), reason="numba kernels not available")
@@ -66,56 +68,64 @@ def test_filter_axis_matches_shifted_sums(shape, sigma, monkeypatch):
 @pytest.mark.parametrize("shape,sigmas", [((1, 3, 20, 17, 15), (1.5, 1.5, 1.5)), ((1, 2, 3, 17, 15), (0.5, 2.0, 1.0)),
                                           ((1, 1, 9, 30), (1.5, 0.0)), ((1, 3, 40, 6, 2), (4.0, 4.0, 4.0)),
                                           ((2, 1, 12, 11, 10), (0.0, 1.5, 0.0))])
-def test_streamed_blur_matches_one_axis_at_a_time(shape, sigmas, monkeypatch):
-    """pyramid.gaussian_blur's one-pass kernel against the torch filters applied axis by axis (zero padding,
-    kernels longer than an axis trimmed, a sigma of 0 leaving its axis alone), whatever the thread count."""
+def test_streamed_filter_matches_one_axis_at_a_time(shape, sigmas):
+    """The streamed filter under the SyN step (all axes in one pass, channels together, with the longest
+    vector) against pyramid.gaussian_blur's axis-by-axis filters: zero padding, kernels longer than an axis
+    trimmed, a sigma of 0 leaving its axis alone, 2D as one plane; whatever the thread count."""
     torch.manual_seed(5)
     x = torch.randn(shape)
+    ref = pyramid.gaussian_blur(x, sigmas)
+    a = cpu_kernels._as_czyx(x)
+    kernels = pyramid.gaussian_kernels(shape[2:], sigmas)
+    kernels = ((1.0,),) * (3 - len(kernels)) + kernels
     before = torch.get_num_threads()
+    got = []
     try:
-        got = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            got.append(pyramid.gaussian_blur(x, sigmas))
+            out = np.empty_like(a)
+            maxsq = cpu_kernels._blur_combine(a, a, 1.0, 0.0, kernels, out)
+            got.append(torch.from_numpy(out).reshape(shape))
+            assert maxsq == pytest.approx(float(got[-1].reshape(-1, *a.shape[1:]).pow(2).sum(0).max()), rel=1e-5)
     finally:
         torch.set_num_threads(before)
-    with monkeypatch.context() as m:
-        m.setenv("MASKREG_CPU_KERNELS", "0")
-        cpu_kernels._module.cache_clear()
-        ref = pyramid.gaussian_blur(x, sigmas)
-    cpu_kernels._module.cache_clear()
     _close(got[0], ref)
     assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
 
 
 @pytest.mark.parametrize("fluid,elastic", [(1.5, 0.5), (0.0, 1.0), (2.0, 0.0)])
 def test_smooth_step_is_the_syn_update(fluid, elastic, monkeypatch):
-    """cpu_kernels.smooth_step against the torch update it replaces in the SyN iteration: d = G_fluid * (-g) scaled
-    to a longest vector of ``step`` voxels, field = G_elastic * (field + d); and the returned longest vector."""
+    """FieldOps.update's compiled SyN path (cpu_kernels.smooth_step) against its torch path and the formula:
+    d = G_fluid * (-g) scaled to a longest vector of ``step`` voxels, field = G_elastic * (field + d), and the new
+    longest vector in voxels of the finest spacing; on an oblique, anisotropic grid, whatever the thread count."""
     torch.manual_seed(6)
     shape = (1, 3, 23, 18, 15)
     g, field = torch.randn(shape), 3 * torch.randn(shape)
-    spacing = (1.2, 0.8, 2.0)  # x, y, z (mm): the finest sets the voxel unit
-    step = 1.5
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    grid = Grid((15, 18, 23), (1.2, 0.8, 2.0), (4.0, -2.0, 9.0), (c, -s_, 0.0, s_, c, 0.0, 0.0, 0.0, 1.0))
+    ops = FieldOps(grid, torch.device("cpu"))
+    step = torch.tensor([1.5])
     with monkeypatch.context() as m:
         m.setenv("MASKREG_CPU_KERNELS", "0")
         cpu_kernels._module.cache_clear()
         d = pyramid.gaussian_blur(-g, (fluid,) * 3)
-        d = d * (step / float(d.pow(2).sum(1).max().sqrt() / min(spacing)))
-        ref = pyramid.gaussian_blur(field + d, (elastic,) * 3)
-        ref_max = float(ref.pow(2).sum(1).max().sqrt() / min(spacing))
+        d = d * (1.5 / float(d.pow(2).sum(1).max().sqrt() / 0.8))
+        formula = pyramid.gaussian_blur(field + d, (elastic,) * 3)
+        ref, ref_max = field.clone(), torch.zeros(())
+        ops.update(ref, g, step, fluid, elastic, True, ref_max)
     cpu_kernels._module.cache_clear()
-    kernels = [pyramid.gaussian_kernels(shape[2:], (s,) * 3) for s in (fluid, elastic)]
+    _close(ref, formula)
+    assert float(ref_max) == pytest.approx(float(formula.pow(2).sum(1).max().sqrt() / 0.8), rel=1e-5)
     before = torch.get_num_threads()
     outs = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            buf = field.clone()
-            vmax = cpu_kernels.smooth_step(buf, g, kernels[0], kernels[1], step, 1.0 / min(spacing))
+            buf, vmax = field.clone(), torch.zeros(())
+            ops.update(buf, g, step, fluid, elastic, True, vmax)
             outs.append(buf)
             _close(buf, ref)
-            assert vmax == pytest.approx(ref_max, rel=1e-5)
+            assert float(vmax) == pytest.approx(float(ref_max), rel=1e-5)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1])

@@ -1,5 +1,5 @@
 """Compiled CPU kernels for the engine's hot loops: trilinear sampling, the masked local CC with its gradient,
-separable filtering (numba, in :mod:`maskreg._numba_kernels`).
+separable filtering and the SyN update (numba, in :mod:`maskreg._numba_kernels`).
 
 Why: on the CPU, torch runs each elementwise operation as its own pass over memory, and its 3D
 ``grid_sample`` computes the corner weights in double work per channel. A SyN iteration on the 2 mm brain
@@ -161,21 +161,24 @@ def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.
     return torch.from_numpy(out).reshape(t.shape)
 
 
-def blur(t: torch.Tensor, kernels: tuple[tuple[float, ...], ...]) -> torch.Tensor:
-    """``t`` ``[B, C, *spatial]`` (2D or 3D) filtered along every spatial axis with its odd kernel (tensor order;
-    ``(1.0,)`` leaves an axis alone), zero padding: :func:`filter_axis` on each axis in one streamed pass
-    (3-channel field of the 2 mm brain box, sigma 1.5: three passes ~12 ms, streamed ~5 ms)."""
+def _slabs(planes: int, taps: int) -> int:
+    """How many slabs of z planes a streamed kernel splits a volume into: one per thread, each at least as thick
+    as its z kernel, so the planes a slab filters again beyond its ends (``taps - 1``) stay a small part."""
     import numba
-    mod = _k()
-    a = _as_czyx(t)
-    ks = [(1.0,)] * (3 - len(kernels)) + list(kernels)
-    kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in ks)
-    n, z = a.shape[0], a.shape[1]
-    nslabs = max(1, min(numba.get_num_threads(), z // len(kz)))
-    ring = _scratch("blur_ring", (n * nslabs, len(kz), *a.shape[2:]))
-    out = np.empty_like(a)
-    mod.blur3d(a, kz, ky, kx, nslabs, ring, out)
-    return torch.from_numpy(out).reshape(t.shape)
+    return max(1, min(numba.get_num_threads(), planes // taps))
+
+
+def _blur_combine(a: np.ndarray, b: np.ndarray, alpha: float, beta: float,
+                  kernels: tuple[tuple[float, ...], ...], out: np.ndarray) -> float:
+    """``out = G * (alpha·a + beta·b)`` for ``[C, Z, Y, X]`` arrays, ``kernels`` per axis (z, y, x); returns the
+    largest ``Σ_c out²`` (:func:`_numba_kernels.blur_combine`)."""
+    mod = _k()  # first: it sets numba's thread count, which _slabs reads
+    kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in kernels)
+    n = _slabs(a.shape[1], len(kz))
+    maxsq = np.zeros(n, np.float64)
+    mod.blur_combine(a, b, np.float32(alpha), np.float32(beta), kz, ky, kx, n,
+                      _scratch("blur_ring", (n, len(kz), a.shape[0], *a.shape[2:])), out, maxsq)
+    return float(maxsq.max())
 
 
 def smooth_step(field: torch.Tensor, gradient: torch.Tensor, fluid: tuple[tuple[float, ...], ...],
@@ -185,24 +188,12 @@ def smooth_step(field: torch.Tensor, gradient: torch.Tensor, fluid: tuple[tuple[
     kernels per axis in tensor order (``pyramid.gaussian_kernels``). Returns the new field's longest vector in
     voxels (length in mm × ``inv_spacing``, the finest spacing's inverse). Two streamed passes
     (:func:`_numba_kernels.blur_combine`) instead of two blurs and six elementwise passes."""
-    import numba
-    mod = _k()
     buf = field[0].numpy()
     g = _np(gradient[0])
-    c, z = buf.shape[0], buf.shape[1]
     d = _scratch("step_d", buf.shape)
     out = _scratch("step_out", buf.shape)
-
-    def run(a, b, alpha, beta, kernels, dst):
-        kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in kernels)
-        n = max(1, min(numba.get_num_threads(), z // len(kz)))
-        maxsq = np.zeros(n, np.float64)
-        mod.blur_combine(a, b, np.float32(alpha), np.float32(beta), kz, ky, kx, n,
-                         _scratch("step_ring", (n, len(kz), c, *buf.shape[2:])), dst, maxsq)
-        return math.sqrt(float(maxsq.max())) * inv_spacing
-
-    dmax = run(g, g, -1.0, 0.0, fluid, d)
-    vmax = run(buf, d, 1.0, step / max(dmax, 1e-20), elastic, out)
+    dmax = math.sqrt(_blur_combine(g, g, -1.0, 0.0, fluid, d)) * inv_spacing
+    vmax = math.sqrt(_blur_combine(buf, d, 1.0, step / max(dmax, 1e-20), elastic, out)) * inv_spacing
     buf[...] = out
     return vmax
 
@@ -233,24 +224,24 @@ class LocalCC:
     (``losses.window_sizes``); ``eps`` bounds the window weight, ``cc_eps`` the variance product, as in the torch
     code. Two streamed passes (:func:`_numba_kernels.cc_forward`, ``cc_backward``): no volume of products or
     window sums is stored, only the backward channels between the two (2 mm brain grid, 2 cores: products, box
-    sums, terms and gradients as separate passes 37 ms, streamed ~18 ms)."""
+    sums, terms and gradients as separate passes 32-39 ms, streamed 20-27 ms)."""
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, sizes: list[int],
                  eps: float, cc_eps: float):
         self.mod = _k()
         self.f, self.m, self.w = (_as_czyx(t)[0] for t in (fixed, moving, weight))
         sizes = [1] * (3 - len(sizes)) + list(sizes)  # 2D: a z axis of one voxel
-        self.rz, self.ry, self.rx = (k // 2 for k in sizes)
+        # window sums as filters with kernels of ones (the plane helpers of the streamed blur)
+        self.ones = tuple(np.ones(k, np.float32) for k in sizes)
         self.inv_n = 1.0 / math.prod(sizes)
         self.eps, self.cc_eps = eps, cc_eps
         self.wsum = max(float(self.w.sum(dtype=np.float64)), eps)
         self.shape = fixed.shape
-        import numba
-        self.nslabs = int(self.mod.slabs(self.f.shape[0], self.rz, numba.get_num_threads()))
+        self.nslabs = _slabs(self.f.shape[0], sizes[0])
         self.token = None
 
     def _ring(self, tag: str, channels: int) -> np.ndarray:
-        return _scratch(tag, (self.nslabs, 2 * self.rz + 1, channels, *self.f.shape[1:]))
+        return _scratch(tag, (self.nslabs, len(self.ones[0]), channels, *self.f.shape[1:]))
 
     def _check_owner(self) -> None:
         if getattr(_WORK, "cc_owner", None) != self.token:
@@ -260,11 +251,11 @@ class LocalCC:
     def loss(self, need_f: bool = False, need_m: bool = False) -> float:
         """``-Σ w·cc / Σ w``; with ``need_*`` also prepares that side's gradient terms (kept in this thread's
         scratch, which the newest LocalCC owns, until :meth:`gradients`)."""
-        nb_ch = 1 + 3 * (need_f + need_m) if (need_f or need_m) else 1
+        nb_ch = 1 + 3 * (need_f + need_m)
         self.token = _WORK.cc_owner = next(_TOKENS)
         self.terms = _scratch("cc_terms", (self.f.shape[0], nb_ch, *self.f.shape[1:]))  # plane-major
         per_slice = np.zeros(self.f.shape[0], np.float64)
-        self.mod.cc_forward(self.f, self.m, self.w, self.rz, self.ry, self.rx, self.inv_n, self.eps, self.cc_eps,
+        self.mod.cc_forward(self.f, self.m, self.w, *self.ones, self.inv_n, self.eps, self.cc_eps,
                             self.nslabs, self._ring("cc_ring", 6), self.terms, per_slice, need_f, need_m)
         self.need = (need_f, need_m)
         return -float(per_slice.sum()) / self.wsum
@@ -276,7 +267,7 @@ class LocalCC:
         gf = np.empty_like(self.f) if need_f else np.empty((1, 1, 1), np.float32)
         gm = np.empty_like(self.m) if need_m else np.empty((1, 1, 1), np.float32)
         if need_f or need_m:
-            self.mod.cc_backward(self.terms, self.f, self.m, self.w, self.rz, self.ry, self.rx, self.inv_n,
+            self.mod.cc_backward(self.terms, self.f, self.m, self.w, *self.ones, self.inv_n,
                                  scale / self.wsum, self.nslabs, self._ring("cc_ring_b", self.terms.shape[1]),
                                  gf, gm, need_f, need_m)
         return (torch.from_numpy(gf).reshape(self.shape) if need_f else None,
@@ -290,7 +281,6 @@ def warm_up() -> bool:
     x = torch.rand(1, 1, 4, 5, 6)
     sample(x, torch.rand(1, 2, 3, 4, 3) * 2 - 1, "zeros", with_inside=True)
     filter_axis(x, (0.25, 0.5, 0.25), 0)
-    blur(x, ((0.25, 0.5, 0.25),) * 3)
     resize(x, (3, 7, 4))
     field = torch.zeros(1, 3, 4, 5, 6)
     sample_mapped(x, np.eye(3, 4), np.eye(3), field)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from maskreg import cpu_kernels
 from maskreg.grid import Grid
-from maskreg.pyramid import gaussian_blur, resample
+from maskreg.pyramid import gaussian_blur, gaussian_kernels, resample
 from maskreg.sampling import grid_sample
 
 DEFORMABLE_STAGES = ("greedy", "syn")
@@ -196,6 +196,26 @@ class FieldOps:
         if sigma_vox <= 0:
             return u
         return gaussian_blur(u, tuple([sigma_vox] * self.dim))
+
+    def update(self, field: torch.Tensor, g: torch.Tensor, step: torch.Tensor, fluid: float, elastic: float,
+               additive: bool, vmax: torch.Tensor | None = None) -> None:
+        """One deformable update in place: ``d = G_fluid * (-g)`` scaled so its longest vector is ``step``
+        voxels (a 1-element tensor; none where ``d`` is 0), then ``field ← G_elastic * (field + d)`` (``additive``:
+        SyN's velocity) or ``G_elastic * (field ∘ d)`` (greedy); ``vmax`` (0-dim) receives the new field's
+        longest vector in voxels. Sigmas in voxels. 3D SyN on the CPU: two streamed compiled passes
+        (:func:`maskreg.cpu_kernels.smooth_step`; 2 mm brain box, 2 cores: 25 -> 15 ms); otherwise graph-safe
+        torch."""
+        if additive and self.dim == 3 and cpu_kernels.enabled(field, g):
+            kernels = [gaussian_kernels(tuple(self.grid.shape), (s,) * 3) for s in (fluid, elastic)]
+            v = cpu_kernels.smooth_step(field, g, kernels[0], kernels[1], float(step), 1.0 / min(self.grid.spacing))
+            if vmax is not None:
+                vmax.fill_(v)
+            return
+        d = self.smooth(-g, fluid)
+        d = d * (step / self.max_voxels_t(d).clamp_min(1e-20))
+        field.copy_(self.smooth(field + d if additive else self.compose(field, d), elastic))
+        if vmax is not None:
+            vmax.copy_(self.max_voxels_t(field))
 
     def upsample(self, u: torch.Tensor, target: "FieldOps") -> torch.Tensor:
         """A field of this grid resampled on ``target``'s grid (values stay in mm)."""

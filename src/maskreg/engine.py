@@ -29,7 +29,7 @@ from maskreg.loss_names import NEEDS_DENSE
 from maskreg.losses import VALUE_AND_GRAD, get_loss, intensity_scale
 from maskreg.moments import weighted_moments
 from maskreg.points import PointLoss
-from maskreg.pyramid import Level, downsample_mask, erode_voxels, gaussian_kernels, make_level, valid_mask_radii
+from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
 from maskreg.sampling import grid_sample_inside
 from maskreg.stepper import Stepper
 from maskreg.transforms import LinearTransform, chain
@@ -967,8 +967,6 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         count = torch.zeros(1, dtype=torch.long, device=dev)  # iterations done
         vmax = ops.max_voxels_t(state.field)  # max |field| (voxels) after the last update
         fluid, elastic = float(stage["fluid_sigma"]), float(stage["elastic_sigma"])
-        fluid_kernels, elastic_kernels = (gaussian_kernels(tuple(wgrid.shape), (s,) * dim) for s in (fluid, elastic))
-        inv_spacing = 1.0 / min(wgrid.spacing)
         window, bins = int(stage["window"]), int(stage["bins"])
         buf = state.field  # updated in place: the iteration's state lives at fixed addresses (graph-safe)
         # channels whose loss gradient moves the field: the image and the labels, not the mask (a weight)
@@ -1017,17 +1015,9 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                                           else [(ms, grads[0], 1.0)])
                 if reg is not None:
                     g = g + grads[-1]
-                if fused and kind == "syn":  # the same update in two streamed passes (cpu_kernels.smooth_step)
-                    vmax.fill_(cpu_kernels.smooth_step(buf, g, fluid_kernels, elastic_kernels,
-                                                       float(lrs[int(count)]), inv_spacing))
-                else:
-                    d = ops.smooth(-g, fluid)
-                    # a step of the scheduled size (voxels) along the smoothed gradient; none where it is 0
-                    d = d * (lrs.index_select(0, count) / ops.max_voxels_t(d).clamp_min(1e-20))
-                    new = buf + d if kind == "syn" else ops.compose(buf, d)
-                    buf.copy_(ops.smooth(new, elastic))
-                    if kind == "syn":  # only exp's squarings need it
-                        vmax.copy_(ops.max_voxels_t(buf))
+                # a step of the scheduled size (voxels) along the smoothed gradient; vmax: only exp's squarings
+                ops.update(buf, g, lrs.index_select(0, count), fluid, elastic, kind == "syn",
+                           vmax if kind == "syn" else None)
                 trace.index_copy_(0, count, loss.detach().reshape(1))
                 count.add_(1)
         stepper = Stepper(iteration, dev)

@@ -79,6 +79,7 @@ def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def gaussian_kernels(shape: tuple[int, ...], sigmas: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
     """:func:`gaussian_weights` per spatial axis of ``shape`` (tensor order; ``(1.0,)`` where sigma is 0), a
     kernel longer than its axis trimmed (the taps past both ends would add nothing)."""
@@ -95,10 +96,7 @@ def gaussian_kernels(shape: tuple[int, ...], sigmas: tuple[float, ...]) -> tuple
 def gaussian_blur(t: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
     """Separable Gaussian blur of ``t`` ``[1, C, *spatial]``; ``sigmas`` per spatial axis in tensor order
     (voxels; 0 = no blur on that axis). Zero padding: use :func:`normalised_blur` for images."""
-    kernels = gaussian_kernels(tuple(t.shape[2:]), sigmas)
-    if t.dim() in (4, 5) and cpu_kernels.enabled(t) and any(len(k) > 1 for k in kernels):
-        return cpu_kernels.blur(t, tuple(kernels))  # every axis in one streamed pass
-    for axis, k in enumerate(kernels):
+    for axis, k in enumerate(gaussian_kernels(tuple(t.shape[2:]), tuple(float(s) for s in sigmas))):
         if len(k) > 1:
             t = filter_axis(t, k, axis)
     return t
