@@ -86,6 +86,21 @@ def oblique_grid() -> Grid:
     return Grid((20, 18, 16), (1.2, 0.9, 2.5), (5.0, -3.0, 7.0), tuple(d))
 
 
+def test_covering_crop_of_a_crop_is_itself_and_covers_a_coarser_box():
+    grid = oblique_grid()
+    box = grid.crop((3, 2, 4), (9, 7, 5))
+    assert grid.covering_crop(box) == box
+    coarse = box.corner_aligned((5, 4, 3))  # the same corner centres, about half the resolution
+    assert grid.covering_crop(coarse) == box
+    # half a voxel back along x: its end centres fall between voxels, rounded outward to one more voxel
+    shifted = Grid(box.size, box.spacing, tuple(box.index_to_physical()[:3] @ np.array([-0.5, 0.0, 0.0, 1.0])),
+                   box.direction)
+    cover = grid.covering_crop(shifted)
+    assert cover.size == (10, 7, 5) and cover == grid.crop((2, 2, 4), (10, 7, 5))
+    # larger than the grid: clipped to it
+    assert grid.covering_crop(Grid((40, 2, 2), grid.spacing, grid.origin, grid.direction)).size == (20, 2, 2)
+
+
 def test_jacobian_of_a_linear_field_on_an_oblique_grid():
     grid = oblique_grid()
     a = np.array([[1.1, 0.05, 0.0], [0.02, 0.95, 0.1], [0.0, -0.05, 1.2]])

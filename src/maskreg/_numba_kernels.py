@@ -415,6 +415,32 @@ def sample_mapped(img, a, m, u, out, inside):  # pragma: no cover
 
 
 @nb.njit(**_JIT)
+def sample_affine(img, a, out, border):  # pragma: no cover
+    """:func:`sample_trilinear` at the points ``a @ (x, y, z, 1)`` of every voxel ``(z, y, x)`` of the output
+    grid (``out`` ``[C, Z, Y, X]``): ``a`` ``(3, 4)`` maps an output voxel index (x first) to the image's
+    normalised coordinates. Zero padding, or with ``border`` the point clamped into the image first."""
+    C, D, H, W = img.shape
+    Z, Y, X = out.shape[1], out.shape[2], out.shape[3]
+    sx, sy, sz = 0.5 * (W - 1), 0.5 * (H - 1), 0.5 * (D - 1)
+    flat = img.ravel()
+    res = out.reshape(C, Z * Y * X)
+    for z in prange(Z):
+        for y in range(Y):
+            bx = a[0, 1] * y + a[0, 2] * z + a[0, 3]
+            by = a[1, 1] * y + a[1, 2] * z + a[1, 3]
+            bz = a[2, 1] * y + a[2, 2] * z + a[2, 3]
+            for x in range(X):
+                px = ((bx + a[0, 0] * x) + 1.0) * sx
+                py = ((by + a[1, 0] * x) + 1.0) * sy
+                pz = ((bz + a[2, 0] * x) + 1.0) * sz
+                if border:
+                    px = min(max(px, 0.0), W - 1.0)
+                    py = min(max(py, 0.0), H - 1.0)
+                    pz = min(max(pz, 0.0), D - 1.0)
+                _interp_at(img, flat, px, py, pz, res, (z * Y + y) * X + x)
+
+
+@nb.njit(**_JIT)
 def compose_fields(u, v, m, out):  # pragma: no cover
     """``out = v + u(x + v(x))`` per voxel, ``u`` interpolated trilinearly with border padding: the displacement
     of ``(id + u) ∘ (id + v)``. ``u, v, out`` ``[3, Z, Y, X]`` (mm, x first); ``m`` ``(3, 3)`` maps mm to voxel
@@ -459,3 +485,41 @@ def add_gradient_product(s, dl, r, alpha, out):  # pragma: no cover
                 out[0, z, y, x] += c * (r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz)
                 out[1, z, y, x] += c * (r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz)
                 out[2, z, y, x] += c * (r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz)
+
+
+@nb.njit(**_JIT)
+def jacobian_determinant(u, r, out):  # pragma: no cover
+    """``out`` ``[Z, Y, X]`` = det(I + ∂u/∂x) of the displacement ``u`` ``[3, Z, Y, X]`` (mm, x first), with
+    ``∂u_k/∂x_c = Σ_a r[c, a] ∂u_k/∂index_a``, ``r[c, a] = D[c, a] / spacing[a]``; derivatives as in
+    :func:`add_gradient_product` (central inside, one-sided at the edges)."""
+    Z, Y, X = u.shape[1], u.shape[2], u.shape[3]
+    for z in prange(Z):
+        z0, z1 = max(z - 1, 0), min(z + 1, Z - 1)
+        hz = 1.0 / (z1 - z0) if z1 > z0 else 0.0
+        for y in range(Y):
+            y0, y1 = max(y - 1, 0), min(y + 1, Y - 1)
+            hy = 1.0 / (y1 - y0) if y1 > y0 else 0.0
+            for x in range(X):
+                x0, x1 = max(x - 1, 0), min(x + 1, X - 1)
+                hx = 1.0 / (x1 - x0) if x1 > x0 else 0.0
+                # row k of the Jacobian: (∂u_k/∂index_x, ∂u_k/∂index_y, ∂u_k/∂index_z) @ r^T, plus the identity
+                dx = (u[0, z, y, x1] - u[0, z, y, x0]) * hx
+                dy = (u[0, z, y1, x] - u[0, z, y0, x]) * hy
+                dz = (u[0, z1, y, x] - u[0, z0, y, x]) * hz
+                a00 = 1.0 + r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz
+                a01 = r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz
+                a02 = r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz
+                dx = (u[1, z, y, x1] - u[1, z, y, x0]) * hx
+                dy = (u[1, z, y1, x] - u[1, z, y0, x]) * hy
+                dz = (u[1, z1, y, x] - u[1, z0, y, x]) * hz
+                a10 = r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz
+                a11 = 1.0 + r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz
+                a12 = r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz
+                dx = (u[2, z, y, x1] - u[2, z, y, x0]) * hx
+                dy = (u[2, z, y1, x] - u[2, z, y0, x]) * hy
+                dz = (u[2, z1, y, x] - u[2, z0, y, x]) * hz
+                a20 = r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz
+                a21 = r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz
+                a22 = 1.0 + r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz
+                out[z, y, x] = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
+                                + a02 * (a10 * a21 - a11 * a20))

@@ -122,6 +122,19 @@ def sample_mapped(input: torch.Tensor, a: np.ndarray, m: np.ndarray, u: torch.Te
     return out.reshape(1, input.shape[1], *shape), ins.reshape(1, 1, *shape)
 
 
+def sample_affine(input: torch.Tensor, a: np.ndarray, shape: tuple[int, ...], padding_mode: str = "zeros"
+                  ) -> torch.Tensor:
+    """``input`` ``[N, C, D, H, W]`` sampled (trilinear) at ``a @ (i, 1)`` for every voxel index ``i`` (x first) of
+    an output grid of ``shape`` ``(Z, Y, X)``: ``a`` ``(3, 4)`` maps an output index to the input's normalised
+    coordinates. Returns ``[N, C, *shape]``: what ``grid_sample`` gives on that affine grid, without storing it."""
+    mod = _k()
+    out = torch.empty(input.shape[0], input.shape[1], *shape, dtype=torch.float32)
+    am = np.ascontiguousarray(a, dtype=np.float64)
+    for i in range(input.shape[0]):
+        mod.sample_affine(_np(input[i]), am, out[i].numpy(), padding_mode == "border")
+    return out
+
+
 def compose(u: torch.Tensor, v: torch.Tensor, m: np.ndarray) -> torch.Tensor:
     """Displacement of ``(id + u) ∘ (id + v)``, ``v + u(x + v(x))`` (border padding), for fields ``[N, 3, Z, Y, X]``
     in mm; ``m`` ``(3, 3)`` maps mm to voxel index offsets (x first)."""
@@ -130,6 +143,17 @@ def compose(u: torch.Tensor, v: torch.Tensor, m: np.ndarray) -> torch.Tensor:
     mm = np.ascontiguousarray(m, dtype=np.float64)
     for i in range(v.shape[0]):
         mod.compose_fields(_np(u[min(i, u.shape[0] - 1)]), _np(v[i]), mm, out[i].numpy())
+    return out
+
+
+def jacobian_determinant(u: torch.Tensor, r: np.ndarray) -> torch.Tensor:
+    """``det(I + ∂u/∂x)`` ``[N, 1, Z, Y, X]`` of mm displacements ``u`` ``[N, 3, Z, Y, X]`` in one pass;
+    ``r[c, a] = D[c, a] / spacing[a]`` (physical component ``c``, index axis ``a``, x first)."""
+    mod = _k()
+    out = torch.empty(u.shape[0], 1, *u.shape[2:], dtype=torch.float32)
+    rm = np.ascontiguousarray(r, dtype=np.float64)
+    for i in range(u.shape[0]):
+        mod.jacobian_determinant(_np(u[i]), rm, out[i, 0].numpy())
     return out
 
 
@@ -285,6 +309,8 @@ def warm_up() -> bool:
     field = torch.zeros(1, 3, 4, 5, 6)
     sample_mapped(x, np.eye(3, 4), np.eye(3), field)
     compose(field, field, np.eye(3))
+    sample_affine(x, np.eye(3, 4), (2, 3, 4), "border")
+    jacobian_determinant(field, np.eye(3))
     add_gradient_product(field, x, x, np.eye(3))
     smooth_step(field, field, ((0.25, 0.5, 0.25),) * 3, ((1.0,),) * 3, 1.0, 1.0)
     cc = LocalCC(x, x.flip(-1), torch.ones_like(x), [3, 3, 3], 1e-6, 1e-5)

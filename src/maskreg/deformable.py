@@ -22,6 +22,7 @@ the same), not the backward pass of ``grid_sample``; the mask enters as a consta
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -89,8 +90,7 @@ class FieldOps:
         dim = grid.dim
         self.dim = dim
         self.to_norm = grid.physical_to_normalised()[:dim, :dim]  # numpy: mm -> normalised, per component
-        eye = torch.eye(dim, dim + 1, dtype=torch.float32, device=device)[None]
-        self.identity = F.affine_grid(eye, [1, 1, *grid.shape], align_corners=True)
+        self.device = device
         # mm -> voxels of this grid per component (for step sizes): |D^T u| / spacing
         self.spacing = torch.as_tensor(grid.spacing, dtype=torch.float32, device=device)
         self.to_index = grid.physical_to_index()[:dim, :dim]  # numpy: mm -> voxel index offsets (x first)
@@ -103,6 +103,13 @@ class FieldOps:
                          for n, s in zip(grid.size, grid.spacing))
             if size != grid.size:
                 self.coarse = FieldOps(grid.corner_aligned(size), device)
+
+    @functools.cached_property
+    def identity(self) -> torch.Tensor:
+        """``[1, *shape, dim]`` normalised coordinates of this grid's voxels (``affine_grid`` of the identity),
+        made on first use: the compiled CPU paths never need it (10 ms at 2 mm brain size)."""
+        eye = torch.eye(self.dim, self.dim + 1, dtype=torch.float32, device=self.device)[None]
+        return F.affine_grid(eye, [1, 1, *self.grid.shape], align_corners=True)
 
     def offsets(self, u: torch.Tensor, matrix: np.ndarray | None = None) -> torch.Tensor:
         """``[1, *shape, dim]`` normalised offsets of the mm displacement ``u`` through ``matrix`` (a host
@@ -228,6 +235,8 @@ def jacobian_determinant(u: torch.Tensor, ops: FieldOps) -> torch.Tensor:
     """Jacobian determinant of ``x → x + u(x)`` (``[1, 1, *shape]``), central differences in physical
     space (direction cosines and spacing included)."""
     dim = ops.dim
+    if dim == 3 and cpu_kernels.enabled(u):  # one compiled pass (2 mm brain grid, 1.1 M voxels: 90 → 7 ms)
+        return cpu_kernels.jacobian_determinant(u, ops.index_to_physical_gradient)
     jac = ops.spatial_gradient(u).reshape(u.shape[0], dim, dim, *u.shape[2:])  # [1, component, ∂x_k, *shape]
     eye = torch.eye(dim, device=u.device).reshape(1, dim, dim, *([1] * dim))
     m = jac + eye  # [1, row, col, *shape]

@@ -1084,14 +1084,20 @@ def _regulariser(stage: dict, field: torch.Tensor) -> torch.Tensor | None:
 
 
 def _full_resolution_fields(prob: _Problem, state: FieldState) -> tuple[torch.Tensor, torch.Tensor, "dfm.FieldOps"]:
-    """Forward and inverse displacements (mm) on the full-resolution fixed grid."""
+    """Forward and inverse displacements (mm) on the full-resolution fixed grid. They are computed on the last
+    level's ROI box at full resolution (``exp(±v)``, or greedy's inverse) and extended beyond it from its faces,
+    as the levels extend their fields (:func:`roi_box`): the velocity there is the box's edge value anyway, and
+    the scaling and squaring costs in proportion to the grid (2 mm brain pair: 1.10 M voxels → 0.81 M)."""
     ops = dfm.FieldOps(prob.fgrid, prob.device)
+    box = dfm.FieldOps(prob.fgrid.covering_crop(state.ops.grid), prob.device)
     with torch.no_grad():
-        field = state.ops.upsample(state.field, ops)
+        field = state.ops.upsample(state.field, box)
         if state.kind == "syn":
-            inv, fwd = ops.exp_pair(field)
-            return fwd, inv, ops
-        return field, ops.invert(field), ops
+            inv, fwd = box.exp_pair(field)
+        else:
+            fwd, inv = field, box.invert(field)
+        both = box.upsample(torch.cat([fwd, inv], 0), ops)
+    return both[:1], both[1:], ops
 
 
 def field_image(u: torch.Tensor, grid: Grid) -> sitk.Image:

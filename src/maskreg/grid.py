@@ -13,6 +13,7 @@ All matrices here are homogeneous ``(dim+1, dim+1)`` float64 numpy arrays.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -86,6 +87,17 @@ class Grid:
         origin = self.index_to_physical() @ np.append(np.asarray(start, dtype=np.float64), 1.0)
         return Grid(tuple(int(n) for n in size), self.spacing, tuple(float(v) for v in origin[: self.dim]),
                     self.direction)
+
+    def covering_crop(self, other: "Grid") -> "Grid":
+        """The smallest :meth:`crop` of this grid whose voxel centres span ``other``'s (its corner voxel
+        centres mapped into this grid's indices, rounded outward, clipped to this grid). ``other`` a crop of this
+        grid: the same grid."""
+        corners = np.array(list(itertools.product(*[(0, n - 1) for n in other.size])), dtype=np.float64)
+        m = self.physical_to_index() @ other.index_to_physical()
+        idx = corners @ m[: self.dim, : self.dim].T + m[: self.dim, self.dim]
+        lo = np.clip(np.floor(idx.min(0) + 1e-6), 0, np.asarray(self.size) - 1).astype(int)
+        hi = np.clip(np.ceil(idx.max(0) - 1e-6), 0, np.asarray(self.size) - 1).astype(int)
+        return self.crop(tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo + 1))
 
     def corner_aligned(self, size: tuple[int, ...]) -> "Grid":
         """A grid of ``size`` voxels (x-first) whose first and last voxel centres are this grid's (same origin

@@ -140,8 +140,12 @@ def resample(t: torch.Tensor, in_grid: Grid, out_grid: Grid, out_to_in: np.ndarr
     ``out_to_in`` (homogeneous; identity when None)."""
     dim = in_grid.dim
     m = np.eye(dim + 1) if out_to_in is None else out_to_in
+    if dim == 3 and mode == "bilinear" and cpu_kernels.enabled(t):  # no sampling grid stored
+        a = (in_grid.physical_to_normalised() @ m @ out_grid.index_to_physical())[:dim]
+        return cpu_kernels.sample_affine(t, a, tuple(out_grid.shape), padding_mode)
     theta = torch.as_tensor(resampling_theta(out_grid, in_grid, m), dtype=torch.float32, device=t.device)
-    grid = F.affine_grid(theta[None], [1, 1, *out_grid.shape], align_corners=True)
+    n = t.shape[0]
+    grid = F.affine_grid(theta[None].expand(n, -1, -1), [n, 1, *out_grid.shape], align_corners=True)
     return grid_sample(t, grid, mode=mode, padding_mode=padding_mode)
 
 
