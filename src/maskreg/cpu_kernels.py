@@ -106,20 +106,31 @@ def sample(input: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros",
     return out, (ins.reshape(n, 1, *out_shape) if ins is not None else None)
 
 
-def sample_mapped(input: torch.Tensor, a: np.ndarray, m: np.ndarray, u: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_mapped(input: torch.Tensor, a: np.ndarray, m: np.ndarray, u: torch.Tensor,
+                  rows: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``input`` ``[1, C, D, H, W]`` sampled (trilinear, zero padding) at ``a @ (i, 1) + m @ u(i)`` for every voxel
     index ``i`` (x first) of ``u``'s grid: ``a`` ``(3, 4)`` index → input's normalised coordinates, ``m`` ``(3, 3)``
     mm → normalised, ``u`` ``[1, 3, Z, Y, X]`` mm. Returns ``([1, C, Z, Y, X], inside [1, 1, Z, Y, X])``: what
-    ``grid_sample`` and ``inside`` give on the grid ``affine_grid(a) + offsets(u)``, without storing it."""
+    ``grid_sample`` and ``inside`` give on the grid ``affine_grid(a) + offsets(u)``, without storing it.
+    ``rows``: ``(lo, hi)`` int ``[Z, Y]``, the x range ``[lo, hi)`` of each row to sample; elsewhere both outputs
+    are 0 (:class:`maskreg.support.WeightSupport`)."""
     mod = _k()
     shape = tuple(u.shape[2:])
     pts = int(np.prod(shape))
     out = torch.empty(1, input.shape[1], pts, dtype=torch.float32)
     ins = torch.empty(1, 1, pts, dtype=torch.float32)
+    if rows is None:
+        rows = _all_rows(shape)
     mod.sample_mapped(_np(input[0]), np.ascontiguousarray(a, dtype=np.float64),
-                      np.ascontiguousarray(m, dtype=np.float64), _np(u[0]), out[0].numpy(), ins[0, 0].numpy())
+                      np.ascontiguousarray(m, dtype=np.float64), _np(u[0]), out[0].numpy(), ins[0, 0].numpy(),
+                      rows[0], rows[1])
     return out.reshape(1, input.shape[1], *shape), ins.reshape(1, 1, *shape)
+
+
+@lru_cache(maxsize=8)
+def _all_rows(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Row ranges ``[0, X)`` for every row of a ``(Z, Y, X)`` grid (shared: never written to)."""
+    return np.zeros(shape[:2], np.int64), np.full(shape[:2], shape[2], np.int64)
 
 
 def sample_affine(input: torch.Tensor, a: np.ndarray, shape: tuple[int, ...], padding_mode: str = "zeros"

@@ -32,6 +32,7 @@ from maskreg.points import PointLoss
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
 from maskreg.sampling import grid_sample_inside
 from maskreg.stepper import Stepper
+from maskreg.support import WeightSupport
 from maskreg.transforms import LinearTransform, chain
 
 log = logging.getLogger("maskreg")
@@ -913,8 +914,11 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         # 3D on the CPU: sampling at "affine map of the voxel index + matrix @ field" in one compiled pass, no
         # sampling grid stored (maskreg.cpu_kernels.sample_mapped); otherwise the two maps' affine grids
         fused = dim == 3 and cpu_kernels.enabled(moving_stack, fixed_stack)
+        reach = [0.0]  # mm: a bound of the fixed side's displacement |exp(-v/2)| (0 for greedy)
         if fused:
             index_to_moving, index_to_fixed = ((m @ wgrid.index_to_physical())[:dim] for m in (moving_map, fixed_map))
+            # rows of the box where the weight can be nonzero for the current field (maskreg.support)
+            support = WeightSupport(fixed_box[0, 1].numpy(), wgrid.spacing)
         else:
             g0, f_ident = (F.affine_grid(torch.as_tensor((m @ wgrid.normalised_to_physical())[None, :dim],
                                                          dtype=torch.float32, device=dev),
@@ -923,11 +927,12 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         def sample(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
             """Both sides' stacks (image, mask[, labels]) at their half-way points and the weight ``w``."""
             if fused:
-                ms, ins = cpu_kernels.sample_mapped(moving_stack, index_to_moving, to_moving, u_moving)
+                rows = support.rows(reach[0])
+                ms, ins = cpu_kernels.sample_mapped(moving_stack, index_to_moving, to_moving, u_moving, rows)
                 w = ms[:, 1:2] * ins
                 if u_fixed is None:
                     return fixed_box, ms, w * fixed_box[:, 1:2]
-                fs, ins = cpu_kernels.sample_mapped(fixed_stack, index_to_fixed, to_fixed, u_fixed)
+                fs, ins = cpu_kernels.sample_mapped(fixed_stack, index_to_fixed, to_fixed, u_fixed, rows)
                 return fs, ms, w.mul_(fs[:, 1:2]).mul_(ins)
             grid = g0 + ops.offsets(u_moving, to_moving)
             ms, ins = grid_sample_inside(moving_stack, grid)
@@ -952,7 +957,9 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             """The weight at the level's start and end (overlap checks and report), through the iterations' own
             exponentials (coarse on large grids): the exact ones on the full grid cost ~0.4 s at 2 mm each."""
             if kind == "syn":
-                n = ops.iteration_squarings(0.5 * ops.max_voxels(field))
+                vox = ops.max_voxels(field)
+                reach[0] = 0.5 * vox * min(wgrid.spacing)
+                n = ops.iteration_squarings(0.5 * vox)
                 return sample(*ops.exp_pair_in_iteration(0.5 * field, n))[2]
             return sample(None, field)[2]
 
@@ -1024,7 +1031,9 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         converged, it = False, 0
         for it in range(1, n_it + 1):
             # exp(±v/2) needs enough squarings for the current field: one read-back per iteration
-            stepper(ops.iteration_squarings(0.5 * float(vmax)) if kind == "syn" else None)
+            vox = float(vmax) if kind == "syn" else 0.0
+            reach[0] = 0.5 * vox * min(wgrid.spacing)  # |exp(-v/2)| <= max|v| / 2 (mm)
+            stepper(ops.iteration_squarings(0.5 * vox) if kind == "syn" else None)
             if _plateau(trace, it, tol):
                 converged = True
                 break
