@@ -101,6 +101,20 @@ def test_covering_crop_of_a_crop_is_itself_and_covers_a_coarser_box():
     assert grid.covering_crop(Grid((40, 2, 2), grid.spacing, grid.origin, grid.direction)).size == (20, 2, 2)
 
 
+def test_fields_of_a_box_extend_from_its_faces_as_border_resampling_does():
+    from maskreg.engine import _extend_from_faces
+    from maskreg.pyramid import resample
+    grid = oblique_grid()
+    box = grid.crop((3, 2, 4), (9, 7, 5))
+    torch.manual_seed(3)
+    t = torch.randn(2, 3, *box.shape)
+    got = _extend_from_faces(t, box, grid)
+    assert got.shape == (2, 3, *grid.shape)
+    assert torch.equal(got[:, :, 4:9, 2:9, 3:12], t)  # the box in place, untouched
+    assert torch.allclose(got, resample(t, box, grid, padding_mode="border"), atol=1e-5)
+    assert _extend_from_faces(t, box, box) is t
+
+
 def test_jacobian_of_a_linear_field_on_an_oblique_grid():
     grid = oblique_grid()
     a = np.array([[1.1, 0.05, 0.0], [0.02, 0.95, 0.1], [0.0, -0.05, 1.2]])

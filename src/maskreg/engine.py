@@ -31,7 +31,7 @@ from maskreg.moments import weighted_moments
 from maskreg.points import PointLoss
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
 from maskreg.sampling import grid_sample_inside
-from maskreg.stepper import Stepper
+from maskreg.stepper import Stepper, graphs_enabled
 from maskreg.support import WeightSupport
 from maskreg.transforms import LinearTransform, chain
 
@@ -953,18 +953,20 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 return loss, loss
             return loss, loss + label_weight * soft_dice_loss(fs[:, 2:], ms[:, 2:], w)
 
-        def overlap_weight(field: torch.Tensor) -> torch.Tensor:
-            """The weight at the level's start and end (overlap checks and report), through the iterations' own
-            exponentials (coarse on large grids): the exact ones on the full grid cost ~0.4 s at 2 mm each."""
+        def sampled(field: torch.Tensor):
+            """:func:`sample` of ``field`` as an iteration samples it, through the iterations' own exponentials
+            (coarse on large grids): the exact ones on the full grid cost ~0.4 s at 2 mm each."""
             if kind == "syn":
                 vox = ops.max_voxels(field)
                 reach[0] = 0.5 * vox * min(wgrid.spacing)
-                n = ops.iteration_squarings(0.5 * vox)
-                return sample(*ops.exp_pair_in_iteration(0.5 * field, n))[2]
-            return sample(None, field)[2]
+                return sample(*ops.exp_pair_in_iteration(0.5 * field, ops.iteration_squarings(0.5 * vox)))
+            return sample(None, field)
 
         with torch.no_grad():
-            w = overlap_weight(state.field)
+            # the weight at the level's start (overlap check); the first iteration uses these samples (eager
+            # calls only: the field has not changed), so the check costs no sampling of its own
+            first = [sampled(state.field)]
+            w = first[0][2]
         ow, fsum = float(w.sum()), float(fl.mask.sum())  # the box holds the whole fixed mask
         level_name = f"stage {kind}, level {li + 1}/{len(stage['scales'])} (scale {scale})"
         _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
@@ -998,14 +1000,27 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                     g = term if g is None else g + term
             return g
 
+        # the weight of the latest loss evaluation, for the level's closing overlap (as the loss trace's last
+        # value: before the last update); a graphed iteration copies it into a buffer that outlives the replays
+        last_w: list[torch.Tensor | None] = [None]
+        w_buffer = torch.zeros_like(fixed_box[:, 1:2]) if graphs_enabled(dev) else None
+
         def iteration(squarings) -> None:  # graph-safe: see maskreg.stepper
             reg = None
             with torch.no_grad():
-                if kind == "syn":
+                if first[0] is not None:  # the first call, eager on every device (maskreg.stepper)
+                    fs, ms, w = first[0]
+                    first[0] = None
+                elif kind == "syn":
                     uf, um = ops.exp_pair_in_iteration(0.5 * buf, squarings)
                     fs, ms, w = sample(uf, um)
                 else:
                     fs, ms, w = sample(None, buf)
+                if w_buffer is not None:
+                    w_buffer.copy_(w)
+                    last_w[0] = w_buffer
+                else:
+                    last_w[0] = w
             fs_l = fs.detach().requires_grad_(kind == "syn")
             ms_l = ms.detach().requires_grad_(True)
             loss, total = objective(fs_l, ms_l, w)
@@ -1038,8 +1053,10 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 converged = True
                 break
         stepper.close()
-        with torch.no_grad():
-            w = overlap_weight(state.field)
+        w = last_w[0]
+        if w is None:  # no iteration ran
+            w = first[0][2]
+        first[0] = None
         _finish_level(prob, report, level_name, wgrid, scale, it, trace, (float(w.sum()), int((w > 0.5).sum())),
                       fsum, t0, converged, loss_name, ow, min_overlap)
     assert state is not None
@@ -1105,8 +1122,20 @@ def _full_resolution_fields(prob: _Problem, state: FieldState) -> tuple[torch.Te
             inv, fwd = box.exp_pair(field)
         else:
             fwd, inv = field, box.invert(field)
-        both = box.upsample(torch.cat([fwd, inv], 0), ops)
+        both = _extend_from_faces(torch.cat([fwd, inv], 0), box.grid, prob.fgrid)
     return both[:1], both[1:], ops
+
+
+def _extend_from_faces(t: torch.Tensor, box: Grid, grid: Grid) -> torch.Tensor:
+    """``t`` ``[N, C, *box.shape]`` on ``box``, a crop of ``grid``, placed on ``grid`` with each face's values
+    repeated outward (border padding, exactly: no interpolation)."""
+    start = np.rint((grid.physical_to_index() @ np.append(box.origin, 1.0))[: grid.dim]).astype(int)
+    pad: list[int] = []
+    for a in range(grid.dim):  # x first, as F.pad wants the last tensor axis first
+        pad += [int(start[a]), int(grid.size[a] - start[a] - box.size[a])]
+    if not any(pad):
+        return t
+    return F.pad(t, pad, mode="replicate")
 
 
 def field_image(u: torch.Tensor, grid: Grid) -> sitk.Image:
