@@ -46,9 +46,10 @@ def test_rows_are_the_row_extents_of_the_mask_grown_by_a_box(reach):
 
 
 @pytest.mark.skipif(not cpu_kernels.enabled(torch.zeros(1)), reason="numba kernels not available")
-def test_syn_on_the_support_equals_syn_on_the_whole_box(monkeypatch):
-    """A round ROI in an oblique anisotropic box: the compiled SyN samples a fraction of the box, and its fields
-    are those of sampling every voxel, to the bit (a zero weight takes nothing from a sample)."""
+@pytest.mark.parametrize("kind", ["syn", "greedy"])
+def test_deformable_on_the_support_equals_sampling_the_whole_box(kind, monkeypatch):
+    """A round ROI in an oblique anisotropic box: the compiled iterations sample a fraction of the box, and the
+    fields are those of sampling every voxel, to the bit (a zero weight takes nothing from a sample)."""
     size, spacing = (44, 40, 24), (1.0, 1.2, 2.0)
     zz, yy, xx = np.mgrid[:size[2], :size[1], :size[0]].astype(float)
     p = np.stack([xx * spacing[0], yy * spacing[1], zz * spacing[2]])
@@ -64,7 +65,7 @@ def test_syn_on_the_support_equals_syn_on_the_whole_box(monkeypatch):
         out.SetSpacing(spacing)
         out.SetDirection(sitk.VersorTransform([0.3, -0.2, 0.9], 0.4).GetMatrix())
         return out
-    stages = [{"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [15, 10]}]
+    stages = [{"type": kind, "loss": "cc", "scales": [2, 1], "iterations": [15, 10]}]
 
     def run():
         return maskreg.register(image(fixed), image(moving), image(roi, sitk.sitkUInt8), None, stages=stages,
