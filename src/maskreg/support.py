@@ -6,8 +6,9 @@ all), is zero. Trilinear sampling of a binary mask is nonzero only within one vo
 ``|u₋(x)| <= max|v| / 2`` (each squaring at most doubles the largest vector; interpolation never exceeds it).
 So ``w`` vanishes outside the fixed mask grown by ``max|v|/2`` mm and one voxel per axis, and the gradient
 of the loss, the sampled images' central differences included, outside one voxel more. Sampling only there
-gives the same loss and gradient to the bit (a weight of 0 takes nothing from a sample) and skips most of a
-box around a round organ: on the 2 mm brain pair the fixed mask fills ~31 % of its box, ~50 % once grown.
+gives the same loss and gradient to the bit, for every masked loss (a weight of 0 takes nothing from a
+sample), and skips the empty corners of the box around a round organ: on the 2 mm brain pair the fixed mask
+fills ~31 % of its box, and the rows sampled cover 56-89 % of it (65 % on average over the run).
 
 The growth is a box per axis (``ceil(reach / spacing_a) + 2`` voxels along index axis ``a``), a superset of
 the Euclidean one, computed on the mask's row extents (a ``Z x Y`` table) by 2D min/max filters: no 3D
