@@ -475,6 +475,21 @@ def compose_fields(u, v, m, out):  # pragma: no cover
                 flat[2, p] += v2
 
 
+@nb.njit(inline="always")
+def _span(i, n):  # pragma: no cover
+    """The neighbours ``(lo, hi)`` of index ``i`` on an axis of ``n`` for a difference as ``torch.gradient``
+    takes it (central inside, one-sided at the edges) and ``1 / (hi - lo)`` (0 on an axis of one voxel)."""
+    lo, hi = max(i - 1, 0), min(i + 1, n - 1)
+    return lo, hi, (1.0 / (hi - lo) if hi > lo else 0.0)
+
+
+@nb.njit(inline="always")
+def _index_gradient(s, z, y, x, zs, ys, xs):  # pragma: no cover
+    """``(∂s/∂x, ∂s/∂y, ∂s/∂z)`` per voxel index of ``s`` ``[Z, Y, X]`` at ``(z, y, x)``, spans from :func:`_span`."""
+    return ((s[z, y, xs[1]] - s[z, y, xs[0]]) * xs[2], (s[z, ys[1], x] - s[z, ys[0], x]) * ys[2],
+            (s[zs[1], y, x] - s[zs[0], y, x]) * zs[2])
+
+
 @nb.njit(**_JIT)
 def add_gradient_product(s, dl, r, alpha, out):  # pragma: no cover
     """``out[k] += alpha · dl · Σ_a r[k, a] ∂s/∂index_a`` for ``s, dl`` ``[Z, Y, X]``, ``out`` ``[3, Z, Y, X]``:
@@ -483,17 +498,11 @@ def add_gradient_product(s, dl, r, alpha, out):  # pragma: no cover
     differences inside, one-sided at the edges, 0 along an axis of one voxel."""
     Z, Y, X = s.shape
     for z in prange(Z):
-        z0, z1 = max(z - 1, 0), min(z + 1, Z - 1)
-        hz = 1.0 / (z1 - z0) if z1 > z0 else 0.0
+        zs = _span(z, Z)
         for y in range(Y):
-            y0, y1 = max(y - 1, 0), min(y + 1, Y - 1)
-            hy = 1.0 / (y1 - y0) if y1 > y0 else 0.0
+            ys = _span(y, Y)
             for x in range(X):
-                x0, x1 = max(x - 1, 0), min(x + 1, X - 1)
-                hx = 1.0 / (x1 - x0) if x1 > x0 else 0.0
-                dx = (s[z, y, x1] - s[z, y, x0]) * hx
-                dy = (s[z, y1, x] - s[z, y0, x]) * hy
-                dz = (s[z1, y, x] - s[z0, y, x]) * hz
+                dx, dy, dz = _index_gradient(s, z, y, x, zs, ys, _span(x, X))
                 c = alpha * dl[z, y, x]
                 out[0, z, y, x] += c * (r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz)
                 out[1, z, y, x] += c * (r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz)
@@ -506,31 +515,23 @@ def jacobian_determinant(u, r, out):  # pragma: no cover
     ``∂u_k/∂x_c = Σ_a r[c, a] ∂u_k/∂index_a``, ``r[c, a] = D[c, a] / spacing[a]``; derivatives as in
     :func:`add_gradient_product` (central inside, one-sided at the edges)."""
     Z, Y, X = u.shape[1], u.shape[2], u.shape[3]
+    u0, u1, u2 = u[0], u[1], u[2]
     for z in prange(Z):
-        z0, z1 = max(z - 1, 0), min(z + 1, Z - 1)
-        hz = 1.0 / (z1 - z0) if z1 > z0 else 0.0
+        zs = _span(z, Z)
         for y in range(Y):
-            y0, y1 = max(y - 1, 0), min(y + 1, Y - 1)
-            hy = 1.0 / (y1 - y0) if y1 > y0 else 0.0
+            ys = _span(y, Y)
             for x in range(X):
-                x0, x1 = max(x - 1, 0), min(x + 1, X - 1)
-                hx = 1.0 / (x1 - x0) if x1 > x0 else 0.0
-                # row k of the Jacobian: (∂u_k/∂index_x, ∂u_k/∂index_y, ∂u_k/∂index_z) @ r^T, plus the identity
-                dx = (u[0, z, y, x1] - u[0, z, y, x0]) * hx
-                dy = (u[0, z, y1, x] - u[0, z, y0, x]) * hy
-                dz = (u[0, z1, y, x] - u[0, z0, y, x]) * hz
+                xs = _span(x, X)
+                # row k of the Jacobian: the index gradient of u_k through r, plus the identity
+                dx, dy, dz = _index_gradient(u0, z, y, x, zs, ys, xs)
                 a00 = 1.0 + r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz
                 a01 = r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz
                 a02 = r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz
-                dx = (u[1, z, y, x1] - u[1, z, y, x0]) * hx
-                dy = (u[1, z, y1, x] - u[1, z, y0, x]) * hy
-                dz = (u[1, z1, y, x] - u[1, z0, y, x]) * hz
+                dx, dy, dz = _index_gradient(u1, z, y, x, zs, ys, xs)
                 a10 = r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz
                 a11 = 1.0 + r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz
                 a12 = r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz
-                dx = (u[2, z, y, x1] - u[2, z, y, x0]) * hx
-                dy = (u[2, z, y1, x] - u[2, z, y0, x]) * hy
-                dz = (u[2, z1, y, x] - u[2, z0, y, x]) * hz
+                dx, dy, dz = _index_gradient(u2, z, y, x, zs, ys, xs)
                 a20 = r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz
                 a21 = r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz
                 a22 = 1.0 + r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz
