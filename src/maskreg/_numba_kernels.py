@@ -537,3 +537,54 @@ def jacobian_determinant(u, r, out):  # pragma: no cover
                 a22 = 1.0 + r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz
                 out[z, y, x] = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
                                 + a02 * (a10 * a21 - a11 * a20))
+
+
+@nb.njit(inline="always")
+def _parzen_bins(f, m, usable):  # pragma: no cover
+    """Mattes' binning of one point (``maskreg.losses._bin_coordinates``): the fixed bin (nearest, half to even),
+    the moving bin coordinate's floor and fractional part, and ``∂mv/∂m`` (0 where the clamp holds)."""
+    fb = int(np.rint(min(max(f, 0.0), 1.0) * usable + 2.0))
+    mv = min(max(m, 0.0), 1.0) * usable + 2.0
+    base = math.floor(mv)
+    return fb, int(base), mv - base, (usable if (m > 0.0 and m < 1.0) else 0.0)
+
+
+@nb.njit(**_JIT)
+def parzen_histogram(f, m, w, bins, usable, hists):  # pragma: no cover
+    """Unnormalised Parzen joint histograms of the points ``f, m, w`` ``[N]``: ``hists[k]`` (``[K, bins²]``, set
+    here) holds chunk ``k``'s sum of ``w · β₃(mv − j)`` over the moving bins ``j = floor(mv) − 1 .. + 2`` in row
+    ``fb``; the caller adds the ``K`` rows in order (the same sum whatever the thread count)."""
+    n = f.shape[0]
+    chunks = hists.shape[0]
+    per = (n + chunks - 1) // chunks
+    for k in prange(chunks):
+        h = hists[k]
+        h[:] = 0.0
+        for p in range(k * per, min(n, (k + 1) * per)):
+            fb, base, t, _ = _parzen_bins(f[p], m[p], usable)
+            t2 = t * t
+            t3 = t2 * t
+            s = 1.0 - t
+            i = fb * bins + base - 1
+            wp = w[p] / 6.0
+            h[i] += wp * s * s * s
+            h[i + 1] += wp * (3.0 * t3 - 6.0 * t2 + 4.0)
+            h[i + 2] += wp * (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0)
+            h[i + 3] += wp * t3
+
+
+@nb.njit(**_JIT)
+def parzen_gradient(f, m, w, cell, bins, usable, scale, out):  # pragma: no cover
+    """``out[p] = scale · w · ∂mv/∂m · Σ_j β₃'(mv − j) cell[fb · bins + j]`` per point: the gradient of a loss
+    of the Parzen histogram in each moving value, given the loss's per-cell factor ``cell`` ``[bins²]``."""
+    n = f.shape[0]
+    per = (n + POINT_CHUNKS - 1) // POINT_CHUNKS
+    for k in prange(POINT_CHUNKS):
+        for p in range(k * per, min(n, (k + 1) * per)):
+            fb, base, t, dmv = _parzen_bins(f[p], m[p], usable)
+            t2 = t * t
+            s = 1.0 - t
+            i = fb * bins + base - 1
+            g = (-0.5 * s * s * cell[i] + (1.5 * t2 - 2.0 * t) * cell[i + 1]
+                 + (0.5 + t - 1.5 * t2) * cell[i + 2] + 0.5 * t2 * cell[i + 3])
+            out[p] = scale * w[p] * dmv * g

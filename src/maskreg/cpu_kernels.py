@@ -168,6 +168,32 @@ def jacobian_determinant(u: torch.Tensor, r: np.ndarray) -> torch.Tensor:
     return out
 
 
+# point chunks of the Parzen histogram, each with a histogram of its own (summed in order afterwards)
+PARZEN_CHUNKS = 16
+
+
+def parzen_histogram(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int) -> torch.Tensor:
+    """``maskreg.losses``' unnormalised Parzen joint histogram (flat ``bins²``, float32) of points
+    ``fixed, moving, weight`` (any shapes of ``N`` values, intensities in [0, 1]) in one pass."""
+    mod = _k()
+    f, m, w = (_np(t).reshape(-1) for t in (fixed, moving, weight))
+    hists = _scratch("parzen", (PARZEN_CHUNKS, bins * bins))
+    mod.parzen_histogram(f, m, w, bins, float(bins - 5), hists)
+    return torch.from_numpy(hists.sum(0, dtype=np.float64).astype(np.float32))
+
+
+def parzen_gradient(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, cell: torch.Tensor,
+                    bins: int, scale: float) -> torch.Tensor:
+    """``scale · w · ∂mv/∂moving · Σ_j β₃'(mv − j) cell[fb, j]`` per point, shaped as ``moving``: a histogram
+    loss's gradient in the moving values from its per-cell factor ``cell`` (``bins²``)."""
+    mod = _k()
+    f, m, w = (_np(t).reshape(-1) for t in (fixed, moving, weight))
+    out = torch.empty(m.shape[0], dtype=torch.float32)
+    mod.parzen_gradient(f, m, w, np.ascontiguousarray(cell.detach().reshape(-1).numpy(), dtype=np.float64), bins,
+                        float(bins - 5), float(scale), out.numpy())
+    return out.reshape(moving.shape)
+
+
 def add_gradient_product(out: torch.Tensor, s: torch.Tensor, dl: torch.Tensor, r: np.ndarray,
                          alpha: float = 1.0) -> None:
     """In place: ``out[:, k] += alpha · dl · Σ_a r[k, a] ∂s/∂index_a`` (``out`` ``[1, 3, Z, Y, X]`` contiguous
@@ -322,6 +348,8 @@ def warm_up() -> bool:
     compose(field, field, np.eye(3))
     sample_affine(x, np.eye(3, 4), (2, 3, 4), "border")
     jacobian_determinant(field, np.eye(3))
+    pts = torch.rand(1, 1, 40)
+    parzen_gradient(pts, pts, pts, parzen_histogram(pts, pts, pts, 16), 16, 1.0)
     add_gradient_product(field, x, x, np.eye(3))
     smooth_step(field, field, ((0.25, 0.5, 0.25),) * 3, ((1.0,),) * 3, 1.0, 1.0)
     cc = LocalCC(x, x.flip(-1), torch.ones_like(x), [3, 3, 3], 1e-6, 1e-5)

@@ -288,15 +288,26 @@ def nmi(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: i
     return -(hf + hm) / hfm.clamp_min(EPS)
 
 
-def _histogram_terms(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int):
-    """What the closed-form MI gradients share: the unnormalised Parzen histogram ``H`` (flat ``bins²``), its
-    sum ``S``, each point's four histogram cells ``idx`` ``[N, 4]``, ``∂β₃/∂mv`` there and ``∂mv/∂moving``
-    (``usable`` inside [0, 1], 0 where the clamp holds), with the binning of :func:`joint_histogram`."""
+def _histogram_terms(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """What the closed-form histogram gradients share: the unnormalised Parzen histogram ``H`` (flat ``bins²``),
+    its sum ``S``, and ``gradient(cell, scale)``: ``scale · w · ∂mv/∂moving · Σ_j β₃'(mv − j) cell[f(x), j]`` per
+    point, shaped as ``moving`` (``∂mv/∂moving`` is ``usable`` inside [0, 1], 0 where the clamp holds), with the
+    binning of :func:`joint_histogram`. On the CPU two compiled passes over the points
+    (:func:`maskreg.cpu_kernels.parzen_histogram`, ``parzen_gradient``) instead of some twenty operators."""
+    if cpu_kernels.enabled(fixed, moving, weight):
+        hist = cpu_kernels.parzen_histogram(fixed, moving, weight, bins)
+        return hist, hist.sum().clamp_min(EPS), lambda cell, scale: cpu_kernels.parzen_gradient(
+            fixed, moving, weight, cell, bins, float(scale))
     m, w = moving.reshape(-1), weight.reshape(-1)
     fb, mv = _bin_coordinates(fixed, m, bins)
     hist, t, idx = _parzen_scatter(mv, fb, w, bins)
     dmv = torch.where((m > 0) & (m < 1), torch.full_like(m, float(bins - 5)), torch.zeros_like(m))
-    return hist, hist.sum().clamp_min(EPS), idx, _parzen_derivatives(t), dmv, w
+    dbeta = _parzen_derivatives(t)
+
+    def gradient(cell: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return ((dbeta * cell.reshape(-1)[idx]).sum(1) * (w * dmv * scale)).reshape(moving.shape)
+    return hist, hist.sum().clamp_min(EPS), gradient
 
 
 def _log_clamped(q: torch.Tensor) -> torch.Tensor:
@@ -312,14 +323,12 @@ def mattes_mi_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: 
     ``Σ_j β₃'(mv − j) = 0``, so every term constant in ``j`` drops out:
     ``∂L/∂mv(x) = −w(x)/S · Σ_j β₃'(mv(x) − j) (log P[f(x), j] − log p_m,j)``. The weights are constants, as in
     :func:`mattes_mi`. Some thirty operators, no autograd."""
-    hist, total, idx, dbeta, dmv, w = _histogram_terms(fixed, moving, weight, bins)
+    hist, total, gradient = _histogram_terms(fixed, moving, weight, bins)
     p = (hist / total).reshape(bins, bins)
     pf, pm = p.sum(1), p.sum(0)
     log_p, log_pf, log_pm = _log_clamped(p), _log_clamped(pf), _log_clamped(pm)
     mi = (p * log_p).sum() - (pf * log_pf).sum() - (pm * log_pm).sum()
-    g_cell = (log_p - log_pm[None, :]).reshape(-1)
-    grad = -(dbeta * g_cell[idx]).sum(1) * (w * dmv / total)
-    return -mi, grad.reshape(moving.shape)
+    return -mi, gradient(log_p - log_pm[None, :], -1.0 / total)
 
 
 def nmi_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32,
@@ -327,15 +336,13 @@ def nmi_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.
     """:func:`nmi` and its gradient in ``moving``, in closed form (see :func:`mattes_mi_value_and_grad`):
     ``L = −(H_f + H_m) / H_fm`` gives, after the terms constant in ``j`` drop out,
     ``∂L/∂mv(x) = w(x)/S · Σ_j β₃'(mv − j) (H_fm log p_m,j − (H_f + H_m) log P[f(x), j]) / H_fm²``."""
-    hist, total, idx, dbeta, dmv, w = _histogram_terms(fixed, moving, weight, bins)
+    hist, total, gradient = _histogram_terms(fixed, moving, weight, bins)
     p = (hist / total).reshape(bins, bins)
     pf, pm = p.sum(1), p.sum(0)
     log_p, log_pm = _log_clamped(p), _log_clamped(pm)
     hf, hm, hfm = -(pf * _log_clamped(pf)).sum(), -(pm * log_pm).sum(), -(p * log_p).sum()
     hfm = hfm.clamp_min(EPS)
-    g_cell = ((hfm * log_pm[None, :] - (hf + hm) * log_p) / (hfm * hfm)).reshape(-1)
-    grad = (dbeta * g_cell[idx]).sum(1) * (w * dmv / total)
-    return -(hf + hm) / hfm, grad.reshape(moving.shape)
+    return -(hf + hm) / hfm, gradient((hfm * log_pm[None, :] - (hf + hm) * log_p) / (hfm * hfm), 1.0 / total)
 
 
 def mse_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, **_
