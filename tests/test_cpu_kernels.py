@@ -234,9 +234,17 @@ def test_sample_mapped_equals_grid_sample_on_affine_grid_plus_field():
     u = _smooth_field(grid.shape, 20.0, 6)
     theta = torch.as_tensor(a @ np.linalg.inv(_index_to_normalised(grid)), dtype=torch.float32)[None, :3]
     g = F.affine_grid(theta, [1, 1, *grid.shape], align_corners=True) + ops.offsets(u, m)
-    out, ins = cpu_kernels.sample_mapped(img, a, m, u)
-    _close(out, F.grid_sample(img, g, align_corners=True), 1e-5)
-    assert torch.equal(ins, inside(g)) and 0 < float(ins.mean()) < 1
+    out, weight = cpu_kernels.sample_mapped(img, a, m, u)
+    ref = F.grid_sample(img, g, align_corners=True)
+    _close(out, ref, 1e-5)
+    ins = inside(g)
+    assert 0 < float(ins.mean()) < 1
+    _close(weight, ref[:, 1:2] * ins, 1e-5)  # the mask channel where the point is inside
+    assert torch.equal(weight == 0, (ins == 0) | (out[:, 1:2] == 0))
+    prior = torch.rand(1, 1, *grid.shape)
+    out2, weight2 = cpu_kernels.sample_mapped(img, a, m, u, mask_channel=0, prior=prior)
+    assert torch.equal(out2, out)
+    _close(weight2, ref[:, :1] * ins * prior, 1e-5)
 
 
 def _index_to_normalised(grid) -> np.ndarray:

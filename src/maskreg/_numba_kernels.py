@@ -389,16 +389,19 @@ def resize_axis(a, axis, out):  # pragma: no cover
 
 
 @nb.njit(**_JIT)
-def sample_mapped(img, a, m, u, out, inside, lo, hi):  # pragma: no cover
-    """:func:`sample_trilinear` (zero padding, with ``inside``) at the points ``a @ (x, y, z, 1) + m @ u(x, y, z)``
-    of every voxel ``(z, y, x)`` of the output grid: ``a`` ``(3, 4)`` maps an output voxel index (x first) to
-    the image's normalised coordinates, ``m`` ``(3, 3)`` a displacement ``u`` ``[3, Z, Y, X]`` (mm, x first) to
-    normalised offsets. ``out`` is ``[C, Z·Y·X]``; the sampling grid is never stored. Only the voxels
-    ``lo[z, y] <= x < hi[z, y]`` of each row are sampled; the others get 0 in ``out`` and ``inside``."""
+def sample_mapped(img, a, m, u, out, weight, mask_c, prior, lo, hi):  # pragma: no cover
+    """:func:`sample_trilinear` (zero padding) at the points ``a @ (x, y, z, 1) + m @ u(x, y, z)`` of every voxel
+    ``(z, y, x)`` of the output grid: ``a`` ``(3, 4)`` maps an output voxel index (x first) to the image's
+    normalised coordinates, ``m`` ``(3, 3)`` a displacement ``u`` ``[3, Z, Y, X]`` (mm, x first) to normalised
+    offsets. ``out`` is ``[C, Z·Y·X]``; the sampling grid is never stored. ``weight[p]`` = the sampled channel
+    ``mask_c`` where the point lies inside the image (else 0), times ``prior[p]`` when ``prior`` has an entry
+    per point. Only the voxels ``lo[z, y] <= x < hi[z, y]`` of each row are sampled; the others get 0 in
+    ``out`` and ``weight``."""
     C, D, H, W = img.shape
     Z, Y, X = u.shape[1], u.shape[2], u.shape[3]
     sx, sy, sz = 0.5 * (W - 1), 0.5 * (H - 1), 0.5 * (D - 1)
     flat = img.ravel()
+    with_prior = prior.shape[0] == Z * Y * X
     for z in prange(Z):
         for y in range(Y):
             row = (z * Y + y) * X
@@ -406,11 +409,11 @@ def sample_mapped(img, a, m, u, out, inside, lo, hi):  # pragma: no cover
             if x1 < x0:
                 x1 = x0
             for p in range(row, row + x0):
-                inside[p] = 0.0
+                weight[p] = 0.0
                 for c in range(C):
                     out[c, p] = 0.0
             for p in range(row + x1, row + X):
-                inside[p] = 0.0
+                weight[p] = 0.0
                 for c in range(C):
                     out[c, p] = 0.0
             bx = a[0, 1] * y + a[0, 2] * z + a[0, 3]
@@ -422,9 +425,10 @@ def sample_mapped(img, a, m, u, out, inside, lo, hi):  # pragma: no cover
                 gy = by + a[1, 0] * x + m[1, 0] * u0 + m[1, 1] * u1 + m[1, 2] * u2
                 gz = bz + a[2, 0] * x + m[2, 0] * u0 + m[2, 1] * u1 + m[2, 2] * u2
                 p = row + x
-                ok = abs(gx) <= 1.000001 and abs(gy) <= 1.000001 and abs(gz) <= 1.000001
-                inside[p] = 1.0 if ok else 0.0
                 _interp_at(img, flat, (gx + 1.0) * sx, (gy + 1.0) * sy, (gz + 1.0) * sz, out, p)
+                ok = abs(gx) <= 1.000001 and abs(gy) <= 1.000001 and abs(gz) <= 1.000001
+                wp = out[mask_c, p] if ok else 0.0
+                weight[p] = wp * prior[p] if with_prior else wp
 
 
 @nb.njit(**_JIT)

@@ -107,24 +107,29 @@ def sample(input: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros",
 
 
 def sample_mapped(input: torch.Tensor, a: np.ndarray, m: np.ndarray, u: torch.Tensor,
-                  rows: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  rows: tuple[np.ndarray, np.ndarray] | None = None, mask_channel: int = 1,
+                  prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``input`` ``[1, C, D, H, W]`` sampled (trilinear, zero padding) at ``a @ (i, 1) + m @ u(i)`` for every voxel
     index ``i`` (x first) of ``u``'s grid: ``a`` ``(3, 4)`` index → input's normalised coordinates, ``m`` ``(3, 3)``
-    mm → normalised, ``u`` ``[1, 3, Z, Y, X]`` mm. Returns ``([1, C, Z, Y, X], inside [1, 1, Z, Y, X])``: what
-    ``grid_sample`` and ``inside`` give on the grid ``affine_grid(a) + offsets(u)``, without storing it.
-    ``rows``: ``(lo, hi)`` int ``[Z, Y]``, the x range ``[lo, hi)`` of each row to sample; elsewhere both outputs
-    are 0 (:class:`maskreg.support.WeightSupport`)."""
+    mm → normalised, ``u`` ``[1, 3, Z, Y, X]`` mm. Returns ``([1, C, Z, Y, X], weight [1, 1, Z, Y, X])``: what
+    ``grid_sample`` gives on the grid ``affine_grid(a) + offsets(u)``, without storing it, and the weight
+    ``sampled[mask_channel] · inside · prior`` (``inside``: :func:`maskreg.sampling.inside`; ``prior``
+    ``[1, 1, Z, Y, X]`` or none). ``rows``: ``(lo, hi)`` int ``[Z, Y]``, the x range ``[lo, hi)`` of each row to
+    sample; elsewhere both outputs are 0 (:class:`maskreg.support.WeightSupport`)."""
     mod = _k()
     shape = tuple(u.shape[2:])
     pts = int(np.prod(shape))
     out = torch.empty(1, input.shape[1], pts, dtype=torch.float32)
-    ins = torch.empty(1, 1, pts, dtype=torch.float32)
+    weight = torch.empty(1, 1, pts, dtype=torch.float32)
     if rows is None:
         rows = _all_rows(shape)
     mod.sample_mapped(_np(input[0]), np.ascontiguousarray(a, dtype=np.float64),
-                      np.ascontiguousarray(m, dtype=np.float64), _np(u[0]), out[0].numpy(), ins[0, 0].numpy(),
-                      rows[0], rows[1])
-    return out.reshape(1, input.shape[1], *shape), ins.reshape(1, 1, *shape)
+                      np.ascontiguousarray(m, dtype=np.float64), _np(u[0]), out[0].numpy(), weight[0, 0].numpy(),
+                      int(mask_channel), _np(prior).reshape(-1) if prior is not None else _EMPTY, rows[0], rows[1])
+    return out.reshape(1, input.shape[1], *shape), weight.reshape(1, 1, *shape)
+
+
+_EMPTY = np.zeros(0, np.float32)
 
 
 @lru_cache(maxsize=8)
@@ -344,7 +349,7 @@ def warm_up() -> bool:
     filter_axis(x, (0.25, 0.5, 0.25), 0)
     resize(x, (3, 7, 4))
     field = torch.zeros(1, 3, 4, 5, 6)
-    sample_mapped(x, np.eye(3, 4), np.eye(3), field)
+    sample_mapped(torch.rand(1, 2, 4, 5, 6), np.eye(3, 4), np.eye(3), field)
     compose(field, field, np.eye(3))
     sample_affine(x, np.eye(3, 4), (2, 3, 4), "border")
     jacobian_determinant(field, np.eye(3))

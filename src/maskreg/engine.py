@@ -928,12 +928,11 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             """Both sides' stacks (image, mask[, labels]) at their half-way points and the weight ``w``."""
             if fused:
                 rows = support.rows(reach[0])
-                ms, ins = cpu_kernels.sample_mapped(moving_stack, index_to_moving, to_moving, u_moving, rows)
-                w = ms[:, 1:2] * ins
+                ms, w = cpu_kernels.sample_mapped(moving_stack, index_to_moving, to_moving, u_moving, rows)
                 if u_fixed is None:
-                    return fixed_box, ms, w * fixed_box[:, 1:2]
-                fs, ins = cpu_kernels.sample_mapped(fixed_stack, index_to_fixed, to_fixed, u_fixed, rows)
-                return fs, ms, w.mul_(fs[:, 1:2]).mul_(ins)
+                    return fixed_box, ms, w.mul_(fixed_box[:, 1:2])
+                fs, w = cpu_kernels.sample_mapped(fixed_stack, index_to_fixed, to_fixed, u_fixed, rows, prior=w)
+                return fs, ms, w
             grid = g0 + ops.offsets(u_moving, to_moving)
             ms, ins = grid_sample_inside(moving_stack, grid)
             w = ms[:, 1:2] * ins
