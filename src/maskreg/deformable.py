@@ -162,15 +162,30 @@ class FieldOps:
         is how :meth:`exp_pair` gets ``exp(±v)`` at once (on the CPU ``grid_sample`` runs one thread per
         batch item, so a batch of two uses two cores; on CUDA it halves the launches)."""
         n = self.squarings(self.max_voxels(v), max_step_vox) if squarings is None else squarings
-        u = v / (2 ** n)
+        return self._square(v / (2 ** n), n)
+
+    def _square(self, u: torch.Tensor, n: int) -> torch.Tensor:
+        """``u`` composed with itself ``n`` times over (``exp``'s squarings of a first step ``u``)."""
         for _ in range(n):
             u = self.compose(u, u)
         return u
 
-    def exp_pair(self, v: torch.Tensor, squarings: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(exp(-v), exp(v))`` of one field ``[1, dim, *shape]`` in one batched scaling and squaring."""
-        both = self.exp(torch.cat([-v, v], 0), squarings)
+    def exp_pair(self, v: torch.Tensor, squarings: int | None = None, scale: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exp(-s v), exp(s v))`` (``s = scale``) of one field ``[1, dim, *shape]`` in one batched scaling and
+        squaring. The scale, the sign and the first step's ``2⁻ⁿ`` are one multiplication (exact for powers of
+        two, so ``exp_pair(v, n, 0.5)`` is ``exp_pair(0.5 * v, n)`` to the bit)."""
+        n = self.squarings(abs(scale) * self.max_voxels(v)) if squarings is None else squarings
+        both = self._exp_both(v, n, scale)
         return both[:1], both[1:]
+
+    def _exp_both(self, v: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+        """``[exp(-s v), exp(s v)]`` as one ``[2, dim, *shape]`` tensor, ``n`` squarings."""
+        first = torch.empty(2, *v.shape[1:], dtype=v.dtype, device=v.device)
+        step = scale / 2 ** n
+        torch.mul(v, -step, out=first[:1])
+        torch.mul(v, step, out=first[1:])
+        return self._square(first, n)
 
     def iteration_squarings(self, vmax_vox: float) -> int:
         """Squarings :meth:`exp_pair_in_iteration` needs for a field of ``vmax_vox`` voxels (this grid's)."""
@@ -179,17 +194,17 @@ class FieldOps:
         ratio = min(c / f for c, f in zip(self.coarse.grid.spacing, self.grid.spacing))
         return self.squarings(vmax_vox / ratio)
 
-    def exp_pair_in_iteration(self, v: torch.Tensor, squarings: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`exp_pair` as the SyN iterations use it. On a large grid (``coarse_exp``) the scaling and
+    def exp_pair_in_iteration(self, v: torch.Tensor, squarings: int, scale: float = 1.0
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`exp_pair` (``exp(∓scale · v)``) as the SyN iterations use it. On a large grid (``coarse_exp``) the scaling and
         squaring runs on a corner-aligned grid of about half the resolution per axis (1/8 of the voxels in 3D)
         and the results are interpolated back: the velocity is smooth at that scale (its updates are
         Gaussian-smoothed with the fluid sigma, whose response at the coarse grid's Nyquist frequency is ~6 %
         for 1.5 voxels), and each squaring is a full resampling of the field, the iteration's largest cost.
         The registration's returned fields are always exponentiated on the full grid."""
         if self.coarse is None:
-            return self.exp_pair(v, squarings)
-        vc = _resize(v, self.coarse.grid.shape)
-        both = _resize(self.coarse.exp(torch.cat([-vc, vc], 0), squarings), self.grid.shape)
+            return self.exp_pair(v, squarings, scale)
+        both = _resize(self.coarse._exp_both(_resize(v, self.coarse.grid.shape), squarings, scale), self.grid.shape)
         return both[:1], both[1:]
 
     def invert(self, u: torch.Tensor, iterations: int = 20) -> torch.Tensor:

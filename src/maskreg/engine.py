@@ -958,7 +958,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             if kind == "syn":
                 vox = ops.max_voxels(field)
                 reach[0] = 0.5 * vox * min(wgrid.spacing)
-                return sample(*ops.exp_pair_in_iteration(0.5 * field, ops.iteration_squarings(0.5 * vox)))
+                return sample(*ops.exp_pair_in_iteration(field, ops.iteration_squarings(0.5 * vox), 0.5))
             return sample(None, field)
 
         with torch.no_grad():
@@ -1011,7 +1011,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                     fs, ms, w = first[0]
                     first[0] = None
                 elif kind == "syn":
-                    uf, um = ops.exp_pair_in_iteration(0.5 * buf, squarings)
+                    uf, um = ops.exp_pair_in_iteration(buf, squarings, 0.5)  # exp(∓v/2)
                     fs, ms, w = sample(uf, um)
                 else:
                     fs, ms, w = sample(None, buf)
