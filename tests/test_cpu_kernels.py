@@ -178,8 +178,10 @@ def test_results_do_not_depend_on_the_thread_count():
             torch.set_num_threads(n)
             cc = cpu_kernels.LocalCC(f, m, w, [5, 5, 5], losses.EPS, losses.CC_EPS)
             value = cc.loss(True, True)
+            hist = cpu_kernels.parzen_histogram(f, m, w, 32)
             outs.append((value, *cc.gradients(), cpu_kernels.sample(f, g)[0],
-                         cpu_kernels.filter_axis(f, pyramid.gaussian_weights(1.5), 1)))
+                         cpu_kernels.filter_axis(f, pyramid.gaussian_weights(1.5), 1), hist,
+                         cpu_kernels.parzen_gradient(f, m, w, torch.log(hist + 1.0), 32, 1.0)))
     finally:
         torch.set_num_threads(before)
     assert outs[0][0] == outs[1][0]
@@ -242,9 +244,9 @@ def test_sample_mapped_equals_grid_sample_on_affine_grid_plus_field():
     _close(weight, ref[:, 1:2] * ins, 1e-5)  # the mask channel where the point is inside
     assert torch.equal(weight == 0, (ins == 0) | (out[:, 1:2] == 0))
     prior = torch.rand(1, 1, *grid.shape)
-    out2, weight2 = cpu_kernels.sample_mapped(img, a, m, u, mask_channel=0, prior=prior)
+    out2, weight2 = cpu_kernels.sample_mapped(img, a, m, u, prior=prior)
     assert torch.equal(out2, out)
-    _close(weight2, ref[:, :1] * ins * prior, 1e-5)
+    _close(weight2, ref[:, 1:2] * ins * prior, 1e-5)
 
 
 def _index_to_normalised(grid) -> np.ndarray:

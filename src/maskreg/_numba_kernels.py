@@ -389,12 +389,12 @@ def resize_axis(a, axis, out):  # pragma: no cover
 
 
 @nb.njit(**_JIT)
-def sample_mapped(img, a, m, u, out, weight, mask_c, prior, lo, hi):  # pragma: no cover
+def sample_mapped(img, a, m, u, out, weight, prior, lo, hi):  # pragma: no cover
     """:func:`sample_trilinear` (zero padding) at the points ``a @ (x, y, z, 1) + m @ u(x, y, z)`` of every voxel
     ``(z, y, x)`` of the output grid: ``a`` ``(3, 4)`` maps an output voxel index (x first) to the image's
     normalised coordinates, ``m`` ``(3, 3)`` a displacement ``u`` ``[3, Z, Y, X]`` (mm, x first) to normalised
-    offsets. ``out`` is ``[C, Z·Y·X]``; the sampling grid is never stored. ``weight[p]`` = the sampled channel
-    ``mask_c`` where the point lies inside the image (else 0), times ``prior[p]`` when ``prior`` has an entry
+    offsets. ``out`` is ``[C, Z·Y·X]``; the sampling grid is never stored. ``weight[p]`` = the sampled channel 1
+    (the mask) where the point lies inside the image (else 0), times ``prior[p]`` when ``prior`` has an entry
     per point. Only the voxels ``lo[z, y] <= x < hi[z, y]`` of each row are sampled; the others get 0 in
     ``out`` and ``weight``."""
     C, D, H, W = img.shape
@@ -427,7 +427,7 @@ def sample_mapped(img, a, m, u, out, weight, mask_c, prior, lo, hi):  # pragma: 
                 p = row + x
                 _interp_at(img, flat, (gx + 1.0) * sx, (gy + 1.0) * sy, (gz + 1.0) * sz, out, p)
                 ok = abs(gx) <= 1.000001 and abs(gy) <= 1.000001 and abs(gz) <= 1.000001
-                wp = out[mask_c, p] if ok else 0.0
+                wp = out[1, p] if ok else 0.0
                 weight[p] = wp * prior[p] if with_prior else wp
 
 

@@ -106,14 +106,18 @@ def sample(input: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros",
     return out, (ins.reshape(n, 1, *out_shape) if ins is not None else None)
 
 
+_EMPTY = np.zeros(0, np.float32)
+
+
 def sample_mapped(input: torch.Tensor, a: np.ndarray, m: np.ndarray, u: torch.Tensor,
-                  rows: tuple[np.ndarray, np.ndarray] | None = None, mask_channel: int = 1,
-                  prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  rows: tuple[np.ndarray, np.ndarray] | None = None, prior: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``input`` ``[1, C, D, H, W]`` sampled (trilinear, zero padding) at ``a @ (i, 1) + m @ u(i)`` for every voxel
     index ``i`` (x first) of ``u``'s grid: ``a`` ``(3, 4)`` index → input's normalised coordinates, ``m`` ``(3, 3)``
     mm → normalised, ``u`` ``[1, 3, Z, Y, X]`` mm. Returns ``([1, C, Z, Y, X], weight [1, 1, Z, Y, X])``: what
     ``grid_sample`` gives on the grid ``affine_grid(a) + offsets(u)``, without storing it, and the weight
-    ``sampled[mask_channel] · inside · prior`` (``inside``: :func:`maskreg.sampling.inside`; ``prior``
+    ``sampled[1] · inside · prior`` (channel 1: the mask, as the engine stacks image and mask; ``inside``:
+    :func:`maskreg.sampling.inside`; ``prior``
     ``[1, 1, Z, Y, X]`` or none). ``rows``: ``(lo, hi)`` int ``[Z, Y]``, the x range ``[lo, hi)`` of each row to
     sample; elsewhere both outputs are 0 (:class:`maskreg.support.WeightSupport`)."""
     mod = _k()
@@ -125,11 +129,8 @@ def sample_mapped(input: torch.Tensor, a: np.ndarray, m: np.ndarray, u: torch.Te
         rows = _all_rows(shape)
     mod.sample_mapped(_np(input[0]), np.ascontiguousarray(a, dtype=np.float64),
                       np.ascontiguousarray(m, dtype=np.float64), _np(u[0]), out[0].numpy(), weight[0, 0].numpy(),
-                      int(mask_channel), _np(prior).reshape(-1) if prior is not None else _EMPTY, rows[0], rows[1])
+                      _np(prior).reshape(-1) if prior is not None else _EMPTY, rows[0], rows[1])
     return out.reshape(1, input.shape[1], *shape), weight.reshape(1, 1, *shape)
-
-
-_EMPTY = np.zeros(0, np.float32)
 
 
 @lru_cache(maxsize=8)

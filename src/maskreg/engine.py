@@ -915,6 +915,12 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         # sampling grid stored (maskreg.cpu_kernels.sample_mapped); otherwise the two maps' affine grids
         fused = dim == 3 and cpu_kernels.enabled(moving_stack, fixed_stack)
         reach = [0.0]  # mm: a bound of the fixed side's displacement |exp(-v/2)| (0 for greedy)
+
+        def squarings_for(vmax_vox: float) -> int:
+            """exp(±v/2)'s squarings for a field whose longest vector is ``vmax_vox`` voxels; sets the sampled rows'
+            reach, ``|exp(-v/2)| <= max|v| / 2`` (mm)."""
+            reach[0] = 0.5 * vmax_vox * min(wgrid.spacing)
+            return ops.iteration_squarings(0.5 * vmax_vox)
         if fused:
             index_to_moving, index_to_fixed = ((m @ wgrid.index_to_physical())[:dim] for m in (moving_map, fixed_map))
             # rows of the box where the weight can be nonzero for the current field (maskreg.support)
@@ -956,9 +962,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             """:func:`sample` of ``field`` as an iteration samples it, through the iterations' own exponentials
             (coarse on large grids): the exact ones on the full grid cost ~0.4 s at 2 mm each."""
             if kind == "syn":
-                vox = ops.max_voxels(field)
-                reach[0] = 0.5 * vox * min(wgrid.spacing)
-                return sample(*ops.exp_pair_in_iteration(field, ops.iteration_squarings(0.5 * vox), 0.5))
+                return sample(*ops.exp_pair_in_iteration(field, squarings_for(ops.max_voxels(field)), 0.5))
             return sample(None, field)
 
         with torch.no_grad():
@@ -1045,9 +1049,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         converged, it = False, 0
         for it in range(1, n_it + 1):
             # exp(±v/2) needs enough squarings for the current field: one read-back per iteration
-            vox = float(vmax) if kind == "syn" else 0.0
-            reach[0] = 0.5 * vox * min(wgrid.spacing)  # |exp(-v/2)| <= max|v| / 2 (mm)
-            stepper(ops.iteration_squarings(0.5 * vox) if kind == "syn" else None)
+            stepper(squarings_for(float(vmax)) if kind == "syn" else None)
             if _plateau(trace, it, tol):
                 converged = True
                 break
