@@ -74,6 +74,7 @@ def test_bad_config_lists_every_problem_at_once():
     cfg["masks"]["fixed"]["dilate_mm"] = -2
     cfg["registration"]["stages"][1].update(scales=[1, 2, 4])
     cfg["registration"]["stages"][2].update(iterations=[10, 10, 10])
+    cfg["registration"]["stages"][3].update(learning_rate=[1.0, 2.0])
     cfg["device"] = "gpu"
     with pytest.raises(ConfigError) as info:
         load_and_validate(cfg, CONFIG_SCHEMA, COHORT_SCHEMA)
@@ -83,6 +84,9 @@ def test_bad_config_lists_every_problem_at_once():
     assert "registration.stages.1 (rigid): scales [1, 2, 4] must not increase" in text
     assert "registration.stages.2 (affine): scales [4, 2] and iterations [10, 10, 10]" in text
     assert "device: 'gpu' does not match" in text
+    assert "registration.stages.3 (syn): learning_rate [1.0, 2.0] must be one number or one value per scale " \
+           "[4, 2, 1]" in text
+    assert len(info.value.problems) == 7  # the rigid scales also mismatch its iterations
 
 
 def test_snakemake_refuses_bad_cohort_before_any_job(tmp_path):

@@ -81,6 +81,42 @@ def test_syn_forward_inverse_and_determinism():
     assert np.linalg.norm(back - pts, axis=1).mean() < 0.1
 
 
+def test_learning_rate_per_level_applies_to_its_level_only():
+    """A list of rates gives each level its own step: [r, r] is the number r bit for bit, and raising only the
+    finest level's rate leaves the first level's losses as they were and changes the second's."""
+    f, m, _ = squares(64)
+
+    def run(rate):
+        stages = [{"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [20, 10], "learning_rate": rate,
+                   "tolerance": 0}]
+        r = maskreg.register(img(f), img(m), stages=stages, device="cpu")
+        return r, sitk.GetArrayFromImage(r.displacement)
+    (r_num, d_num), (r_list, d_list), (r_fine, d_fine) = run(1.5), run([1.5, 1.5]), run([1.5, 3.0])
+    assert np.array_equal(d_num, d_list)
+    coarse = [r.stages[0].levels[0].losses for r in (r_num, r_fine)]
+    fine = [r.stages[0].levels[1].losses for r in (r_num, r_fine)]
+    assert coarse[0] == coarse[1]
+    assert fine[0][0] == fine[1][0] and fine[0][1:] != fine[1][1:]  # same start, then larger steps
+    assert not np.array_equal(d_num, d_fine)
+
+
+def test_default_rates_count_from_the_finest_level_and_a_given_list_must_fit():
+    from maskreg.engine import _deformable_config, _stage_config
+    default = _deformable_config({"type": "syn"})["learning_rate"]
+    assert default == [1.5, 1.5, 3.0]
+    assert _deformable_config({"type": "syn", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == [1.5, 3.0]
+    assert _deformable_config({"type": "syn", "scales": [8, 4, 2, 1], "iterations": [5] * 4})["learning_rate"] == \
+        [1.5, 1.5, 1.5, 3.0]
+    assert _deformable_config({"type": "greedy", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == \
+        [0.5, 0.5]
+    assert _stage_config({"type": "rigid", "learning_rate": [0.5, 0.25, 0.125]})["learning_rate"] == \
+        [0.5, 0.25, 0.125]
+    from maskreg.errors import MaskregError
+    with pytest.raises(MaskregError, match=r"learning_rate \[1.0, 2.0\] must be one number or one value "
+                                                    r"per scale \[4, 2, 1\]"):
+        _deformable_config({"type": "syn", "learning_rate": [1.0, 2.0]})
+
+
 def oblique_grid() -> Grid:
     d = sitk.Euler3DTransform((0, 0, 0), 0.3, -0.2, 0.5).GetMatrix()
     return Grid((20, 18, 16), (1.2, 0.9, 2.5), (5.0, -3.0, 7.0), tuple(d))

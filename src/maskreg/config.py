@@ -97,6 +97,9 @@ def stage_problems(config: dict) -> list[str]:
         sig = st.get("smoothing_sigmas")
         if isinstance(sig, list) and isinstance(scales, list) and len(sig) != len(scales):
             out.append(f"{at}: smoothing_sigmas {sig} must have one value per scale {scales}")
+        rate = st.get("learning_rate")
+        if isinstance(rate, list) and isinstance(scales, list) and len(rate) != len(scales):
+            out.append(f"{at}: learning_rate {rate} must be one number or one value per scale {scales}")
         loss = st.get("loss")
         if random_sampling and isinstance(loss, str):
             try:

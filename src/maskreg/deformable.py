@@ -47,8 +47,13 @@ DEFORMABLE_DEFAULTS = {
 # 0.698 / 2.76, at 2.0: 0.699 / 2.76. The full-resolution level costs most (~0.15 s an iteration on 2 CPUs), and
 # its loss peaked after ~13 of 20 iterations at rate 1.0 (the elastic smoothing then undoes the shrinking steps).
 # The coarsest level needs no more than 40 (brain stopped at 55 by tolerance; [40, 40, 10]: 0.6975 / 2.758 against
-# 0.6976 / 2.759; [80, 30, 10]: 0.696 / 2.763)
-TYPE_DEFAULTS = {"syn": {"learning_rate": 1.5, "iterations": [40, 40, 10]}}
+# 0.6976 / 2.759; [80, 30, 10]: 0.696 / 2.763).
+# The full-resolution level's ten iterations do not converge at 1.5 (none stops early): raising its rate alone
+# (2 mm brain and AFIDs, then 1 mm; no folding in any) gave 1.5: 0.6974 / 2.756, 0.7660 / 2.684; 2.5: 0.6998 /
+# 2.759, 0.7678 / 2.670; 3.0: 0.7006 / 2.761, 0.7687 / 2.662; 4.0: 0.7020 / 2.770, 0.7703 / 2.653. A larger update
+# smoothing instead (fluid_sigma 2.0 everywhere, or only at full resolution) helped the 1 mm AFIDs (2.666) but
+# cost the 2 mm brain 0.004-0.005 Dice. The default list is counted from the finest level (engine._per_level_rates)
+TYPE_DEFAULTS = {"syn": {"learning_rate": [1.5, 1.5, 3.0], "iterations": [40, 40, 10]}}
 
 
 # scaling and squaring inside the SyN iterations runs on a grid of about half the resolution once a level has

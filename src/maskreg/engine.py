@@ -632,7 +632,7 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
             ow = points.overlap(_theta(h0, maps, prob.dim)[0])[0]
         level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
         _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
-        lr = float(stage["learning_rate"]) * float(np.mean(fl.grid.spacing))
+        lr = stage["learning_rate"][li] * float(np.mean(fl.grid.spacing))
         opt = (_RegularStep if stage["optimizer"] == "regular_step" else _Adam)(p, _schedule(lr, n_it, dev))
         trace = torch.zeros(max(n_it, 1), device=dev)
         start_t = lin.start_tensors(current, dev)
@@ -683,13 +683,32 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
     return current
 
 
+def _per_level_rates(s: dict, given: dict) -> dict:
+    """``s["learning_rate"]`` as a list with one rate per level of ``s["scales"]``. A number applies to every
+    level; a list given in the stage must have one value per scale; a default list is counted from the finest
+    level (its first value repeated for extra coarse levels), so a default suits any number of scales."""
+    rate, n = s["learning_rate"], len(s["scales"])
+    if not isinstance(rate, (list, tuple)):
+        rates = [float(rate)] * n
+    elif len(rate) == n:
+        rates = [float(r) for r in rate]
+    elif "learning_rate" in given:
+        raise MaskregError(f"stage {s['type']}: learning_rate {list(rate)} must be one number or one value per "
+                           f"scale {s['scales']}.")
+    else:
+        rates = ([float(rate[0])] * n + [float(r) for r in rate])[-n:]
+    s["learning_rate"] = rates
+    return s
+
+
 def _stage_config(stage: dict) -> dict:
     s = dict(STAGE_DEFAULTS)
-    s.update({k: v for k, v in stage.items() if v is not None})
+    given = {k: v for k, v in stage.items() if v is not None}
+    s.update(given)
     if len(s["scales"]) != len(s["iterations"]):
         raise MaskregError(f"stage {s['type']}: scales {s['scales']} and iterations {s['iterations']} must have "
                            f"the same length.")
-    return s
+    return _per_level_rates(s, given)
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
@@ -870,11 +889,12 @@ class FieldState:
 def _deformable_config(stage: dict) -> dict:
     s = dict(dfm.DEFORMABLE_DEFAULTS)
     s.update(dfm.TYPE_DEFAULTS.get(stage.get("type", ""), {}))
-    s.update({k: v for k, v in stage.items() if v is not None})
+    given = {k: v for k, v in stage.items() if v is not None}
+    s.update(given)
     if len(s["scales"]) != len(s["iterations"]):
         raise MaskregError(f"stage {s['type']}: scales {s['scales']} and iterations {s['iterations']} must have "
                            f"the same length.")
-    return s
+    return _per_level_rates(s, given)
 
 
 def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, state: FieldState | None,
@@ -975,7 +995,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
         trace = torch.zeros(max(n_it, 1), device=dev)
         tol = float(stage["tolerance"])
-        lrs = _schedule(float(stage["learning_rate"]), n_it, dev)
+        lrs = _schedule(stage["learning_rate"][li], n_it, dev)
         count = torch.zeros(1, dtype=torch.long, device=dev)  # iterations done
         vmax = ops.max_voxels_t(state.field)  # max |field| (voxels) after the last update
         fluid, elastic = float(stage["fluid_sigma"]), float(stage["elastic_sigma"])
