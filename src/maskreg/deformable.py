@@ -51,8 +51,8 @@ DEFORMABLE_DEFAULTS = {
 # The full-resolution level's ten iterations do not converge at 1.5 (none stops early): raising its rate alone
 # (2 mm brain and AFIDs, then 1 mm; no folding in any) gave 1.5: 0.6974 / 2.756, 0.7660 / 2.684; 2.5: 0.6998 /
 # 2.759, 0.7678 / 2.670; 3.0: 0.7006 / 2.761, 0.7687 / 2.662; 4.0: 0.7020 / 2.770, 0.7703 / 2.653. A larger update
-# smoothing instead (fluid_sigma 2.0 everywhere, or only at full resolution) helped the 1 mm AFIDs (2.666) but
-# cost the 2 mm brain 0.004-0.005 Dice. The default list is counted from the finest level (engine._per_level_rates)
+# smoothing instead, fluid_sigma 2.0 on every level, helped the 1 mm AFIDs (2.666) but cost the 2 mm brain 0.005
+# Dice (0.6924). The default list is counted from the finest level (engine._stage_config)
 TYPE_DEFAULTS = {"syn": {"learning_rate": [1.5, 1.5, 3.0], "iterations": [40, 40, 10]}}
 
 

@@ -683,32 +683,26 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
     return current
 
 
-def _per_level_rates(s: dict, given: dict) -> dict:
-    """``s["learning_rate"]`` as a list with one rate per level of ``s["scales"]``. A number applies to every
-    level; a list given in the stage must have one value per scale; a default list is counted from the finest
-    level (its first value repeated for extra coarse levels), so a default suits any number of scales."""
-    rate, n = s["learning_rate"], len(s["scales"])
+def _stage_config(stage: dict, defaults: dict | None = None) -> dict:
+    """``stage`` over ``defaults`` (linear stages: :data:`STAGE_DEFAULTS`), with ``learning_rate`` made a list
+    of one rate per level of ``scales``: a number applies to every level; a list given in the stage must have
+    one value per scale; a default list is counted from the finest level (its first value repeated for extra
+    coarse levels), so a default suits any number of scales."""
+    given = {k: v for k, v in stage.items() if v is not None}
+    s = {**(STAGE_DEFAULTS if defaults is None else defaults), **given}
+    n = len(s["scales"])
+    if n != len(s["iterations"]):
+        raise MaskregError(f"stage {s['type']}: scales {s['scales']} and iterations {s['iterations']} must have "
+                           f"the same length.")
+    rate = s["learning_rate"]
     if not isinstance(rate, (list, tuple)):
-        rates = [float(rate)] * n
-    elif len(rate) == n:
-        rates = [float(r) for r in rate]
-    elif "learning_rate" in given:
+        s["learning_rate"] = [float(rate)] * n
+    elif len(rate) != n and "learning_rate" in given:
         raise MaskregError(f"stage {s['type']}: learning_rate {list(rate)} must be one number or one value per "
                            f"scale {s['scales']}.")
     else:
-        rates = ([float(rate[0])] * n + [float(r) for r in rate])[-n:]
-    s["learning_rate"] = rates
+        s["learning_rate"] = ([float(rate[0])] * n + [float(r) for r in rate])[-n:]
     return s
-
-
-def _stage_config(stage: dict) -> dict:
-    s = dict(STAGE_DEFAULTS)
-    given = {k: v for k, v in stage.items() if v is not None}
-    s.update(given)
-    if len(s["scales"]) != len(s["iterations"]):
-        raise MaskregError(f"stage {s['type']}: scales {s['scales']} and iterations {s['iterations']} must have "
-                           f"the same length.")
-    return _per_level_rates(s, given)
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
@@ -887,14 +881,8 @@ class FieldState:
 
 
 def _deformable_config(stage: dict) -> dict:
-    s = dict(dfm.DEFORMABLE_DEFAULTS)
-    s.update(dfm.TYPE_DEFAULTS.get(stage.get("type", ""), {}))
-    given = {k: v for k, v in stage.items() if v is not None}
-    s.update(given)
-    if len(s["scales"]) != len(s["iterations"]):
-        raise MaskregError(f"stage {s['type']}: scales {s['scales']} and iterations {s['iterations']} must have "
-                           f"the same length.")
-    return _per_level_rates(s, given)
+    """:func:`_stage_config` over the deformable defaults and the stage type's own."""
+    return _stage_config(stage, {**dfm.DEFORMABLE_DEFAULTS, **dfm.TYPE_DEFAULTS.get(stage.get("type", ""), {})})
 
 
 def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, state: FieldState | None,
