@@ -109,9 +109,14 @@ def quick_stages(stages: list[dict], quick: bool) -> list[dict]:
 
 
 def _stages_text(stages: list[dict]) -> str:
+    """The stages as maskreg runs them: the given settings, then in brackets the defaults they leave out."""
+    from maskreg.engine import resolved_stage
     parts = []
     for s in stages:
         extra = {k: v for k, v in s.items() if k != "type"}
+        defaults = {k: v for k, v in resolved_stage(s).items() if k not in s and v not in (None, 0.0, False)}
+        if defaults:
+            extra["defaults"] = defaults
         parts.append(s["type"] + (" " + json.dumps(extra, separators=(",", ":")) if extra else ""))
     return " → ".join(parts)
 

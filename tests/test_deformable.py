@@ -101,10 +101,15 @@ def test_learning_rate_per_level_applies_to_its_level_only():
 
 
 def test_default_rates_count_from_the_finest_level_and_a_given_list_must_fit():
-    from maskreg.engine import _deformable_config, _stage_config
+    from maskreg.engine import _deformable_config, _stage_config, resolved_stage
     default = _deformable_config({"type": "syn"})["learning_rate"]
     assert default == [1.5, 1.5, 3.0]
     assert _deformable_config({"type": "syn", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == [1.5, 3.0]
+    # what reports print: every setting the engine runs with, by stage kind
+    syn = resolved_stage({"type": "syn", "scales": [2, 1], "iterations": [5, 5], "fluid_sigma": 2.0})
+    assert syn["learning_rate"] == [1.5, 3.0] and syn["fluid_sigma"] == 2.0 and syn["elastic_sigma"] == 0.5
+    assert resolved_stage({"type": "affine", "scales": [4, 2], "iterations": [9, 9]})["learning_rate"] == [0.25, 0.25]
+    assert resolved_stage({"type": "moments"}) == {"type": "moments"}
     assert _deformable_config({"type": "syn", "scales": [8, 4, 2, 1], "iterations": [5] * 4})["learning_rate"] == \
         [1.5, 1.5, 1.5, 3.0]
     assert _deformable_config({"type": "greedy", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == \

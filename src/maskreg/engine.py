@@ -885,6 +885,17 @@ def _deformable_config(stage: dict) -> dict:
     return _stage_config(stage, {**dfm.DEFORMABLE_DEFAULTS, **dfm.TYPE_DEFAULTS.get(stage.get("type", ""), {})})
 
 
+def resolved_stage(stage: dict) -> dict:
+    """A stage as :func:`register` runs it: every setting, the defaults filled in and ``learning_rate`` one
+    value per scale (``moments`` takes none and comes back as given). For reports and benchmarks."""
+    kind = stage.get("type")
+    if kind in dfm.DEFORMABLE_STAGES:
+        return _deformable_config(stage)
+    if kind in lin.LINEAR_STAGES:
+        return _stage_config(stage)
+    return dict(stage)
+
+
 def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, state: FieldState | None,
                           min_overlap: int, report: StageReport) -> FieldState:
     kind = stage["type"]
