@@ -12,8 +12,9 @@ __version__ = "0.1.0"
 # iterations by default). torch and the CPU kernels both run on torch's libgomp, which reads this once, when
 # torch is imported: it takes effect when maskreg is imported first (the workflow's scripts and the CLI do).
 # Why: with one of 2 cores busy with another process, the spinning thread takes the time the straggling one
-# needs; the 2 mm brain registration went from 1.7 s to 4.4 s (spinning) or 3.0 s (sleeping), and ANTsPy SyN
-# from 7.3 s to 11.6 s. On an idle machine, sleeping costs ~4 % (waking threads). A value already set wins.
+# needs: the 2 mm brain registration took 1.7 s alone, 4.8 s spinning and 3.1 s sleeping beside a busy core
+# (ANTsPy SyN: 7.1 s, then 10.2-11.0 s). On an idle machine, sleeping costs 2-4 % (threads take a few
+# microseconds to wake). A value already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __all__ = ["register", "RegistrationResult", "__version__"]
