@@ -111,7 +111,8 @@ def quick_stages(stages: list[dict], quick: bool) -> list[dict]:
 
 
 def _stages_text(stages: list[dict]) -> str:
-    """The stages as maskreg runs them: the given settings, then in brackets the defaults they leave out."""
+    """The stages as maskreg runs them: the given settings, then under ``defaults`` the ones they leave out
+    (settings that are off, 0 or None, omitted)."""
     from maskreg.engine import resolved_stage
     parts = []
     for s in stages:
@@ -569,7 +570,7 @@ def main() -> None:
             results = run_rounds(specs, args.rounds, f"{pair} at {label}", args.timeout)
             rows = []
             for m in ["identity"] + args.methods:
-                row = {"res": "native" if pair == "brain2d" else f"{res} mm", "method": m}
+                row = {"res": label, "method": m}
                 rows.append(row)
                 if m == "identity":
                     out = {"tx": sitk.Transform(ev.fixed.GetDimension(), sitk.sitkIdentity)}

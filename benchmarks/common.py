@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
+# The environment the benchmark started with, before anything imported maskreg (which sets OMP_WAIT_POLICY in
+# os.environ when the variable is unset): every worker starts from it, so a peer runs as it does out of the box
+# and the maskreg worker sets its own policy when it imports maskreg.
+START_ENV = dict(os.environ)
 DATA = Path(os.environ.get("MASKREG_DATA", HERE.parents[1] / "shared" / "data"))
 OUT = Path(os.environ.get("MASKREG_BENCH_OUT", HERE / "out"))
 
@@ -112,7 +116,7 @@ def run_worker(script: Path, spec: dict, timeout: float | None = None) -> dict:
     (``RESULT {...}``). Returns that dict, or ``{"error": ...}``."""
     cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=START_ENV)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
