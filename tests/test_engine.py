@@ -54,6 +54,51 @@ def test_extent_independence_random_sampling_from_the_mask(h, w):
     assert max(errors) < 0.05, errors
 
 
+def blob_scene(pad: int):
+    """An oblique, anisotropic 3D scene (spacing 1 x 1.25 x 2.5 mm) on a 96 x 80 x 40 field of view grown by
+    ``pad`` voxels on every side (the same voxels, more background): three blobs inside a 12 mm ROI (the fixed
+    mask; no moving mask), a faint wide blob outside it, the moving scene shifted by (2, -1.5, 1) mm.
+    Returns ``(fixed, moving, fixed_mask, roi points (N, 3) in LPS mm, roi centre)``."""
+    size, spacing = np.array([96, 80, 40]) + 2 * pad, np.array([1.0, 1.25, 2.5])
+    direction = np.array(sitk.VersorTransform([0.2, 0.9, -0.3], 0.5).GetMatrix()).reshape(3, 3)
+    origin = np.array([-40.0, 25.0, -30.0]) - direction @ (pad * spacing)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
+    pts = idx @ (direction * spacing).T + origin
+    centre = np.array([-40.0, 25.0, -30.0]) + direction @ (spacing * (np.array([96, 80, 40]) - 1) / 2) \
+        + np.array([8.0, -5.0, 4.0])
+
+    def scene(shift):
+        p = pts - shift - centre
+        v = sum(np.exp(-np.sum((p - o) ** 2, 1) / (2 * 4.0 ** 2)) for o in ([0, 0, 0], [6, 3, -2], [-5, 4, 3]))
+        v = v + 0.3 * np.exp(-np.sum((p - [0, 0, 25.0]) ** 2, 1) / (2 * 8.0 ** 2))
+        return v.reshape(tuple(size)).transpose(2, 1, 0)
+    roi = np.linalg.norm(pts - centre, axis=1) < 12.0
+    geometry = dict(spacing=tuple(spacing), origin=tuple(origin), direction=tuple(direction.ravel()))
+    fixed, moving = (image(scene(np.array(s)), **geometry) for s in ([0.0, 0, 0], [2.0, -1.5, 1.0]))
+    mask = sitk.Cast(image(roi.reshape(tuple(size)).transpose(2, 1, 0), **geometry), sitk.sitkUInt8)
+    return fixed, moving, mask, pts[roi], centre
+
+
+def test_a_fixed_roi_registers_alike_whatever_background_the_scans_hold():
+    """A fixed ROI and no moving mask, rigid → affine (MI) → SyN (CC): the same scene on a field of view 12 voxels
+    larger on every side (a multiple of every pyramid factor, so the levels' voxels coincide) gives the same map
+    inside the ROI. When the moving intensities were scaled by the whole moving image's percentiles (which the
+    background lowers, so MI's bins clamped the ROI), the two maps differed by 0.82 mm (mean; max 2.3 mm)."""
+    stages = [{"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [50, 30]},
+              {"type": "affine", "loss": "mi", "scales": [2, 1], "iterations": [50, 20]},
+              {"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [40, 20]}]
+    maps = []
+    for pad in (0, 12):
+        fixed, moving, mask, roi_pts, centre = blob_scene(pad)
+        res = maskreg.register(fixed, moving, mask, None, stages=stages, device="cpu")
+        t = res.transform()
+        maps.append(np.array([t.TransformPoint(p) for p in roi_pts[::7]]))
+        # the ROI's content moved by (2, -1.5, 1) mm: recovered at its centre
+        assert np.linalg.norm(np.array(t.TransformPoint(centre)) - centre - [2.0, -1.5, 1.0]) < 0.3
+    diff = np.linalg.norm(maps[0] - maps[1], axis=1)
+    assert diff.max() < 0.005, (diff.mean(), diff.max())  # measured mean 0.00007, max 0.00024
+
+
 def mni_2mm():
     img = sitk.ReadImage(str(shared("mni_icbm152_2009a", "template", "image.nii.gz")), sitk.sitkFloat32)
     return sitk.Resample(img, [s // 2 for s in img.GetSize()], sitk.Transform(), sitk.sitkLinear,
