@@ -219,6 +219,7 @@ class _Problem:
         self.m = _to_tensor(moving, device)
         self.fm = _mask_tensor(fixed_mask, fixed, device, subject, "fixed_mask")
         self.mm = _mask_tensor(moving_mask, moving, device, subject, "moving_mask")
+        self.given_masks = (fixed_mask is not None, moving_mask is not None)
         self.ones_f = torch.ones_like(self.f)
         self.ones_m = torch.ones_like(self.m)
         self._levels: dict[tuple, tuple[Level, Level]] = {}
@@ -417,14 +418,19 @@ def _overlap(sampler_dense: _Sampler, h: torch.Tensor, fixed_mask_sum: float) ->
 def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) -> LinearTransform:
     """Translate so the mask-weighted intensity centres of mass correspond: ``T(com_f) = com_m``.
 
+    When only one image has a mask, its masked centre and the other image's whole centre are not the same
+    thing (a hippocampus against a head), so three translations are scored with the stage's loss (default
+    ``mi``) at a coarse level and the best is kept: masked centre against whole centre, whole against whole,
+    and the start's (no translation).
+
     With ``principal_axes: true`` the rotation that maps the fixed image's principal axes (eigenvectors of the
     mask- and intensity-weighted second moments, in LPS mm) onto the moving image's is added. Each axis is
     known only up to its sign, so every proper rotation ``R = V_m S V_fᵀ`` (``S`` = diag(±1), det R = +1) and
-    the rotation-free start are scored with the stage's loss (default ``mi``) at a coarse level, and the best
-    is kept. When either image has two nearly equal moments (ratio > 0.95), their axes have no reliable
-    direction and the rotation is skipped.
+    the rotation-free translation are scored the same way, and the best is kept. When either image has two
+    nearly equal moments (ratio > 0.95), their axes have no reliable direction and the rotation is skipped.
     """
     stage = stage or {}
+    dim = prob.dim
 
     def moments(img, mask, grid):
         # intensity above the mask's minimum, times the mask weight (the mask alone if that is all zero)
@@ -433,10 +439,46 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
         if not total > 0:
             _, com, cov = weighted_moments(mask, grid)
         return com, cov
-    com_f, cov_f = moments(prob.f, prob.fm, prob.fgrid)
-    com_m, cov_m = moments(prob.m, prob.mm, prob.mgrid)
-    shift = com_m - start.apply(com_f[None])[0]
-    out = LinearTransform(start.matrix, start.translation + shift, start.center)
+
+    def translated(com_f, com_m) -> LinearTransform:
+        return LinearTransform(start.matrix, start.translation + com_m - start.apply(com_f[None])[0], start.center)
+    pairs = [(moments(prob.f, prob.fm, prob.fgrid), moments(prob.m, prob.mm, prob.mgrid))]
+    one_sided = prob.given_masks[0] != prob.given_masks[1]
+    if one_sided:  # the whole images' centres too ("ones" is what a missing mask is)
+        pairs.append((moments(prob.f, prob.ones_f, prob.fgrid), moments(prob.m, prob.ones_m, prob.mgrid)))
+    out = translated(pairs[0][0][0], pairs[0][1][0])
+    if not one_sided and not stage.get("principal_axes"):
+        return out
+
+    loss_name, loss_fn = get_loss(stage.get("loss", "mi"))
+    scale = int(stage.get("scales", [4])[0])
+    fl, ml = prob.levels(scale, None, True)
+    # not cached: the stage after this one scales the moving image by what the transform kept here samples
+    f_n, m_n = _normalised_intensities(fl, ml, loss_name, out)
+    dense = _Sampler(fl, ml, f_n, m_n)
+
+    def best_of(candidates: list[LinearTransform]) -> tuple[int, list[float]]:
+        scores = []
+        with torch.no_grad():
+            for cand in candidates:
+                h = torch.as_tensor(cand.homogeneous(), dtype=torch.float32, device=prob.device)
+                fv, wv, w = dense(h)
+                ok = float(w.sum()) >= 0.25 * float(fl.mask.sum())  # a candidate must keep a fair overlap
+                scores.append(float(loss_fn(fv, wv, w, window=int(stage.get("window", 5)),
+                                            bins=int(stage.get("bins", 32)))) if ok else math.inf)
+        return int(np.argmin(scores)), scores
+
+    (com_f, cov_f), (com_m, cov_m) = pairs[0]
+    if one_sided:
+        names = ["masked centre against whole centre", "whole centres", "the start's"]
+        best, scores = best_of([translated(cf, cm) for (cf, _), (cm, _) in pairs] + [start])
+        log.info("%sstage moments: a mask on one side only; translations scored by %s: %s; kept %s",
+                 where(prob.subject), loss_name, ", ".join(f"{n} {v:.4g}" for n, v in zip(names, scores)),
+                 names[best])
+        if best == 2:  # the start's alignment: no centres to turn the axes about
+            return start
+        (com_f, cov_f), (com_m, cov_m) = pairs[best]
+        out = translated(com_f, com_m)
     if not stage.get("principal_axes"):
         return out
     ev_f, v_f = np.linalg.eigh(cov_f)
@@ -446,7 +488,6 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
         log.info("%sstage moments: principal axes not distinct (moments %s, %s); rotation skipped",
                  where(prob.subject), np.array2string(ev_f, precision=1), np.array2string(ev_m, precision=1))
         return out
-    dim = prob.dim
     candidates = [out]
     for signs in np.array(np.meshgrid(*[[1.0, -1.0]] * dim)).reshape(dim, -1).T:
         r = v_m @ np.diag(signs) @ v_f.T
@@ -454,20 +495,7 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
             continue
         c = start.center  # T(x) = R (x - com_f) + com_m, written with the start's centre
         candidates.append(LinearTransform(r, r @ (c - com_f) + com_m - c, c))
-    loss_name, loss_fn = get_loss(stage.get("loss", "mi"))
-    scale = int(stage.get("scales", [4])[0])
-    fl, ml = prob.levels(scale, None, True)
-    f_n, m_n = prob.normalised((scale, None, True), loss_name, out)
-    dense = _Sampler(fl, ml, f_n, m_n)
-    scores = []
-    with torch.no_grad():
-        for cand in candidates:
-            h = torch.as_tensor(cand.homogeneous(), dtype=torch.float32, device=prob.device)
-            fv, wv, w = dense(h)
-            ok = float(w.sum()) >= 0.25 * float(fl.mask.sum())  # a candidate must keep a fair overlap
-            scores.append(float(loss_fn(fv, wv, w, window=int(stage.get("window", 5)),
-                                        bins=int(stage.get("bins", 32)))) if ok else math.inf)
-    best = int(np.argmin(scores))
+    best, scores = best_of(candidates)
     rel = candidates[best].matrix @ np.linalg.inv(start.matrix)
     angle = math.degrees(math.acos(float(np.clip((np.trace(rel) - (dim - 2)) / 2, -1.0, 1.0))))
     log.info("%sstage moments: principal axes, %d candidate rotations scored by %s (%s); kept %s (%.1f°)",
