@@ -127,6 +127,34 @@ def test_moments_with_a_mask_on_one_side_keep_the_translation_the_loss_prefers(c
     assert np.linalg.norm(np.array(t.TransformPoint(centre)) - centre - truth) < 0.2  # measured 0.06
 
 
+def organ_dice_with_a_fixed_roi_only(organ: int, stages: list[dict]) -> float:
+    """The demo's abdominal CT pair (3 mm; the fixed scan covers 13 slices, the moving one 30) registered with
+    one organ of the fixed labels, grown by 2 voxels, as the only mask; the organ's Dice after warping the
+    moving labels."""
+    from scipy import ndimage
+    ct = DEMO / "totalseg_ct"
+    fixed, moving = (sitk.ReadImage(str(ct / f"{n}_image.nii.gz"), sitk.sitkFloat32) for n in ("ct_b", "ct_a"))
+    fixed_labels, moving_labels = (sitk.ReadImage(str(ct / f"{n}_labels.nii.gz")) for n in ("ct_b", "ct_a"))
+    fa = sitk.GetArrayFromImage(fixed_labels)
+    roi = sitk.GetImageFromArray(ndimage.binary_dilation(fa == organ, iterations=2).astype(np.uint8))
+    roi.CopyInformation(fixed)
+    res = maskreg.register(fixed, moving, roi, None, stages=stages, device="cpu")
+    warped = sitk.GetArrayFromImage(sitk.Resample(moving_labels, fixed, res.transform(), sitk.sitkNearestNeighbor))
+    a, b = fa == organ, warped == organ
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_a_fixed_organ_roi_on_real_ct_registers_without_a_moving_mask():
+    """Real scans, a fixed ROI only. Liver (label 5), moments → rigid → affine: the moments stage keeps the
+    start's translation (the liver's centre against the moving scan's whole centre, the old and only choice,
+    is 110 mm off), Dice 0.637 against 0.244. Spleen (label 1), rigid → affine: the moving image scaled by what
+    the loss samples gives Dice 0.416, against 0.095 scaled by the whole moving scan."""
+    linear = [{"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
+              {"type": "affine", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]}]
+    assert organ_dice_with_a_fixed_roi_only(5, [{"type": "moments"}] + linear) > 0.55
+    assert organ_dice_with_a_fixed_roi_only(1, linear) > 0.3
+
+
 def mni_2mm():
     img = sitk.ReadImage(str(shared("mni_icbm152_2009a", "template", "image.nii.gz")), sitk.sitkFloat32)
     return sitk.Resample(img, [s // 2 for s in img.GetSize()], sitk.Transform(), sitk.sitkLinear,

@@ -453,14 +453,14 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
     loss_name, loss_fn = get_loss(stage.get("loss", "mi"))
     scale = int(stage.get("scales", [4])[0])
     fl, ml = prob.levels(scale, None, True)
-    # not cached: the stage after this one scales the moving image by what the transform kept here samples
-    f_n, m_n = _normalised_intensities(fl, ml, loss_name, out)
-    dense = _Sampler(fl, ml, f_n, m_n)
 
     def best_of(candidates: list[LinearTransform]) -> tuple[int, list[float]]:
         scores = []
         with torch.no_grad():
             for cand in candidates:
+                # each candidate scaled by what it samples, as the next stage would be (one scale for all
+                # favoured the candidate it came from); not cached, the next stage makes its own
+                dense = _Sampler(fl, ml, *_normalised_intensities(fl, ml, loss_name, cand))
                 h = torch.as_tensor(cand.homogeneous(), dtype=torch.float32, device=prob.device)
                 fv, wv, w = dense(h)
                 ok = float(w.sum()) >= 0.25 * float(fl.mask.sum())  # a candidate must keep a fair overlap
