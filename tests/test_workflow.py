@@ -216,3 +216,21 @@ def test_report_opens_in_a_real_browser(demo_run, tmp_path):
     assert "Snakemake" in dom and "Subjects" in dom and "Cohort" in dom
     for s in SUBJECTS:
         assert s in dom
+
+
+@pytest.mark.parametrize("script,heavy", [
+    ("register.py", ("torch", "pandas", "scipy")), ("register_batch.py", ("torch", "pandas", "scipy")),
+    ("warp_image.py", ("torch", "pandas")), ("warp_labels.py", ("torch", "pandas")),
+    ("prepare_mask.py", ("torch", "pandas")),
+])
+def test_job_scripts_start_without_the_heavy_imports_they_do_not_need(script, heavy):
+    """Every job pays its script's imports (the demo's 38 jobs run one interpreter each): a script's maskreg
+    imports must not pull in torch or pandas unless it uses them (pandas alone was 0.2 of a warp job's 0.4 s
+    of imports; a register job imports torch inside the registration, or publishes a batch's files)."""
+    text = (REPO / "workflow" / "scripts" / script).read_text()
+    imports = [line for line in text.splitlines() if line.startswith(("from maskreg", "import maskreg"))]
+    assert imports, f"{script} imports nothing from maskreg"
+    code = "\n".join(imports + ["import sys", f"print(sorted(m for m in {heavy!r} if m in sys.modules))"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", f"{script}: {out.stdout.strip()} imported by {imports}"

