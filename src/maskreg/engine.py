@@ -219,7 +219,9 @@ class _Problem:
         self.m = _to_tensor(moving, device)
         self.fm = _mask_tensor(fixed_mask, fixed, device, subject, "fixed_mask")
         self.mm = _mask_tensor(moving_mask, moving, device, subject, "moving_mask")
-        self.given_masks = (fixed_mask is not None, moving_mask is not None)
+        # which masks leave something out: none given and an all-ones mask (the workflow's ``missing: allones``)
+        # are the same thing
+        self.masked = (bool((self.fm <= 0).any()), bool((self.mm <= 0).any()))
         self.ones_f = torch.ones_like(self.f)
         self.ones_m = torch.ones_like(self.m)
         self._levels: dict[tuple, tuple[Level, Level]] = {}
@@ -418,8 +420,8 @@ def _overlap(sampler_dense: _Sampler, h: torch.Tensor, fixed_mask_sum: float) ->
 def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) -> LinearTransform:
     """Translate so the mask-weighted intensity centres of mass correspond: ``T(com_f) = com_m``.
 
-    When only one image has a mask, its masked centre and the other image's whole centre are not the same
-    thing (a hippocampus against a head), so three translations are scored with the stage's loss (default
+    When only one image has a mask (an all-ones mask is none), its masked centre and the other image's whole
+    centre are not the same thing (a hippocampus against a head), so three translations are scored with the stage's loss (default
     ``mi``) at a coarse level and the best is kept: masked centre against whole centre, whole against whole,
     and the start's (no translation).
 
@@ -443,7 +445,7 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
     def translated(com_f, com_m) -> LinearTransform:
         return LinearTransform(start.matrix, start.translation + com_m - start.apply(com_f[None])[0], start.center)
     pairs = [(moments(prob.f, prob.fm, prob.fgrid), moments(prob.m, prob.mm, prob.mgrid))]
-    one_sided = prob.given_masks[0] != prob.given_masks[1]
+    one_sided = prob.masked[0] != prob.masked[1]
     if one_sided:  # the whole images' centres too ("ones" is what a missing mask is)
         pairs.append((moments(prob.f, prob.ones_f, prob.fgrid), moments(prob.m, prob.ones_m, prob.mgrid)))
     out = translated(pairs[0][0][0], pairs[0][1][0])
