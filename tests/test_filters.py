@@ -77,3 +77,44 @@ def test_axis_by_axis_decimation_equals_trilinear_resampling_onto_the_shrunk_gri
             both = filter_decimate(t, (k, k, k), tuple(reversed(factors)), coarse.shape)
             torch.testing.assert_close(both, resample(gaussian_blur(t, (1.2,) * 3), grid, coarse), atol=2e-6,
                                        rtol=0)
+
+
+def test_pyramid_levels_of_a_crop_are_the_whole_images_levels_where_they_overlap():
+    """An oblique, anisotropic image and a crop of it (3, 1, 2 voxels off the low ends, x-first): their pyramid
+    grids at shrink factors (4, 3, 2) share their voxel centres (the lattice is anchored at the world origin,
+    not at each grid's first voxel), and the normalised-convolution images and mask fractions agree on the
+    coarse voxels whose blur never reaches the crop's edge."""
+    import SimpleITK as sitk
+
+    from maskreg.grid import Grid
+    from maskreg.pyramid import make_level, pyramid_grid
+
+    img = sitk.Image([40, 36, 30], sitk.sitkFloat32)
+    img.SetSpacing([0.9, 1.2, 1.8])
+    img.SetOrigin([-17.3, 4.1, 9.6])
+    img.SetDirection(sitk.VersorTransform((1.0, 2.0, 0.5), 0.4).GetMatrix())
+    grid = Grid.of(img)
+    gen = torch.Generator().manual_seed(3)
+    t = torch.rand(1, 1, *grid.shape, generator=gen)
+    mask = (torch.rand(1, 1, *grid.shape, generator=gen) > 0.3).float()
+    lo = (3, 1, 2)
+    sub = grid.crop(lo, tuple(n - a for n, a in zip(grid.size, lo)))
+    sl = (slice(None), slice(None)) + tuple(slice(a, None) for a in reversed(lo))
+    factors = (4, 3, 2)
+    whole, part = pyramid_grid(grid, factors), pyramid_grid(sub, factors)
+    # the crop's first coarse voxel is one of the whole grid's, and both have the same spacing
+    first = whole.physical_to_index() @ np.append(part.index_to_physical()[:3, 3], 1.0)
+    np.testing.assert_allclose(first[:3], np.round(first[:3]), atol=1e-9)
+    assert part.spacing == whole.spacing
+    off = tuple(int(round(v)) for v in first[:3])  # x-first index of the crop's coarse voxel 0 in the whole's
+    lw = make_level(t, mask, grid, 4)
+    lp = make_level(t[sl], mask[sl], sub, 4)
+    assert lw.grid == whole and lp.grid == part
+    # away from the crop's low faces (blur: sigma f/2 fine voxels, 3 sigma, plus the box) both agree
+    keep = tuple(slice(int(np.ceil((1.5 * f + f) / f)) + 1, None) for f in reversed(factors))
+    a = lw.image[(slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(reversed(off), part.shape))]
+    m = lw.mask[(slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(reversed(off), part.shape))]
+    torch.testing.assert_close(lp.image[(slice(None), slice(None)) + keep], a[(slice(None), slice(None)) + keep],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp.mask[(slice(None), slice(None)) + keep], m[(slice(None), slice(None)) + keep],
+                               atol=1e-6, rtol=0)

@@ -72,14 +72,26 @@ class Grid:
     def physical_to_normalised(self) -> np.ndarray:
         return np.linalg.inv(self.normalised_to_physical())
 
-    def shrink(self, factors: tuple[int, ...]) -> "Grid":
+    def shrink(self, factors: tuple[int, ...], pads: tuple[int, ...] | None = None) -> "Grid":
         """A coarser grid over the same physical box: spacing ``*f`` per axis; voxel ``j`` of the coarse grid
-        is centred on the centre of fine voxels ``f*j ... f*j+f-1`` (so fine index ``= f*j + (f-1)/2``)."""
-        size = tuple(max(1, math.ceil(n / f)) for n, f in zip(self.size, factors))
+        is centred on the centre of fine voxels ``f*j - p ... f*j - p + f-1`` (fine index ``= f*j + (f-1)/2 - p``),
+        ``p`` the ``pads`` (x-first, default 0): the fine grid as if it had ``p`` more voxels before its first
+        (see :meth:`lattice_pads`)."""
+        pads = tuple(pads) if pads is not None else (0,) * self.dim
+        size = tuple(max(1, math.ceil((n + p) / f)) for n, f, p in zip(self.size, factors, pads))
         spacing = tuple(s * f for s, f in zip(self.spacing, factors))
-        shift = np.array([(f - 1) / 2.0 for f in factors])
+        shift = np.array([(f - 1) / 2.0 - p for f, p in zip(factors, pads)])
         origin = self.index_to_physical()[: self.dim] @ np.append(shift, 1.0)
         return Grid(size, spacing, tuple(float(v) for v in origin), self.direction)
+
+    def lattice_pads(self, factors: tuple[int, ...]) -> tuple[int, ...]:
+        """Pads (x-first) for :meth:`shrink` that put a coarse voxel's first fine voxel on the fine voxel holding
+        the world origin (0, 0, 0), and so on every ``f``-th voxel from it: the coarse voxels are then the same
+        fine voxels whatever the field of view, and a crop of an image (or a larger scan of the same scene) gets
+        the same pyramid where the two overlap. The fine index of a point is computed, so the voxel whose
+        boundary passes through the origin is taken by a rounding made stable against float noise."""
+        origin_index = (self.physical_to_index() @ np.append(np.zeros(self.dim), 1.0))[: self.dim]
+        return tuple(int((-math.floor(v + 0.5 + 1e-3)) % f) if f > 1 else 0 for v, f in zip(origin_index, factors))
 
     def crop(self, start: tuple[int, ...], size: tuple[int, ...]) -> "Grid":
         """The sub-grid of ``size`` voxels starting at voxel index ``start`` (both x-first): same spacing and

@@ -227,14 +227,29 @@ def filter_decimate(t: torch.Tensor, kernels: tuple[tuple[float, ...] | None, ..
     return t
 
 
+def pyramid_grid(grid: Grid, factors: tuple[int, ...]) -> Grid:
+    """The pyramid level grid of ``grid`` at shrink ``factors`` (x-first): :meth:`Grid.shrink` on the lattice
+    anchored at the world origin (:meth:`Grid.lattice_pads`), so the levels do not depend on the field of view."""
+    return grid.shrink(factors, grid.lattice_pads(factors))
+
+
+def _pad_low(t: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
+    """``t`` ``[N, C, *spatial]`` with ``pads`` (x-first) zero voxels before the first on each spatial axis."""
+    if not any(pads):
+        return t
+    return F.pad(t, [v for p in pads for v in (p, 0)])  # F.pad lists the last (x) axis first
+
+
 def downsample_mask(mask: torch.Tensor, grid: Grid, level_grid: Grid, factors: tuple[int, ...]) -> torch.Tensor:
     """Fraction of each coarse voxel's fine voxels inside ``mask`` (``factors`` x-first): the box average of
-    :func:`box_average`, sampled at the coarse voxel centres (``level_grid`` = ``grid.shrink(factors)``)."""
+    :func:`box_average`, sampled at the coarse voxel centres (``level_grid`` = :func:`pyramid_grid`; outside the
+    image counts as outside the mask)."""
     if level_grid == grid:
         return mask
     f_t = tuple(reversed(factors))
     kernels = tuple(_box_kernel(f) if f > 1 else None for f in f_t)
-    return filter_decimate(mask, kernels, f_t, level_grid.shape).clamp_(0.0, 1.0)
+    padded = _pad_low(mask, grid.lattice_pads(factors))
+    return filter_decimate(padded, kernels, f_t, level_grid.shape).clamp_(0.0, 1.0)
 
 
 @dataclass
@@ -270,9 +285,11 @@ def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
         return Level(grid, smoothed, mask, factors)
     # normalised convolution G*(I·m) / G*m, its two sums blurred and decimated axis by axis as two channels of
     # one tensor: the ratio is taken on the coarse grid
-    coarse = grid.shrink(factors)
+    coarse = pyramid_grid(grid, factors)
     f_t = tuple(reversed(factors))
     kernels = tuple(gaussian_weights(float(s)) if s > 0 else None for s in sig_t)
-    num_den = filter_decimate(torch.cat([image * mask, mask], 1), kernels, f_t, coarse.shape)
+    # zeros before the first voxel where the lattice starts earlier: outside the image weighs 0 anyway
+    num_den = filter_decimate(_pad_low(torch.cat([image * mask, mask], 1), grid.lattice_pads(factors)), kernels,
+                              f_t, coarse.shape)
     img = _ratio(num_den[:, :1], num_den[:, 1:])
     return Level(coarse, img, downsample_mask(mask, grid, coarse, factors), factors)
