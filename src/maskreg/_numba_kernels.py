@@ -353,35 +353,35 @@ def blur_combine(a, b, alpha, beta, kz, ky, kx, nslabs, ring, out, maxsq):  # pr
 
 
 @nb.njit(**_JIT)
-def resize_axis(a, axis, out):  # pragma: no cover
-    """Linear interpolation of ``a`` ``[C, Z, Y, X]`` along ``axis`` onto ``out``'s length there, the first and
-    last samples of both aligned (``align_corners=True``): ``out[i] = a(i · (n_in - 1) / (n_out - 1))``."""
+def resize_axis(a, axis, out, ratio, offset):  # pragma: no cover
+    """Linear interpolation of ``a`` ``[C, Z, Y, X]`` along ``axis`` onto ``out``'s length there:
+    ``out[i] = a(i · ratio + offset)``, positions clamped to the ends (border). ``F.interpolate``'s
+    ``align_corners=True`` is ``ratio = (n_in - 1) / (n_out - 1)``, ``offset = 0``."""
     C, Z, Y, X = out.shape
     n_in = a.shape[1 + axis]
-    n_out = out.shape[1 + axis]
-    ratio = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    last = n_in - 1
     for cz in prange(C * Z):
         c, z = cz // Z, cz % Z
         if axis == 2:
             for y in range(Y):
                 for x in range(X):
-                    pos = x * ratio
-                    i0 = min(int(pos), n_in - 1)
-                    i1 = min(i0 + 1, n_in - 1)
+                    pos = min(max(x * ratio + offset, 0.0), last)
+                    i0 = min(int(pos), last)
+                    i1 = min(i0 + 1, last)
                     f = pos - i0
                     out[c, z, y, x] = (1.0 - f) * a[c, z, y, i0] + f * a[c, z, y, i1]
         elif axis == 1:
             for y in range(Y):
-                pos = y * ratio
-                i0 = min(int(pos), n_in - 1)
-                i1 = min(i0 + 1, n_in - 1)
+                pos = min(max(y * ratio + offset, 0.0), last)
+                i0 = min(int(pos), last)
+                i1 = min(i0 + 1, last)
                 f = pos - i0
                 for x in range(X):
                     out[c, z, y, x] = (1.0 - f) * a[c, z, i0, x] + f * a[c, z, i1, x]
         else:
-            pos = z * ratio
-            i0 = min(int(pos), n_in - 1)
-            i1 = min(i0 + 1, n_in - 1)
+            pos = min(max(z * ratio + offset, 0.0), last)
+            i0 = min(int(pos), last)
+            i1 = min(i0 + 1, last)
             f = pos - i0
             for y in range(Y):
                 for x in range(X):

@@ -265,20 +265,29 @@ def smooth_step(field: torch.Tensor, gradient: torch.Tensor, fluid: tuple[tuple[
     return vmax
 
 
-def resize(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+def resize(t: torch.Tensor, size: tuple[int, ...], ratios: tuple[float, ...] | None = None,
+           offsets: tuple[float, ...] | None = None) -> torch.Tensor:
     """``F.interpolate(t, size, mode="(bi|tri)linear", align_corners=True)`` for ``[B, C, *spatial]`` on the
-    CPU, one axis at a time (the shrinking axes first, so later passes have less to do)."""
+    CPU, one axis at a time (the shrinking axes first, so later passes have less to do). With ``ratios`` and
+    ``offsets`` (per spatial axis, tensor order): ``out[i] = t(i · ratio + offset)`` along each axis instead,
+    positions clamped to the ends (border)."""
     mod = _k()
     a = _as_czyx(t)
     target = list(a.shape)
-    sizes = [1] * (3 - len(size)) + list(size)
+    pad = 3 - len(size)
+    sizes = [1] * pad + list(size)
+    if ratios is None:
+        ratios = tuple((n - 1) / (m - 1) if m > 1 else 0.0 for n, m in zip(t.shape[2:], size))
+        offsets = (0.0,) * len(size)
+    rs = [1.0] * pad + [float(r) for r in ratios]
+    os_ = [0.0] * pad + [float(o) for o in offsets]
     order = sorted(range(3), key=lambda ax: sizes[ax] / a.shape[1 + ax])
     for ax in order:
-        if sizes[ax] == a.shape[1 + ax]:
+        if sizes[ax] == a.shape[1 + ax] and rs[ax] == 1.0 and os_[ax] == 0.0:
             continue
         target[1 + ax] = sizes[ax]
         out = np.empty(target, np.float32)
-        mod.resize_axis(a, ax, out)
+        mod.resize_axis(a, ax, out, rs[ax], os_[ax])
         a = out
     if a.base is not None:  # no axis changed: a copy, as F.interpolate gives, never a view of ``t``
         a = a.copy()

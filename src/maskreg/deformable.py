@@ -78,13 +78,34 @@ def _mix(components: list[torch.Tensor], m: np.ndarray) -> list[torch.Tensor]:
     return out
 
 
-def _resize(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """``t`` ``[N, C, *spatial]`` linearly interpolated to ``shape``, corners aligned (grids made by
-    ``Grid.corner_aligned``): the compiled kernel on the CPU (2 fields to a 2 mm brain grid and back: 40 -> 17 ms)."""
-    if cpu_kernels.enabled(t):
-        return cpu_kernels.resize(t, shape)
-    mode = "trilinear" if t.dim() == 5 else "bilinear"
-    return F.interpolate(t, size=shape, mode=mode, align_corners=True)
+class _AxisResampler:
+    """Linear resampling of ``[N, C, *in_shape]`` tensors onto ``out_shape`` one spatial axis at a time:
+    ``out[i] = t(i · ratio + offset)`` along each axis (tensor order), positions clamped to the ends (border). The
+    compiled kernel on the CPU; elsewhere taps made once here, so a call is ``index_select`` and ``lerp`` only
+    (no host → device copy: graph-safe, see :mod:`maskreg.stepper`)."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], ratios: tuple[float, ...],
+                 offsets: tuple[float, ...], device: torch.device):
+        self.out_shape = tuple(out_shape)
+        self.ratios, self.offsets = tuple(ratios), tuple(offsets)
+        self.taps = []
+        for axis, (n_in, n_out, r, o) in enumerate(zip(in_shape, out_shape, ratios, offsets)):
+            if n_in == n_out and r == 1.0 and o == 0.0:
+                continue
+            pos = np.clip(np.arange(n_out) * r + o, 0.0, n_in - 1)
+            i0 = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+            i1 = np.minimum(i0 + 1, n_in - 1)
+            view = [1] * (len(in_shape) + 2)
+            view[2 + axis] = n_out
+            self.taps.append((2 + axis, torch.as_tensor(i0, device=device), torch.as_tensor(i1, device=device),
+                              torch.as_tensor(pos - i0, dtype=torch.float32, device=device).reshape(view)))
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.enabled(t):
+            return cpu_kernels.resize(t, self.out_shape, self.ratios, self.offsets)
+        for ax, i0, i1, frac in self.taps:
+            t = torch.lerp(t.index_select(ax, i0), t.index_select(ax, i1), frac)
+        return t
 
 
 class FieldOps:
@@ -104,10 +125,23 @@ class FieldOps:
         self.coarse: FieldOps | None = None
         if coarse_exp and grid.voxel_count() >= COARSE_EXP_MIN_VOXELS:
             fine = min(grid.spacing)
-            size = tuple((n + 2) // 2 if n >= 32 and s <= 2.0 * fine else n
-                         for n, s in zip(grid.size, grid.spacing))
-            if size != grid.size:
-                self.coarse = FieldOps(grid.corner_aligned(size), device)
+            halve = tuple(n >= 32 and s <= 2.0 * fine for n, s in zip(grid.size, grid.spacing))  # x-first
+            if any(halve):
+                # every other voxel of the lattice anchored at the world origin (Grid.lattice_pads): coarse point j
+                # is fine voxel 2j - p (p = 0 or 1), from at or before the first voxel to at or past the last, so
+                # a box cut from a larger grid, or a crop of the image, gets the same coarse points
+                pads = grid.lattice_pads(tuple(2 if h else 1 for h in halve))
+                size = tuple(math.ceil((n - 1 + p) / 2) + 1 if h else n for n, p, h in zip(grid.size, pads, halve))
+                spacing = tuple(2.0 * s if h else s for s, h in zip(grid.spacing, halve))
+                origin = grid.index_to_physical()[:dim] @ np.append(-np.asarray(pads, dtype=np.float64), 1.0)
+                self.coarse = FieldOps(Grid(size, spacing, tuple(float(v) for v in origin), grid.direction), device)
+                p_t, h_t = tuple(reversed(pads)), tuple(reversed(halve))  # tensor order
+                self._to_coarse = _AxisResampler(grid.shape, self.coarse.grid.shape,
+                                                 tuple(2.0 if h else 1.0 for h in h_t),
+                                                 tuple(-float(p) for p in p_t), device)
+                self._to_fine = _AxisResampler(self.coarse.grid.shape, grid.shape,
+                                               tuple(0.5 if h else 1.0 for h in h_t),
+                                               tuple(p / 2.0 for p in p_t), device)
 
     @functools.cached_property
     def identity(self) -> torch.Tensor:
@@ -201,15 +235,16 @@ class FieldOps:
 
     def exp_pair_in_iteration(self, v: torch.Tensor, squarings: int, scale: float = 1.0
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`exp_pair` (``exp(∓scale · v)``) as the SyN iterations use it. On a large grid (``coarse_exp``) the scaling and
-        squaring runs on a corner-aligned grid of about half the resolution per axis (1/8 of the voxels in 3D)
-        and the results are interpolated back: the velocity is smooth at that scale (its updates are
-        Gaussian-smoothed with the fluid sigma, whose response at the coarse grid's Nyquist frequency is ~6 %
-        for 1.5 voxels), and each squaring is a full resampling of the field, the iteration's largest cost.
-        The registration's returned fields are always exponentiated on the full grid."""
+        """:meth:`exp_pair` (``exp(∓scale · v)``) as the SyN iterations use it. On a large grid (``coarse_exp``)
+        the scaling and squaring runs on every other voxel per axis (1/8 of the voxels in 3D), on the lattice
+        anchored at the world origin rather than on the box's corners, and the results are interpolated back:
+        the velocity is smooth at that scale (its updates are Gaussian-smoothed with the fluid sigma, whose
+        response at the coarse grid's Nyquist frequency is ~6 % for 1.5 voxels), and each squaring is a full
+        resampling of the field, the iteration's largest cost. The registration's returned fields are always
+        exponentiated on the full grid."""
         if self.coarse is None:
             return self.exp_pair(v, squarings, scale)
-        both = _resize(self.coarse._exp_both(_resize(v, self.coarse.grid.shape), squarings, scale), self.grid.shape)
+        both = self._to_fine(self.coarse._exp_both(self._to_coarse(v), squarings, scale))
         return both[:1], both[1:]
 
     def invert(self, u: torch.Tensor, iterations: int = 20) -> torch.Tensor:
