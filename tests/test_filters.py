@@ -87,7 +87,7 @@ def test_pyramid_levels_of_a_crop_are_the_whole_images_levels_where_they_overlap
     import SimpleITK as sitk
 
     from maskreg.grid import Grid
-    from maskreg.pyramid import make_level, pyramid_grid
+    from maskreg.pyramid import make_level
 
     img = sitk.Image([40, 36, 30], sitk.sitkFloat32)
     img.SetSpacing([0.9, 1.2, 1.8])
@@ -101,7 +101,7 @@ def test_pyramid_levels_of_a_crop_are_the_whole_images_levels_where_they_overlap
     sub = grid.crop(lo, tuple(n - a for n, a in zip(grid.size, lo)))
     sl = (slice(None), slice(None)) + tuple(slice(a, None) for a in reversed(lo))
     factors = (4, 3, 2)
-    whole, part = pyramid_grid(grid, factors), pyramid_grid(sub, factors)
+    whole, part = (g.shrink(factors, g.lattice_pads(factors)) for g in (grid, sub))
     # the crop's first coarse voxel is one of the whole grid's, and both have the same spacing
     first = whole.physical_to_index() @ np.append(part.index_to_physical()[:3, 3], 1.0)
     np.testing.assert_allclose(first[:3], np.round(first[:3]), atol=1e-9)

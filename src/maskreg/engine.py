@@ -421,9 +421,10 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
     """Translate so the mask-weighted intensity centres of mass correspond: ``T(com_f) = com_m``.
 
     When only one image has a mask (an all-ones mask is none), its masked centre and the other image's whole
-    centre are not the same thing (a hippocampus against a head), so three translations are scored with the stage's loss (default
-    ``mi``) at a coarse level and the best is kept: masked centre against whole centre, whole against whole,
-    and the start's (no translation).
+    centre are not the same thing (a hippocampus against a head), so three translations are scored with the
+    stage's loss (default ``mi``) at a coarse level and the best is kept: masked centre against whole centre,
+    whole against whole, and the start's (no translation). Each candidate is scored with the moving image scaled
+    by what it samples, as the next stage would scale it.
 
     With ``principal_axes: true`` the rotation that maps the fixed image's principal axes (eigenvectors of the
     mask- and intensity-weighted second moments, in LPS mm) onto the moving image's is added. Each axis is
@@ -460,8 +461,8 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
         scores = []
         with torch.no_grad():
             for cand in candidates:
-                # each candidate scaled by what it samples, as the next stage would be (one scale for all
-                # favoured the candidate it came from); not cached, the next stage makes its own
+                # one scale for all favoured the candidate it was taken under; not cached (the next stage
+                # makes its own under the transform kept here)
                 dense = _Sampler(fl, ml, *_normalised_intensities(fl, ml, loss_name, cand))
                 h = torch.as_tensor(cand.homogeneous(), dtype=torch.float32, device=prob.device)
                 fv, wv, w = dense(h)
@@ -1156,8 +1157,8 @@ def roi_margin(stage: dict) -> int:
     CC window reaching past the mask's edge adds nothing from there (a ``window // 2`` term cost 12 % more voxels
     at full resolution on the 2 mm brain pair, with the same Dice and TRE). It is enough: with exact exponentials,
     the box's field inside a 12 mm ROI matches the whole grid's to 0.0013 mm, and 8 or 12 more voxels change
-    nothing (tests/test_deformable.py; the SyN iterations' coarse exponential, whose grid is laid over the box,
-    is what moves it by ~0.06 mm)."""
+    nothing (tests/test_deformable.py). What still parts them, 0.037 mm, is that the whole grid is large enough
+    for the SyN iterations' coarse exponential and the box is not."""
     return math.ceil(3 * float(stage["fluid_sigma"])) + 3
 
 

@@ -227,12 +227,6 @@ def filter_decimate(t: torch.Tensor, kernels: tuple[tuple[float, ...] | None, ..
     return t
 
 
-def pyramid_grid(grid: Grid, factors: tuple[int, ...]) -> Grid:
-    """The pyramid level grid of ``grid`` at shrink ``factors`` (x-first): :meth:`Grid.shrink` on the lattice
-    anchored at the world origin (:meth:`Grid.lattice_pads`), so the levels do not depend on the field of view."""
-    return grid.shrink(factors, grid.lattice_pads(factors))
-
-
 def _pad_low(t: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
     """``t`` ``[N, C, *spatial]`` with ``pads`` (x-first) zero voxels before the first on each spatial axis."""
     if not any(pads):
@@ -242,8 +236,8 @@ def _pad_low(t: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
 
 def downsample_mask(mask: torch.Tensor, grid: Grid, level_grid: Grid, factors: tuple[int, ...]) -> torch.Tensor:
     """Fraction of each coarse voxel's fine voxels inside ``mask`` (``factors`` x-first): the box average of
-    :func:`box_average`, sampled at the coarse voxel centres (``level_grid`` = :func:`pyramid_grid`; outside the
-    image counts as outside the mask)."""
+    :func:`box_average`, sampled at the coarse voxel centres (``level_grid`` = ``grid.shrink(factors, grid.lattice_pads(factors))``,
+    as :func:`make_level` makes it; outside the image counts as outside the mask)."""
     if level_grid == grid:
         return mask
     f_t = tuple(reversed(factors))
@@ -285,11 +279,12 @@ def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
         return Level(grid, smoothed, mask, factors)
     # normalised convolution G*(I·m) / G*m, its two sums blurred and decimated axis by axis as two channels of
     # one tensor: the ratio is taken on the coarse grid
-    coarse = pyramid_grid(grid, factors)
+    # the level's voxels on the lattice anchored at the world origin, so the levels do not depend on the field of
+    # view; zeros before the first voxel where the lattice starts earlier (outside the image weighs 0 anyway)
+    pads = grid.lattice_pads(factors)
+    coarse = grid.shrink(factors, pads)
     f_t = tuple(reversed(factors))
     kernels = tuple(gaussian_weights(float(s)) if s > 0 else None for s in sig_t)
-    # zeros before the first voxel where the lattice starts earlier: outside the image weighs 0 anyway
-    num_den = filter_decimate(_pad_low(torch.cat([image * mask, mask], 1), grid.lattice_pads(factors)), kernels,
-                              f_t, coarse.shape)
+    num_den = filter_decimate(_pad_low(torch.cat([image * mask, mask], 1), pads), kernels, f_t, coarse.shape)
     img = _ratio(num_den[:, :1], num_den[:, 1:])
     return Level(coarse, img, downsample_mask(mask, grid, coarse, factors), factors)
