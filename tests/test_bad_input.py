@@ -415,20 +415,20 @@ def _stage(cfg, i):
 
 @pytest.mark.parametrize("mutate, expected", [
     (lambda c: c.update(colour="blue"), "config (top level): unknown key(s) ('colour' was unexpected)"),
-    (lambda c: _stage(c, 1).update(lerning_rate=0.1), "config registration.stages.1: unknown key(s) "
-                                                      "('lerning_rate' was unexpected)"),
+    (lambda c: _stage(c, 1).update(lerning_rate=0.1), "config registration.stages.1 (rigid): unknown key "
+                                                      "'lerning_rate'; did you mean 'learning_rate'?"),
     (lambda c: c["registration"].update(min_overlap_voxels="100"),
      "config registration.min_overlap_voxels: '100' is not of type 'integer'"),
-    (lambda c: _stage(c, 1).update(scales="4,2,1"), "config registration.stages.1.scales: '4,2,1' is not of "
-                                                    "type 'array'"),
+    (lambda c: _stage(c, 1).update(scales="4,2,1"), "config registration.stages.1 (rigid): scales '4,2,1' must be "
+                                                    "a non-empty list of positive integers"),
     (lambda c: c.update(registration=[1, 2]), "config registration: [1, 2] is not of type 'object'"),
     (lambda c: c["masks"].update(fixed="auto"), "config masks.fixed: 'auto' is not of type 'object'"),
     (lambda c: _stage(c, 1).update(smoothing_sigmas=[2, -1]),
-     "config registration.stages.1.smoothing_sigmas.1: -1 is less than the minimum of 0"),
+     "config registration.stages.1 (rigid): smoothing_sigmas [2, -1] must be a list of numbers >= 0"),
     (lambda c: _stage(c, 3).update(fluid_sigma=-0.5),
-     "config registration.stages.3.fluid_sigma: -0.5 is less than the minimum of 0"),
+     "config registration.stages.3 (syn): fluid_sigma -0.5 must be a number >= 0"),
     (lambda c: _stage(c, 3).update(elastic_sigma=-1),
-     "config registration.stages.3.elastic_sigma: -1 is less than the minimum of 0"),
+     "config registration.stages.3 (syn): elastic_sigma -1 must be a number >= 0"),
     (lambda c: _stage(c, 2).update(scales=[2, 4, 1]),
      "config registration.stages.2 (affine): scales [2, 4, 1] must not increase (coarse to fine, e.g. [4, 2, 1])"),
     (lambda c: _stage(c, 1).update(iterations=[10, 10, 10]),
@@ -452,7 +452,7 @@ def test_config_and_cohort_problems_reported_together(tmp_path):
         load_and_validate(cfg, CONFIG_SCHEMA, COHORT_SCHEMA)
     msg = str(info.value)
     assert msg.startswith("5 problem(s) in the configuration and cohort:")
-    says(msg, "config registration.stages.1.smoothing_sigmas.0: -1 is less than the minimum of 0",
+    says(msg, "config registration.stages.1 (rigid): smoothing_sigmas [-1, 0] must be a list of numbers >= 0",
          "config seed: -3", "row 1 (subject 'a/b'), column 'subject'", "row 1 (subject 'a/b'), column 'moving': "
          "file not found: gone.nii.gz", "row 2, column 'subject': empty")
     with pytest.raises(ConfigError, match="expected a mapping of keys"):

@@ -13,17 +13,39 @@ from pathlib import Path
 from maskreg import __version__
 
 
+def _read_stages(path: str, sampling) -> list | None:
+    """The ``stages:`` list of a YAML file (or a file holding the list alone), checked as maskreg.register and
+    the workflow check it (:mod:`maskreg.stages`), before any image is read. Raises MaskregError."""
+    import yaml
+
+    from maskreg.errors import MaskregError
+    from maskreg.stages import check_stages
+
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise MaskregError(f"--stages {path}: cannot be read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise MaskregError(f"--stages {path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    stages = data.get("stages") if isinstance(data, dict) else data
+    if not isinstance(stages, list):
+        raise MaskregError(f"--stages {path}: expected a 'stages:' list as in config/config.yaml "
+                           f"(e.g. stages: [{{type: rigid}}, {{type: affine}}])")
+    check_stages(stages, sampling, path)
+    return stages
+
+
 def _register(a: argparse.Namespace) -> None:
     import maskreg
     from maskreg import io, transforms
-    from maskreg.config import load_yaml
 
-    stages = load_yaml(a.stages).get("stages") if a.stages else None
+    sampling = {"random": a.random} if a.random else {"fraction": a.fraction} if a.fraction else "dense"
+    stages = _read_stages(a.stages, sampling) if a.stages else None
     fixed = io.read_image(a.fixed, role="fixed")
     moving = io.read_image(a.moving, role="moving")
     fm = io.read_image(a.fixed_mask, role="fixed_mask") if a.fixed_mask else None
     mm = io.read_image(a.moving_mask, role="moving_mask") if a.moving_mask else None
-    sampling = {"random": a.random} if a.random else {"fraction": a.fraction} if a.fraction else "dense"
     init = transforms.read_transform(a.initial, role="initial transform") if a.initial else None
     res = maskreg.register(fixed, moving, fm, mm, stages=stages, device=a.device, seed=a.seed,
                            sampling=sampling, initial=init, threads=a.threads)

@@ -18,7 +18,7 @@ import yaml
 
 from maskreg.errors import ConfigError, InputError
 from maskreg.io import read_landmarks
-from maskreg.loss_names import NEEDS_DENSE, canonical
+from maskreg.stages import stage_list_problems
 
 PATH_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
                 "fixed_landmarks", "moving_landmarks", "initial_transform")
@@ -68,51 +68,28 @@ def schema_problems(data: Any, schema: dict) -> list[str]:
 
 
 def stage_problems(config: dict) -> list[str]:
-    """Checks of the stage list that a schema cannot express."""
+    """Problems of the stage list (:func:`maskreg.stages.stage_list_problems`, the rules maskreg.register and the
+    CLI apply too), each labelled ``registration.stages.N (type)``."""
     reg = config.get("registration")
     reg = reg if isinstance(reg, dict) else {}  # a wrong type is the schema's to report
     stages = reg.get("stages")
-    stages = stages if isinstance(stages, list) else []
-    random_sampling = isinstance(reg.get("sampling"), dict)
-    out = []
-    deformable_seen = None
-    for i, st in enumerate(stages):
-        if isinstance(st, dict) and st.get("type") in ("greedy", "syn"):
-            if deformable_seen is not None and deformable_seen != st.get("type"):
-                out.append(f"registration.stages.{i} ({st.get('type')}): cannot follow a {deformable_seen} "
-                           f"stage; use one deformable type")
-            deformable_seen = st.get("type")
-        elif isinstance(st, dict) and deformable_seen is not None:
-            out.append(f"registration.stages.{i} ({st.get('type')}): linear stages must come before "
-                       f"deformable ones")
-        if not isinstance(st, dict):
-            continue
-        at = f"registration.stages.{i} ({st.get('type', '?')})"
-        scales, iters = st.get("scales"), st.get("iterations")
-        if isinstance(scales, list) and isinstance(iters, list) and len(scales) != len(iters):
-            out.append(f"{at}: scales {scales} and iterations {iters} must have the same length")
-        if isinstance(scales, list) and all(isinstance(s, int) for s in scales) and any(
-                b > a for a, b in zip(scales, scales[1:])):
-            out.append(f"{at}: scales {scales} must not increase (coarse to fine, e.g. [4, 2, 1])")
-        sig = st.get("smoothing_sigmas")
-        if isinstance(sig, list) and isinstance(scales, list) and len(sig) != len(scales):
-            out.append(f"{at}: smoothing_sigmas {sig} must have one value per scale {scales}")
-        rate = st.get("learning_rate")
-        if isinstance(rate, list) and isinstance(scales, list) and len(rate) != len(scales):
-            out.append(f"{at}: learning_rate {rate} must be one number or one value per scale {scales}")
-        loss = st.get("loss")
-        if random_sampling and isinstance(loss, str):
-            try:
-                if canonical(loss) in NEEDS_DENSE:
-                    out.append(f"{at}: loss '{loss}' needs dense sampling (it uses neighbourhoods); "
-                               f"use mse, mi or nmi with registration.sampling.random")
-            except ValueError:
-                pass
-    return out
+    if not isinstance(stages, list):
+        return []
+    return stage_list_problems(stages, reg.get("sampling", "dense"), at="registration.stages.{i}")
+
+
+_STAGE_ITEM = re.compile(r"registration\.stages\.(\d+)[.: ]")
 
 
 def config_problems(config: dict, schema: dict) -> list[str]:
-    return schema_problems(config, schema) + stage_problems(config)
+    """Schema violations and stage-list problems. Where :mod:`maskreg.stages` reports a stage, the schema's own
+    messages about that stage are left out (one message per problem, worded as register and the CLI word it);
+    any other schema message is kept."""
+    stage_ps = stage_problems(config)
+    flagged = {m.group(1) for m in map(_STAGE_ITEM.match, stage_ps) if m}
+    kept = [p for p in schema_problems(config, schema)
+            if not ((m := _STAGE_ITEM.match(p)) and m.group(1) in flagged)]
+    return kept + stage_ps
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:

@@ -33,27 +33,7 @@ from maskreg import cpu_kernels
 from maskreg.grid import Grid
 from maskreg.pyramid import gaussian_blur, gaussian_kernels, resample
 from maskreg.sampling import grid_sample
-
-DEFORMABLE_STAGES = ("greedy", "syn")
-DEFORMABLE_DEFAULTS = {
-    "loss": "cc", "scales": [4, 2, 1], "iterations": [80, 40, 20], "learning_rate": 0.5,
-    "fluid_sigma": 1.5, "elastic_sigma": 0.5, "tolerance": 1e-4, "window": 5, "bins": 16,
-    "smoothing_sigmas": None, "use_mask": True, "bending_weight": 0.0, "gradient_weight": 0.0,
-    "label_weight": 0.0,
-}
-# per-type defaults over DEFORMABLE_DEFAULTS: SyN moves both images half-way, so a one-voxel step moves each
-# image half a voxel. 2 mm brain pair of bench_deformable.py (mean Dice; AFIDs TRE in mm), no folding in any:
-# iterations [80, 40, 20] at rate 0.5: 0.682, at 1.0: 0.698 / 2.76; [80, 40, 10] at 1.0: 0.693 / 2.75, at 1.5:
-# 0.698 / 2.76, at 2.0: 0.699 / 2.76. The full-resolution level costs most (~0.15 s an iteration on 2 CPUs), and
-# its loss peaked after ~13 of 20 iterations at rate 1.0 (the elastic smoothing then undoes the shrinking steps).
-# The coarsest level needs no more than 40 (brain stopped at 55 by tolerance; [40, 40, 10]: 0.6975 / 2.758 against
-# 0.6976 / 2.759; [80, 30, 10]: 0.696 / 2.763).
-# The full-resolution level's ten iterations do not converge at 1.5 (none stops early): raising its rate alone
-# (2 mm brain and AFIDs, then 1 mm; no folding in any) gave 1.5: 0.6974 / 2.756, 0.7660 / 2.684; 2.5: 0.6998 /
-# 2.759, 0.7678 / 2.670; 3.0: 0.7006 / 2.761, 0.7687 / 2.662; 4.0: 0.7020 / 2.770, 0.7703 / 2.653. A larger update
-# smoothing instead, fluid_sigma 2.0 on every level, helped the 1 mm AFIDs (2.666) but cost the 2 mm brain 0.005
-# Dice (0.6924). The default list is counted from the finest level (engine._stage_config)
-TYPE_DEFAULTS = {"syn": {"learning_rate": [1.5, 1.5, 3.0], "iterations": [40, 40, 10]}}
+from maskreg.stages import DEFORMABLE_DEFAULTS, DEFORMABLE_STAGES, TYPE_DEFAULTS  # noqa: F401 (defined there)
 
 
 # scaling and squaring inside the SyN iterations runs on a grid of about half the resolution once a level has

@@ -13,9 +13,8 @@ import math
 
 import torch
 
+from maskreg.stages import LINEAR_STAGES  # noqa: F401 (the stage types live in maskreg.stages)
 from maskreg.transforms import LinearTransform
-
-LINEAR_STAGES = ("translation", "rigid", "similarity", "affine")
 
 
 def n_params(kind: str, dim: int) -> int:

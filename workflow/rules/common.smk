@@ -4,6 +4,7 @@ import re
 import sys
 
 import maskreg.config as mcfg
+from maskreg.stages import DEFORMABLE_STAGES
 from maskreg.transforms import may_be_nonlinear, split_list
 from snakemake.utils import validate
 
@@ -18,7 +19,7 @@ PYTHON = sys.executable  # the interpreter running Snakemake (and maskreg): for 
 RES = config["resources"]
 # a deformable stage, or an initial transform that may hold a displacement field (judged by file names),
 # adds the displacement fields to the outputs and to the warp and QC inputs
-DEFORMABLE = any(s["type"] in ("greedy", "syn") for s in config["registration"]["stages"]) or any(
+DEFORMABLE = any(s["type"] in DEFORMABLE_STAGES for s in config["registration"]["stages"]) or any(
     may_be_nonlinear(v) for v in COHORT["initial_transform"] if v)
 
 # batched registration (resources.register.batch_size > 1): consecutive cohort rows, batch_size at a time, are

@@ -1,0 +1,346 @@
+"""Stage rules, in one torch-free place: the stage types, their defaults, how a stage's settings resolve and
+what is wrong with a stage list.
+
+:func:`maskreg.register`, the command line and the workflow's config validation all check a stage list with
+:func:`stage_list_problems`, so a bad list is refused with the same message text wherever it is given (only the
+label differs: ``stage 1 (rigid): ...`` from Python and the CLI, ``registration.stages.1 (rigid): ...`` in the
+workflow; the index is the list's, counted from 0). The engine runs each stage as :func:`resolve_stage` returns
+it. Importing this module imports neither torch nor numpy (a config check runs before any job).
+
+A setting given as ``None`` means its default. Values shown in messages are written as in YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import numbers
+from typing import Any, Iterable, Mapping
+
+from maskreg.errors import ConfigError
+from maskreg.loss_names import NEEDS_DENSE, canonical
+
+MOMENTS = "moments"
+LINEAR_STAGES = ("translation", "rigid", "similarity", "affine")
+DEFORMABLE_STAGES = ("greedy", "syn")
+STAGE_TYPES = (MOMENTS,) + LINEAR_STAGES + DEFORMABLE_STAGES
+# which masks a stage's loss uses (as ANTs allows per stage); use_mask: false is "none"
+MASK_USES = ("both", "fixed", "moving", "none")
+OPTIMIZERS = ("regular_step", "adam")
+
+# linear stages. 32 bins and learning rate 0.25 suit inter-subject, multi-contrast pairs best (demo abdomen:
+# mean Dice 0.33 vs 0.23 with 16 bins / 0.1); with jittered points (maskreg.points) and regular steps, 32 bins
+# recover the known 2 mm brain affine of benchmarks/bench_linear.py to 0.04 mm (mean over the brain).
+LINEAR_DEFAULTS: dict[str, Any] = {
+    "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25], "learning_rate": 0.25,
+    "optimizer": "regular_step", "tolerance": 1e-5, "window": 5, "bins": 32, "smoothing_sigmas": None,
+    "use_mask": True, "masks": "both", "search": False,
+}
+# the coarse global search of a linear stage (search: true, or a mapping overriding some of these): candidate
+# rotations up to angle_deg and translations up to translation_mm, the best `keep` refined
+SEARCH_DEFAULTS: dict[str, Any] = {"candidates": 200, "angle_deg": 30.0, "translation_mm": 20.0, "keep": 3}
+
+DEFORMABLE_DEFAULTS: dict[str, Any] = {
+    "loss": "cc", "scales": [4, 2, 1], "iterations": [80, 40, 20], "learning_rate": 0.5,
+    "fluid_sigma": 1.5, "elastic_sigma": 0.5, "tolerance": 1e-4, "window": 5, "bins": 16,
+    "smoothing_sigmas": None, "use_mask": True, "masks": "both", "bending_weight": 0.0, "gradient_weight": 0.0,
+    "label_weight": 0.0,
+}
+# per-type defaults over DEFORMABLE_DEFAULTS. SyN moves both images half-way, so a one-voxel step moves each image
+# half a voxel: it takes larger rates. On the 2 mm brain pair of bench_deformable.py (mean Dice; AFIDs TRE in mm),
+# no folding in any: iterations [80, 40, 20] at rate 0.5: 0.682, at 1.0: 0.698 / 2.76; the coarse level needs no
+# more than 40 ([40, 40, 10]: 0.6975 / 2.758). The full-resolution level costs most (~0.15 s an iteration on
+# 2 CPUs) and its ten iterations do not converge at 1.5, so its rate alone is raised (3.0: 0.7006 / 2.761, 1 mm:
+# 0.7687 / 2.662; fluid_sigma 2.0 instead cost the 2 mm brain 0.005 Dice). A default list is counted from the
+# finest level (resolve_stage), so it suits any number of scales.
+TYPE_DEFAULTS: dict[str, dict[str, Any]] = {"syn": {"learning_rate": [1.5, 1.5, 3.0], "iterations": [40, 40, 10]}}
+
+# moments: what the engine assumes for a key left out (it scores candidate translations/rotations with the
+# stage's loss at the first of its scales). resolve_stage returns a moments stage as given.
+MOMENTS_DEFAULTS: dict[str, Any] = {"loss": "mi", "scales": [4], "window": 5, "bins": 32, "principal_axes": False,
+                                    "use_mask": True, "masks": "both"}
+
+# maskreg.register's stages when none are given
+DEFAULT_STAGES: list[dict[str, Any]] = [
+    {"type": "moments"},
+    {"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
+    {"type": "affine", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
+]
+
+
+def stage_keys(kind: str) -> tuple[str, ...]:
+    """The keys a stage of type ``kind`` takes (``type`` included); empty for an unknown type."""
+    if kind == MOMENTS:
+        return ("type",) + tuple(MOMENTS_DEFAULTS)
+    if kind in LINEAR_STAGES:
+        return ("type",) + tuple(LINEAR_DEFAULTS)
+    if kind in DEFORMABLE_STAGES:
+        return ("type",) + tuple(DEFORMABLE_DEFAULTS)
+    return ()
+
+
+def defaults_for(kind: str) -> dict[str, Any]:
+    """A fresh copy of the defaults of a stage type (deformable: the type's own over the common ones)."""
+    if kind == MOMENTS:
+        return copy.deepcopy(MOMENTS_DEFAULTS)
+    if kind in LINEAR_STAGES:
+        return copy.deepcopy(LINEAR_DEFAULTS)
+    if kind in DEFORMABLE_STAGES:
+        return copy.deepcopy({**DEFORMABLE_DEFAULTS, **TYPE_DEFAULTS.get(kind, {})})
+    raise ConfigError([f"unknown stage type {_show(kind)}; choose one of {', '.join(STAGE_TYPES)}"], "stage")
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+
+def resolve_stage(stage: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage as the engine runs it: every setting, defaults filled in.
+
+    * ``learning_rate``: one value per level of ``scales``. A number applies to every level; a list given in the
+      stage has one value per scale; a default list is counted from the finest level (its first value repeated
+      for extra coarse levels).
+    * ``smoothing_sigmas``: one value per scale, or ``None`` (each axis then uses half its shrink factor).
+    * ``masks``: one of :data:`MASK_USES`; ``use_mask`` is kept in step (``False`` exactly when ``masks`` is
+      ``"none"``; a ``use_mask: false`` alone means ``"none"``).
+    * ``search`` (linear stages): ``False``, or a mapping with every key of :data:`SEARCH_DEFAULTS`
+      (``True`` is all defaults).
+
+    ``moments`` takes no level settings and comes back as given (``masks``/``use_mask`` put in step when given).
+    Raises :class:`~maskreg.errors.ConfigError` listing the stage's problems (:func:`stage_list_problems`).
+    """
+    problems = stage_list_problems([stage], at="stage")
+    if problems:
+        raise ConfigError(problems, "stage")
+    kind = stage["type"]
+    given = {k: v for k, v in stage.items() if v is not None}
+    if kind == MOMENTS:
+        out = dict(stage)
+        if "masks" in given or "use_mask" in given:
+            out["masks"] = _mask_use(given)
+            out["use_mask"] = out["masks"] != "none"
+        return out
+    s = {**defaults_for(kind), **copy.deepcopy(given)}
+    n = len(s["scales"])
+    rate = s["learning_rate"]
+    if not isinstance(rate, (list, tuple)):
+        s["learning_rate"] = [float(rate)] * n
+    else:  # a given list has n values (checked); a default one is counted from the finest level
+        s["learning_rate"] = ([float(rate[0])] * n + [float(r) for r in rate])[-n:]
+    s["masks"] = _mask_use(given)
+    s["use_mask"] = s["masks"] != "none"
+    if kind in LINEAR_STAGES:
+        s["search"] = _search(s["search"])
+    return s
+
+
+def _mask_use(given: Mapping[str, Any]) -> str:
+    if given.get("masks") is not None:
+        return given["masks"]
+    return "none" if given.get("use_mask") is False else "both"
+
+
+def _search(value: Any) -> dict[str, Any] | bool:
+    if value is False or value is None:
+        return False
+    given = {} if value is True else {k: v for k, v in value.items() if v is not None}
+    out = {**SEARCH_DEFAULTS, **given}
+    return {"candidates": int(out["candidates"]), "angle_deg": float(out["angle_deg"]),
+            "translation_mm": float(out["translation_mm"]), "keep": int(out["keep"])}
+
+
+# -------------------------------------------------------------------------------------------------- problems
+
+def _show(v: Any) -> str:
+    """A value as YAML would write it (lists in brackets, true/false/null), for messages."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k}: {_show(x)}" for k, x in v.items()) + "}"
+    if hasattr(v, "tolist"):  # numpy scalars and arrays
+        return _show(v.tolist())
+    return str(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple))
+
+
+def _int_at_least(low: int):
+    return lambda v: _is_int(v) and v >= low
+
+
+def _num_at_least(low: float):
+    return lambda v: _is_num(v) and v >= low
+
+
+def _list_of(ok, min_items: int = 1):
+    return lambda v: _is_list(v) and len(v) >= min_items and all(ok(x) for x in v)
+
+
+# key -> (test of a given, non-null value, what it must be)
+_VALUE_RULES: dict[str, tuple[Any, str]] = {
+    "scales": (_list_of(_int_at_least(1)), "a non-empty list of positive integers (shrink factors, e.g. [4, 2, 1])"),
+    "iterations": (_list_of(_int_at_least(0)), "a non-empty list of integers >= 0 (one per scale)"),
+    "learning_rate": (lambda v: (_is_num(v) and v > 0) or _list_of(lambda x: _is_num(x) and x > 0)(v),
+                      "a number > 0 or a list of numbers > 0 (one per scale)"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+    "tolerance": (_num_at_least(0), "a number >= 0"),
+    "window": (_int_at_least(3), "an integer >= 3 (voxels)"),
+    "bins": (lambda v: _is_int(v) and 8 <= v <= 256, "an integer from 8 to 256"),
+    "smoothing_sigmas": (_list_of(_num_at_least(0), 0), "a list of numbers >= 0 (voxels, one per scale) or null"),
+    "use_mask": (lambda v: isinstance(v, bool), "true or false"),
+    "masks": (lambda v: isinstance(v, str) and v in MASK_USES, f"one of {', '.join(MASK_USES)}"),
+    "principal_axes": (lambda v: isinstance(v, bool), "true or false"),
+    "fluid_sigma": (_num_at_least(0), "a number >= 0 (voxels)"),
+    "elastic_sigma": (_num_at_least(0), "a number >= 0 (voxels)"),
+    "bending_weight": (_num_at_least(0), "a number >= 0"),
+    "gradient_weight": (_num_at_least(0), "a number >= 0"),
+    "label_weight": (_num_at_least(0), "a number >= 0"),
+}
+_SEARCH_RULES: dict[str, tuple[Any, str]] = {
+    "candidates": (_int_at_least(1), "an integer >= 1"),
+    "angle_deg": (_num_at_least(0), "a number >= 0 (degrees)"),
+    "translation_mm": (_num_at_least(0), "a number >= 0 (mm)"),
+    "keep": (_int_at_least(1), "an integer >= 1"),
+}
+
+
+def _unknown_key(key: Any, kind: str) -> str:
+    """Why ``key`` is refused on a ``kind`` stage: the stage types that take it, or the closest known key."""
+    takers = [t for t in STAGE_TYPES if key in stage_keys(t)]
+    if takers:
+        return f"{_show(key)} does not apply to a {kind} stage (only to {', '.join(takers)})"
+    known = stage_keys(kind)
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"did you mean {_show(close[0])}? " if close else ""
+    return f"unknown key {_show(key)}; {hint}a {kind} stage takes {', '.join(known)}"
+
+
+def _one_stage_problems(st: Mapping[str, Any], random_sampling: bool) -> list[str]:
+    """Problems of one stage mapping, without its label."""
+    kind = st.get("type")
+    if kind not in STAGE_TYPES:
+        if kind is None:
+            return [f"'type' is missing; choose one of {', '.join(STAGE_TYPES)}"]
+        return [f"unknown stage type {_show(kind)}; choose one of {', '.join(STAGE_TYPES)}"]
+    out = []
+    known = stage_keys(kind)
+    for key in st:
+        if key not in known:
+            out.append(_unknown_key(key, kind))
+    given = {k: v for k, v in st.items() if k in known and k != "type" and v is not None}
+    bad = set()
+    for key, value in given.items():
+        rule = _VALUE_RULES.get(key)
+        if rule is not None and not rule[0](value):
+            out.append(f"{key} {_show(value)} must be {rule[1]}")
+            bad.add(key)
+    loss = given.get("loss")
+    if loss is not None:
+        try:
+            loss = canonical(loss) if isinstance(loss, str) else canonical(_show(loss))
+        except ValueError as exc:
+            out.append(str(exc))
+            bad.add("loss")
+            loss = None
+    if "search" in given:
+        out += _search_problems(given["search"])
+    if "use_mask" in given and "masks" in given and "use_mask" not in bad and "masks" not in bad and \
+            given["use_mask"] != (given["masks"] != "none"):
+        out.append(f"use_mask {_show(given['use_mask'])} and masks {_show(given['masks'])} disagree; give masks "
+                   f"alone (use_mask: false is masks: none)")
+    # per-level lists: one value per scale (strict: no level is dropped)
+    if kind != MOMENTS:
+        scales = given.get("scales", defaults_for(kind)["scales"])
+        if "scales" not in bad:
+            if any(b > a for a, b in zip(scales[:-1], scales[1:], strict=True)):
+                out.append(f"scales {_show(scales)} must not increase (coarse to fine, e.g. [4, 2, 1])")
+            iters = given.get("iterations", defaults_for(kind)["iterations"])
+            if "iterations" not in bad and len(iters) != len(scales):
+                out.append(f"scales {_show(scales)} and iterations {_show(iters)} must have the same length")
+            sig = given.get("smoothing_sigmas")
+            if sig is not None and "smoothing_sigmas" not in bad and len(sig) != len(scales):
+                out.append(f"smoothing_sigmas {_show(sig)} must have one value per scale {_show(scales)}")
+            rate = given.get("learning_rate")
+            if _is_list(rate) and "learning_rate" not in bad and len(rate) != len(scales):
+                out.append(f"learning_rate {_show(rate)} must be one number or one value per scale {_show(scales)}")
+    elif "scales" in given and "scales" not in bad and any(
+            b > a for a, b in zip(given["scales"][:-1], given["scales"][1:], strict=True)):
+        out.append(f"scales {_show(given['scales'])} must not increase (coarse to fine, e.g. [4, 2, 1])")
+    if random_sampling and kind in LINEAR_STAGES and loss in NEEDS_DENSE:
+        out.append(f"loss {_show(st.get('loss'))} needs dense sampling (it uses neighbourhoods); use mse, mi or nmi "
+                   f"with random sampling")
+    return out
+
+
+def _search_problems(value: Any) -> list[str]:
+    if isinstance(value, bool):
+        return []
+    if not isinstance(value, Mapping):
+        return [f"search {_show(value)} must be true, false or a mapping with keys "
+                f"{', '.join(SEARCH_DEFAULTS)}"]
+    out = []
+    for key, v in value.items():
+        if key not in _SEARCH_RULES:
+            out.append(f"search: unknown key {_show(key)}; it takes {', '.join(SEARCH_DEFAULTS)}")
+        elif v is not None and not _SEARCH_RULES[key][0](v):
+            out.append(f"search.{key} {_show(v)} must be {_SEARCH_RULES[key][1]}")
+    return out
+
+
+def stage_list_problems(stages: Iterable[Any] | None, sampling: Any = "dense", *, at: str = "stage {i}") -> list[str]:
+    """Every problem of a stage list, each as ``'{label} ({type}): what is wrong'``; ``[]`` when it can run.
+
+    ``at`` makes a stage's label from its index ``i`` in the list (from 0): ``"stage {i}"`` (Python, CLI) or
+    ``"registration.stages.{i}"`` (workflow). ``sampling`` is :func:`maskreg.register`'s: random sampling
+    (``{"random": N}``) cannot drive a neighbourhood loss (``cc``) in a linear stage. Checked: the stage type,
+    keys that the type does not take, every value's type and range, one value per scale in ``iterations``,
+    ``learning_rate`` (a list) and ``smoothing_sigmas``, scales that do not increase, ``masks``/``use_mask``
+    agreeing, ``search``, the loss name, linear stages before deformable ones, one deformable type per list.
+    ``None`` (the default list) has no problems."""
+    if stages is None:
+        return []
+    if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Iterable):
+        return [f"{at.format(i='').rstrip(' .[')}: expected a list of stages, got {_show(stages)}"]
+    random_sampling = isinstance(sampling, Mapping) and sampling.get("random") is not None
+    out = []
+    deformable_seen = None
+    for i, st in enumerate(stages):
+        label = at.format(i=i)
+        if not isinstance(st, Mapping):
+            out.append(f"{label}: expected a mapping such as {{type: rigid, scales: [4, 2, 1]}}, got {_show(st)}")
+            continue
+        kind = st.get("type")
+        shown = kind if isinstance(kind, str) else "?"
+        if kind in DEFORMABLE_STAGES:
+            if deformable_seen is not None and deformable_seen != kind:
+                out.append(f"{label} ({shown}): cannot follow a {deformable_seen} stage; use one deformable type")
+            deformable_seen = kind
+        elif kind in STAGE_TYPES and deformable_seen is not None:
+            out.append(f"{label} ({shown}): linear stages must come before deformable ones")
+        out += [f"{label} ({shown}): {p}" for p in _one_stage_problems(st, random_sampling)]
+    return out
+
+
+def check_stages(stages: Iterable[Any] | None, sampling: Any = "dense", where: str = "", *,
+                 at: str = "stage {i}") -> None:
+    """Raise :class:`~maskreg.errors.ConfigError` listing every problem of ``stages`` at once (see
+    :func:`stage_list_problems`); ``where`` (e.g. ``"subject 's1'"``) says whose stage list it is."""
+    problems = stage_list_problems(stages, sampling, at=at)
+    if problems:
+        who = where.strip().rstrip(":").strip()
+        raise ConfigError(problems, f"stage list ({who})" if who else "stage list")
