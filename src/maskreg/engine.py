@@ -25,32 +25,21 @@ from maskreg import deformable as dfm
 from maskreg import linear as lin
 from maskreg.errors import InputError, MaskregError, OverlapError, where
 from maskreg.grid import Grid
-from maskreg.loss_names import NEEDS_DENSE
+from maskreg.loss_names import MOVING_GRADIENT_ONLY, NEEDS_DENSE
 from maskreg.losses import VALUE_AND_GRAD, get_loss, intensity_scale
 from maskreg.moments import weighted_moments
 from maskreg.points import PointLoss
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
 from maskreg.sampling import grid_sample_inside
+from maskreg.stages import DEFAULT_STAGES, LINEAR_DEFAULTS, check_stages, resolve_stage
 from maskreg.stepper import Stepper, graphs_enabled
 from maskreg.support import WeightSupport
 from maskreg.transforms import LinearTransform, chain
 
 log = logging.getLogger("maskreg")
 
-DEFAULT_STAGES: list[dict[str, Any]] = [
-    {"type": "moments"},
-    {"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
-    {"type": "affine", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
-]
-
-# 32 bins and learning rate 0.25 (the issue's defaults) suit inter-subject, multi-contrast pairs best (demo
-# abdomen: mean Dice 0.33 vs 0.23 with 16 bins / 0.1). With jittered points (maskreg.points) and regular steps,
-# 32 bins recover the known 2 mm brain affine of benchmarks/bench_linear.py to 0.04 mm (mean over the brain).
-STAGE_DEFAULTS: dict[str, Any] = {
-    "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25], "learning_rate": 0.25,
-    "optimizer": "regular_step", "tolerance": 1e-5, "window": 5, "bins": 32, "smoothing_sigmas": None,
-    "use_mask": True,
-}
+# DEFAULT_STAGES (register's stages when none are given) and the linear stages' defaults live in maskreg.stages
+STAGE_DEFAULTS: dict[str, Any] = LINEAR_DEFAULTS
 
 
 @dataclass
@@ -204,6 +193,15 @@ def _mask_tensor(mask: sitk.Image | None, image: sitk.Image, device: torch.devic
     return t
 
 
+def mask_use(stage: dict) -> tuple[bool, bool]:
+    """Whether a stage's loss uses the (fixed, moving) mask: its ``masks`` setting (``both``, the default,
+    ``fixed``, ``moving`` or ``none``; ``use_mask: false`` is ``none``), as ANTs sets masks per stage."""
+    which = stage.get("masks") or "both"
+    if stage.get("use_mask") is False:
+        which = "none"
+    return which in ("both", "fixed"), which in ("both", "moving")
+
+
 class _Problem:
     """Full-resolution tensors of one pair and a cache of pyramid levels."""
 
@@ -234,19 +232,32 @@ class _Problem:
         self.center = com  # (dim,) float64, LPS mm
         self.radius = max(math.sqrt(max(float(np.trace(cov)), 0.0)), 1.0)  # RMS distance from the centre, mm
 
-    def levels(self, scale: int, sigma: float | None, use_mask: bool) -> tuple[Level, Level]:
-        key = (scale, sigma, use_mask)
+    def levels(self, scale: int, sigma: float | None, use: tuple[bool, bool] = (True, True)
+               ) -> tuple[Level, Level]:
+        """The (fixed, moving) pyramid levels at shrink ``scale``; ``use`` says which side's mask the stage uses
+        (a side whose mask is not used gets an all-ones one).
+
+        How a level's image is smoothed depends on the mask's kind. Outside an ``roi`` mask lies real anatomy,
+        which the other image's level (without a mask, or with a mask that does not end at the same place)
+        has smoothed in: the image is smoothed whole, as ANTs and elastix do, and the mask only weighs the loss.
+        Smoothing within the ROI instead (normalised convolution) made the fixed level's values at the mask's
+        edge averages of the inside alone against the moving level's averages of both sides, and the linear
+        stages followed that difference (a brain mask eroded through the cortex: rigid rotated 28°, Dice
+        0.58 -> 0.42). Outside a ``valid`` mask lies nothing: the image is smoothed within it (normalised
+        convolution) and the mask is eroded through the pyramid (elastix's rule)."""
+        key = (scale, sigma, tuple(use))
         if key not in self._levels:
-            fm = self.fm if use_mask else self.ones_f
-            mm = self.mm if use_mask else self.ones_m
-            fl = make_level(self.f, fm, self.fgrid, scale, sigma)
+            masks = (self.fm if use[0] else self.ones_f, self.mm if use[1] else self.ones_m)
+            within = tuple(m if self.kinds[role] == "valid" else None for m, role in zip(masks, ("fixed", "moving")))
+            fl = make_level(self.f, masks[0], self.fgrid, scale, sigma, smooth_within=within[0])
             target = min(fl.grid.spacing) if scale > 1 else None
-            ml = make_level(self.m, mm, self.mgrid, scale, sigma, target_min_spacing=target)
-            if use_mask:
-                for role, lev, full, grid in (("fixed", fl, fm, self.fgrid), ("moving", ml, mm, self.mgrid)):
-                    if self.kinds[role] == "valid":
-                        radii = tuple(reversed(valid_mask_radii(lev.factors, role)))
-                        lev.mask = downsample_mask(erode_voxels(full, radii), grid, lev.grid, lev.factors)
+            ml = make_level(self.m, masks[1], self.mgrid, scale, sigma, target_min_spacing=target,
+                            smooth_within=within[1])
+            for role, lev, full, grid, used in (("fixed", fl, masks[0], self.fgrid, use[0]),
+                                                ("moving", ml, masks[1], self.mgrid, use[1])):
+                if used and self.kinds[role] == "valid":
+                    radii = tuple(reversed(valid_mask_radii(lev.factors, role)))
+                    lev.mask = downsample_mask(erode_voxels(full, radii), grid, lev.grid, lev.factors)
             self._levels[key] = (fl, ml)
         return self._levels[key]
 
@@ -417,14 +428,17 @@ def _overlap(sampler_dense: _Sampler, h: torch.Tensor, fixed_mask_sum: float) ->
     return total, int((w > 0.5).sum()), total / max(fixed_mask_sum, 1e-9)
 
 
-def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) -> LinearTransform:
+def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None,
+             alternatives: list[LinearTransform] | None = None) -> LinearTransform:
     """Translate so the mask-weighted intensity centres of mass correspond: ``T(com_f) = com_m``.
 
     When only one image has a mask (an all-ones mask is none), its masked centre and the other image's whole
     centre are not the same thing (a hippocampus against a head), so three translations are scored with the
     stage's loss (default ``mi``) at a coarse level and the best is kept: masked centre against whole centre,
     whole against whole, and the start's (no translation). Each candidate is scored with the moving image scaled
-    by what it samples, as the next stage would scale it.
+    by what it samples, as the next stage would scale it. Scores of unoptimised poses can be close (a liver ROI
+    in a 13-slice CT: −0.194 against −0.185) and rank them wrongly, so the losers go to ``alternatives``: the next
+    linear stage refines them too at its first level and keeps the best optimum (:func:`_refined_first_level`).
 
     With ``principal_axes: true`` the rotation that maps the fixed image's principal axes (eigenvectors of the
     mask- and intensity-weighted second moments, in LPS mm) onto the moving image's is added. Each axis is
@@ -445,8 +459,10 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
 
     def translated(com_f, com_m) -> LinearTransform:
         return LinearTransform(start.matrix, start.translation + com_m - start.apply(com_f[None])[0], start.center)
-    pairs = [(moments(prob.f, prob.fm, prob.fgrid), moments(prob.m, prob.mm, prob.mgrid))]
-    one_sided = prob.masked[0] != prob.masked[1]
+    use = mask_use(stage)
+    fm, mm = (prob.fm if use[0] else prob.ones_f), (prob.mm if use[1] else prob.ones_m)
+    pairs = [(moments(prob.f, fm, prob.fgrid), moments(prob.m, mm, prob.mgrid))]
+    one_sided = (prob.masked[0] and use[0]) != (prob.masked[1] and use[1])
     if one_sided:  # the whole images' centres too ("ones" is what a missing mask is)
         pairs.append((moments(prob.f, prob.ones_f, prob.fgrid), moments(prob.m, prob.ones_m, prob.mgrid)))
     out = translated(pairs[0][0][0], pairs[0][1][0])
@@ -455,7 +471,7 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
 
     loss_name, loss_fn = get_loss(stage.get("loss", "mi"))
     scale = int(stage.get("scales", [4])[0])
-    fl, ml = prob.levels(scale, None, True)
+    fl, ml = prob.levels(scale, None, mask_use(stage))
 
     def best_of(candidates: list[LinearTransform]) -> tuple[int, list[float]]:
         scores = []
@@ -478,6 +494,10 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None) 
         log.info("%sstage moments: a mask on one side only; translations scored by %s: %s; kept %s",
                  where(prob.subject), loss_name, ", ".join(f"{n} {v:.4g}" for n, v in zip(names, scores)),
                  names[best])
+        translations = [translated(cf, cm) for (cf, _), (cm, _) in pairs] + [start]
+        if alternatives is not None:  # the next linear stage refines these too and keeps the best optimum
+            alternatives.extend(translations[i] for i in np.argsort(scores, kind="stable")
+                                if i != best and np.isfinite(scores[i]))
         if best == 2:  # the start's alignment: no centres to turn the axes about
             return start
         (com_f, cov_f), (com_m, cov_m) = pairs[best]
@@ -665,112 +685,225 @@ def _schedule(lr: float, n_it: int, device: torch.device) -> torch.Tensor:
                         device=device)
 
 
+@dataclass
+class _LinearRun:
+    """What the levels of one linear stage share: the stage, its loss, the sampling and the point generator."""
+
+    stage: dict
+    loss_name: str
+    loss_fn: Any
+    random_n: int | None
+    fraction: float
+    seed: int
+    min_overlap: int
+    gen: torch.Generator
+
+    def level_key(self, li: int) -> tuple:
+        sigmas = self.stage.get("smoothing_sigmas") or [None] * len(self.stage["scales"])
+        return int(self.stage["scales"][li]), sigmas[li], mask_use(self.stage)
+
+
 def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampling, min_overlap: int,
-                      seed: int, report: StageReport) -> LinearTransform:
+                      seed: int, report: StageReport, alternatives: Sequence[LinearTransform] = ()
+                      ) -> LinearTransform:
+    """A linear stage from ``start`` (fixed → moving points), level by level; its first level also refines
+    ``alternatives`` and the poses of a ``search`` (:func:`_refined_first_level`)."""
     kind = stage["type"]
     loss_name, loss_fn = get_loss(stage["loss"])
-    scales, iters = list(stage["scales"]), list(stage["iterations"])
     random_n = sampling.get("random") if isinstance(sampling, dict) else None
     fraction = float(sampling.get("fraction", 1.0)) if isinstance(sampling, dict) else 1.0
     if random_n and loss_name in NEEDS_DENSE:
         raise MaskregError(f"stage {kind}: loss '{loss_name}' needs dense sampling (it uses neighbourhoods); "
                            f"use mse, mi or nmi with random sampling.")
-    sigmas = stage.get("smoothing_sigmas") or [None] * len(scales)
-    dev = prob.device
-    gen = torch.Generator(device=dev)
+    gen = torch.Generator(device=prob.device)
     gen.manual_seed(seed)
+    run = _LinearRun(stage, loss_name, loss_fn, random_n, fraction, seed, min_overlap, gen)
     current = start
-    for li, (scale, n_it, sig) in enumerate(zip(scales, iters, sigmas)):
-        t0 = time.perf_counter()
-        level_key = (int(scale), sig, bool(stage.get("use_mask", True)))
-        fl, ml = prob.levels(*level_key)
-        f_n, m_n = prob.normalised(level_key, loss_name, current)
-        maps = _level_maps(fl.grid, ml.grid, dev)
-        fsum = float(fl.mask.sum())
-        p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
-        h0 = lin.homogeneous(kind, p.detach(), current, prob.radius)
-        # pointwise losses: jittered fixed-mask points, gradient through the moving gradient image (see
-        # maskreg.points: no interpolation bias, no grid_sample backward); cc: every voxel, through autograd
-        if loss_name in NEEDS_DENSE:
-            points, dense = None, _Sampler(fl, ml, f_n, m_n)
-            ow = _overlap(dense, h0, fsum)[0]
+    for li in range(len(stage["scales"])):
+        if li == 0 and (stage.get("search") or alternatives):
+            current = _refined_first_level(prob, run, current, list(alternatives), report)
         else:
-            points = (PointLoss(f_n, fl.mask, m_n, ml.mask, gen, random_n) if random_n
-                      else prob.point_loss(level_key, loss_name, fraction, seed, current))
-            ow = points.overlap(_theta(h0, maps, prob.dim)[0])[0]
-        level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
-        _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
-        lr = stage["learning_rate"][li] * float(np.mean(fl.grid.spacing))
-        opt = (_RegularStep if stage["optimizer"] == "regular_step" else _Adam)(p, _schedule(lr, n_it, dev))
-        trace = torch.zeros(max(n_it, 1), device=dev)
-        start_t = lin.start_tensors(current, dev)
-        window, bins = int(stage["window"]), int(stage["bins"])
-
-        def iteration(_key) -> None:  # graph-safe: see maskreg.stepper
-            h = lin.homogeneous(kind, p, start_t, prob.radius)
-            if points is not None:
-                theta = _theta(h, maps, prob.dim)[0]
-                loss, dtheta = points(theta, VALUE_AND_GRAD[loss_name], bins=bins)
-                # chain through θ as a scalar: autograd.grad with grad_outputs imports sympy (0.7 s, once)
-                (grad,) = torch.autograd.grad((theta * dtheta).sum(), [p])
-            else:
-                fixed_v, warped_v, w = dense(h)
-                loss = loss_fn(fixed_v, warped_v, w, window=window, bins=bins)
-                (grad,) = torch.autograd.grad(loss, [p])
-            trace.index_copy_(0, opt.t, loss.detach().reshape(1))
-            opt.step(grad)
-        # random sampling draws new points at every iteration: not graph-safe, so eager
-        stepper = Stepper(iteration, dev, graphs=not random_n)
-        # a loss drawn from random samples is noisy by construction: its plateau test would stop at random,
-        # so random sampling runs the level's whole (cosine-decayed) schedule
-        tol = 0.0 if random_n else float(stage["tolerance"])
-        converged, it = False, 0
-        bar = None
-        if _interactive():
-            from tqdm import tqdm
-            bar = tqdm(total=n_it, desc=f"{kind} s{scale}", leave=False)
-        for it in range(1, n_it + 1):
-            stepper()
-            if bar is not None:
-                bar.update(1)
-            # tolerance 0 turns both early stops off (random sampling: a noisy gradient halves the step at random)
-            if _plateau(trace, it, tol) or (tol > 0 and it % 5 == 0 and opt.converged()):
-                converged = True
-                break
-        if bar is not None:
-            bar.close()
-        stepper.close()
-        current = lin.to_linear(kind, p.detach(), current, prob.radius)
-        h_end = lin.homogeneous(kind, torch.zeros_like(p), current, prob.radius)
-        if points is None:
-            end_overlap = _overlap(dense, h_end, fsum)[:2]
-        else:
-            end_overlap = points.overlap(_theta(h_end, maps, prob.dim)[0])
-        _finish_level(prob, report, level_name, fl.grid, scale, it, trace, end_overlap, fsum, t0, converged,
-                      loss_name, ow, min_overlap)
+            current = _run_linear_level(prob, run, li, current, report)
     return current
 
 
-def _stage_config(stage: dict, defaults: dict | None = None) -> dict:
-    """``stage`` over ``defaults`` (linear stages: :data:`STAGE_DEFAULTS`), with ``learning_rate`` made a list
-    of one rate per level of ``scales``: a number applies to every level; a list given in the stage must have
-    one value per scale; a default list is counted from the finest level (its first value repeated for extra
-    coarse levels), so a default suits any number of scales."""
-    given = {k: v for k, v in stage.items() if v is not None}
-    s = {**(STAGE_DEFAULTS if defaults is None else defaults), **given}
-    n = len(s["scales"])
-    if n != len(s["iterations"]):
-        raise MaskregError(f"stage {s['type']}: scales {s['scales']} and iterations {s['iterations']} must have "
-                           f"the same length.")
-    rate = s["learning_rate"]
-    if not isinstance(rate, (list, tuple)):
-        s["learning_rate"] = [float(rate)] * n
-    elif len(rate) != n and "learning_rate" in given:
-        raise MaskregError(f"stage {s['type']}: learning_rate {list(rate)} must be one number or one value per "
-                           f"scale {s['scales']}.")
+def _search_candidates(prob: _Problem, search: dict, kind: str, start: LinearTransform, seed: int
+                       ) -> list[LinearTransform]:
+    """``start`` and ``candidates - 1`` random rigid poses around it: ``T_k(x) = start(R_k (x − c) + c + t_k)``
+    with ``c`` the fixed mask's centre (LPS mm), ``R_k`` a rotation by an angle uniform in ``±angle_deg`` (3D:
+    about a uniformly random axis; none for a ``translation`` stage) and ``t_k`` uniform in the cube
+    ``±translation_mm`` (fixed space, mm). Seeded, so a registration stays deterministic."""
+    rng = np.random.default_rng(seed)
+    dim, c = prob.dim, prob.center
+    angle = 0.0 if kind == "translation" else math.radians(float(search["angle_deg"]))
+    out = [start]
+    for _ in range(int(search["candidates"]) - 1):
+        a = rng.uniform(-angle, angle)
+        if dim == 2:
+            r = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+        else:
+            axis = rng.normal(size=3)
+            axis /= np.linalg.norm(axis)
+            k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+            r = np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * k @ k  # Rodrigues
+        t = rng.uniform(-1.0, 1.0, dim) * float(search["translation_mm"])
+        pose = LinearTransform(r, t, c)  # x -> R (x - c) + c + t
+        out.append(_compose_linear(start, pose))
+    return out
+
+
+def _compose_linear(outer: LinearTransform, inner: LinearTransform) -> LinearTransform:
+    """``outer(inner(x))`` as one :class:`LinearTransform` (centre: ``outer``'s)."""
+    h = outer.homogeneous() @ inner.homogeneous()
+    d = outer.dim
+    return _recenter(LinearTransform(h[:d, :d], h[:d, d], np.zeros(d)), outer.center)
+
+
+def _pose_score(prob: _Problem, run: _LinearRun, level_key: tuple, tx: LinearTransform,
+                min_weight: float) -> float:
+    """The stage's loss of ``tx`` on every fixed-mask voxel of the level (dense), with the moving image scaled
+    by what ``tx`` samples (as :func:`_moments` scores its candidates); ``inf`` when the weight sum is below
+    ``min_weight`` (a pose that keeps little of the fixed mask cannot win by what it leaves out)."""
+    fl, ml = prob.levels(*level_key)
+    with torch.no_grad():
+        dense = _Sampler(fl, ml, *_normalised_intensities(fl, ml, run.loss_name, tx))
+        fv, wv, w = dense(torch.as_tensor(tx.homogeneous(), dtype=torch.float32, device=prob.device))
+        if float(w.sum()) < min_weight:
+            return math.inf
+        return float(run.loss_fn(fv, wv, w, window=int(run.stage["window"]), bins=int(run.stage["bins"])))
+
+
+def _refined_first_level(prob: _Problem, run: _LinearRun, start: LinearTransform,
+                         alternatives: list[LinearTransform], report: StageReport) -> LinearTransform:
+    """The stage's first (coarsest) level optimised from several starts, and the best optimum kept: ``start``,
+    the ``alternatives`` (other starts the moments stage scored) and, with ``search``, the best ``keep`` of the
+    :func:`_search_candidates` poses scored by the stage's masked loss on the level (:func:`_pose_score`): a
+    global search for starts beyond gradient descent's reach (greedy's ``-search``, ANTs' ``antsAI``). The
+    optima are compared by :func:`_pose_score`; the kept run's level report is the stage's first."""
+    kind = run.stage["type"]
+    search = run.stage.get("search") or {"candidates": 1, "keep": 1, "angle_deg": 0.0, "translation_mm": 0.0}
+    level_key = run.level_key(0)
+    fl, ml = prob.levels(*level_key)
+    t0 = time.perf_counter()
+    candidates = _search_candidates(prob, search, kind, start, run.seed)
+    h_start = torch.as_tensor(start.homogeneous(), dtype=torch.float32, device=prob.device)
+    fsum = float(fl.mask.sum())
+    start_weight = _overlap(_Sampler(fl, ml, fl.image, ml.image), h_start, fsum)[0]
+    min_weight = max(0.5 * start_weight, level_min_overlap(run.min_overlap, fsum))
+    scores = np.array([_pose_score(prob, run, level_key, c, min_weight) for c in candidates])
+    keep = int(search["keep"])
+    order = [int(i) for i in np.argsort(scores, kind="stable")[:keep] if np.isfinite(scores[i])]
+    if 0 not in order:  # the start itself is always refined: the search can only add to it
+        order = order[: keep - 1] + [0]
+    if run.stage.get("search"):
+        log.info("%sstage %s: search scored %d poses (±%g°, ±%g mm) by %s in %.2f s; start %.5g, best %.5g",
+                 where(prob.subject), kind, len(candidates), search["angle_deg"], search["translation_mm"],
+                 run.loss_name, time.perf_counter() - t0, scores[0], float(np.min(scores)))
+    candidates += alternatives
+    order += list(range(len(candidates) - len(alternatives), len(candidates)))
+    best: tuple[float, LinearTransform, StageReport, int] | None = None
+    first_error: OverlapError | None = None
+    for i in order:
+        rep = StageReport(report.type, report.loss, 0.0)
+        try:
+            end = _run_linear_level(prob, run, 0, candidates[i], rep)
+        except OverlapError as exc:
+            first_error = first_error or exc
+            continue
+        score = _pose_score(prob, run, level_key, end, 0.0)
+        if best is None or score < best[0]:
+            best = (score, end, rep, i)
+    if best is None:
+        assert first_error is not None
+        raise first_error
+    log.info("%sstage %s: level 1 optimised from %d starts; kept %s (%s %.5g)", where(prob.subject), kind,
+             len(order), "the start" if best[3] == 0 else f"start {order.index(best[3]) + 1}", run.loss_name, best[0])
+    report.levels.extend(best[2].levels)
+    return best[1]
+
+
+def _run_linear_level(prob: _Problem, run: _LinearRun, li: int, current: LinearTransform,
+                      report: StageReport) -> LinearTransform:
+    """One pyramid level of a linear stage from ``current``; appends its :class:`LevelReport` to ``report`` and
+    returns the level's transform (fixed → moving points)."""
+    stage, loss_name, loss_fn, random_n = run.stage, run.loss_name, run.loss_fn, run.random_n
+    fraction, seed, min_overlap, gen = run.fraction, run.seed, run.min_overlap, run.gen
+    kind, scales = stage["type"], stage["scales"]
+    scale, n_it = int(scales[li]), int(stage["iterations"][li])
+    dev = prob.device
+    t0 = time.perf_counter()
+    level_key = run.level_key(li)
+    fl, ml = prob.levels(*level_key)
+    f_n, m_n = prob.normalised(level_key, loss_name, current)
+    maps = _level_maps(fl.grid, ml.grid, dev)
+    fsum = float(fl.mask.sum())
+    p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
+    h0 = lin.homogeneous(kind, p.detach(), current, prob.radius)
+    # pointwise losses: jittered fixed-mask points, gradient through the moving gradient image (see
+    # maskreg.points: no interpolation bias, no grid_sample backward); cc: every voxel, through autograd
+    if loss_name in NEEDS_DENSE:
+        points, dense = None, _Sampler(fl, ml, f_n, m_n)
+        ow = _overlap(dense, h0, fsum)[0]
     else:
-        s["learning_rate"] = ([float(rate[0])] * n + [float(r) for r in rate])[-n:]
-    return s
+        points = (PointLoss(f_n, fl.mask, m_n, ml.mask, gen, random_n) if random_n
+                  else prob.point_loss(level_key, loss_name, fraction, seed, current))
+        ow = points.overlap(_theta(h0, maps, prob.dim)[0])[0]
+    level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
+    _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
+    lr = stage["learning_rate"][li] * float(np.mean(fl.grid.spacing))
+    opt = (_RegularStep if stage["optimizer"] == "regular_step" else _Adam)(p, _schedule(lr, n_it, dev))
+    trace = torch.zeros(max(n_it, 1), device=dev)
+    start_t = lin.start_tensors(current, dev)
+    window, bins = int(stage["window"]), int(stage["bins"])
+
+    def iteration(_key) -> None:  # graph-safe: see maskreg.stepper
+        h = lin.homogeneous(kind, p, start_t, prob.radius)
+        if points is not None:
+            theta = _theta(h, maps, prob.dim)[0]
+            loss, dtheta = points(theta, VALUE_AND_GRAD[loss_name], bins=bins)
+            # chain through θ as a scalar: autograd.grad with grad_outputs imports sympy (0.7 s, once)
+            (grad,) = torch.autograd.grad((theta * dtheta).sum(), [p])
+        else:
+            fixed_v, warped_v, w = dense(h)
+            loss = loss_fn(fixed_v, warped_v, w, window=window, bins=bins)
+            (grad,) = torch.autograd.grad(loss, [p])
+        trace.index_copy_(0, opt.t, loss.detach().reshape(1))
+        opt.step(grad)
+    # random sampling draws new points at every iteration: not graph-safe, so eager
+    stepper = Stepper(iteration, dev, graphs=not random_n)
+    # a loss drawn from random samples is noisy by construction: its plateau test would stop at random,
+    # so random sampling runs the level's whole (cosine-decayed) schedule
+    tol = 0.0 if random_n else float(stage["tolerance"])
+    converged, it = False, 0
+    bar = None
+    if _interactive():
+        from tqdm import tqdm
+        bar = tqdm(total=n_it, desc=f"{kind} s{scale}", leave=False)
+    for it in range(1, n_it + 1):
+        stepper()
+        if bar is not None:
+            bar.update(1)
+        # tolerance 0 turns both early stops off (random sampling: a noisy gradient halves the step at random)
+        if _plateau(trace, it, tol) or (tol > 0 and it % 5 == 0 and opt.converged()):
+            converged = True
+            break
+    if bar is not None:
+        bar.close()
+    stepper.close()
+    current = lin.to_linear(kind, p.detach(), current, prob.radius)
+    h_end = lin.homogeneous(kind, torch.zeros_like(p), current, prob.radius)
+    if points is None:
+        end_overlap = _overlap(dense, h_end, fsum)[:2]
+    else:
+        end_overlap = points.overlap(_theta(h_end, maps, prob.dim)[0])
+    _finish_level(prob, report, level_name, fl.grid, scale, it, trace, end_overlap, fsum, t0, converged,
+                  loss_name, ow, min_overlap)
+    return current
+
+
+def _stage_config(stage: dict) -> dict:
+    """A linear or deformable stage with every setting filled: :func:`maskreg.stages.resolve_stage`."""
+    return resolve_stage(stage)
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
@@ -800,7 +933,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
     ``[1Warp.nii.gz, 0GenericAffine.mat]``, :func:`maskreg.transforms.read_transform`) is kept fixed and the
     stages register the fixed image to the moving image resampled through it, as ANTs'
     ``--initial-moving-transform`` does; the result is the whole chain (see :func:`_after_nonlinear_initial`).
+
+    A bad stage list raises :class:`~maskreg.errors.ConfigError` listing every problem before any work is done
+    (:func:`maskreg.stages.stage_list_problems`, the checks of the CLI and the workflow's config validation).
     """
+    check_stages(stages, sampling, where(subject))
     if initial is not None and not isinstance(initial, LinearTransform):
         try:
             initial = LinearTransform.from_sitk(initial)
@@ -827,6 +964,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
     t_setup = _synced_clock(dev)
     current = LinearTransform.identity(prob.dim, center) if initial is None else _recenter(initial, center)
     reports: list[StageReport] = []
+    alternatives: list[LinearTransform] = []  # other starts for the next linear stage (from moments)
     state: FieldState | None = None
     for i, raw in enumerate(stages if stages is not None else DEFAULT_STAGES):
         kind = raw["type"]
@@ -841,7 +979,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
         if state is not None:
             raise MaskregError(f"stage {i + 1} ({kind}): linear stages must come before deformable ones.")
         if kind == "moments":
-            current = _moments(prob, current, raw)
+            alternatives = []
+            current = _moments(prob, current, raw, alternatives)
             reports.append(StageReport("moments", None, round(time.perf_counter() - t0, 3)))
             log.info("%sstage moments: translation %s mm", where(subject),
                      np.array2string(current.translation, precision=2))
@@ -851,7 +990,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
                                f"{', '.join(lin.LINEAR_STAGES + dfm.DEFORMABLE_STAGES)})")
         stage = _stage_config(raw)
         rep = StageReport(kind, get_loss(stage["loss"])[0], 0.0)
-        current = _run_linear_stage(prob, stage, current, sampling, min_overlap_voxels, seed + i, rep)
+        current = _run_linear_stage(prob, stage, current, sampling, min_overlap_voxels, seed + i, rep, alternatives)
+        alternatives = []
         rep.seconds = round(time.perf_counter() - t0, 3)
         reports.append(rep)
     result = RegistrationResult(current, prob.fgrid, str(dev), 0.0, reports)
@@ -949,19 +1089,15 @@ class FieldState:
 
 
 def _deformable_config(stage: dict) -> dict:
-    """:func:`_stage_config` over the deformable defaults and the stage type's own."""
-    return _stage_config(stage, {**dfm.DEFORMABLE_DEFAULTS, **dfm.TYPE_DEFAULTS.get(stage.get("type", ""), {})})
+    """A deformable stage with every setting filled: :func:`maskreg.stages.resolve_stage`."""
+    return resolve_stage(stage)
 
 
 def resolved_stage(stage: dict) -> dict:
-    """A stage as :func:`register` runs it: every setting, the defaults filled in and ``learning_rate`` one
-    value per scale (``moments`` takes none and comes back as given). For reports and benchmarks."""
-    kind = stage.get("type")
-    if kind in dfm.DEFORMABLE_STAGES:
-        return _deformable_config(stage)
-    if kind in lin.LINEAR_STAGES:
-        return _stage_config(stage)
-    return dict(stage)
+    """A stage as :func:`register` runs it (:func:`maskreg.stages.resolve_stage`): every setting, the defaults
+    filled in and ``learning_rate`` one value per scale (``moments`` comes back as given). For reports and
+    benchmarks."""
+    return resolve_stage(stage)
 
 
 def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, state: FieldState | None,
@@ -973,9 +1109,9 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
     sigmas = stage.get("smoothing_sigmas") or [None] * len(stage["scales"])
     if state is not None and state.kind != kind:
         raise MaskregError(f"stage {kind} cannot follow a {state.kind} stage; use one deformable type.")
-    for li, (scale, n_it, sig) in enumerate(zip(stage["scales"], stage["iterations"], sigmas)):
+    for li, (scale, n_it, sig) in enumerate(zip(stage["scales"], stage["iterations"], sigmas, strict=True)):
         t0 = time.perf_counter()
-        level_key = (int(scale), sig, bool(stage.get("use_mask", True)))
+        level_key = (int(scale), sig, mask_use(stage))
         fl, ml = prob.levels(*level_key)
         f_n, m_n = prob.normalised(level_key, loss_name, linear)  # shared with the linear stages at the same level
         # the field lives on the fixed mask's box plus a margin (the ROI box), not on the whole level grid
@@ -1114,6 +1250,10 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             fs_l = fs.detach().requires_grad_(kind == "syn")
             ms_l = ms.detach().requires_grad_(True)
             loss, total = objective(fs_l, ms_l, w)
+            if kind == "syn" and loss_name in MOVING_GRADIENT_ONLY:
+                # mi/nmi bin their first argument without a gradient (Mattes' zero-order window), so the fixed
+                # side's gradient comes from the same (symmetric) loss with the roles swapped
+                total = total + loss_fn(ms[:, :1], fs_l[:, :1], w, window=window, bins=bins)
             leaves = [ms_l] + ([fs_l] if kind == "syn" else [])
             if _has_reg(stage):
                 field = buf.detach().requires_grad_(True)

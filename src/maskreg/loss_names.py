@@ -7,6 +7,8 @@ ALIASES = {"masked_mse": "mse", "masked_cc": "cc", "masked_mi": "mi", "masked_nm
            "ncc": "cc"}
 # losses computed over neighbourhoods: they need the dense grid, not scattered samples
 NEEDS_DENSE = {"cc"}
+# losses differentiable in the moving (second) image only: the histogram bins the fixed one by nearest bin
+MOVING_GRADIENT_ONLY = {"mi", "nmi"}
 
 
 def canonical(name: str) -> str:

@@ -257,8 +257,14 @@ class Level:
 
 
 def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
-               sigma_vox: float | None = None, target_min_spacing: float | None = None) -> Level:
-    """Build the level at shrink ``scale`` (1 = full resolution).
+               sigma_vox: float | None = None, target_min_spacing: float | None = None,
+               smooth_within: torch.Tensor | None = None) -> Level:
+    """Build the level at shrink ``scale`` (1 = full resolution): the image smoothed and decimated, ``mask``
+    box-averaged onto the same grid.
+
+    The image is smoothed by normalised convolution ``G*(I·s) / G*s`` within ``smooth_within`` (``s``; a
+    ``valid`` mask, outside which the image holds nothing), or within the image's own extent when it is
+    ``None`` (an ``roi`` mask: the anatomy outside it is real and is smoothed in, as in the other image).
 
     ``target_min_spacing`` lets the moving image follow the fixed image's level spacing (mm); by default the
     level spacing is ``scale * min(spacing)``. Smoothing sigma per axis is ``factor/2`` voxels of that axis
@@ -274,8 +280,9 @@ def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
     else:
         sig = tuple(sigma_vox * min_sp / s for s in grid.spacing)
     sig_t = tuple(reversed(sig))
+    within = torch.ones_like(image) if smooth_within is None else smooth_within
     if all(f == 1 for f in factors):
-        smoothed = normalised_blur(image, mask, sig_t)
+        smoothed = normalised_blur(image, within, sig_t)
         return Level(grid, smoothed, mask, factors)
     # normalised convolution G*(I·m) / G*m, its two sums blurred and decimated axis by axis as two channels of
     # one tensor: the ratio is taken on the coarse grid
@@ -285,6 +292,6 @@ def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
     coarse = grid.shrink(factors, pads)
     f_t = tuple(reversed(factors))
     kernels = tuple(gaussian_weights(float(s)) if s > 0 else None for s in sig_t)
-    num_den = filter_decimate(_pad_low(torch.cat([image * mask, mask], 1), pads), kernels, f_t, coarse.shape)
+    num_den = filter_decimate(_pad_low(torch.cat([image * within, within], 1), pads), kernels, f_t, coarse.shape)
     img = _ratio(num_den[:, :1], num_den[:, 1:])
     return Level(coarse, img, downsample_mask(mask, grid, coarse, factors), factors)
