@@ -208,6 +208,19 @@ def test_cohort_summary_all_failed_and_single(tmp_path):
     assert _count_colour(ok, F.C_FAILED, tol=0.08) == 0  # nothing red when nothing failed
 
 
+def test_cohort_summary_marks_flagged_subjects(tmp_path):
+    df = _metrics()
+    df["flags"] = ["", "ncc_worse;folding", np.nan, ""]
+    df.loc[3, ["status", "error"]] = ["failed", "OverlapError: only 12 voxels overlap"]
+    df.loc[3, "flags"] = "folding"  # a failed subject is never drawn as flagged
+    img = _read_png(F.cohort_summary(df, tmp_path / "flagged.png"))
+    assert _count_colour(img, F.C_FLAGGED, tol=0.08) > 50  # amber triangles and tick label
+    assert _count_colour(img, F.C_FAILED, tol=0.08) > 50
+    df["flags"] = ""
+    plain = _read_png(F.cohort_summary(df, tmp_path / "plain.png"))
+    assert _count_colour(plain, F.C_FLAGGED, tol=0.08) == 0  # nothing amber when nothing is flagged
+
+
 def test_cohort_summary_missing_columns(tmp_path):
     df = pd.DataFrame({"subject": ["a", "b"], "status": ["ok", "failed"]})
     assert (tmp_path / "c.png") == F.cohort_summary(df, tmp_path / "c.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,30 @@ def test_deformable_fields_are_diffeomorphic_and_invertible(demo_run):
     back = np.array([w.TransformPoint(u.TransformPoint(p.tolist())) for p in pts])
     assert np.abs(sitk.GetArrayFromImage(fwd)).max() > 1.0  # a real deformation
     assert np.linalg.norm(back - pts, axis=1).mean() < 0.1 * min(fixed.GetSpacing())
+
+
+def test_demo_cohort_flags(demo_run):
+    """results/cohort/metrics.tsv has the flags column (also each subject's qc/metrics.tsv); the demo's good
+    registrations raise no flag, and changing a flag threshold reruns only qc_subject and cohort."""
+    work, _ = demo_run
+    metrics = pd.read_csv(work / "results/cohort/metrics.tsv", sep="\t", keep_default_na=False).set_index("subject")
+    assert "flags" in metrics.columns and "displacement_max_mm" in metrics.columns
+    for s in SUBJECTS:
+        assert metrics.loc[s, "status"] == "ok"
+        assert metrics.loc[s, "flags"] == "", (s, metrics.loc[s].to_dict())
+        assert float(metrics.loc[s, "overlap_fraction"]) > 0.3
+        shift, size = float(metrics.loc[s, "displacement_max_mm"]), float(metrics.loc[s, "fixed_mask_diagonal_mm"])
+        assert 0 < shift < 0.1 * size
+        own = pd.read_csv(work / f"results/{s}/qc/metrics.tsv", sep="\t", keep_default_na=False)
+        assert own["flags"].iloc[0] == ""
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["qc"]["flags"]["folding"] = 0.5
+    (work / "flags.yaml").write_text(yaml.safe_dump(cfg))
+    dry = snakemake(work, "-n", "--cores", "1", "--configfile", str(work / "flags.yaml"))
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    out = dry.stdout + dry.stderr
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))  # the job stats table
+    assert jobs == {"qc_subject": "6", "cohort": "1", "all": "1", "total": "8"}, out[-3000:]
 
 
 def test_transform_files_reproduce_warped_image_with_simpleitk(demo_run):

@@ -36,7 +36,8 @@ rule qc_masks:
             labels={"subject": "{subject}", "figure": "masks"},
         ),
     params:
-        qc=config["qc"],
+        # not the flag thresholds: changing qc.flags reruns only qc_subject and cohort
+        qc={k: v for k, v in config["qc"].items() if k != "flags"},
     log:
         "logs/{subject}/qc_masks.log",
     benchmark:
@@ -72,6 +73,7 @@ rule qc_subject:
         ),
     params:
         qc=config["qc"],
+        flags=config["qc"]["flags"],  # thresholds of the flags column (maskreg.qc.flags)
     log:
         "logs/{subject}/qc_subject.log",
     benchmark:

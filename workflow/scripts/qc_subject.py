@@ -23,15 +23,19 @@ with logs.job(sm.log[0]) as log:
     fixed_mask, warped, warped_mask = read("fixed_mask"), read("warped"), read("warped_mask")
     row, dice, extra = evaluate.subject_metrics(
         s, fixed, moving, fixed_mask, read("moving_mask"), warped, warped_mask,
-        chain, linear.matrix, evaluate.read_report(inp.report), **labels, **points, field=field)
+        chain, linear.matrix, evaluate.read_report(inp.report), **labels, **points, field=field,
+        flag_thresholds=dict(sm.params.flags))
     io.write_table(pd.DataFrame([row], columns=evaluate.METRIC_COLUMNS), sm.output.metrics)
     io.write_table(dice, sm.output.dice)
     title = f"{s}   NCC {row['ncc_before']:.3f} → {row['ncc_after']:.3f}"
     if labels:
         title += f"   mean Dice {row['dice_before']:.3f} → {row['dice_after']:.3f}"
+    if row["flags"]:
+        title += f"   flags: {row['flags'].replace(';', ', ')}"
     figures.registration_overlay(fixed, extra["before"], warped, sm.output.figure,
                                  fixed_mask=fixed_mask, warped_mask=warped_mask,
                                  fixed_labels=labels.get("fixed_labels"),
                                  warped_labels=labels.get("warped_labels"), jacobian=extra["jacobian"],
                                  title=title)
-    log.info("%s", {k: row[k] for k in ("ncc_before", "ncc_after", "dice_before", "dice_after")})
+    log.info("%s", {k: row[k] for k in ("ncc_before", "ncc_after", "dice_before", "dice_after",
+                                        "displacement_max_mm", "flags")})

@@ -2,7 +2,8 @@
 
 "Before" means the moving data resampled on the fixed grid with the identity transform (physical
 coordinates as the scanner gave them); "after" means with the registration's transform. NCC is computed
-inside ``fixed_mask · moved moving_mask`` (the voxels the registration could use).
+inside ``fixed_mask · moved moving_mask`` (the voxels the registration could use). The ``flags`` column names
+what looks wrong with a finished registration (:mod:`maskreg.qc.flags`); the status stays ``ok``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import pandas as pd
 import SimpleITK as sitk
 
 from maskreg import logs
+from maskreg.qc import flags as qc_flags
 from maskreg.qc.metrics import dice_per_label, jacobian_determinant, jacobian_stats, masked_ncc, mean_dice, tre
 from maskreg.warp import common_labels, warp_image, warp_labels, warp_mask, warp_points
 
-METRIC_COLUMNS = ["subject", "status", "device", "seconds", "overlap_voxels", "ncc_before", "ncc_after",
-                  "dice_before", "dice_after", "jacobian_min", "jacobian_nonpositive_fraction", "tre_before_mm",
-                  "tre_after_mm", "tre_before_max_mm", "tre_after_max_mm", "error"]
+METRIC_COLUMNS = ["subject", "status", "device", "seconds", "overlap_voxels", "overlap_fraction", "ncc_before",
+                  "ncc_after", "dice_before", "dice_after", "jacobian_min", "jacobian_nonpositive_fraction",
+                  "displacement_max_mm", "fixed_mask_diagonal_mm", "tre_before_mm", "tre_after_mm",
+                  "tre_before_max_mm", "tre_after_max_mm", "flags", "error"]
 DICE_COLUMNS = ["subject", "label", "dice_before", "dice_after"]
 
 
@@ -30,21 +33,55 @@ def _weight(fixed_mask: sitk.Image, moved_mask: sitk.Image) -> np.ndarray:
     return (sitk.GetArrayFromImage(fixed_mask) > 0) & (sitk.GetArrayFromImage(moved_mask) > 0)
 
 
+def displacement_max_mm(field: sitk.Image, mask: sitk.Image | None = None) -> float:
+    """The largest displacement length (mm) of a displacement-field image over ``mask > 0`` (every voxel when
+    None); nan when the mask is empty. ``mask`` lies on the field's grid."""
+    u = sitk.GetArrayViewFromImage(field).astype(np.float64)
+    length = np.sqrt(np.square(u).sum(axis=-1)) if field.GetNumberOfComponentsPerPixel() > 1 else np.abs(u)
+    if mask is not None:
+        if tuple(mask.GetSize()) != tuple(field.GetSize()):
+            raise ValueError(f"displacement_max_mm: mask size {mask.GetSize()} differs from the field's "
+                             f"{field.GetSize()}; resample onto the fixed grid first.")
+        length = length[sitk.GetArrayViewFromImage(mask) > 0]
+    return float(length.max()) if length.size else math.nan
+
+
+def mask_diagonal_mm(mask: sitk.Image) -> float:
+    """The diagonal (mm) of the bounding box of ``mask > 0`` along the image's axes; nan when empty."""
+    idx = np.nonzero(sitk.GetArrayViewFromImage(mask) > 0)
+    if idx[0].size == 0:
+        return math.nan
+    voxels = np.array([i.max() - i.min() + 1 for i in idx[::-1]], dtype=np.float64)  # x, y[, z]
+    return float(np.linalg.norm(voxels * np.asarray(mask.GetSpacing())))
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
                     moving_mask: sitk.Image, warped: sitk.Image, warped_mask: sitk.Image,
                     transform: sitk.Transform, linear_matrix: np.ndarray, report: dict,
                     fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
                     warped_labels: sitk.Image | None = None, fixed_points: np.ndarray | None = None,
-                    moving_points: np.ndarray | None = None, field: sitk.Image | None = None
-                    ) -> tuple[dict, pd.DataFrame, dict]:
+                    moving_points: np.ndarray | None = None, field: sitk.Image | None = None,
+                    flag_thresholds: dict | None = None) -> tuple[dict, pd.DataFrame, dict]:
     """One metrics row (``METRIC_COLUMNS``), the Dice table and the "before" images (and the Jacobian
-    determinant map when ``field``, the displacement applied before the linear part, is given)."""
+    determinant map when ``field``, the displacement applied before the linear part, is given).
+
+    ``flags`` is computed from the row by :func:`maskreg.qc.flags.subject_flags` with ``flag_thresholds``
+    (config ``qc.flags``; the defaults when None)."""
     identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
     before = warp_image(moving, fixed, identity)
     before_mask = warp_mask(moving_mask, fixed, identity)
     row = {c: math.nan for c in METRIC_COLUMNS}
     row.update(subject=subject, status="ok", device=report.get("device", ""), error="",
-               seconds=report.get("seconds", math.nan), overlap_voxels=report.get("overlap_voxels", math.nan))
+               seconds=report.get("seconds", math.nan), overlap_voxels=report.get("overlap_voxels", math.nan),
+               overlap_fraction=_float(report.get("overlap_fraction")))
+    row["fixed_mask_diagonal_mm"] = mask_diagonal_mm(fixed_mask)
     row["ncc_before"] = masked_ncc(fixed, before, _weight(fixed_mask, before_mask))
     row["ncc_after"] = masked_ncc(fixed, warped, _weight(fixed_mask, warped_mask))
     # T = L ∘ (id + u): det J_T = det(A) · det(I + ∇u); linear only: det(A) everywhere
@@ -58,6 +95,7 @@ def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_m
         stats = jacobian_stats(jac, fixed_mask)
         row["jacobian_min"] = stats["jacobian_min"]
         row["jacobian_nonpositive_fraction"] = stats["jacobian_nonpositive_fraction"]
+        row["displacement_max_mm"] = displacement_max_mm(field, fixed_mask)
     dice_rows = pd.DataFrame(columns=DICE_COLUMNS)
     extra = {"before": before, "before_mask": before_mask, "before_labels": None, "jacobian": jac}
     if fixed_labels is not None and moving_labels is not None and warped_labels is not None:
@@ -75,6 +113,7 @@ def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_m
         t1 = tre(warp_points(fixed_points, transform), moving_points, subject=subject)
         row["tre_before_mm"], row["tre_before_max_mm"] = t0["tre_mean_mm"], t0["tre_max_mm"]
         row["tre_after_mm"], row["tre_after_max_mm"] = t1["tre_mean_mm"], t1["tre_max_mm"]
+    row["flags"] = qc_flags.format_flags(qc_flags.subject_flags(row, flag_thresholds))
     return row, dice_rows, extra
 
 
@@ -85,7 +124,7 @@ def read_report(path: str | os.PathLike) -> dict:
 
 def failed_row(subject: str, error: str) -> dict:
     row = {c: math.nan for c in METRIC_COLUMNS}
-    row.update(subject=subject, status="failed", device="", error=error)
+    row.update(subject=subject, status="failed", device="", flags="", error=error)
     return row
 
 
@@ -112,6 +151,7 @@ def cohort_tables(subjects: list[str], results_dir: str | os.PathLike = "results
                 break
         rows.append(failed_row(s, err or "not run (an upstream job failed or was not scheduled)"))
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    metrics["flags"] = [qc_flags.format_flags(qc_flags.parse_flags(f)) for f in metrics["flags"]]
     dice_df = pd.concat(dice, ignore_index=True) if dice else pd.DataFrame(columns=DICE_COLUMNS)
     return metrics, dice_df
 

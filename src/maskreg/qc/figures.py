@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from maskreg.io import atomic_path
 from maskreg.masks import centroid_index
+from maskreg.qc.flags import parse_flags
 
 __all__ = [
     "registration_overlay",
@@ -61,6 +62,7 @@ C_FIXED_LABEL = "#ffe600"     # yellow, solid
 C_WARPED_LABEL = "#ff2bd6"    # magenta, dashed
 C_FOLD = "#39ff14"            # neon green: Jacobian ≤ 0
 C_FAILED = "#d62728"          # red
+C_FLAGGED = "#e69f00"         # amber: finished, but flagged for a look (maskreg.qc.flags)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -582,9 +584,11 @@ def cohort_summary(metrics: pd.DataFrame, out_png: str | os.PathLike) -> Path:
 
     ``metrics`` has one row per subject with columns ``subject``, ``status`` ("ok"/"failed"), ``seconds``,
     ``ncc_before``, ``ncc_after``, ``dice_before``, ``dice_after``, ``tre_before_mm``, ``tre_after_mm``
-    (missing columns or cells are treated as absent). Panels share the subject axis: NCC before → after,
-    Dice before → after and TRE before → after (each when any value exists) and runtime. Failed subjects
-    get a red band, a red ✗ in every panel and a red "(failed)" tick label.
+    and ``flags`` (missing columns or cells are treated as absent). Panels share the subject axis: NCC before
+    → after, Dice before → after and TRE before → after (each when any value exists) and runtime. Failed
+    subjects get a red band, a red ✗ in every panel and a red "(failed)" tick label. Flagged subjects (a
+    non-empty ``flags`` cell, :mod:`maskreg.qc.flags`) get an amber band, an amber ▲ at the top of every panel
+    and an amber tick label that lists their flags.
     """
     df = metrics.reset_index(drop=True)
     n = len(df)
@@ -593,6 +597,9 @@ def cohort_summary(metrics: pd.DataFrame, out_png: str | os.PathLike) -> Path:
     status = (df["status"].astype(str).str.strip().str.lower() if "status" in df.columns
               else pd.Series(["ok"] * n))
     failed = (status == "failed").to_numpy()
+    flag_names = [[] if f else parse_flags(c)
+                  for f, c in zip(failed, df["flags"] if "flags" in df.columns else [None] * n)]
+    flagged = np.array([bool(names) for names in flag_names], dtype=bool)
     x = np.arange(n)
 
     panels = [("NCC (masked)", "ncc_before", "ncc_after", False)]
@@ -608,6 +615,8 @@ def cohort_summary(metrics: pd.DataFrame, out_png: str | os.PathLike) -> Path:
     for ax, (ylabel, before, after, from_zero) in zip(axes, panels):
         for i in np.flatnonzero(failed):
             ax.axvspan(i - 0.45, i + 0.45, color=C_FAILED, alpha=0.12, lw=0)
+        for i in np.flatnonzero(flagged):
+            ax.axvspan(i - 0.45, i + 0.45, color=C_FLAGGED, alpha=0.15, lw=0)
         if after is None:  # runtime bars
             y = _col(df, before)
             colours = [C_FAILED if f else "#4c72b0" for f in failed]
@@ -639,6 +648,11 @@ def cohort_summary(metrics: pd.DataFrame, out_png: str | os.PathLike) -> Path:
         for i in np.flatnonzero(failed):
             ax.plot([i], [ylo + 0.1 * (yhi - ylo) if after is not None else ref], marker="x",
                     color=C_FAILED, ms=10, mew=2.5, ls="none", clip_on=False, zorder=5)
+        if flagged.any():  # headroom above the values for the flag markers
+            yhi = yhi + 0.18 * (yhi - ylo)
+        for i in np.flatnonzero(flagged):
+            ax.plot([i], [ylo + 0.93 * (yhi - ylo)], marker="^", color=C_FLAGGED, mec="0.25", ms=9,
+                    ls="none", clip_on=False, zorder=5)
         ax.set_ylim(ylo, yhi)
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -646,18 +660,25 @@ def cohort_summary(metrics: pd.DataFrame, out_png: str | os.PathLike) -> Path:
                Line2D([], [], marker="o", color="#1f77b4", ls="none", label="after")]
     if failed.any():
         handles.append(Line2D([], [], marker="x", color=C_FAILED, mew=2.5, ls="none", label="failed subject"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=9, frameon=False)
+    if flagged.any():
+        handles.append(Line2D([], [], marker="^", color=C_FLAGGED, mec="0.25", ls="none",
+                              label="flagged subject [flags]"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=9, frameon=False)
     axes[-1].set_xticks(x)
-    axes[-1].set_xticklabels([f"{s} (failed)" if f else s for s, f in zip(subjects, failed)],
-                             rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center", fontsize=8)
-    for lab, f in zip(axes[-1].get_xticklabels(), failed):
-        if f:
-            lab.set_color(C_FAILED)
+    ticks = [f"{s} (failed)" if f else (f"{s} [{', '.join(names)}]" if names else s)
+             for s, f, names in zip(subjects, failed, flag_names)]
+    axes[-1].set_xticklabels(ticks, rotation=45 if n > 3 or flagged.any() else 0,
+                             ha="right" if n > 3 or flagged.any() else "center", fontsize=8)
+    for lab, f, g in zip(axes[-1].get_xticklabels(), failed, flagged):
+        if f or g:
+            lab.set_color(C_FAILED if f else C_FLAGGED)
             lab.set_fontweight("bold")
     pad = 0.6 if n >= 3 else 1.2
     axes[-1].set_xlim(-pad, n - 1 + pad)
-    n_failed = int(failed.sum())
+    n_failed, n_flagged = int(failed.sum()), int(flagged.sum())
     head = f"Cohort summary: {n} subject{'s' if n != 1 else ''}"
+    if n_flagged:
+        head += f", {n_flagged} flagged"
     if n_failed:
         fig.suptitle(f"{head} — {n_failed} FAILED", fontsize=12, fontweight="bold", color=C_FAILED)
     else:
