@@ -338,15 +338,18 @@ def _normalised_intensities(fl: Level, ml: Level, loss_name: str, linear: Linear
     The moving mask alone would not do: without one (a fixed ROI only) or with a valid-pixel mask, it is the
     whole image, whose percentiles depend on how much background the scan holds: a 24 mm ROI in a 96 x 80 x 40
     image scaled the moving image by its 99.5th percentile, 1/6 of the ROI's intensities, and MI's bins clamped
-    the ROI to one bin. For ``mse`` one scale (the fixed image's) for both, since MSE compares raw values."""
+    the ROI to one bin. ``mse`` too: it compares values, so both images need one scale, and scans of the same
+    contrast from two scanners or a template (the demo's MNI brain spans 0–235 where the T1 spans 0–159) differ by
+    a gain and an offset that the fixed image's scale alone left in: SyN with mse then moved the brain out of
+    its mask to lower the error (overlap 49 %, Dice 0.311 from an affine's 0.595, 0.5 % folded voxels; each
+    image's own scale: 0.619, none folded). ``loss_name`` is kept for the callers' cache keys."""
     off, sc = intensity_scale(fl.image, fl.mask)
     f_n = (fl.image - off) / sc
-    if loss_name != "mse":
-        vals = _moving_sampled_values(fl, ml, linear)
-        if vals is not None:
-            off, sc = intensity_scale(vals, torch.ones_like(vals))
-        else:  # (almost) no overlap: the overlap check will say so; the moving mask's own values meanwhile
-            off, sc = intensity_scale(ml.image, ml.mask)
+    vals = _moving_sampled_values(fl, ml, linear)
+    if vals is not None:
+        off, sc = intensity_scale(vals, torch.ones_like(vals))
+    else:  # (almost) no overlap: the overlap check will say so; the moving mask's own values meanwhile
+        off, sc = intensity_scale(ml.image, ml.mask)
     return f_n, (ml.image - off) / sc
 
 
@@ -540,30 +543,42 @@ def _plateau(trace: torch.Tensor, it: int, tol: float, window: int = PLATEAU_WIN
     return (prev - last) / (abs(prev) + 1e-12) < tol
 
 
-def level_min_overlap(min_overlap: int, fixed_mask_sum: float) -> float:
-    """The overlap a level needs: ``min_overlap_voxels``, or half the level's fixed mask (sum of weights) where
-    that is smaller. A small ROI has few voxels at a coarse level (a 15 mm ball: ~30 at 8 mm), and failing it for
-    "too little overlap" while 90 % of it overlaps would be wrong; losing half of the mask is still an error."""
-    return min(float(min_overlap), 0.5 * fixed_mask_sum)
+def level_min_overlap(min_overlap: int, fixed_mask_sum: float, per_voxel: float = 1.0) -> float:
+    """The overlap a level needs, in the level's voxels: ``min_overlap_voxels`` full-resolution fixed voxels
+    (``per_voxel`` of them in one voxel of the level, so the same volume at every level), or half the level's
+    fixed mask (sum of weights) where that is smaller. A small ROI has few voxels at a coarse level (a 15 mm
+    ball: ~30 at 8 mm), and failing it for "too little overlap" while 90 % of it overlaps would be wrong; losing
+    half of the mask is still an error. Counted in coarse voxels, 100 voxels at shrink 4 in 3D were 6,400 at full
+    resolution: masks of different extents (a brain mask eroded through open sulci on one side, 1/3 of the
+    other's volume) failed the coarsest level with 82 while ANTs registered them."""
+    return min(float(min_overlap) / per_voxel, 0.5 * fixed_mask_sum)
 
 
-def _needed_text(need: float, min_overlap: int) -> str:
-    if need >= min_overlap:
-        return f"{need:.0f} are needed (min_overlap_voxels)"
-    return (f"{need:.0f} are needed (half the fixed mask at this level, which is smaller than "
+def voxels_per_level_voxel(prob: "_Problem", grid: Grid) -> float:
+    """How many full-resolution fixed voxels one voxel of ``grid`` (a level of the fixed image) holds."""
+    return float(np.prod(grid.spacing) / np.prod(prob.fgrid.spacing))
+
+
+def _needed_text(need: float, min_overlap: int, per_voxel: float = 1.0) -> str:
+    if need >= min_overlap / per_voxel - 1e-9:
+        if per_voxel <= 1:
+            return f"{need:.4g} are needed (min_overlap_voxels)"
+        return (f"{need:.4g} are needed (min_overlap_voxels = {min_overlap} full-resolution voxels, "
+                f"{per_voxel:.3g} in each voxel of this level)")
+    return (f"{need:.4g} are needed (half the fixed mask at this level, which is smaller than "
             f"min_overlap_voxels = {min_overlap})")
 
 
 def _check_start_overlap(prob: "_Problem", level_name: str, ow: float, fixed_mask_sum: float,
-                         min_overlap: int) -> None:
+                         min_overlap: int, per_voxel: float = 1.0) -> None:
     """Raise :class:`OverlapError` when a level starts with too little overlap; the advice depends on whether
     an earlier level had enough (then the optimisation, not the input, lost it)."""
-    need = level_min_overlap(min_overlap, fixed_mask_sum)
+    need = level_min_overlap(min_overlap, fixed_mask_sum, per_voxel)
     if ow >= need:
         return
     head = (f"{where(prob.subject)}{level_name}: only {ow:.0f} effective voxels of the fixed mask map inside the "
             f"moving image and its mask ({100 * ow / max(fixed_mask_sum, 1e-9):.1f}% of the fixed mask); at least "
-            f"{_needed_text(need, min_overlap)}. ")
+            f"{_needed_text(need, min_overlap, per_voxel)}. ")
     if prob.last_level is None:
         raise OverlapError(head + "Check the initial alignment, the masks and the fields of view.")
     name, fraction = prob.last_level
@@ -584,11 +599,12 @@ def _finish_level(prob: "_Problem", report: StageReport, level_name: str, grid: 
     ``min_overlap`` (it started with more)."""
     losses = trace[:it].cpu().tolist()
     ow, ov = overlap
-    need = level_min_overlap(min_overlap, fixed_mask_sum)
+    per_voxel = voxels_per_level_voxel(prob, grid)
+    need = level_min_overlap(min_overlap, fixed_mask_sum, per_voxel)
     if ow < need:
         raise OverlapError(f"{where(prob.subject)}{level_name}: the overlap fell from {start_overlap:.0f} effective "
                            f"voxels at the start of the level to {ow:.0f} after {it} iterations; at least "
-                           f"{_needed_text(need, min_overlap)}. The loss went from "
+                           f"{_needed_text(need, min_overlap, per_voxel)}. The loss went from "
                            f"{losses[0] if losses else math.nan:.5g} to {losses[-1] if losses else math.nan:.5g}, "
                            + _LOST_OVERLAP)
     prob.last_level = (level_name, ow / max(fixed_mask_sum, 1e-9))
@@ -789,7 +805,7 @@ def _refined_first_level(prob: _Problem, run: _LinearRun, start: LinearTransform
     h_start = torch.as_tensor(start.homogeneous(), dtype=torch.float32, device=prob.device)
     fsum = float(fl.mask.sum())
     start_weight = _overlap(_Sampler(fl, ml, fl.image, ml.image), h_start, fsum)[0]
-    min_weight = max(0.5 * start_weight, level_min_overlap(run.min_overlap, fsum))
+    min_weight = max(0.5 * start_weight, level_min_overlap(run.min_overlap, fsum, voxels_per_level_voxel(prob, fl.grid)))
     scores = np.array([_pose_score(prob, run, level_key, c, min_weight) for c in candidates])
     keep = int(search["keep"])
     order = [int(i) for i in np.argsort(scores, kind="stable")[:keep] if np.isfinite(scores[i])]
@@ -849,7 +865,7 @@ def _run_linear_level(prob: _Problem, run: _LinearRun, li: int, current: LinearT
                   else prob.point_loss(level_key, loss_name, fraction, seed, current))
         ow = points.overlap(_theta(h0, maps, prob.dim)[0])[0]
     level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
-    _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
+    _check_start_overlap(prob, level_name, ow, fsum, min_overlap, voxels_per_level_voxel(prob, fl.grid))
     lr = stage["learning_rate"][li] * float(np.mean(fl.grid.spacing))
     opt = (_RegularStep if stage["optimizer"] == "regular_step" else _Adam)(p, _schedule(lr, n_it, dev))
     trace = torch.zeros(max(n_it, 1), device=dev)
@@ -1195,7 +1211,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             w = first[0][2]
         ow, fsum = float(w.sum()), float(fl.mask.sum())  # the box holds the whole fixed mask
         level_name = f"stage {kind}, level {li + 1}/{len(stage['scales'])} (scale {scale})"
-        _check_start_overlap(prob, level_name, ow, fsum, min_overlap)
+        _check_start_overlap(prob, level_name, ow, fsum, min_overlap, voxels_per_level_voxel(prob, wgrid))
         trace = torch.zeros(max(n_it, 1), device=dev)
         tol = float(stage["tolerance"])
         lrs = _schedule(stage["learning_rate"][li], n_it, dev)
