@@ -1,0 +1,109 @@
+"""The differential matrix's quick subset (issue 25): one test per cell, each compared with ANTsPy run in the
+same test session under the same masks.
+
+Cells, data (``resources/demo``), the ANTsPy settings, the evaluation and the criteria live in
+``benchmarks/matrix_cells.py``; ``benchmarks/bench_matrix.py`` prints the whole matrix (``--quick``: these
+cells). A cell passes when maskreg raises nothing, its metric (mean Dice where labels exist, else the NCC inside
+the fixed mask) is at least ANTsPy's - 0.02 with cc, mi and moments, a deformable stage ends at or above its
+linear start, and nothing folds; a linear cc stage with random sampling must be refused with a ConfigError.
+Everything runs on one thread (about 60-90 s on 2 cores for the 25 cells, ANTsPy included).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytest.importorskip("ants", reason="antspyx is the reference of the matrix (pip install antspyx)")
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import matrix_cells as mx  # noqa: E402
+
+# Quick cells that fail a criterion at the time of writing, with the numbers measured (benchmarks/README.md,
+# "bench_matrix.py"): they run and are reported as expected failures; strict, so a fix turns them into an
+# XPASS error and the entry must go. The criteria themselves are not relaxed for them.
+KNOWN_FAILURES: dict[str, str] = {
+    # 2026-12-05, working tree on 121c868: mean Dice in the liver ROI 0.279 vs ANTsPy 0.306 (linear start 0.250);
+    # liver 0.672 vs 0.618, stomach 0.02 vs 0.25; ANTsPy's own result spreads 0.13-0.37 over seeds 1-4
+    "abdomen-both-syn-cc-dense-kernels": "Dice 0.279 < ANTsPy 0.306 - 0.02 (abdomen liver ROI)",
+}
+
+CELLS = [pytest.param(c, id=c.id, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[c.id]))
+         if c.id in KNOWN_FAILURES else pytest.param(c, id=c.id)
+         for c in mx.quick_cells(cuda=True)]  # the CUDA cells skip themselves without a GPU
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread for maskreg, ITK (SimpleITK and ANTs) and torch during these tests; restored afterwards."""
+    import os
+
+    import SimpleITK as sitk
+    import torch
+
+    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                 "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
+    saved_torch, saved_itk = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    mx.configure_threads(1)
+    from maskreg import cpu_kernels
+    cpu_kernels.warm_up()
+    yield
+    torch.set_num_threads(saved_torch)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved_itk)
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_matrix_cell(cell):
+    row = mx.run_cell(cell, threads=1)
+    shown = mx.format_rows([row])[0]
+    numbers = (f"{row.get('metric', 'metric')}: maskreg {shown['mr_f']}, ANTsPy {shown['ants_f']} "
+               f"({shown['ants']}), linear only {shown['lin_f']}, fold % {shown['fold_f']}")
+    if row["status"] == "SKIP":
+        pytest.skip(row["reason"])
+    if row["status"] == "NO-REF":
+        pytest.skip(f"no ANTsPy reference: {row['reason']}")
+    assert row["status"] == "PASS", f"{cell.id}: {row['reason']} [{numbers}]" + (
+        "\n" + row["error"] if row.get("error") else "")
+
+
+def test_cc_with_random_sampling_is_refused_before_any_work():
+    """The refusal is a ConfigError naming the stage and the reason, raised before the images are read."""
+    import maskreg
+    from maskreg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stage 1 \(rigid\): loss 'cc' needs dense sampling"):
+        maskreg.register(None, None, stages=[{"type": "moments"}, {"type": "rigid", "loss": "cc"}],
+                         sampling={"random": 100}, device="cpu", threads=1)
+
+
+def test_quick_subset_covers_the_matrix():
+    """The CI subset keeps every pair, mask situation, stage type, loss, sampling and CPU code path."""
+    cells = mx.quick_cells(cuda=False)
+    assert {c.pair for c in cells} == set(mx.PAIRS)
+    assert {c.masks for c in cells} == set(mx.SITUATIONS)
+    assert {c.stage for c in cells} == set(mx.STAGES)
+    assert {c.loss for c in cells} - {None} == set(mx.LOSSES)
+    assert {c.sampling for c in cells} == {"dense", "random"}
+    assert {c.path for c in cells} == {"kernels", "torch"}
+    assert any(c.rejected for c in cells)
+    assert len({c.id for c in cells}) == len(cells)
+    assert set(KNOWN_FAILURES) <= {c.id for c in cells}
+    full = mx.full_cells(cuda=False)
+    assert set(cells) <= set(full)
+    # every stage type x every loss on a pair with masks; every situation with cc and mi, affine and syn
+    for st in mx.LINEAR + mx.DEFORMABLE:
+        for loss in mx.LOSSES:
+            assert mx.Cell("b2d_16_64", "both", st, loss) in full
+    for pair in mx.PAIRS:
+        for masks in mx.PAIR_SITUATIONS[pair]:
+            for st in ("affine", "syn"):
+                for loss in ("cc", "mi"):
+                    assert mx.Cell(pair, masks, st, loss) in full
