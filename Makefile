@@ -1,6 +1,7 @@
 # Two entry points, both from a fresh clone:
 #   make demo   set up .venv, run the workflow on the demo cohort, build report.html
 #   make test   set up .venv, run the test suite
+# and, for development: make lint (ruff, snakefmt; CI runs it first) and make test-fast (unit tests only).
 # The venv sees the system's site-packages, so a machine that already has (a CUDA build of) torch uses it;
 # otherwise the CPU wheel torch==2.13.0 is installed first (a bare `torch` could pull a multi-GB CUDA build).
 
@@ -9,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +30,18 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# unit tests only, under 2 minutes on 2 CPU cores: no Snakemake or SLURM runs (markers workflow, slurm), no
+# unit test that took 4 s or more (marker slow), and not the modules that compare real registrations with
+# ANTsPy case by case (FAST_EXCLUDE); `make test` runs everything
+FAST_EXCLUDE := test_matrix test_mask_configurations
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not workflow and not slurm and not slow" $(FAST_EXCLUDE:%=--ignore=tests/%.py)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile workflow/rules
 
 clean:
 	rm -rf results logs report.html .snakemake

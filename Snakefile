@@ -25,8 +25,13 @@ onerror:
     # anyway, listing each failed subject with the ERROR line of its log; the run still exits non-zero
     from maskreg.qc.evaluate import write_cohort
 
-    m = write_cohort(SUBJECTS, "results/cohort/metrics.tsv", "results/cohort/dice.tsv",
-                     "results/cohort/summary.png", "results/cohort/failures.png")
+    m = write_cohort(
+        SUBJECTS,
+        "results/cohort/metrics.tsv",
+        "results/cohort/dice.tsv",
+        "results/cohort/summary.png",
+        "results/cohort/failures.png",
+    )
     failed = m[m.status == "failed"]
     print(f"maskreg: {len(failed)} of {len(m)} subject(s) failed; see results/cohort/metrics.tsv", file=sys.stderr)
     for _, row in failed.iterrows():
@@ -34,6 +39,6 @@ onerror:
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

@@ -121,8 +121,13 @@ def run_ants(fixed, moving, roi, tmp: Path):
     for name, img in (("fixed", fixed), ("moving", moving), ("roi", roi)):
         paths[name] = str(tmp / f"{name}.nii.gz")
         sitk.WriteImage(img, paths[name])
-    out = ants.registration(ants.image_read(paths["fixed"]), ants.image_read(paths["moving"]), "Rigid",
-                            mask=ants.image_read(paths["roi"]), random_seed=0)
+    out = ants.registration(
+        ants.image_read(paths["fixed"]),
+        ants.image_read(paths["moving"]),
+        "Rigid",
+        mask=ants.image_read(paths["roi"]),
+        random_seed=0,
+    )
     tx = read_transform(out["fwdtransforms"])
     return tx.to_sitk() if hasattr(tx, "to_sitk") else tx
 
@@ -138,30 +143,40 @@ def main() -> None:
     set_threads(args.threads)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
     print(machine_note())
-    print(f"offsets: {args.offsets} per scenario, up to {args.max_mm} mm and {args.max_deg}°; recovered: mean "
-          f"error over the ROI < 1 mm\n")
+    print(
+        f"offsets: {args.offsets} per scenario, up to {args.max_mm} mm and {args.max_deg}°; recovered: mean "
+        f"error over the ROI < 1 mm\n"
+    )
     print("| scenario | method | recovered | median error mm | 90th pct error mm | mean time s |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmpdir:
         for name, (image, centre, radius) in scenarios().items():
             roi = disc(image, centre, radius)
-            cases = [moved(image, roi, a, t, seed=k) for k, (a, t) in
-                     enumerate(offsets(args.offsets, args.max_mm, args.max_deg))]
+            cases = [
+                moved(image, roi, a, t, seed=k)
+                for k, (a, t) in enumerate(offsets(args.offsets, args.max_mm, args.max_deg))
+            ]
             for method in args.methods:
                 errors, seconds = [], []
                 for moving, truth in cases:
                     t0 = time.perf_counter()
                     try:
-                        tx = (run_ants(image, moving, roi, Path(tmpdir)) if method == "ants"
-                              else run_maskreg(method, image, moving, roi, args.threads))
+                        tx = (
+                            run_ants(image, moving, roi, Path(tmpdir))
+                            if method == "ants"
+                            else run_maskreg(method, image, moving, roi, args.threads)
+                        )
                         errors.append(error_mm(tx, truth, roi))
                     except Exception as exc:  # a failed case is not recovered; the table still prints
                         print(f"  {name} {method}: {type(exc).__name__}: {exc}", file=sys.stderr)
                         errors.append(math.inf)
                     seconds.append(time.perf_counter() - t0)
                 e = np.array(errors)
-                print(f"| {name} | {method} | {int((e < 1.0).sum())}/{len(e)} | {np.median(e):.2f} | "
-                      f"{np.percentile(e, 90):.2f} | {np.mean(seconds):.2f} |", flush=True)
+                print(
+                    f"| {name} | {method} | {int((e < 1.0).sum())}/{len(e)} | {np.median(e):.2f} | "
+                    f"{np.percentile(e, 90):.2f} | {np.mean(seconds):.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -50,14 +50,19 @@ def job_seconds(workdir: Path) -> dict[tuple[str, str], float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--cores", type=int, default=1, help="Snakemake --cores (default 1: jobs never overlap)")
     ap.add_argument("--configfile", default=str(REPO / "config" / "config.yaml"))
     ap.add_argument("--cohort", default=str(REPO / "config" / "cohort.tsv"))
     ap.add_argument("--workdir", help="run here (default: a new folder under benchmarks/out/cohort)")
-    ap.add_argument("--batch-size", type=int, default=1,
-                    help="resources.register.batch_size: subjects per registration job (default 1)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="resources.register.batch_size: subjects per registration job (default 1)",
+    )
     args = ap.parse_args()
     print(common.machine_note())
     floor = import_floor()
@@ -70,9 +75,25 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="run-", dir=common.OUT / "cohort"))
     overlay = work / "batch.yaml"  # merged over --configfile: only resources.register.batch_size changes
     overlay.write_text(f"resources:\n  register:\n    batch_size: {args.batch_size}\n")
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", args.configfile, str(overlay), "--config", f"cohort={os.path.abspath(args.cohort)}",
-           "--cores", str(args.cores), "--keep-going", "--quiet", "rules"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        args.configfile,
+        str(overlay),
+        "--config",
+        f"cohort={os.path.abspath(args.cohort)}",
+        "--cores",
+        str(args.cores),
+        "--keep-going",
+        "--quiet",
+        "rules",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -89,8 +110,10 @@ def main() -> None:
             st = json.loads(b.read_text())
             for subject in st:
                 jobs[(subject, "register")] = batches.get(b.parent.name, 0.0) / len(st)
-        print(f"batches: {len(batches)} job(s) of up to {args.batch_size} subjects, "
-              + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(batches.items())))
+        print(
+            f"batches: {len(batches)} job(s) of up to {args.batch_size} subjects, "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(batches.items()))
+        )
     rows, reg_total, reg_jobs = [], 0.0, 0.0
     for rep in sorted(work.glob("results/*/transforms/registration.json")):
         subject = rep.parent.parent.name
@@ -102,31 +125,58 @@ def main() -> None:
         reg_jobs += job
         others = sum(v for (s, name), v in jobs.items() if s == subject and name != "register")
         per_subject = not batches  # a batch's fixed cost is the batch's, not any one subject's
-        rows.append({"subject": subject, "job": f"{job:.2f}" if per_subject else "(in its batch)",
-                     "reg": f"{seconds:.2f}",
-                     "fixed": f"{job - seconds:.2f}" if per_subject else "-",
-                     "share": f"{100 * (job - seconds) / job:.0f} %" if per_subject else "-",
-                     "others": f"{others:.2f}",
-                     "n_others": str(sum(1 for (s, name) in jobs if s == subject and name != "register"))})
+        rows.append(
+            {
+                "subject": subject,
+                "job": f"{job:.2f}" if per_subject else "(in its batch)",
+                "reg": f"{seconds:.2f}",
+                "fixed": f"{job - seconds:.2f}" if per_subject else "-",
+                "share": f"{100 * (job - seconds) / job:.0f} %" if per_subject else "-",
+                "others": f"{others:.2f}",
+                "n_others": str(sum(1 for (s, name) in jobs if s == subject and name != "register")),
+            }
+        )
     print()
-    print(common.format_table(rows, [("subject", "subject"), ("job", "register job s"),
-                                     ("reg", "registration s"), ("fixed", "fixed cost s"),
-                                     ("share", "fixed share"), ("n_others", "other jobs"),
-                                     ("others", "other jobs s")]))
+    print(
+        common.format_table(
+            rows,
+            [
+                ("subject", "subject"),
+                ("job", "register job s"),
+                ("reg", "registration s"),
+                ("fixed", "fixed cost s"),
+                ("share", "fixed share"),
+                ("n_others", "other jobs"),
+                ("others", "other jobs s"),
+            ],
+        )
+    )
     all_jobs = sum(jobs.values())
     if reg_jobs:
         share = 100 * (reg_jobs - reg_total) / reg_jobs
-        print(f"\nregister jobs: {reg_jobs:.1f} s in all, of which registration {reg_total:.1f} s; fixed cost "
-              f"{reg_jobs - reg_total:.1f} s = {share:.0f} % of register job time")
-        print(f"all {len(jobs)} per-subject jobs: {all_jobs:.1f} s; registration is {100 * reg_total / all_jobs:.0f} % "
-              f"of it; Snakemake's own scheduling adds {wall - all_jobs:.1f} s to the wall time")
+        print(
+            f"\nregister jobs: {reg_jobs:.1f} s in all, of which registration {reg_total:.1f} s; fixed cost "
+            f"{reg_jobs - reg_total:.1f} s = {share:.0f} % of register job time"
+        )
+        print(
+            f"all {len(jobs)} per-subject jobs: {all_jobs:.1f} s; registration is {100 * reg_total / all_jobs:.0f} % "
+            f"of it; Snakemake's own scheduling adds {wall - all_jobs:.1f} s to the wall time"
+        )
         if batches:
-            print(f"verdict: with batches of {args.batch_size}, fixed cost is {share:.0f} % of register job time "
-                  f"(one interpreter and its imports per batch)")
+            print(
+                f"verdict: with batches of {args.batch_size}, fixed cost is {share:.0f} % of register job time "
+                f"(one interpreter and its imports per batch)"
+            )
         else:
-            print("verdict: " + (f"fixed cost above 10 % of register job time: resources.register.batch_size > 1 "
-                                 f"(several subjects per warm process) pays, see --batch-size"
-                                 if share > 10 else "fixed cost below 10 %"))
+            print(
+                "verdict: "
+                + (
+                    "fixed cost above 10 % of register job time: resources.register.batch_size > 1 "
+                    "(several subjects per warm process) pays, see --batch-size"
+                    if share > 10
+                    else "fixed cost below 10 %"
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ linearly and thresholded at 0.5, label maps with nearest neighbour) and/or 1 mm 
   labels 3, 42 -> 1 and 2, 41 -> 2. Accuracy: Dice of GM, WM and their mean on the fixed grid.
 * ``afids``: fixed = MNI152NLin6Asym (FSL's MNI152 T1 1 mm), moving = Colin27, both skull-stripped, neither
   with a mask in the data: both masks come from ``maskreg.masks.auto_mask`` (Otsu foreground, largest
-  component, closing, hole filling: the brain's outline on these images). Accuracy: target registration error of the 32 AFIDs landmarks (MNI152NLin6Asym rater
-  consensus; Colin27 mean of the 32 rater sessions), read from the Slicer ``.fcsv`` files (RAS -> LPS):
+  component, closing, hole filling: the brain's outline on these images). Accuracy: target registration
+  error of the 32 AFIDs landmarks (MNI152NLin6Asym rater consensus; Colin27 mean of the 32 rater sessions),
+  read from the Slicer ``.fcsv`` files (RAS -> LPS):
   ``|T(p_fixed) - p_moving|`` in mm, mean and max.
 
 * ``brain2d``: 2D, fixed = ANTsPy's example slice r16, moving = r64 (two subjects' axial T1 slices,
@@ -31,8 +32,8 @@ displacement field on the fixed grid. Each method runs in its own fresh worker p
 file output), best of ``--repeats``; the memory is the peak resident set during the calls (the base, what the
 worker held before, in brackets). ``--rounds N`` runs the whole list of methods N times in turn (a fresh worker
 each time, ``--repeats`` calls in each) and keeps the best: a drift in the machine's speed then reaches every
-method alike, instead of the one that ran during it. ``--quick`` divides every iteration count that a method exposes by 4 (a
-smoke test; not for figures).
+method alike, instead of the one that ran during it. ``--quick`` divides every iteration count that a method
+exposes by 4 (a smoke test; not for figures).
 """
 
 from __future__ import annotations
@@ -59,8 +60,14 @@ BRAIN2D = HERE.parent / "resources" / "demo" / "antspy_brain2d"  # ANTsPy's r16/
 # FireANTs: moments -> affine (masked MI, maskreg's affine scales/iterations) -> greedy (masked local CC with
 # the settings of FireANTs' own brain scripts, scripts/pairwise/test_lpba40.py and test_mgh10.py)
 FIREANTS_AFFINE = {"scales": [4, 2, 1], "iterations": [100, 50, 25]}
-FIREANTS_GREEDY = {"scales": [4, 2, 1], "iterations": [200, 100, 50], "cc_kernel_size": 7,
-                   "smooth_grad_sigma": 2.0, "smooth_warp_sigma": 0.5, "optimizer_lr": 0.5}
+FIREANTS_GREEDY = {
+    "scales": [4, 2, 1],
+    "iterations": [200, 100, 50],
+    "cc_kernel_size": 7,
+    "smooth_grad_sigma": 2.0,
+    "smooth_warp_sigma": 0.5,
+    "optimizer_lr": 0.5,
+}
 ANTS_SYN_REG_ITERATIONS = (40, 20, 0)  # ants.registration's default for type_of_transform="SyN"
 QUICK_DIVISOR = 4
 # AFIDs whose Colin27 placements spread more than this (rms distance to their mean, mm) are left out of the
@@ -70,6 +77,7 @@ RATER_SPREAD_MM = 5.0
 
 def _sitk():
     import SimpleITK as sitk
+
     return sitk
 
 
@@ -80,9 +88,11 @@ def quick_iterations(its, quick: bool) -> list[int]:
 
 # ------------------------------------------------------------------------------------------- stage lists
 
+
 def default_stages() -> list[dict]:
     """The project's default stage list: ``registration.stages`` of ``config/config.yaml``."""
     import yaml
+
     return yaml.safe_load(CONFIG.read_text())["registration"]["stages"]
 
 
@@ -90,6 +100,7 @@ def fast_stages(spec: str | None) -> list[dict]:
     """``--maskreg-fast``: a YAML/JSON stage list replaces the default list; a mapping updates its deformable
     stage(s); nothing gives the default list with the deformable stage at iterations [40, 20, 10]."""
     import yaml
+
     stages = copy.deepcopy(default_stages())
     value = yaml.safe_load(spec) if spec else {"iterations": [40, 20, 10]}
     if isinstance(value, list):
@@ -114,6 +125,7 @@ def _stages_text(stages: list[dict]) -> str:
     """The stages as maskreg runs them: the given settings, then under ``defaults`` the ones they leave out
     (settings that are off, 0 or None, omitted)."""
     from maskreg.engine import resolved_stage
+
     parts = []
     for s in stages:
         extra = {k: v for k, v in s.items() if k != "type"}
@@ -125,6 +137,7 @@ def _stages_text(stages: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- data
+
 
 def read_fcsv(path: Path) -> dict[int, tuple[str, list[float]]]:
     """AFIDs landmarks of a Slicer markups ``.fcsv``: ``{label number: (name, LPS mm point)}``.
@@ -152,7 +165,9 @@ def afids_landmarks() -> dict:
     """Fixed (MNI152NLin6Asym rater consensus) and moving (Colin27, mean of all rater sessions) landmarks, LPS,
     checked against the LPS columns of the data's ``landmarks.csv``."""
     import csv
+
     import numpy as np
+
     src = common.DATA / "afids_templates" / "source_fcsv"
     fixed = read_fcsv(src / "tpl-MNI152NLin6Asym_res-01_desc-groundtruth_afids.fcsv")
     sessions = [read_fcsv(p) for p in sorted(src.glob("tpl-MNIColin27_desc-rater*_afids.fcsv"))]
@@ -161,18 +176,26 @@ def afids_landmarks() -> dict:
         raise SystemExit(f"AFIDs: the Colin27 rater files under {src} do not all hold labels {ids}")
     moving = {i: (fixed[i][0], np.mean([s[i][1] for s in sessions], axis=0).tolist()) for i in ids}
     # inter-rater spread on Colin27: rms distance of the sessions' placements to their mean
-    spread = {i: float(np.sqrt(np.mean([np.sum((np.array(s[i][1]) - moving[i][1]) ** 2) for s in sessions])))
-              for i in ids}
+    spread = {
+        i: float(np.sqrt(np.mean([np.sum((np.array(s[i][1]) - moving[i][1]) ** 2) for s in sessions]))) for i in ids
+    }
     for name, pts in (("mni152nlin6asym", fixed), ("colin27", moving)):
         with open(common.DATA / "afids_templates" / name / "landmarks.csv") as fh:
             for row in csv.DictReader(fh):
                 ref = [float(row[k]) for k in ("x_lps", "y_lps", "z_lps")]
                 if np.abs(np.array(ref) - pts[int(row["id"])][1]).max() > 1e-3:
-                    raise SystemExit(f"AFIDs {name} landmark {row['id']}: .fcsv gives {pts[int(row['id'])][1]}, "
-                                     f"landmarks.csv {ref} (LPS)")
-    return {"ids": ids, "names": [fixed[i][0] for i in ids], "fixed": [fixed[i][1] for i in ids],
-            "moving": [moving[i][1] for i in ids], "colin27_sessions": len(sessions),
-            "colin27_rms_mm": [spread[i] for i in ids]}
+                    raise SystemExit(
+                        f"AFIDs {name} landmark {row['id']}: .fcsv gives {pts[int(row['id'])][1]}, "
+                        f"landmarks.csv {ref} (LPS)"
+                    )
+    return {
+        "ids": ids,
+        "names": [fixed[i][0] for i in ids],
+        "fixed": [fixed[i][1] for i in ids],
+        "moving": [moving[i][1] for i in ids],
+        "colin27_sessions": len(sessions),
+        "colin27_rms_mm": [spread[i] for i in ids],
+    }
 
 
 def _write(img, path: Path) -> None:
@@ -186,14 +209,20 @@ def _prepare_1mm() -> dict:
     """The 1 mm sources of both pairs (float32 images, uint8 masks and labels), written once under ROOT."""
     sitk = _sitk()
     from maskreg.masks import auto_mask
+
     vxm = common.DATA / "voxelmorph_brain_t1" / "test_scan"
     afd = common.DATA / "afids_templates"
-    p = {"brain": {k: ROOT / f"brain_{k}_1mm.nii.gz" for k in
-                   ("fixed", "fixed_mask", "fixed_labels", "moving", "moving_mask", "moving_labels")},
-         "afids": {k: ROOT / f"afids_{k}_1mm.nii.gz" for k in ("fixed", "fixed_mask", "moving", "moving_mask")}}
+    p = {
+        "brain": {
+            k: ROOT / f"brain_{k}_1mm.nii.gz"
+            for k in ("fixed", "fixed_mask", "fixed_labels", "moving", "moving_mask", "moving_labels")
+        },
+        "afids": {k: ROOT / f"afids_{k}_1mm.nii.gz" for k in ("fixed", "fixed_mask", "moving", "moving_mask")},
+    }
     b = p["brain"]
     if not all(v.exists() for v in b.values()):
         from bench_linear import mni_brain, voxelmorph_gm_wm
+
         img, mask, labels = mni_brain()
         _write(img, b["fixed"])
         _write(mask, b["fixed_mask"])
@@ -217,6 +246,7 @@ def _prepare_1mm() -> dict:
 def prepare(res_list: list[int], pairs: list[str]) -> dict:
     """Every pair at every resolution under ``OUT/deformable`` (cached); return their paths."""
     from bench_linear import _mask_resample, _smooth_resample
+
     sitk = _sitk()
     ROOT.mkdir(parents=True, exist_ok=True)
     src = _prepare_1mm()
@@ -236,13 +266,14 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
                 if not p.exists():
                     img = sitk.ReadImage(v)
                     if k.endswith("labels"):
-                        r = sitk.Cast(_smooth_resample(img, float(res), interp=sitk.sitkNearestNeighbor),
-                                      sitk.sitkUInt8)
+                        r = sitk.Cast(
+                            _smooth_resample(img, float(res), interp=sitk.sitkNearestNeighbor), sitk.sitkUInt8
+                        )
                     elif k.endswith("mask"):
                         r = _mask_resample(img, float(res))
                     else:
                         s = min(img.GetSpacing())
-                        r = _smooth_resample(img, float(res), sigma_mm=0.5 * math.sqrt(max(res ** 2 - s ** 2, 0.0)))
+                        r = _smooth_resample(img, float(res), sigma_mm=0.5 * math.sqrt(max(res**2 - s**2, 0.0)))
                     _write(r, p)
                 out[k] = str(p)
             paths[(pair, res)] = out
@@ -253,6 +284,7 @@ def _prepare_2d() -> dict:
     """The 2D pair (float32 images, ``auto_mask`` masks; the masks double as one-label maps), written once."""
     sitk = _sitk()
     from maskreg.masks import auto_mask
+
     p = {k: ROOT / f"brain2d_{k}.nii.gz" for k in ("fixed", "fixed_mask", "moving", "moving_mask")}
     if not all(v.exists() for v in p.values()):
         for role, name in (("fixed", "r16"), ("moving", "r64")):
@@ -267,19 +299,33 @@ def _prepare_2d() -> dict:
 # Each worker runs the registration (timed), then writes the fixed -> moving transform as ANTs-ordered files
 # (first listed applied first to points) under spec["out"] and returns their paths.
 
+
 def _worker_maskreg(spec: dict) -> dict:
     sitk = _sitk()
     import maskreg
     from maskreg.transforms import write_field, write_linear
+
     p = spec["paths"]
     fixed, moving = sitk.ReadImage(p["fixed"]), sitk.ReadImage(p["moving"])
     fm, mm = sitk.ReadImage(p["fixed_mask"]), sitk.ReadImage(p["moving_mask"])
     stages = spec["stages"]
     register = maskreg.register  # loads the torch engine here, not inside the timed call (no imports timed)
     from maskreg import cpu_kernels
+
     cpu_kernels.warm_up()  # loads the compiled CPU kernels from numba's cache (~0.6 s once per process)
-    run = lambda: register(fixed, moving, fm, mm, stages=stages,  # noqa: E731
-                           device=spec.get("device", "cpu"), threads=spec["threads"], seed=0)
+
+    def run():
+        return register(
+            fixed,
+            moving,
+            fm,
+            mm,
+            stages=stages,
+            device=spec.get("device", "cpu"),
+            threads=spec["threads"],
+            seed=0,
+        )
+
     meas = _measure(run, spec)
     res = meas.pop("result")
     # register() returns with the fields as tensors (FireANTs' optimize() likewise); making them SimpleITK
@@ -294,14 +340,21 @@ def _worker_maskreg(spec: dict) -> dict:
         files.append(str(out / "warp.nii.gz"))
     write_linear(res.linear, out / "affine.mat")
     files.append(str(out / "affine.mat"))  # T(x) = L(x + u(x)): the field first, then the linear part
-    stages_out = [{"type": s.type, "seconds": s.seconds, "iterations": [lv.iterations for lv in s.levels]}
-                  for s in res.stages]
-    return {**meas, "transform": files, "stages": stages_out, "own_jac_nonpos": res.jacobian_nonpositive_fraction,
-            "version": getattr(maskreg, "__version__", "dev")}
+    stages_out = [
+        {"type": s.type, "seconds": s.seconds, "iterations": [lv.iterations for lv in s.levels]} for s in res.stages
+    ]
+    return {
+        **meas,
+        "transform": files,
+        "stages": stages_out,
+        "own_jac_nonpos": res.jacobian_nonpositive_fraction,
+        "version": getattr(maskreg, "__version__", "dev"),
+    }
 
 
 def _worker_ants(spec: dict) -> dict:
     import ants
+
     p = spec["paths"]
     # float images for antsRegistration (masks as they are)
     fixed, moving = ants.image_read(p["fixed"], pixeltype="float"), ants.image_read(p["moving"], pixeltype="float")
@@ -318,20 +371,27 @@ def _worker_ants(spec: dict) -> dict:
     def run():
         counter["n"] += 1
         return ants.registration(fixed, moving, outprefix=str(out / f"r{counter['n']}_"), **kw)
+
     meas = common.measure(run, spec["repeats"])
     res = meas.pop("result")
-    return {**meas, "transform": list(res["fwdtransforms"]), "version": ants.__version__,
-            "settings": {k: v for k, v in kw.items() if k not in ("mask", "moving_mask")}}
+    return {
+        **meas,
+        "transform": list(res["fwdtransforms"]),
+        "version": ants.__version__,
+        "settings": {k: v for k, v in kw.items() if k not in ("mask", "moving_mask")},
+    }
 
 
 def _worker_fireants(spec: dict) -> dict:
     import importlib.metadata as md
 
     import torch
-    from bench_linear import fireants_images
     from fireants.registration.affine import AffineRegistration
     from fireants.registration.greedy import GreedyRegistration
     from fireants.registration.moments import MomentsRegistration
+
+    from bench_linear import fireants_images
+
     torch.set_num_threads(spec["threads"])
     p = spec["paths"]
     dev = spec.get("device", "cpu")
@@ -343,21 +403,38 @@ def _worker_fireants(spec: dict) -> dict:
     def run():
         mom = MomentsRegistration(1, fixed_prod, moving_prod, moments=1, blur=False, progress_bar=False)
         mom.optimize()
-        aff = AffineRegistration(FIREANTS_AFFINE["scales"], quick_iterations(FIREANTS_AFFINE["iterations"], q),
-                                 fixed_b, moving_b, loss_type="masked_mi", progress_bar=False,
-                                 init_rigid=mom.get_affine_init())
+        aff = AffineRegistration(
+            FIREANTS_AFFINE["scales"],
+            quick_iterations(FIREANTS_AFFINE["iterations"], q),
+            fixed_b,
+            moving_b,
+            loss_type="masked_mi",
+            progress_bar=False,
+            init_rigid=mom.get_affine_init(),
+        )
         aff.optimize()
-        reg = GreedyRegistration(g["scales"], quick_iterations(g["iterations"], q), fixed_b, moving_b,
-                                 loss_type="masked_cc", cc_kernel_size=g["cc_kernel_size"],
-                                 deformation_type="compositive", smooth_grad_sigma=g["smooth_grad_sigma"],
-                                 smooth_warp_sigma=g["smooth_warp_sigma"], optimizer="Adam",
-                                 optimizer_lr=g["optimizer_lr"], init_affine=aff.get_affine_matrix().detach(),
-                                 progress_bar=False)
+        reg = GreedyRegistration(
+            g["scales"],
+            quick_iterations(g["iterations"], q),
+            fixed_b,
+            moving_b,
+            loss_type="masked_cc",
+            cc_kernel_size=g["cc_kernel_size"],
+            deformation_type="compositive",
+            smooth_grad_sigma=g["smooth_grad_sigma"],
+            smooth_warp_sigma=g["smooth_warp_sigma"],
+            optimizer="Adam",
+            optimizer_lr=g["optimizer_lr"],
+            init_affine=aff.get_affine_matrix().detach(),
+            progress_bar=False,
+        )
         reg.optimize()
         if str(spec.get("device", "cpu")).startswith("cuda"):
             import torch
+
             torch.cuda.synchronize()
         return reg
+
     meas = _measure(run, spec)
     reg = meas.pop("result")
     # one displacement field on the fixed grid, LPS mm, affine included: T(x) = x + d(x)
@@ -366,6 +443,7 @@ def _worker_fireants(spec: dict) -> dict:
         # FireANTs 1.5.0 builds its 2D warp image with GetImageFromArray([H, W, 2]) and no isVector, i.e. a
         # 3D scalar image, and CopyInformation then fails: build it as the vector image it is
         import fireants.registration.deformablemixin as dm
+
         orig = dm.sitk.GetImageFromArray
         dm.sitk.GetImageFromArray = lambda a, isVector=None: orig(a, isVector=True)
         try:
@@ -382,20 +460,27 @@ def _measure(run, spec: dict) -> dict:
     cuda = str(spec.get("device", "cpu")).startswith("cuda")
     if cuda:
         import torch
+
         torch.cuda.reset_peak_memory_stats()
     meas = common.measure(run, spec["repeats"])
     if cuda:
-        meas["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        meas["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return meas
 
 
-WORKERS = {"maskreg": _worker_maskreg, "maskreg-fast": _worker_maskreg, "ants-syn": _worker_ants,
-           "ants-synquick": _worker_ants, "fireants": _worker_fireants}
+WORKERS = {
+    "maskreg": _worker_maskreg,
+    "maskreg-fast": _worker_maskreg,
+    "ants-syn": _worker_ants,
+    "ants-synquick": _worker_ants,
+    "fireants": _worker_fireants,
+}
 
 
 def worker_main(spec: dict) -> None:
     common.set_threads(spec["threads"])
     import logging
+
     logging.disable(logging.WARNING)
     t0 = time.perf_counter()
     try:
@@ -403,6 +488,7 @@ def worker_main(spec: dict) -> None:
         out = WORKERS[spec["method"]](spec)
     except Exception as exc:  # report, do not crash the table
         import traceback
+
         traceback.print_exc()
         out = {"error": f"{type(exc).__name__}: {exc}"}
     out["worker_s"] = time.perf_counter() - t0
@@ -411,14 +497,17 @@ def worker_main(spec: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ evaluation
 
+
 def jacobian_determinant(tx, ref):
     """Jacobian determinant of the map ``tx`` (fixed -> moving points) at the voxels of ``ref``'s grid (numpy
     array, ``[z,] y, x``), from the map's displacement field on that grid, through
     ``maskreg.qc.metrics.jacobian_determinant`` (physical space, direction cosines included, 2D or 3D)."""
     sitk = _sitk()
     from maskreg.qc.metrics import jacobian_determinant as field_jacobian
-    disp = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
-                                             ref.GetSpacing(), ref.GetDirection())
+
+    disp = sitk.TransformToDisplacementField(
+        tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(), ref.GetSpacing(), ref.GetDirection()
+    )
     return sitk.GetArrayFromImage(field_jacobian(disp))
 
 
@@ -427,6 +516,7 @@ class Evaluator:
 
     def __init__(self, pair: str, paths: dict, landmarks: dict):
         import numpy as np
+
         sitk = _sitk()
         self.pair = pair
         self.fixed = sitk.ReadImage(paths["fixed"])
@@ -440,19 +530,22 @@ class Evaluator:
 
     def __call__(self, tx) -> dict:
         import numpy as np
+
         sitk = _sitk()
         from maskreg.warp import warp_labels, warp_points
+
         out = {}
         if self.flabels is not None:
             w = warp_labels(self.mlabels, self.flabels, tx, "nearest")
             a, b = sitk.GetArrayViewFromImage(self.flabels), sitk.GetArrayViewFromImage(w)
             dice = []
-            for lab in ((1,) if self.pair == "brain2d" else (1, 2)):
+            for lab in (1,) if self.pair == "brain2d" else (1, 2):
                 x, y = a == lab, b == lab
                 dice.append(2.0 * float((x & y).sum()) / max(float(x.sum() + y.sum()), 1.0))
             if self.pair == "brain2d":
                 from maskreg.qc.metrics import masked_ncc
                 from maskreg.warp import warp_image
+
                 warped = warp_image(self.moving, self.fixed, tx)
                 out.update(dice_mask=dice[0], ncc=masked_ncc(self.fixed, warped, self.flabels))
             else:
@@ -466,6 +559,7 @@ class Evaluator:
 
 
 # ------------------------------------------------------------------------------------------------ main
+
 
 def _fmt(v, nd=2):
     return None if v is None else f"{v:.{nd}f}"
@@ -488,8 +582,9 @@ def run_rounds(specs: dict[str, dict], rounds: int, what: str, timeout: float | 
         for m, spec in specs.items():
             if "error" in merged.get(m, {}):
                 continue
-            print(f"running {m} on {what}" + (f" (round {r + 1} of {rounds})" if rounds > 1 else "") + " ...",
-                  flush=True)
+            print(
+                f"running {m} on {what}" + (f" (round {r + 1} of {rounds})" if rounds > 1 else "") + " ...", flush=True
+            )
             out = common.run_worker(Path(__file__), spec, timeout=timeout)
             prev = merged.get(m)
             if prev is not None and "error" not in out:
@@ -504,43 +599,63 @@ def run_rounds(specs: dict[str, dict], rounds: int, what: str, timeout: float | 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--res", type=int, nargs="+", default=[2], choices=[1, 2], help="resolutions in mm (default 2)")
     ap.add_argument("--repeats", type=int, default=1, help="best of N wall times (default 1)")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="run the methods in turn N times, each time in fresh workers, and keep each one's best "
-                         "(default 1)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the methods in turn N times, each time in fresh workers, and keep each one's best (default 1)",
+    )
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--pairs", nargs="+", default=PAIRS, choices=PAIRS)
-    ap.add_argument("--maskreg-fast", default=None, metavar="YAML",
-                    help="stages of the maskreg-fast row: a YAML/JSON list of stages, or a mapping merged into the "
-                         "default list's deformable stage (default '{iterations: [40, 20, 10]}')")
-    ap.add_argument("--ants-mask-all-stages", action="store_true",
-                    help="ants-syn: masks in the affine stage too (ANTsPy's default masks only the SyN stage)")
+    ap.add_argument(
+        "--maskreg-fast",
+        default=None,
+        metavar="YAML",
+        help="stages of the maskreg-fast row: a YAML/JSON list of stages, or a mapping merged into the "
+        "default list's deformable stage (default '{iterations: [40, 20, 10]}')",
+    )
+    ap.add_argument(
+        "--ants-mask-all-stages",
+        action="store_true",
+        help="ants-syn: masks in the affine stage too (ANTsPy's default masks only the SyN stage)",
+    )
     ap.add_argument("--device", default="cpu", help="maskreg's and FireANTs' device: cpu (default) or cuda")
-    ap.add_argument("--quick", action="store_true",
-                    help=f"divide every exposed iteration count by {QUICK_DIVISOR} (smoke test, not for figures)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"divide every exposed iteration count by {QUICK_DIVISOR} (smoke test, not for figures)",
+    )
     args = common.standard_main(ap, worker_main, timeout=7200)
     if args is None:
         return
     stages = quick_stages(default_stages(), args.quick)
     stages_fast = quick_stages(fast_stages(args.maskreg_fast), args.quick)
     ants_its = quick_iterations(ANTS_SYN_REG_ITERATIONS, args.quick)
-    print(f"threads per method: {args.threads}; repeats: best of {args.repeats}"
-          + (f" calls in each of {args.rounds} rounds (methods in turn)" if args.rounds > 1 else "")
-          + (f"; QUICK: iteration counts / {QUICK_DIVISOR} (not for figures)" if args.quick else ""))
+    print(
+        f"threads per method: {args.threads}; repeats: best of {args.repeats}"
+        + (f" calls in each of {args.rounds} rounds (methods in turn)" if args.rounds > 1 else "")
+        + (f"; QUICK: iteration counts / {QUICK_DIVISOR} (not for figures)" if args.quick else "")
+    )
     print(f"maskreg stages ({CONFIG.relative_to(HERE.parent)}): {_stages_text(stages)}")
     if "maskreg-fast" in args.methods:
         print(f"maskreg-fast stages: {_stages_text(stages_fast)}")
-    print(f"ants-syn: type_of_transform='SyN' (affine 2100x1200x1200x0 at shrink 4/2/2/1, fixed in ANTsPy; SyN "
-          f"Mattes MI, reg_iterations {tuple(ants_its)}), mask_all_stages={args.ants_mask_all_stages}; "
-          f"ants-synquick: 'antsRegistrationSyNQuick[s]' (iterations fixed in ANTsPy"
-          + (", NOT reduced by --quick)" if args.quick else ")"))
-    print(f"fireants: moments → affine masked MI {FIREANTS_AFFINE['scales']} "
-          f"{quick_iterations(FIREANTS_AFFINE['iterations'], args.quick)} → greedy masked CC "
-          f"{FIREANTS_GREEDY['scales']} {quick_iterations(FIREANTS_GREEDY['iterations'], args.quick)}, "
-          + ", ".join(f"{k} {v}" for k, v in FIREANTS_GREEDY.items() if k not in ("scales", "iterations")))
+    print(
+        f"ants-syn: type_of_transform='SyN' (affine 2100x1200x1200x0 at shrink 4/2/2/1, fixed in ANTsPy; SyN "
+        f"Mattes MI, reg_iterations {tuple(ants_its)}), mask_all_stages={args.ants_mask_all_stages}; "
+        f"ants-synquick: 'antsRegistrationSyNQuick[s]' (iterations fixed in ANTsPy"
+        + (", NOT reduced by --quick)" if args.quick else ")")
+    )
+    print(
+        f"fireants: moments → affine masked MI {FIREANTS_AFFINE['scales']} "
+        f"{quick_iterations(FIREANTS_AFFINE['iterations'], args.quick)} → greedy masked CC "
+        f"{FIREANTS_GREEDY['scales']} {quick_iterations(FIREANTS_GREEDY['iterations'], args.quick)}, "
+        + ", ".join(f"{k} {v}" for k, v in FIREANTS_GREEDY.items() if k not in ("scales", "iterations"))
+    )
     available = {}
     for m in args.methods:
         mod = {"ants-syn": "ants", "ants-synquick": "ants", "fireants": "fireants"}.get(m)
@@ -554,19 +669,29 @@ def main() -> None:
     print(f"data prepared in {time.perf_counter() - t0:.1f} s under {ROOT}")
 
     from maskreg.transforms import read_transform
+
     sitk = _sitk()
     tables: dict[str, list[dict]] = {p: [] for p in args.pairs}
     details = []
     for pair in args.pairs:
-        for res in (res_list[:1] if pair == "brain2d" else res_list):  # 2D: its own grid, once
+        for res in res_list[:1] if pair == "brain2d" else res_list:  # 2D: its own grid, once
             ev = Evaluator(pair, paths[(pair, res)], landmarks)
             label = "native" if pair == "brain2d" else f"{res} mm"
-            specs = {m: {"method": m, "paths": paths[(pair, res)], "repeats": args.repeats,
-                         "threads": args.threads, "quick": args.quick, "device": args.device,
-                         "out": str(ROOT / "runs" / f"{pair}_{res}mm" / m),
-                         "stages": stages_fast if m == "maskreg-fast" else stages,
-                         "mask_all_stages": args.ants_mask_all_stages}
-                     for m in args.methods if available[m][0]}
+            specs = {
+                m: {
+                    "method": m,
+                    "paths": paths[(pair, res)],
+                    "repeats": args.repeats,
+                    "threads": args.threads,
+                    "quick": args.quick,
+                    "device": args.device,
+                    "out": str(ROOT / "runs" / f"{pair}_{res}mm" / m),
+                    "stages": stages_fast if m == "maskreg-fast" else stages,
+                    "mask_all_stages": args.ants_mask_all_stages,
+                }
+                for m in args.methods
+                if available[m][0]
+            }
             results = run_rounds(specs, args.rounds, f"{pair} at {label}", args.timeout)
             rows = []
             for m in ["identity"] + args.methods:
@@ -593,20 +718,38 @@ def main() -> None:
                     if out.get("own_jac_nonpos") is not None:
                         row["own_jac"] = f"{100 * out['own_jac_nonpos']:.3f}"
                     if "stages" in out:
-                        details.append(f"{pair} {row['res']} {m}: " + "; ".join(
-                            f"{s['type']} {s['seconds']:.1f} s" + (f" (iterations {s['iterations']})"
-                                                                   if s["iterations"] else "")
-                            for s in out["stages"]) + (f"; fields to SimpleITK images {out['fields_s']:.2f} s "
-                                                       f"(after the timed call)" if "fields_s" in out else ""))
+                        details.append(
+                            f"{pair} {row['res']} {m}: "
+                            + "; ".join(
+                                f"{s['type']} {s['seconds']:.1f} s"
+                                + (f" (iterations {s['iterations']})" if s["iterations"] else "")
+                                for s in out["stages"]
+                            )
+                            + (
+                                f"; fields to SimpleITK images {out['fields_s']:.2f} s (after the timed call)"
+                                if "fields_s" in out
+                                else ""
+                            )
+                        )
                 t1 = time.perf_counter()
                 acc = ev(out["tx"])
-                row.update(dice_mask=_fmt(acc.get("dice_mask"), 3), ncc=_fmt(acc.get("ncc"), 3),
-                           dice_gm=_fmt(acc.get("dice_gm"), 3), dice_wm=_fmt(acc.get("dice_wm"), 3),
-                           dice_mean=_fmt(acc.get("dice_mean"), 3), tre_mean=_fmt(acc.get("tre_mean")),
-                           tre_max=_fmt(acc.get("tre_max")), tre_reliable=_fmt(acc.get("tre_reliable")),
-                           jac=f"{100 * acc['jac_nonpos']:.3f}", jac_min=_fmt(acc["jac_min"], 3))
-                print(f"  {m}: evaluated in {time.perf_counter() - t1:.1f} s: "
-                      + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()), flush=True)
+                row.update(
+                    dice_mask=_fmt(acc.get("dice_mask"), 3),
+                    ncc=_fmt(acc.get("ncc"), 3),
+                    dice_gm=_fmt(acc.get("dice_gm"), 3),
+                    dice_wm=_fmt(acc.get("dice_wm"), 3),
+                    dice_mean=_fmt(acc.get("dice_mean"), 3),
+                    tre_mean=_fmt(acc.get("tre_mean")),
+                    tre_max=_fmt(acc.get("tre_max")),
+                    tre_reliable=_fmt(acc.get("tre_reliable")),
+                    jac=f"{100 * acc['jac_nonpos']:.3f}",
+                    jac_min=_fmt(acc["jac_min"], 3),
+                )
+                print(
+                    f"  {m}: evaluated in {time.perf_counter() - t1:.1f} s: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()),
+                    flush=True,
+                )
             ref = next((r["_t"] for r in rows if r["method"] == "maskreg" and "_t" in r), None)
             for r in rows:
                 if ref and "_t" in r:
@@ -614,17 +757,36 @@ def main() -> None:
             tables[pair] += rows
 
     n_reliable = sum(v <= RATER_SPREAD_MM for v in landmarks["colin27_rms_mm"])
-    head = [("res", "res"), ("method", "method"), ("time_s", "time s"), ("x_maskreg", "× maskreg"),
-            ("runs_s", "runs s"), ("peak_mb", "peak MB (base)"), ("gpu_mb", "GPU peak MB")]
-    acc_cols = {"brain": [("dice_gm", "Dice GM"), ("dice_wm", "Dice WM"), ("dice_mean", "Dice mean")],
-                "afids": [("tre_mean", "TRE mean mm"), ("tre_max", "TRE max mm"),
-                          ("tre_reliable", f"TRE mean mm, {n_reliable} AFIDs")],
-                "brain2d": [("dice_mask", "Dice brain outline"), ("ncc", "NCC in fixed mask")]}
-    tail = [("jac", "det J ≤ 0 % (mask)"), ("jac_min", "min det J (mask)"), ("own_jac", "maskreg's own det ≤ 0 %"),
-            ("note", "note")]
+    head = [
+        ("res", "res"),
+        ("method", "method"),
+        ("time_s", "time s"),
+        ("x_maskreg", "× maskreg"),
+        ("runs_s", "runs s"),
+        ("peak_mb", "peak MB (base)"),
+        ("gpu_mb", "GPU peak MB"),
+    ]
+    acc_cols = {
+        "brain": [("dice_gm", "Dice GM"), ("dice_wm", "Dice WM"), ("dice_mean", "Dice mean")],
+        "afids": [
+            ("tre_mean", "TRE mean mm"),
+            ("tre_max", "TRE max mm"),
+            ("tre_reliable", f"TRE mean mm, {n_reliable} AFIDs"),
+        ],
+        "brain2d": [("dice_mask", "Dice brain outline"), ("ncc", "NCC in fixed mask")],
+    }
+    tail = [
+        ("jac", "det J ≤ 0 % (mask)"),
+        ("jac_min", "min det J (mask)"),
+        ("own_jac", "maskreg's own det ≤ 0 %"),
+        ("note", "note"),
+    ]
     for pair in args.pairs:
-        what = {"brain": "MNI ICBM152 2009a ← voxelmorph T1", "afids": "MNI152NLin6Asym ← Colin27, 32 AFIDs",
-                "brain2d": "2D: ANTsPy r16 ← r64"}[pair]
+        what = {
+            "brain": "MNI ICBM152 2009a ← voxelmorph T1",
+            "afids": "MNI152NLin6Asym ← Colin27, 32 AFIDs",
+            "brain2d": "2D: ANTsPy r16 ← r64",
+        }[pair]
         print(f"\n**{pair}** ({what})\n")
         print(markdown_table(tables[pair], head + acc_cols[pair] + tail))
     if details:

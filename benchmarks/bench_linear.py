@@ -1,7 +1,7 @@
 """Linear registration (moments → rigid → affine) on real 3D brains: maskreg vs ANTsPy vs FireANTs, CPU.
 
-Run: ``.venv/bin/python benchmarks/bench_linear.py [--res 2 1] [--repeats 2] [--methods maskreg ants fireants] [--ants-bins 32 64]
-[--pairs known subject] [--losses mi cc mse] [--threads 2]``.
+Run: ``.venv/bin/python benchmarks/bench_linear.py [--res 2 1] [--repeats 2] [--methods maskreg ants fireants]
+[--ants-bins 32 64] [--pairs known subject] [--losses mi cc mse] [--threads 2]``.
 
 Two pairs, each at 2 mm (fixed, moving and masks resampled to 2 mm first, after a Gaussian anti-alias) and at
 1 mm (native):
@@ -31,6 +31,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy is imported lazily inside the workers; only the annotation needs the name here
+    import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -58,8 +62,10 @@ NOISE = 0.02
 
 # ----------------------------------------------------------------------------------------------- data
 
+
 def _sitk():
     import SimpleITK as sitk
+
     return sitk
 
 
@@ -67,10 +73,11 @@ def _smooth_resample(img, spacing: float, interp=None, sigma_mm: float | None = 
     """``img`` on a grid of isotropic ``spacing`` over the same physical box (same direction); Gaussian
     anti-alias first for intensity images."""
     import numpy as np
+
     sitk = _sitk()
     sp = np.array(img.GetSpacing())
     size = np.array(img.GetSize())
-    new_size = [int(math.ceil(n * s / spacing)) for n, s in zip(size, sp)]
+    new_size = [int(math.ceil(n * s / spacing)) for n, s in zip(size, sp, strict=False)]
     d = np.array(img.GetDirection()).reshape(3, 3)
     # keep the box's corner: first voxel's outer edge
     corner = np.array(img.GetOrigin()) - d @ (sp / 2)
@@ -81,8 +88,9 @@ def _smooth_resample(img, spacing: float, interp=None, sigma_mm: float | None = 
     ref.SetSpacing([spacing] * 3)
     ref.SetOrigin(origin.tolist())
     ref.SetDirection(img.GetDirection())
-    return sitk.Resample(img, ref, sitk.Transform(), interp if interp is not None else sitk.sitkLinear, 0.0,
-                         sitk.sitkFloat32)
+    return sitk.Resample(
+        img, ref, sitk.Transform(), interp if interp is not None else sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
 
 
 def _mask_resample(mask, spacing: float):
@@ -91,9 +99,10 @@ def _mask_resample(mask, spacing: float):
     return sitk.Cast(m > 0.5, sitk.sitkUInt8)
 
 
-def true_affine(center) -> "np.ndarray":
+def true_affine(center) -> np.ndarray:
     """Homogeneous 4x4 of the true fixed → moving map of the ``known`` pair."""
     import numpy as np
+
     ax = np.array(TRUE_AXIS) / np.linalg.norm(TRUE_AXIS)
     a = math.radians(TRUE_ROT_DEG)
     k = np.array([[0, -ax[2], ax[1]], [ax[2], 0, -ax[0]], [-ax[1], ax[0], 0]])
@@ -118,6 +127,7 @@ def _affine_to_sitk(h):
 def _mask_points(mask):
     """Physical (LPS) points of the voxels of ``mask`` (N, 3) float64."""
     import numpy as np
+
     sitk = _sitk()
     a = sitk.GetArrayViewFromImage(mask) > 0
     kji = np.argwhere(a)
@@ -130,6 +140,7 @@ def mni_brain():
     """MNI ICBM152 2009a at 1 mm: the float32 T1, its brain mask (gm_prob + wm_prob > 0) and GM/WM labels
     (gm_prob > 0.5 -> 1, wm_prob > 0.5 -> 2, WM winning where both are), uint8."""
     import numpy as np
+
     sitk = _sitk()
     mni = common.DATA / "mni_icbm152_2009a" / "template"
     img = sitk.Cast(sitk.ReadImage(str(mni / "image.nii.gz")), sitk.sitkFloat32)
@@ -151,6 +162,7 @@ def voxelmorph_gm_wm():
     """The voxelmorph test scan's FreeSurfer labels as GM/WM: cortex 3, 42 -> 1; cerebral white matter 2, 41
     -> 2 (uint8, the label map's grid)."""
     import numpy as np
+
     sitk = _sitk()
     src = sitk.ReadImage(str(common.DATA / "voxelmorph_brain_t1" / "test_scan" / "labels.nii.gz"))
     fs = sitk.GetArrayFromImage(src)
@@ -165,6 +177,7 @@ def voxelmorph_gm_wm():
 def prepare(res_list: list[int], pairs: list[str]) -> dict:
     """Write every pair at every resolution under ``OUT/linear`` once (cached); return their paths."""
     import numpy as np
+
     sitk = _sitk()
     root = common.OUT / "linear"
     root.mkdir(parents=True, exist_ok=True)
@@ -192,8 +205,9 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
             # moving grid: identity direction, 1.2 mm, covering T(fixed box), origin off the fixed lattice
             size = np.array(fixed.GetSize())
             d = np.array(fixed.GetDirection()).reshape(3, 3) @ np.diag(fixed.GetSpacing())
-            corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1)
-                                for k in (0, size[2] - 1)], float) @ d.T + np.array(fixed.GetOrigin())
+            corners = np.array(
+                [[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)], float
+            ) @ d.T + np.array(fixed.GetOrigin())
             mc = corners @ h[:3, :3].T + h[:3, 3]
             lo, hi = mc.min(0) - 3.7, mc.max(0) + 3.7
             ref = sitk.Image([int(math.ceil(v)) for v in (hi - lo) / MOVING_SPACING], sitk.sitkUInt8)
@@ -207,8 +221,7 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
             arr = np.clip(arr + rng.normal(0, NOISE * hi_val, arr.shape).astype(np.float32), 0, None)
             noisy = sitk.GetImageFromArray(arr)
             noisy.CopyInformation(mov)
-            mmask = sitk.Resample(sitk.Cast(fmask, sitk.sitkFloat32), ref, inv, sitk.sitkLinear, 0.0,
-                                  sitk.sitkFloat32)
+            mmask = sitk.Resample(sitk.Cast(fmask, sitk.sitkFloat32), ref, inv, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
             sitk.WriteImage(noisy, str(m1))
             sitk.WriteImage(sitk.Cast(mmask > 0.5, sitk.sitkUInt8), str(mm1))
             truth.write_text(json.dumps({"fixed_to_moving": h.tolist()}))
@@ -222,11 +235,19 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
     for res in res_list:
         for pair in pairs:
             if pair == "known":
-                src = {"fixed": f1, "fixed_mask": fm1, "moving": root / "known_moving_1mm.nii.gz",
-                       "moving_mask": root / "known_moving_mask_1mm.nii.gz"}
+                src = {
+                    "fixed": f1,
+                    "fixed_mask": fm1,
+                    "moving": root / "known_moving_1mm.nii.gz",
+                    "moving_mask": root / "known_moving_mask_1mm.nii.gz",
+                }
             else:
-                src = {"fixed": f1, "fixed_mask": fm1, "moving": vxm / "image.nii.gz",
-                       "moving_mask": vxm / "mask.nii.gz"}
+                src = {
+                    "fixed": f1,
+                    "fixed_mask": fm1,
+                    "moving": vxm / "image.nii.gz",
+                    "moving_mask": vxm / "mask.nii.gz",
+                }
             if res == 1:
                 paths[(pair, res)] = {k: str(v) for k, v in src.items()}
                 continue
@@ -239,7 +260,7 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
                         r = _mask_resample(img, float(res))
                     else:
                         s = min(img.GetSpacing())
-                        sigma = 0.5 * math.sqrt(max(res ** 2 - s ** 2, 0.0))
+                        sigma = 0.5 * math.sqrt(max(res**2 - s**2, 0.0))
                         r = _smooth_resample(img, float(res), sigma_mm=sigma)
                     sitk.WriteImage(r, str(p))
                 out[k] = str(p)
@@ -249,9 +270,11 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
 
 # --------------------------------------------------------------------------------------------- workers
 
+
 def _probe_matrix(tx) -> list[list[float]]:
     """Homogeneous 4x4 of any SimpleITK linear transform (exact for affine maps)."""
     import numpy as np
+
     o = np.array(tx.TransformPoint((0.0, 0.0, 0.0)))
     h = np.eye(4)
     for i, e in enumerate(np.eye(3)):
@@ -263,34 +286,61 @@ def _probe_matrix(tx) -> list[list[float]]:
 def _worker_maskreg(spec: dict) -> dict:
     sitk = _sitk()
     import maskreg
+
     p = spec["paths"]
     fixed, moving = sitk.ReadImage(p["fixed"]), sitk.ReadImage(p["moving"])
     fm, mm = sitk.ReadImage(p["fixed_mask"]), sitk.ReadImage(p["moving_mask"])
     extra = spec.get("stage_extra") or {}
-    stages = [{"type": "moments"},
-              {"type": "rigid", "loss": spec["loss"], **MASKREG_RIGID, **extra},
-              {"type": "affine", "loss": spec["loss"], **MASKREG_AFFINE, **extra}]
+    stages = [
+        {"type": "moments"},
+        {"type": "rigid", "loss": spec["loss"], **MASKREG_RIGID, **extra},
+        {"type": "affine", "loss": spec["loss"], **MASKREG_AFFINE, **extra},
+    ]
     sampling = {"random": int(spec["random"])} if spec.get("random") else spec.get("sampling") or MASKREG_SAMPLING
     register = maskreg.register  # loads the torch engine here, not inside the timed call (no imports timed)
     from maskreg import cpu_kernels
+
     cpu_kernels.warm_up()  # loads the compiled CPU kernels from numba's cache (~0.6 s once per process)
-    run = lambda: register(fixed, moving, fm, mm, stages, device="cpu",  # noqa: E731
-                           threads=spec["threads"], seed=0, sampling=sampling)
+
+    def run():
+        return register(
+            fixed,
+            moving,
+            fm,
+            mm,
+            stages,
+            device="cpu",
+            threads=spec["threads"],
+            seed=0,
+            sampling=sampling,
+        )
+
     meas = common.measure(run, spec["repeats"])
     res = meas.pop("result")
     stages_out = []
     for s in res.stages:
-        stages_out.append({"type": s.type, "seconds": s.seconds,
-                           "iterations": [lv.iterations for lv in s.levels],
-                           "level_seconds": [lv.seconds for lv in s.levels]})
-    return {**meas, "matrix": _probe_matrix(res.transform()), "stages": stages_out,
-            "version": maskreg.__version__ if hasattr(maskreg, "__version__") else "dev"}
+        stages_out.append(
+            {
+                "type": s.type,
+                "seconds": s.seconds,
+                "iterations": [lv.iterations for lv in s.levels],
+                "level_seconds": [lv.seconds for lv in s.levels],
+            }
+        )
+    return {
+        **meas,
+        "matrix": _probe_matrix(res.transform()),
+        "stages": stages_out,
+        "version": maskreg.__version__ if hasattr(maskreg, "__version__") else "dev",
+    }
 
 
 def _worker_ants(spec: dict) -> dict:
     import tempfile
+
     sitk = _sitk()
     import ants
+
     p = spec["paths"]
     fixed, moving = ants.image_read(p["fixed"]), ants.image_read(p["moving"])
     fm, mm = ants.image_read(p["fixed_mask"]), ants.image_read(p["moving_mask"])
@@ -299,14 +349,20 @@ def _worker_ants(spec: dict) -> dict:
 
     def run():
         counter["n"] += 1
-        return ants.registration(fixed, moving, type_of_transform="Affine", mask=fm, moving_mask=mm,
-                                 aff_sampling=int(spec.get("bins") or 32),
-                                 outprefix=os.path.join(tmp, f"r{counter['n']}_"))
+        return ants.registration(
+            fixed,
+            moving,
+            type_of_transform="Affine",
+            mask=fm,
+            moving_mask=mm,
+            aff_sampling=int(spec.get("bins") or 32),
+            outprefix=os.path.join(tmp, f"r{counter['n']}_"),
+        )
+
     meas = common.measure(run, spec["repeats"])
     out = meas.pop("result")
     fwd = out["fwdtransforms"]
-    tx = sitk.ReadTransform(fwd[0]) if len(fwd) == 1 else sitk.CompositeTransform(
-        [sitk.ReadTransform(f) for f in fwd])
+    tx = sitk.ReadTransform(fwd[0]) if len(fwd) == 1 else sitk.CompositeTransform([sitk.ReadTransform(f) for f in fwd])
     return {**meas, "matrix": _probe_matrix(tx), "version": ants.__version__}
 
 
@@ -315,8 +371,10 @@ def fireants_images(img_path: str, mask_path: str, device: str = "cpu"):
     image × mask)`` (the second for its moments). Intensities are scaled to [0, 1] by the 0.5/99.5
     percentiles inside the mask, as FireANTs' MI bins expect (maskreg does the same; CC does not care)."""
     import numpy as np
+
     sitk = _sitk()
     from fireants.io.image import BatchedImages, Image
+
     img = sitk.Cast(sitk.ReadImage(img_path), sitk.sitkFloat32)
     msk = sitk.Cast(sitk.ReadImage(mask_path) > 0, sitk.sitkFloat32)
     a, m = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk)
@@ -332,11 +390,13 @@ def fireants_images(img_path: str, mask_path: str, device: str = "cpu"):
 
 def _worker_fireants(spec: dict) -> dict:
     import importlib.metadata as md
+
     import numpy as np
     import torch
     from fireants.registration.affine import AffineRegistration
     from fireants.registration.moments import MomentsRegistration
     from fireants.registration.rigid import RigidRegistration
+
     torch.set_num_threads(spec["threads"])
     p = spec["paths"]
 
@@ -348,14 +408,29 @@ def _worker_fireants(spec: dict) -> dict:
     def run():
         mom = MomentsRegistration(1, fixed_prod, moving_prod, moments=1, blur=False, progress_bar=False)
         mom.optimize()
-        rig = RigidRegistration(scales, iters, fixed_b, moving_b, loss_type=loss, progress_bar=False,
-                                init_translation=mom.get_rigid_transl_init(),
-                                init_moment=mom.get_rigid_moment_init())
+        rig = RigidRegistration(
+            scales,
+            iters,
+            fixed_b,
+            moving_b,
+            loss_type=loss,
+            progress_bar=False,
+            init_translation=mom.get_rigid_transl_init(),
+            init_moment=mom.get_rigid_moment_init(),
+        )
         rig.optimize()
-        aff = AffineRegistration(scales, iters, fixed_b, moving_b, loss_type=loss, progress_bar=False,
-                                 init_rigid=rig.get_rigid_matrix().detach())
+        aff = AffineRegistration(
+            scales,
+            iters,
+            fixed_b,
+            moving_b,
+            loss_type=loss,
+            progress_bar=False,
+            init_rigid=rig.get_rigid_matrix().detach(),
+        )
         aff.optimize()
         return aff.get_affine_matrix().detach().cpu().numpy()[0]
+
     meas = common.measure(run, spec["repeats"])
     h = meas.pop("result")
     return {**meas, "matrix": np.asarray(h, dtype=np.float64).tolist(), "version": md.version("fireants")}
@@ -367,12 +442,14 @@ WORKERS = {"maskreg": _worker_maskreg, "ants": _worker_ants, "fireants": _worker
 def worker_main(spec: dict) -> None:
     common.set_threads(spec["threads"])
     import logging
+
     logging.disable(logging.WARNING)
     t0 = time.perf_counter()
     try:
         out = WORKERS[spec["method"]](spec)
     except Exception as exc:  # report, do not crash the table
         import traceback
+
         traceback.print_exc()
         out = {"error": f"{type(exc).__name__}: {exc}"}
     out["worker_s"] = time.perf_counter() - t0
@@ -381,27 +458,32 @@ def worker_main(spec: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ evaluation
 
+
 class Evaluator:
     def __init__(self, paths: dict):
         import numpy as np
+
         sitk = _sitk()
         self.paths = paths
         self.fmask1 = sitk.ReadImage(paths["eval"]["fixed_mask_1mm"])
         self.pts = _mask_points(self.fmask1)
         self.truth = np.array(paths["known_truth"]) if "known_truth" in paths else None
         self.flabels = sitk.ReadImage(paths["eval"]["fixed_labels_1mm"])
-        self.mlabels = (sitk.ReadImage(paths["subject_moving_labels_1mm"])
-                        if "subject_moving_labels_1mm" in paths else None)
+        self.mlabels = (
+            sitk.ReadImage(paths["subject_moving_labels_1mm"]) if "subject_moving_labels_1mm" in paths else None
+        )
         self._imgs: dict = {}
 
     def errors(self, h) -> tuple[float, float]:
         import numpy as np
+
         d = self.pts @ (np.asarray(h)[:3, :3] - self.truth[:3, :3]).T + (np.asarray(h)[:3, 3] - self.truth[:3, 3])
         e = np.linalg.norm(d, axis=1)
         return float(e.mean()), float(e.max())
 
     def dice(self, h) -> tuple[float, float]:
         import numpy as np
+
         sitk = _sitk()
         w = sitk.Resample(self.mlabels, self.flabels, _affine_to_sitk(np.asarray(h)), sitk.sitkNearestNeighbor, 0)
         a, b = sitk.GetArrayViewFromImage(self.flabels), sitk.GetArrayViewFromImage(w)
@@ -413,12 +495,16 @@ class Evaluator:
 
     def ncc(self, pair: str, res: int, h) -> float:
         import numpy as np
+
         sitk = _sitk()
         key = (pair, res)
         if key not in self._imgs:
             p = self.paths[key]
-            self._imgs[key] = (sitk.ReadImage(p["fixed"], sitk.sitkFloat32), sitk.ReadImage(p["moving"], sitk.sitkFloat32),
-                               sitk.GetArrayFromImage(sitk.ReadImage(p["fixed_mask"])) > 0)
+            self._imgs[key] = (
+                sitk.ReadImage(p["fixed"], sitk.sitkFloat32),
+                sitk.ReadImage(p["moving"], sitk.sitkFloat32),
+                sitk.GetArrayFromImage(sitk.ReadImage(p["fixed_mask"])) > 0,
+            )
         f, m, fm = self._imgs[key]
         w = sitk.Resample(m, f, _affine_to_sitk(np.asarray(h)), sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
         a, b = sitk.GetArrayFromImage(f), sitk.GetArrayFromImage(w)
@@ -432,29 +518,55 @@ def _fmt(v, nd=2):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--res", type=int, nargs="+", default=[2, 1], choices=[1, 2], help="resolutions in mm")
     ap.add_argument("--repeats", type=int, default=2, help="best of N wall times (default 2)")
     ap.add_argument("--methods", nargs="+", default=["maskreg", "ants", "fireants"], choices=list(WORKERS))
     ap.add_argument("--pairs", nargs="+", default=["known", "subject"], choices=["known", "subject"])
-    ap.add_argument("--losses", nargs="+", default=["mi"], choices=["mi", "cc", "mse"],
-                    help="maskreg losses to run (mi is the reference of the time ratio); default mi")
-    ap.add_argument("--maskreg-extra", type=json.loads, default=None,
-                    help='extra keys for maskreg\'s rigid and affine stages, JSON, e.g. \'{"learning_rate": 0.5}\'')
-    ap.add_argument("--maskreg-sampling", type=json.loads, default=MASKREG_SAMPLING,
-                    help=f'maskreg\'s sampling, JSON: "dense" or {{"fraction": f}} (default {MASKREG_SAMPLING})')
-    ap.add_argument("--ants-bins", type=int, nargs="+", default=[32, 64],
-                    help="ANTsPy runs, one per MI bin count (its aff_sampling; default 32 = its default, and 64)")
-    ap.add_argument("--maskreg-random", type=int, default=0, metavar="N",
-                    help="also run maskreg (mi, mse) with random sampling of N fixed-mask points per iteration")
+    ap.add_argument(
+        "--losses",
+        nargs="+",
+        default=["mi"],
+        choices=["mi", "cc", "mse"],
+        help="maskreg losses to run (mi is the reference of the time ratio); default mi",
+    )
+    ap.add_argument(
+        "--maskreg-extra",
+        type=json.loads,
+        default=None,
+        help="extra keys for maskreg's rigid and affine stages, JSON, e.g. '{\"learning_rate\": 0.5}'",
+    )
+    ap.add_argument(
+        "--maskreg-sampling",
+        type=json.loads,
+        default=MASKREG_SAMPLING,
+        help=f'maskreg\'s sampling, JSON: "dense" or {{"fraction": f}} (default {MASKREG_SAMPLING})',
+    )
+    ap.add_argument(
+        "--ants-bins",
+        type=int,
+        nargs="+",
+        default=[32, 64],
+        help="ANTsPy runs, one per MI bin count (its aff_sampling; default 32 = its default, and 64)",
+    )
+    ap.add_argument(
+        "--maskreg-random",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run maskreg (mi, mse) with random sampling of N fixed-mask points per iteration",
+    )
     args = common.standard_main(ap, worker_main, timeout=3600)
     if args is None:
         return
-    print(f"threads per method: {args.threads}; repeats: best of {args.repeats}; maskreg stages moments → rigid "
-          f"{MASKREG_RIGID} → affine {MASKREG_AFFINE}, sampling {args.maskreg_sampling}"
-          + (f", extra {args.maskreg_extra}" if args.maskreg_extra else "")
-          + f"; FireANTs moments → rigid → affine, each {FIREANTS_ITERS}")
+    print(
+        f"threads per method: {args.threads}; repeats: best of {args.repeats}; maskreg stages moments → rigid "
+        f"{MASKREG_RIGID} → affine {MASKREG_AFFINE}, sampling {args.maskreg_sampling}"
+        + (f", extra {args.maskreg_extra}" if args.maskreg_extra else "")
+        + f"; FireANTs moments → rigid → affine, each {FIREANTS_ITERS}"
+    )
     available = {}
     for m in args.methods:
         if m == "maskreg":
@@ -466,8 +578,10 @@ def main() -> None:
         print(f"peer {m}: {info}")
     t0 = time.perf_counter()
     paths = prepare(sorted(args.res, reverse=True), args.pairs)
-    print(f"data prepared in {time.perf_counter() - t0:.1f} s under {common.OUT / 'linear'} (2 mm = fixed, moving "
-          f"and masks resampled to 2 mm with a Gaussian anti-alias first)")
+    print(
+        f"data prepared in {time.perf_counter() - t0:.1f} s under {common.OUT / 'linear'} (2 mm = fixed, moving "
+        f"and masks resampled to 2 mm with a Gaussian anti-alias first)"
+    )
     ev = Evaluator(paths)
 
     rows, details = [], []
@@ -483,10 +597,23 @@ def main() -> None:
                 if m == "ants":
                     variants = [("mi", 0, b) for b in args.ants_bins]
                 for loss, rnd, bins in variants:
-                    runs.append((m, loss, {"method": m, "loss": loss, "paths": paths[(pair, res)], "bins": bins,
-                                           "repeats": args.repeats, "threads": args.threads, "random": rnd,
-                                           "stage_extra": args.maskreg_extra if m == "maskreg" else None,
-                                           "sampling": args.maskreg_sampling}))
+                    runs.append(
+                        (
+                            m,
+                            loss,
+                            {
+                                "method": m,
+                                "loss": loss,
+                                "paths": paths[(pair, res)],
+                                "bins": bins,
+                                "repeats": args.repeats,
+                                "threads": args.threads,
+                                "random": rnd,
+                                "stage_extra": args.maskreg_extra if m == "maskreg" else None,
+                                "sampling": args.maskreg_sampling,
+                            },
+                        )
+                    )
             ref_time = None
             for m, loss, spec in runs:
                 name = m if m == "identity" else f"{m} ({loss})"
@@ -525,17 +652,31 @@ def main() -> None:
                     row["dice_gm"], row["dice_wm"], row["dice_mean"] = _fmt(g, 3), _fmt(w, 3), _fmt((g + w) / 2, 3)
                 row["ncc"] = _fmt(ev.ncc(pair, res, h), 4)
                 if "stages" in out:
-                    details.append(f"{pair} {res} mm {name}: " + "; ".join(
-                        f"{s['type']} {s['seconds']:.2f} s" + (f" (iterations {s['iterations']}, level s "
-                                                               f"{s['level_seconds']})" if s["iterations"] else "")
-                        for s in out["stages"]))
+                    details.append(
+                        f"{pair} {res} mm {name}: "
+                        + "; ".join(
+                            f"{s['type']} {s['seconds']:.2f} s"
+                            + (
+                                f" (iterations {s['iterations']}, level s {s['level_seconds']})"
+                                if s["iterations"]
+                                else ""
+                            )
+                            for s in out["stages"]
+                        )
+                    )
                 rows.append(row)
             for r in rows:
                 if r["pair"] == pair and r["res"] == f"{res} mm" and "_t" in r and ref_time:
                     r["x_maskreg"] = f"{r['_t'] / ref_time:.2f}"
 
-    cols = [("pair", "pair"), ("res", "res"), ("method", "method"), ("time_s", "time s"),
-            ("x_maskreg", "× maskreg"), ("runs_s", "runs s")]
+    cols = [
+        ("pair", "pair"),
+        ("res", "res"),
+        ("method", "method"),
+        ("time_s", "time s"),
+        ("x_maskreg", "× maskreg"),
+        ("runs_s", "runs s"),
+    ]
     acc_known = [("mean_err_mm", "mean err mm"), ("max_err_mm", "max err mm")]
     acc_subj = [("dice_gm", "Dice GM"), ("dice_wm", "Dice WM"), ("dice_mean", "Dice mean")]
     tail = [("ncc", "ncc"), ("peak_mb", "peak MB (base)"), ("note", "note")]

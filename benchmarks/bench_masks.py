@@ -11,8 +11,8 @@ import argparse
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -20,7 +20,11 @@ from scipy import ndimage
 
 from maskreg import masks
 
-MNI = Path(os.environ.get("MASKREG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "mni_icbm152_2009a" / "template"
+MNI = (
+    Path(os.environ.get("MASKREG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    / "mni_icbm152_2009a"
+    / "template"
+)
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -47,8 +51,10 @@ def main() -> None:
     args = ap.parse_args()
     r, n = args.radius, args.repeats
 
-    print(f"python {platform.python_version()}, SimpleITK {sitk.Version.VersionString()}, "
-          f"{os.cpu_count()} CPU(s), ITK threads {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}")
+    print(
+        f"python {platform.python_version()}, SimpleITK {sitk.Version.VersionString()}, "
+        f"{os.cpu_count()} CPU(s), ITK threads {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}"
+    )
     sources = {}
     template = sitk.ReadImage(str(MNI / "image.nii.gz"))
     t_auto, auto = best_of(lambda: masks.auto_mask(template), 1)
@@ -62,19 +68,20 @@ def main() -> None:
     for name, m in sources.items():
         a = sitk.GetArrayFromImage(m).astype(bool)
         sp = tuple(reversed(m.GetSpacing()))
-        print(f"\nmask: {name}; grid {m.GetSize()} at {m.GetSpacing()} mm; {int(a.sum())} voxels "
-              f"({a.mean():.1%} of the image); radius {r:g} mm; best of {n}")
-        t_d, dil = best_of(lambda: masks.dilate_mm(m, r), n)
-        t_e, ero = best_of(lambda: masks.erode_mm(m, r), n)
-        t_sd, sdil = best_of(lambda: scipy_dilate(a, sp, r), n)
-        t_se, sero = best_of(lambda: scipy_erode(a, sp, r), n)
+        print(
+            f"\nmask: {name}; grid {m.GetSize()} at {m.GetSpacing()} mm; {int(a.sum())} voxels "
+            f"({a.mean():.1%} of the image); radius {r:g} mm; best of {n}"
+        )
+        # the loop's values bound as defaults (B023); best_of calls each lambda before the next iteration anyway
+        t_d, dil = best_of(lambda m=m: masks.dilate_mm(m, r), n)
+        t_e, ero = best_of(lambda m=m: masks.erode_mm(m, r), n)
+        t_sd, sdil = best_of(lambda a=a, sp=sp: scipy_dilate(a, sp, r), n)
+        t_se, sero = best_of(lambda a=a, sp=sp: scipy_erode(a, sp, r), n)
         d, e = sitk.GetArrayFromImage(dil).astype(bool), sitk.GetArrayFromImage(ero).astype(bool)
         print(f"  maskreg dilate_mm : {t_d:6.3f} s -> {int(d.sum()):>9d} voxels")
         print(f"  maskreg erode_mm  : {t_e:6.3f} s -> {int(e.sum()):>9d} voxels")
-        print(f"  scipy EDT dilate  : {t_sd:6.3f} s -> {int(sdil.sum()):>9d} voxels "
-              f"({int((sdil != d).sum())} differ)")
-        print(f"  scipy EDT erode   : {t_se:6.3f} s -> {int(sero.sum()):>9d} voxels "
-              f"({int((sero != e).sum())} differ)")
+        print(f"  scipy EDT dilate  : {t_sd:6.3f} s -> {int(sdil.sum()):>9d} voxels ({int((sdil != d).sum())} differ)")
+        print(f"  scipy EDT erode   : {t_se:6.3f} s -> {int(sero.sum()):>9d} voxels ({int((sero != e).sum())} differ)")
 
 
 if __name__ == "__main__":

@@ -27,11 +27,14 @@ import common  # noqa: E402
 def working_tree() -> str:
     """The commit and the source files that differ from it (the engine is edited while benchmarks run)."""
     import subprocess
+
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent, capture_output=True,
-                               text=True, check=True).stdout.split("\n")
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent, capture_output=True, text=True, check=True
+        ).stdout.split("\n")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     changed = [ln[3:] for ln in dirty if ln.strip()]
@@ -51,6 +54,7 @@ def main() -> int:
 
     common.set_threads(args.threads)  # before numpy/torch/ITK/ANTs are imported
     import matrix_cells as mx
+
     mx.configure_threads(args.threads)
 
     cuda = False if args.no_cuda else mx.cuda_available()
@@ -67,13 +71,17 @@ def main() -> int:
 
     ok, ants_version = common.peer_status("ants")
     print(common.machine_note())
-    import maskreg
     import torch
+
+    import maskreg
     from maskreg import cpu_kernels
+
     print(f"working tree: {working_tree()}")
-    print(f"maskreg {maskreg.__version__}, torch {torch.__version__}, ANTsPy {ants_version}; "
-          f"{args.threads} thread(s); CUDA {'yes: ' + torch.cuda.get_device_name(0) if cuda else 'no (cells left out)'}; "
-          f"{'quick subset' if args.quick else 'full matrix'}: {len(cells)} cells")
+    print(
+        f"maskreg {maskreg.__version__}, torch {torch.__version__}, ANTsPy {ants_version}; "
+        f"{args.threads} thread(s); CUDA {'yes: ' + torch.cuda.get_device_name(0) if cuda else 'no (cells left out)'}; "
+        f"{'quick subset' if args.quick else 'full matrix'}: {len(cells)} cells"
+    )
     if not ok:
         print(f"ANTsPy is needed for the reference: {ants_version}")
         return 1
@@ -81,19 +89,23 @@ def main() -> int:
     cpu_kernels.warm_up()  # load the compiled kernels once, not inside the first cell's timing
     for name in dict.fromkeys(c.pair for c in cells):
         p = mx.load_pair(name)
-        print(f"pair {name}: fixed {p.fixed.GetSize()} at {p.fixed.GetSpacing()[0]:g} mm, moving "
-              f"{p.moving.GetSize()}; metric {p.metric}; {p.note}")
-    print(f"random sampling: {mx.RANDOM_POINTS} points; margin vs ANTsPy {mx.MARGIN} (cc, mi, moments)\n",
-          flush=True)
+        print(
+            f"pair {name}: fixed {p.fixed.GetSize()} at {p.fixed.GetSpacing()[0]:g} mm, moving "
+            f"{p.moving.GetSize()}; metric {p.metric}; {p.note}"
+        )
+    print(f"random sampling: {mx.RANDOM_POINTS} points; margin vs ANTsPy {mx.MARGIN} (cc, mi, moments)\n", flush=True)
 
     rows = []
     for i, cell in enumerate(cells, 1):
         row = mx.run_cell(cell, threads=args.threads)
         rows.append(row)
         r = mx.format_rows([row])[0]
-        print(f"[{i}/{len(cells)} {time.perf_counter() - t_all:6.0f} s] {row['status']:6s} {cell.id}: "
-              f"{r.get('metric', '')} maskreg {r['mr_f']} ANTsPy {r['ants_f']} linear {r['lin_f']} "
-              f"fold% {r['fold_f']} ({r['mr_s_f']} s / {r['ants_s_f']} s) {row['reason']}", flush=True)
+        print(
+            f"[{i}/{len(cells)} {time.perf_counter() - t_all:6.0f} s] {row['status']:6s} {cell.id}: "
+            f"{r.get('metric', '')} maskreg {r['mr_f']} ANTsPy {r['ants_f']} linear {r['lin_f']} "
+            f"fold% {r['fold_f']} ({r['mr_s_f']} s / {r['ants_s_f']} s) {row['reason']}",
+            flush=True,
+        )
         if row.get("error"):
             print("    " + row["error"].strip().replace("\n", "\n    "), flush=True)
     total = time.perf_counter() - t_all

@@ -29,8 +29,9 @@ SYN = {"type": "syn", "loss": "cc", "window": 5, "scales": [4, 2, 1], "iteration
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--res", type=int, default=2, choices=[1, 2])
     ap.add_argument("--radius", type=float, nargs="+", default=[15.0, 25.0, 40.0])
     ap.add_argument("--threads", type=int, default=2)
@@ -51,8 +52,10 @@ def main() -> None:
     fm, mm = sitk.ReadImage(paths["fixed_mask"]), sitk.ReadImage(paths["moving_mask"])
     linear = [s for s in bd.default_stages() if s["type"] not in ("syn", "greedy")]
     affine = maskreg.register(f, m, fm, mm, stages=linear, device="cpu", threads=args.threads).linear
-    print(f"brain pair at {args.res} mm: fixed {f.GetSize()} ({np.prod(f.GetSize()) / 1e6:.2f} M voxels), "
-          f"{args.threads} threads, best of {args.repeats}; affine computed once, then SyN only")
+    print(
+        f"brain pair at {args.res} mm: fixed {f.GetSize()} ({np.prod(f.GetSize()) / 1e6:.2f} M voxels), "
+        f"{args.threads} threads, best of {args.repeats}; affine computed once, then SyN only"
+    )
 
     brain = sitk.GetArrayFromImage(fm) > 0
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in f.GetSize()], indexing="ij"), -1).reshape(-1, 3)
@@ -62,8 +65,10 @@ def main() -> None:
     whole = lambda grid, mask, margin: (grid, tuple(slice(0, n) for n in grid.shape))  # noqa: E731
     box_fn = engine.roi_box
 
-    print("\n| ROI radius mm | ROI voxels | finest level, box | finest level, whole grid | SyN s, box | "
-          "SyN s, whole grid | whole / box | field difference in the ROI, mean / max mm |")
+    print(
+        "\n| ROI radius mm | ROI voxels | finest level, box | finest level, whole grid | SyN s, box | "
+        "SyN s, whole grid | whole / box | field difference in the ROI, mean / max mm |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in args.radius:
         roi = (dist < r) & brain
@@ -75,17 +80,20 @@ def main() -> None:
             best = None
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                res = maskreg.register(f, m, roi_img, mm, stages=[SYN], initial=affine, device="cpu",
-                                       threads=args.threads)
+                res = maskreg.register(
+                    f, m, roi_img, mm, stages=[SYN], initial=affine, device="cpu", threads=args.threads
+                )
                 dt = time.perf_counter() - t0
                 best = dt if best is None else min(best, dt)
             out[name] = (best, res.stages[0].levels[-1].shape, sitk.GetArrayFromImage(res.displacement))
         engine.roi_box = box_fn
         diff = np.linalg.norm(out["box"][2][roi] - out["whole"][2][roi], axis=1)
         shape = lambda s: "×".join(map(str, s))  # noqa: E731
-        print(f"| {r:g} | {int(roi.sum())} | {shape(out['box'][1])} | {shape(out['whole'][1])} | "
-              f"{out['box'][0]:.1f} | {out['whole'][0]:.1f} | {out['whole'][0] / out['box'][0]:.1f} | "
-              f"{diff.mean():.3f} / {diff.max():.3f} |")
+        print(
+            f"| {r:g} | {int(roi.sum())} | {shape(out['box'][1])} | {shape(out['whole'][1])} | "
+            f"{out['box'][0]:.1f} | {out['whole'][0]:.1f} | {out['whole'][0] / out['box'][0]:.1f} | "
+            f"{diff.mean():.3f} / {diff.max():.3f} |"
+        )
 
 
 if __name__ == "__main__":

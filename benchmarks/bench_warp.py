@@ -63,14 +63,22 @@ def prepare(name: str) -> dict:
         raise FileNotFoundError(f"{src} not found (set MASKREG_DATA to the shared/data folder)")
     out = common.OUT / "warp" / name
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"labels": str(src), "target": str(out / "target.nii.gz"), "transform": str(out / "rigid.mat"),
-             "dir": str(out)}
+    paths = {
+        "labels": str(src),
+        "target": str(out / "target.nii.gz"),
+        "transform": str(out / "rigid.mat"),
+        "dir": str(out),
+    }
     if Path(paths["target"]).exists() and Path(paths["transform"]).exists():
         return paths
     lab = sitk.ReadImage(str(src))
     size = np.array(lab.GetSize())
-    corners = np.array([lab.TransformContinuousIndexToPhysicalPoint((c * size - 0.5).tolist())
-                        for c in np.array(np.meshgrid([0, 1], [0, 1], [0, 1])).reshape(3, -1).T])
+    corners = np.array(
+        [
+            lab.TransformContinuousIndexToPhysicalPoint((c * size - 0.5).tolist())
+            for c in np.array(np.meshgrid([0, 1], [0, 1], [0, 1])).reshape(3, -1).T
+        ]
+    )
     lo, hi = corners.min(0), corners.max(0)
     target = sitk.Image([int(np.ceil(n)) for n in hi - lo], sitk.sitkUInt8)
     target.SetSpacing((1.0, 1.0, 1.0))
@@ -98,9 +106,16 @@ def _plain_generic(labels, reference, transform):
     best = np.zeros(tuple(reversed(reference.GetSize())), np.float32)
     out = np.zeros(best.shape, arr.dtype)
     for v in np.unique(arr):
-        w = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(labels == int(v), sitk.sitkFloat32), reference,
-                                                 transform, sitk.sitkLinear, 1.0 if v == 0 else 0.0,
-                                                 sitk.sitkFloat32))
+        w = sitk.GetArrayFromImage(
+            sitk.Resample(
+                sitk.Cast(labels == int(v), sitk.sitkFloat32),
+                reference,
+                transform,
+                sitk.sitkLinear,
+                1.0 if v == 0 else 0.0,
+                sitk.sitkFloat32,
+            )
+        )
         better = w > best
         best[better], out[better] = w[better], v
         del w, better
@@ -113,6 +128,7 @@ def _worker_maskreg(spec: dict) -> dict:
     import SimpleITK as sitk
 
     from maskreg import warp
+
     p = spec["paths"]
     labels, target = sitk.ReadImage(p["labels"]), sitk.ReadImage(p["target"])
     tx = sitk.ReadTransform(p["transform"])
@@ -145,6 +161,7 @@ def worker_main(spec: dict) -> None:
         out = (_worker_ants if spec["method"].startswith("ants") else _worker_maskreg)(spec)
     except Exception as exc:  # report, do not crash the table
         import traceback
+
         traceback.print_exc()
         out = {"error": f"{type(exc).__name__}: {exc}"}
     out["worker_s"] = time.perf_counter() - t0
@@ -173,8 +190,9 @@ def dice_table(a, b) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--maps", nargs="+", default=list(MAPS), choices=list(MAPS))
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     args = common.standard_main(ap, worker_main, timeout=1800)
@@ -183,8 +201,9 @@ def main() -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    print(f"threads per method: {args.threads}; repeats: best of {args.repeats}; SimpleITK "
-          f"{sitk.Version.VersionString()}")
+    print(
+        f"threads per method: {args.threads}; repeats: best of {args.repeats}; SimpleITK {sitk.Version.VersionString()}"
+    )
     ants_ok, ants_info = common.peer_status("ants")
     print(f"peer ants: {ants_info}")
     if "maskreg-generic" not in args.methods:
@@ -196,9 +215,12 @@ def main() -> None:
         lab, target = sitk.ReadImage(paths["labels"]), sitk.ReadImage(paths["target"])
         src = sitk.GetArrayViewFromImage(lab)
         n_src = int((np.unique(src) != 0).sum())
-        print(f"\n{name}: {paths['labels']}\n  {lab.GetSize()} at {tuple(round(s, 3) for s in lab.GetSpacing())} mm, "
-              f"{lab.GetPixelIDTypeAsString()}, {n_src} labels + background -> target {target.GetSize()} at 1 mm "
-              f"({np.prod(target.GetSize()) / 1e6:.1f} M voxels)", flush=True)
+        print(
+            f"\n{name}: {paths['labels']}\n  {lab.GetSize()} at {tuple(round(s, 3) for s in lab.GetSpacing())} mm, "
+            f"{lab.GetPixelIDTypeAsString()}, {n_src} labels + background -> target {target.GetSize()} at 1 mm "
+            f"({np.prod(target.GetSize()) / 1e6:.1f} M voxels)",
+            flush=True,
+        )
         outputs, results = {}, {}
         for m in args.methods:
             row = {"map": name, "method": m}
@@ -207,8 +229,7 @@ def main() -> None:
                 row["note"] = f"not installed: {common.PEERS['ants'][1]}"
                 continue
             out_path = str(Path(paths["dir"]) / f"{m}.nii.gz")
-            spec = {"method": m, "paths": paths, "repeats": args.repeats, "threads": args.threads,
-                    "output": out_path}
+            spec = {"method": m, "paths": paths, "repeats": args.repeats, "threads": args.threads, "output": out_path}
             print(f"  running {m} ...", flush=True)
             res = common.run_worker(Path(__file__), spec, timeout=args.timeout)
             if "error" in res:
@@ -240,10 +261,20 @@ def main() -> None:
                 eq = float((outputs[m] == outputs[SAME_KIND[m]]).mean())
                 row["dice_same"] = f"{mean:.4f} ({mn:.3f}), {100 * eq:.3f} % equal"
 
-    cols = [("map", "map"), ("method", "method"), ("time_s", "time s"), ("x_time", "× generic"),
-            ("runs_s", "runs s"), ("peak_mb", "peak MB (base)"), ("delta_mb", "Δ MB"), ("x_mem", "Δ × generic"),
-            ("labels", "labels"), ("dice_generic", "Dice vs maskreg generic: mean (min)"),
-            ("dice_same", "vs maskreg same kind"), ("note", "note")]
+    cols = [
+        ("map", "map"),
+        ("method", "method"),
+        ("time_s", "time s"),
+        ("x_time", "× generic"),
+        ("runs_s", "runs s"),
+        ("peak_mb", "peak MB (base)"),
+        ("delta_mb", "Δ MB"),
+        ("x_mem", "Δ × generic"),
+        ("labels", "labels"),
+        ("dice_generic", "Dice vs maskreg generic: mean (min)"),
+        ("dice_same", "vs maskreg same kind"),
+        ("note", "note"),
+    ]
     print()
     print(common.format_table(rows, cols))
     print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")

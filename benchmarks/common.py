@@ -20,8 +20,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 # The environment the benchmark started with, before anything imported maskreg (which sets OMP_WAIT_POLICY in
@@ -53,8 +54,7 @@ def peer_status(module: str) -> tuple[bool, str]:
 
 def set_threads(n: int) -> None:
     """Limit every library's thread pools to ``n`` (call before importing numpy/torch/ITK-based peers)."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[var] = str(n)
 
 
@@ -64,8 +64,10 @@ def machine_note() -> str:
         load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         load = "n/a"
-    return (f"{platform.node() or 'host'}: {os.cpu_count()} CPU(s), load average (1/5/15 min) {load}, "
-            f"python {platform.python_version()}, {platform.platform(terse=True)}")
+    return (
+        f"{platform.node() or 'host'}: {os.cpu_count()} CPU(s), load average (1/5/15 min) {load}, "
+        f"python {platform.python_version()}, {platform.platform(terse=True)}"
+    )
 
 
 def _read_status(key: str) -> float | None:
@@ -107,8 +109,13 @@ def measure(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
         out = fn()
         times.append(time.perf_counter() - t0)
         peaks.append(peak_rss())
-    return {"best_s": min(times), "times_s": times, "peak_rss_mb": max(p for p in peaks if p is not None)
-            if any(p is not None for p in peaks) else None, "base_rss_mb": base, "result": out}
+    return {
+        "best_s": min(times),
+        "times_s": times,
+        "peak_rss_mb": max(p for p in peaks if p is not None) if any(p is not None for p in peaks) else None,
+        "base_rss_mb": base,
+        "result": out,
+    }
 
 
 def run_worker(script: Path, spec: dict, timeout: float | None = None) -> dict:
@@ -121,7 +128,7 @@ def run_worker(script: Path, spec: dict, timeout: float | None = None) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
     return {"error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
 
@@ -133,8 +140,9 @@ def emit_result(result: dict) -> None:
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A plain fixed-width table: ``columns`` are ``(key, header)``; missing values print as ``-``."""
-    cells = [[h for _, h in columns]] + [["-" if r.get(k) in (None, "") else str(r[k]) for k, _ in columns]
-                                          for r in rows]
+    cells = [[h for _, h in columns]] + [
+        ["-" if r.get(k) in (None, "") else str(r[k]) for k, _ in columns] for r in rows
+    ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(columns))) for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -100,22 +100,30 @@ PAIR_SITUATIONS = {
     "abdomen": ("none", "fixed", "both"),
 }
 
-ANTS_TYPE = {"moments": "Translation", "translation": "Translation", "rigid": "Rigid",
-             "similarity": "Similarity", "affine": "Affine", "greedy": "SyN", "syn": "SyN"}
+ANTS_TYPE = {
+    "moments": "Translation",
+    "translation": "Translation",
+    "rigid": "Rigid",
+    "similarity": "Similarity",
+    "affine": "Affine",
+    "greedy": "SyN",
+    "syn": "SyN",
+}
 ANTS_LINEAR_METRIC = {"mse": "meansquares", "cc": "GC", "mi": "mattes", "nmi": "mattes", None: "mattes"}
 ANTS_SYN_METRIC = {"mse": ("meansquares", 32), "cc": ("CC", 2), "mi": ("mattes", 32), "nmi": ("mattes", 32)}
 
 
 # ------------------------------------------------------------------------------------------------- cells
 
+
 @dataclass(frozen=True)
 class Cell:
     pair: str
     masks: str
-    stage: str                # moments | translation | rigid | similarity | affine | greedy | syn
-    loss: str | None          # mse | cc | mi | nmi; None for moments
-    sampling: str = "dense"   # dense | random
-    path: str = "kernels"     # kernels | torch | cuda
+    stage: str  # moments | translation | rigid | similarity | affine | greedy | syn
+    loss: str | None  # mse | cc | mi | nmi; None for moments
+    sampling: str = "dense"  # dense | random
+    path: str = "kernels"  # kernels | torch | cuda
 
     @property
     def id(self) -> str:
@@ -164,7 +172,7 @@ def full_cells(cuda: bool | None = None) -> list[Cell]:
     # 1. every stage type x every loss, both masks
     for pair in ("b2d_16_64", "brain3d", "head2d"):
         _add(out, Cell(pair, "both", "moments", None))
-        for st in (LINEAR + DEFORMABLE if pair != "head2d" else ("rigid", "affine") + DEFORMABLE):
+        for st in LINEAR + DEFORMABLE if pair != "head2d" else ("rigid", "affine") + DEFORMABLE:
             for loss in LOSSES:
                 _add(out, Cell(pair, "both", st, loss))
     # 2. every mask situation x {affine, syn} x {cc, mi}, on every pair
@@ -191,13 +199,20 @@ def full_cells(cuda: bool | None = None) -> list[Cell]:
         _add(out, Cell("b2d_16_64", "both", st, "cc", "random"))
     # 4. the torch code path (and CUDA) on a subset
     subset = [Cell("brain3d", "both", st, loss) for st in ("affine", "greedy", "syn") for loss in ("cc", "mi")]
-    subset += [Cell("brain3d", "both", "syn", "mse"), Cell("brain3d", "both", "syn", "nmi"),
-               Cell("brain3d", "both", "affine", "mi", "random"), Cell("brain3d", "valid", "syn", "cc"),
-               Cell("brain3d", "roi", "syn", "mi"),
-               Cell("b2d_16_64", "both", "syn", "cc"), Cell("b2d_16_64", "both", "syn", "mi"),
-               Cell("b2d_16_64", "valid", "syn", "cc"), Cell("b2d_16_64", "both", "affine", "mi"),
-               Cell("head2d", "both", "syn", "mi"), Cell("abdomen", "both", "syn", "cc"),
-               Cell("abdomen", "both", "affine", "mi")]
+    subset += [
+        Cell("brain3d", "both", "syn", "mse"),
+        Cell("brain3d", "both", "syn", "nmi"),
+        Cell("brain3d", "both", "affine", "mi", "random"),
+        Cell("brain3d", "valid", "syn", "cc"),
+        Cell("brain3d", "roi", "syn", "mi"),
+        Cell("b2d_16_64", "both", "syn", "cc"),
+        Cell("b2d_16_64", "both", "syn", "mi"),
+        Cell("b2d_16_64", "valid", "syn", "cc"),
+        Cell("b2d_16_64", "both", "affine", "mi"),
+        Cell("head2d", "both", "syn", "mi"),
+        Cell("abdomen", "both", "syn", "cc"),
+        Cell("abdomen", "both", "affine", "mi"),
+    ]
     for path in ("torch",) + (("cuda",) if cuda else ()):
         for c in subset:
             _add(out, Cell(c.pair, c.masks, c.stage, c.loss, c.sampling, path))
@@ -252,18 +267,20 @@ def cuda_available() -> bool:
 
 # --------------------------------------------------------------------------------------------- threads
 
+
 def configure_threads(n: int = 1) -> None:
     """Limit torch, SimpleITK/ITK (also ANTs' ITK, when set before it is first used) and OpenMP to ``n``."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[var] = str(n)
     import SimpleITK as sitk
     import torch
+
     torch.set_num_threads(n)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
 
 
 # ----------------------------------------------------------------------------------------------- data
+
 
 @dataclass
 class Pair:
@@ -292,7 +309,7 @@ class Situation:
     fixed_mask: Any
     moving_mask: Any
     kinds: tuple[str, str]
-    region: np.ndarray | None   # evaluation weight on the fixed grid (None: the whole image)
+    region: np.ndarray | None  # evaluation weight on the fixed grid (None: the whole image)
     eval_labels: list[int] | None
     files: dict[str, str] = field(default_factory=dict)
 
@@ -314,6 +331,7 @@ def _tmpdir() -> Path:
 
 def _sitk():
     import SimpleITK as sitk
+
     return sitk
 
 
@@ -334,7 +352,7 @@ def _resample_iso(img, spacing: float, kind: str):
     (sigma = 1/2 sqrt(s_new^2 - s^2) mm), masks linearly then > 0.5, labels nearest neighbour."""
     sitk = _sitk()
     dim = img.GetDimension()
-    size = [max(1, int(round(n * s / spacing))) for n, s in zip(img.GetSize(), img.GetSpacing())]
+    size = [max(1, int(round(n * s / spacing))) for n, s in zip(img.GetSize(), img.GetSpacing(), strict=False)]
     centre = np.array(img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in img.GetSize()]))
     direction = np.array(img.GetDirection()).reshape(dim, dim)
     origin = centre - direction @ (np.array([(n - 1) / 2 for n in size]) * spacing)
@@ -343,7 +361,7 @@ def _resample_iso(img, spacing: float, kind: str):
     ref.SetOrigin(tuple(float(v) for v in origin))
     ref.SetDirection(img.GetDirection())
     if kind == "image":
-        sig = [0.5 * math.sqrt(max(spacing ** 2 - s ** 2, 0.0)) for s in img.GetSpacing()]
+        sig = [0.5 * math.sqrt(max(spacing**2 - s**2, 0.0)) for s in img.GetSpacing()]
         src = sitk.SmoothingRecursiveGaussian(_float(img), sig) if max(sig) > 0 else _float(img)
         return sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     if kind == "mask":
@@ -358,6 +376,7 @@ def load_pair(name: str) -> Pair:
         return _PAIRS[name]
     sitk = _sitk()
     from maskreg.masks import auto_mask, dilate_mm
+
     read = lambda p: sitk.ReadImage(str(DEMO / p))  # noqa: E731
     if name.startswith("b2d_"):
         a, b = name.split("_")[1:]
@@ -367,24 +386,43 @@ def load_pair(name: str) -> Pair:
         d = "elastix_ct2d_head/"
         fm = sitk.Cast(read(d + "fixed_mask.nii.gz"), sitk.sitkUInt8)
         mm = sitk.Cast(read(d + "moving_mask.nii.gz"), sitk.sitkUInt8)
-        pair = Pair(name, _float(read(d + "fixed.nii.gz")), _float(read(d + "moving.nii.gz")), fm, mm,
-                    fixed_labels=fm, moving_labels=mm, note="ITKElastix head pair, its masks; labels = head masks")
+        pair = Pair(
+            name,
+            _float(read(d + "fixed.nii.gz")),
+            _float(read(d + "moving.nii.gz")),
+            fm,
+            mm,
+            fixed_labels=fm,
+            moving_labels=mm,
+            note="ITKElastix head pair, its masks; labels = head masks",
+        )
     elif name == "brain3d":
         d = "brain3d/"
-        pair = Pair(name, _resample_iso(read(d + "mni_image.nii.gz"), 4.0, "image"),
-                    _resample_iso(read(d + "vxm_image.nii.gz"), 4.0, "image"),
-                    _resample_iso(read(d + "mni_mask.nii.gz"), 4.0, "mask"),
-                    _resample_iso(read(d + "vxm_mask.nii.gz"), 4.0, "mask"),
-                    _resample_iso(read(d + "mni_labels.nii.gz"), 4.0, "labels"),
-                    _resample_iso(read(d + "vxm_labels.nii.gz"), 4.0, "labels"),
-                    note="MNI (fixed) / voxelmorph T1 (moving) at 4 mm; labels GM, WM")
+        pair = Pair(
+            name,
+            _resample_iso(read(d + "mni_image.nii.gz"), 4.0, "image"),
+            _resample_iso(read(d + "vxm_image.nii.gz"), 4.0, "image"),
+            _resample_iso(read(d + "mni_mask.nii.gz"), 4.0, "mask"),
+            _resample_iso(read(d + "vxm_mask.nii.gz"), 4.0, "mask"),
+            _resample_iso(read(d + "mni_labels.nii.gz"), 4.0, "labels"),
+            _resample_iso(read(d + "vxm_labels.nii.gz"), 4.0, "labels"),
+            note="MNI (fixed) / voxelmorph T1 (moving) at 4 mm; labels GM, WM",
+        )
     elif name == "abdomen":
         d = "totalseg_ct/"
         fl, ml = read(d + "ct_b_labels.nii.gz"), read(d + "ct_a_labels.nii.gz")
         froi = dilate_mm(sitk.Cast(fl == LIVER, sitk.sitkUInt8), 10.0)
         mroi = dilate_mm(sitk.Cast(ml == LIVER, sitk.sitkUInt8), 10.0)
-        pair = Pair(name, _float(read(d + "ct_b_image.nii.gz")), _float(read(d + "ct_a_image.nii.gz")),
-                    froi, mroi, fl, ml, note="ct_b (fixed) / ct_a (moving), 3 mm; masks = liver + 10 mm")
+        pair = Pair(
+            name,
+            _float(read(d + "ct_b_image.nii.gz")),
+            _float(read(d + "ct_a_image.nii.gz")),
+            froi,
+            mroi,
+            fl,
+            ml,
+            note="ct_b (fixed) / ct_a (moving), 3 mm; masks = liver + 10 mm",
+        )
     else:
         raise KeyError(f"unknown pair {name}; choose from {', '.join(PAIRS)}")
     _PAIRS[name] = pair
@@ -402,9 +440,9 @@ def _disc_or_ball(ref, centre_idx, radius_mm: float) -> np.ndarray:
     grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     sp = ref.GetSpacing()[::-1]
     c = list(centre_idx)[::-1]
-    d2 = sum(((g - ci) * s) ** 2 for g, ci, s in zip(grids, c, sp))
+    d2 = sum(((g - ci) * s) ** 2 for g, ci, s in zip(grids, c, sp, strict=False))
     assert len(grids) == dim
-    return d2 <= radius_mm ** 2
+    return d2 <= radius_mm**2
 
 
 def _cone(ref, apex_xy: tuple[float, float], half_angle_deg: float, radius: float) -> np.ndarray:
@@ -420,6 +458,7 @@ def _slab(ref, mask, keep: str, offset_mm: float) -> np.ndarray:
     """A 3D field of view cut by an axial plane (LPS z): ``keep='above'`` keeps z >= centroid z - offset,
     ``'below'`` keeps z <= centroid z + offset, the centroid being that of ``mask``."""
     from maskreg.masks import centroid_index
+
     zc = ref.TransformIndexToPhysicalPoint([int(v) for v in centroid_index(mask)])[2]
     shape = ref.GetSize()[::-1]
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)[:, ::-1]
@@ -438,6 +477,7 @@ def load_situation(pair_name: str, masks: str) -> Situation:
         raise KeyError(f"pair {pair_name} has no mask situation {masks}")
     sitk = _sitk()
     from maskreg.masks import centroid_index, erode_mm
+
     p = load_pair(pair_name)
     f, m, fm, mm, kinds = p.fixed, p.moving, None, None, ("roi", "roi")
     if masks == "fixed":
@@ -447,10 +487,12 @@ def load_situation(pair_name: str, masks: str) -> Situation:
     elif masks == "threshold":
         fm, mm = sitk.Cast(p.fixed > 20, sitk.sitkUInt8), sitk.Cast(p.moving > 20, sitk.sitkUInt8)
     elif masks == "ellipse":
+
         def ellipse(ref):
             ny, nx = ref.GetSize()[1], ref.GetSize()[0]
             yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
             return _u8(((xx - (nx - 1) / 2) / 100.0) ** 2 + ((yy - (ny - 1) / 2) / 80.0) ** 2 <= 1.0, ref)
+
         fm, mm = ellipse(p.fixed), ellipse(p.moving)
     elif masks == "eroded":
         fm, mm = erode_mm(p.fixed_mask, ERODE_MM), erode_mm(p.moving_mask, ERODE_MM)
@@ -479,7 +521,7 @@ def load_situation(pair_name: str, masks: str) -> Situation:
         fl = _arr(p.fixed_labels)
         inside = fl if region is None else np.where(region, fl, 0)
         vals, counts = np.unique(inside, return_counts=True)
-        labels = [int(v) for v, n in zip(vals, counts) if v != 0 and n >= MIN_LABEL_VOXELS]
+        labels = [int(v) for v, n in zip(vals, counts, strict=False) if v != 0 and n >= MIN_LABEL_VOXELS]
     sit = Situation(f, m, fm, mm, kinds, region, labels)
     _SITS[key] = sit
     return sit
@@ -491,8 +533,12 @@ def _situation_files(pair_name: str, masks: str) -> dict[str, str]:
         sitk = _sitk()
         d = _tmpdir() / f"{pair_name}_{masks}"
         d.mkdir(parents=True, exist_ok=True)
-        for role, img in (("fixed", sit.fixed), ("moving", sit.moving), ("fixed_mask", sit.fixed_mask),
-                          ("moving_mask", sit.moving_mask)):
+        for role, img in (
+            ("fixed", sit.fixed),
+            ("moving", sit.moving),
+            ("fixed_mask", sit.fixed_mask),
+            ("moving_mask", sit.moving_mask),
+        ):
             if img is not None:
                 path = d / f"{role}.nii.gz"
                 sitk.WriteImage(img, str(path))
@@ -511,12 +557,14 @@ def _situation_files(pair_name: str, masks: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ evaluation
 
+
 def evaluate(pair_name: str, masks: str, transform) -> dict[str, float]:
     """NCC inside the situation's fixed mask (whole image without one) and, where labels exist, the mean
     Dice inside it; of the pair's original images and labels, for a fixed -> moving SimpleITK transform."""
     sitk = _sitk()
     from maskreg.qc.metrics import dice_per_label, masked_ncc, mean_dice
     from maskreg.warp import warp_labels
+
     p, sit = load_pair(pair_name), load_situation(pair_name, masks)
     warped = sitk.Resample(p.moving, p.fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     out = {"ncc": masked_ncc(p.fixed, warped, None if sit.region is None else sit.region.astype(np.float32))}
@@ -535,11 +583,13 @@ def _as_sitk(tx):
 
 # ---------------------------------------------------------------------------------------------- runners
 
+
 @contextlib.contextmanager
 def code_path(path: str):
     """``kernels``: the compiled CPU kernels; ``torch`` and ``cuda``: ``MASKREG_CPU_KERNELS=0`` (torch's own
     operators); yields the device for ``maskreg.register``. The environment is restored afterwards."""
     from maskreg import cpu_kernels
+
     old = os.environ.get("MASKREG_CPU_KERNELS")
     os.environ["MASKREG_CPU_KERNELS"] = "1" if path == "kernels" else "0"
     cpu_kernels._module.cache_clear()
@@ -555,15 +605,27 @@ def code_path(path: str):
 
 def run_maskreg(cell: Cell, stages: list[dict], threads: int = 1) -> tuple[Any, float]:
     import maskreg
+
     sit = load_situation(cell.pair, cell.masks)
     register = maskreg.register
     with code_path(cell.path) as device:
         t0 = time.perf_counter()
-        res = register(sit.fixed, sit.moving, sit.fixed_mask, sit.moving_mask, stages=stages, device=device,
-                       sampling=cell.sampling_arg(), mask_kinds=sit.kinds, threads=threads, seed=0,
-                       subject=cell.id)
+        res = register(
+            sit.fixed,
+            sit.moving,
+            sit.fixed_mask,
+            sit.moving_mask,
+            stages=stages,
+            device=device,
+            sampling=cell.sampling_arg(),
+            mask_kinds=sit.kinds,
+            threads=threads,
+            seed=0,
+            subject=cell.id,
+        )
         if device == "cuda":
             import torch
+
             torch.cuda.synchronize()
         return res, time.perf_counter() - t0
 
@@ -600,7 +662,9 @@ def run_ants(cell: Cell) -> dict:
         return _ANTS[key]
     try:
         import ants
+
         from maskreg.transforms import read_transform
+
         files = _situation_files(cell.pair, cell.masks)
         fixed = ants.image_read(files["fixed"], pixeltype="float")
         moving = ants.image_read(files["moving"], pixeltype="float")
@@ -611,8 +675,9 @@ def run_ants(cell: Cell) -> dict:
         prefix = _tmpdir() / "ants" / f"{len(_ANTS):04d}_"
         prefix.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        reg = ants.registration(fixed, moving, mask=fm, moving_mask=mm, mask_all_stages=True,
-                                outprefix=str(prefix), **kw)
+        reg = ants.registration(
+            fixed, moving, mask=fm, moving_mask=mm, mask_all_stages=True, outprefix=str(prefix), **kw
+        )
         seconds = time.perf_counter() - t0
         tx = _as_sitk(read_transform(list(reg["fwdtransforms"])))
         out = {"metrics": evaluate(cell.pair, cell.masks, tx), "seconds": seconds, "error": None}
@@ -627,8 +692,11 @@ def _linear_only(cell: Cell, threads: int) -> dict:
     if key not in _LINEAR:
         try:
             res, secs = run_maskreg(cell, cell.stages(linear_only=True), threads)
-            _LINEAR[key] = {"metrics": evaluate(cell.pair, cell.masks, _as_sitk(res.transform())),
-                            "seconds": secs, "error": None}
+            _LINEAR[key] = {
+                "metrics": evaluate(cell.pair, cell.masks, _as_sitk(res.transform())),
+                "seconds": secs,
+                "error": None,
+            }
         except Exception as exc:  # noqa: BLE001
             _LINEAR[key] = {"metrics": None, "seconds": None, "error": f"{type(exc).__name__}: {exc}"}
     return _LINEAR[key]
@@ -637,15 +705,23 @@ def _linear_only(cell: Cell, threads: int) -> dict:
 def run_cell(cell: Cell, threads: int = 1) -> dict:
     """Run one cell; never raises. Returns the table row with ``status`` (PASS, FAIL, SKIP, NO-REF) and
     ``reason``."""
-    row: dict[str, Any] = {"id": cell.id, "pair": cell.pair, "masks": cell.masks, "stages": stages_text(cell),
-                           "loss": cell.loss or "-", "sampling": cell.sampling, "path": cell.path,
-                           "ants": ants_settings_text(cell)}
+    row: dict[str, Any] = {
+        "id": cell.id,
+        "pair": cell.pair,
+        "masks": cell.masks,
+        "stages": stages_text(cell),
+        "loss": cell.loss or "-",
+        "sampling": cell.sampling,
+        "path": cell.path,
+        "ants": ants_settings_text(cell),
+    }
     t_cell = time.perf_counter()
     try:
         if cell.path == "cuda" and not cuda_available():
             return _finish(row, "SKIP", ["CUDA not available"], t_cell)
         if cell.path == "kernels":
             from maskreg import cpu_kernels
+
             with code_path("kernels"):
                 if cpu_kernels._module() is None:
                     return _finish(row, "SKIP", ["compiled CPU kernels not available (numba missing)"], t_cell)
@@ -685,6 +761,7 @@ def _reference(cell: Cell, row: dict, pair: Pair) -> None:
 
 def _check_rejected(cell: Cell, row: dict, threads: int, t_cell: float) -> dict:
     from maskreg.errors import ConfigError
+
     row["ants"] = "-"
     try:
         res, secs = run_maskreg(cell, cell.stages(), threads)
@@ -741,8 +818,9 @@ def verdict(cell: Cell, row: dict) -> tuple[str, list[str]]:
             fails.append(f"{cell.stage} ends below its linear start: {name} {mr:.4f} < {lin:.4f}")
         fold = row.get("fold")
         if fold is None or fold > 0:
-            fails.append(f"folding: det J <= 0 at {fold * 100:.3f} % of voxels" if fold is not None
-                         else "no Jacobian reported")
+            fails.append(
+                f"folding: det J <= 0 at {fold * 100:.3f} % of voxels" if fold is not None else "no Jacobian reported"
+            )
     if fails:
         return "FAIL", fails + notes
     if no_ref:
@@ -759,11 +837,26 @@ def stages_text(cell: Cell) -> str:
 
 # ------------------------------------------------------------------------------------------------ table
 
-COLUMNS = [("pair", "pair"), ("masks", "masks"), ("stages", "stages"), ("loss", "loss"),
-           ("sampling", "sampling"), ("path", "path"), ("metric", "metric"), ("mr_f", "maskreg"),
-           ("ants_f", "ANTsPy"), ("diff_f", "diff"), ("lin_f", "linear only"), ("fold_f", "fold %"),
-           ("ncc_f", "NCC mr/ANTs"), ("mr_s_f", "mr s"), ("ants_s_f", "ANTs s"), ("ants", "ANTsPy run"),
-           ("status", "status"), ("reason", "reason")]
+COLUMNS = [
+    ("pair", "pair"),
+    ("masks", "masks"),
+    ("stages", "stages"),
+    ("loss", "loss"),
+    ("sampling", "sampling"),
+    ("path", "path"),
+    ("metric", "metric"),
+    ("mr_f", "maskreg"),
+    ("ants_f", "ANTsPy"),
+    ("diff_f", "diff"),
+    ("lin_f", "linear only"),
+    ("fold_f", "fold %"),
+    ("ncc_f", "NCC mr/ANTs"),
+    ("mr_s_f", "mr s"),
+    ("ants_s_f", "ANTs s"),
+    ("ants", "ANTsPy run"),
+    ("status", "status"),
+    ("reason", "reason"),
+]
 
 
 def _f(v, nd=3, sign=False) -> str:
@@ -780,12 +873,16 @@ def format_rows(rows: list[dict]) -> list[dict]:
         r = dict(r)
         r["mr_f"] = r.get("mr_text") or _f(r.get("mr"))
         r["ants_f"] = _f(r.get("ants_v"))
-        r["diff_f"] = (_f(r["mr"] - r["ants_v"], sign=True)
-                       if not _bad(r.get("mr")) and not _bad(r.get("ants_v")) else "-")
+        r["diff_f"] = (
+            _f(r["mr"] - r["ants_v"], sign=True) if not _bad(r.get("mr")) and not _bad(r.get("ants_v")) else "-"
+        )
         r["lin_f"] = _f(r.get("lin"))
         r["fold_f"] = _f(None if r.get("fold") is None else 100 * r["fold"], 3)
-        r["ncc_f"] = (f"{_f(r.get('mr_ncc'))}/{_f(r.get('ants_ncc'))}" if r.get("metric") == "dice"
-                      and r.get("mr_ncc") is not None else "-")
+        r["ncc_f"] = (
+            f"{_f(r.get('mr_ncc'))}/{_f(r.get('ants_ncc'))}"
+            if r.get("metric") == "dice" and r.get("mr_ncc") is not None
+            else "-"
+        )
         r["mr_s_f"] = _f(r.get("mr_s"), 2)
         r["ants_s_f"] = _f(r.get("ants_s"), 2)
         out.append(r)
@@ -794,10 +891,12 @@ def format_rows(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     import common
+
     return common.format_table(format_rows(rows), COLUMNS)
 
 
 def summary(rows: list[dict]) -> str:
     from collections import Counter
+
     c = Counter(r["status"] for r in rows)
     return ", ".join(f"{k} {c[k]}" for k in ("PASS", "FAIL", "NO-REF", "SKIP") if c[k]) + f" of {len(rows)} cells"

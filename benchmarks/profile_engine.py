@@ -22,8 +22,9 @@ sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--pair", default="brain", choices=["brain", "afids"])
     ap.add_argument("--res", type=int, default=2, choices=[1, 2])
     ap.add_argument("--device", default="cpu")
@@ -46,8 +47,10 @@ def main() -> None:
     f, m = sitk.ReadImage(paths["fixed"]), sitk.ReadImage(paths["moving"])
     fm, mm = sitk.ReadImage(paths["fixed_mask"]), sitk.ReadImage(paths["moving_mask"])
     cuda = args.device.startswith("cuda")
-    print(f"{args.pair} at {args.res} mm, fixed {f.GetSize()}, moving {m.GetSize()}, device {args.device}, "
-          f"torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}")
+    print(
+        f"{args.pair} at {args.res} mm, fixed {f.GetSize()}, moving {m.GetSize()}, device {args.device}, "
+        f"torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}"
+    )
     print("stages: " + bd._stages_text(stages))
 
     def run():
@@ -66,21 +69,29 @@ def main() -> None:
         t0 = time.perf_counter()
         res = run()
         times.append(time.perf_counter() - t0)
-    print("timed calls: " + ", ".join(f"{t:.3f}" for t in times) + " s"
-          + (f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB" if cuda else ""))
+    print(
+        "timed calls: "
+        + ", ".join(f"{t:.3f}" for t in times)
+        + " s"
+        + (f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if cuda else "")
+    )
     n_it = 0
     for s in res.stages:
         lv = "; ".join(f"{'x'.join(map(str, x.shape))}: {x.iterations} it {x.seconds:.3f} s" for x in s.levels)
         n_it += sum(x.iterations for x in s.levels)
         print(f"  {s.type:8s} {s.seconds:7.3f} s  {lv}")
-    print("  phases: " + ", ".join(f"{k} {v:.3f} s" for k, v in res.phase_seconds.items())
-          + f"; whole call {res.seconds:.3f} s")
+    print(
+        "  phases: "
+        + ", ".join(f"{k} {v:.3f} s" for k, v in res.phase_seconds.items())
+        + f"; whole call {res.seconds:.3f} s"
+    )
     t0 = time.perf_counter()
     res.displacement  # noqa: B018 (the first read makes both fields' SimpleITK images)
     print(f"  then both fields to SimpleITK images on first read: {time.perf_counter() - t0:.3f} s")
     if args.no_profile:
         return
     from torch.profiler import ProfilerActivity, profile
+
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         run()
@@ -88,10 +99,15 @@ def main() -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60))
     if cuda:
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-        busy = sum(e.device_time for e in kernels) / 1e6 if kernels and hasattr(kernels[0], "device_time") \
+        busy = (
+            sum(e.device_time for e in kernels) / 1e6
+            if kernels and hasattr(kernels[0], "device_time")
             else sum(e.cuda_time for e in kernels) / 1e6
-        print(f"CUDA kernels: {len(kernels)} launches, {len(kernels) / max(n_it, 1):.0f} per iteration "
-              f"({n_it} iterations), GPU busy {busy:.3f} s of the call")
+        )
+        print(
+            f"CUDA kernels: {len(kernels)} launches, {len(kernels) / max(n_it, 1):.0f} per iteration "
+            f"({n_it} iterations), GPU busy {busy:.3f} s of the call"
+        )
 
 
 if __name__ == "__main__":

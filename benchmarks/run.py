@@ -28,8 +28,21 @@ SUITES: dict[str, list[list[str]]] = {
         ["bench_linear.py", "--res", "2", "--repeats", "1", "--methods", "maskreg", "ants", "fireants"],
     ],
     "gpu": [
-        ["bench_deformable.py", "--res", "2", "1", "--device", "cuda", "--repeats", "2",
-         "--methods", "maskreg", "maskreg-fast", "fireants", "ants-syn"],
+        [
+            "bench_deformable.py",
+            "--res",
+            "2",
+            "1",
+            "--device",
+            "cuda",
+            "--repeats",
+            "2",
+            "--methods",
+            "maskreg",
+            "maskreg-fast",
+            "fireants",
+            "ants-syn",
+        ],
     ],
     "cohort": [["bench_cohort.py", "--cores", "1"], ["bench_cohort.py", "--cores", "1", "--batch-size", "6"]],
 }
@@ -38,9 +51,10 @@ SUITES: dict[str, list[list[str]]] = {
 def _describe_device() -> str:
     try:
         import torch
+
         if torch.cuda.is_available():
             p = torch.cuda.get_device_properties(0)
-            return f"{p.name}, {p.total_memory / 2 ** 30:.0f} GiB, torch {torch.__version__}"
+            return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
         return f"CPU only, torch {torch.__version__}"
     except Exception as exc:  # torch missing or broken: say so, the scripts will too
         return f"unknown ({exc})"
@@ -51,18 +65,21 @@ def _commit() -> str:
     if os.environ.get("MASKREG_COMMIT"):
         return os.environ["MASKREG_COMMIT"]
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
+        ).stdout.strip()
         return rev + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--suite", choices=list(SUITES), required=True)
     ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"), help="file to append to (default RESULTS.md)")
@@ -71,8 +88,10 @@ def main() -> None:
     if args.dry_run:
         print("\n".join(" ".join(c) for c in cmds))
         return
-    head = (f"\n## suite {args.suite}: {datetime.date.today().isoformat()}, commit {_commit()}\n\n"
-            f"device: {_describe_device()}\n")
+    head = (
+        f"\n## suite {args.suite}: {datetime.date.today().isoformat()}, commit {_commit()}\n\n"
+        f"device: {_describe_device()}\n"
+    )
     print(head)
     chunks = [head]
     status = 0
@@ -84,8 +103,10 @@ def main() -> None:
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
             status = proc.returncode
-        chunks.append(f"\n`{' '.join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))}` "
-                      f"(exit {proc.returncode})\n\n```\n{out.strip()}\n```\n")
+        chunks.append(
+            f"\n`{' '.join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))}` "
+            f"(exit {proc.returncode})\n\n```\n{out.strip()}\n```\n"
+        )
     with open(args.results, "a") as fh:
         fh.write("".join(chunks))
     print(f"appended to {args.results}")

@@ -27,9 +27,9 @@ import maskreg
 from conftest import REPO
 from maskreg import io, masks
 from maskreg.config import load_and_validate, load_yaml
+from maskreg.engine import pick_device
 from maskreg.errors import ConfigError, InputError, MaskError, MaskregError, OverlapError
 from maskreg.qc.metrics import tre
-from maskreg.engine import pick_device
 from maskreg.transforms import LinearTransform
 from maskreg.warp import check_labels, common_labels, warp_labels
 
@@ -39,6 +39,7 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
 
 def img(arr, spacing=None, origin=None) -> sitk.Image:
     out = sitk.GetImageFromArray(np.asarray(arr), isVector=False)
@@ -114,8 +115,9 @@ def test_unreadable_image(tmp_path, content):
     assert "\n" not in msg  # SimpleITK's multi-line trace is cut to one line
 
 
-@pytest.mark.parametrize("suffix, keep", [(".nii", 0.5), (".nii", 0.999), (".nii.gz", 0.5), (".nii.gz", 0.01),
-                                          (".nrrd", 0.5)])
+@pytest.mark.parametrize(
+    "suffix, keep", [(".nii", 0.5), (".nii", 0.999), (".nii.gz", 0.5), (".nii.gz", 0.01), (".nrrd", 0.5)]
+)
 def test_truncated_image(tmp_path, suffix, keep):
     """SimpleITK reads a truncated NIfTI without complaint (filling the missing voxels): read_image does not."""
     full = write(blob((8, 20, 20)), tmp_path / f"full{suffix}", compress=suffix.endswith(".gz"))
@@ -135,8 +137,14 @@ def test_4d_image(tmp_path):
     p = write(np.zeros((3, 4, 8, 8), np.float32) + np.arange(8), tmp_path / "dwi.nii.gz")
     with pytest.raises(InputError) as info:
         io.read_image(p, subject="sub-03", role="moving")
-    says(str(info.value), "subject 'sub-03'", f"moving '{p}'", "is 4D with size (8, 8, 4, 3)",
-         "expected a 2D or 3D image", "extract the one volume")
+    says(
+        str(info.value),
+        "subject 'sub-03'",
+        f"moving '{p}'",
+        "is 4D with size (8, 8, 4, 3)",
+        "expected a 2D or 3D image",
+        "extract the one volume",
+    )
     # a 4D file with a single volume is a 3D image
     one = write(np.zeros((1, 4, 8, 8), np.float32) + np.arange(8), tmp_path / "one.nii.gz")
     assert io.read_image(one).GetDimension() == 3
@@ -175,8 +183,12 @@ def test_2d_image_with_3d_image(dims):
     pair = (three, two) if dims[0] == "3D" else (two, three)
     with pytest.raises(InputError) as info:
         maskreg.register(*pair, stages=LINEAR, device="cpu", subject="sub-06")
-    says(str(info.value), "subject 'sub-06'", f"the fixed image is {dims[0]} but the moving image is {dims[1]}",
-         "same dimension")
+    says(
+        str(info.value),
+        "subject 'sub-06'",
+        f"the fixed image is {dims[0]} but the moving image is {dims[1]}",
+        "same dimension",
+    )
 
 
 def test_no_physical_overlap_after_initialisation():
@@ -185,10 +197,15 @@ def test_no_physical_overlap_after_initialisation():
     a = img(blob((32, 32)))
     far = LinearTransform(np.eye(2), np.array([500.0, 0.0]))
     with pytest.raises(OverlapError) as info:
-        maskreg.register(a, a, stages=LINEAR, device="cpu", subject="sub-07", initial=far,
-                         min_overlap_voxels=50)
-    says(str(info.value), "subject 'sub-07'", "stage rigid, level 1/1", "only 0 effective voxels",
-         "at least 50 are needed (min_overlap_voxels)", "Check the initial alignment")
+        maskreg.register(a, a, stages=LINEAR, device="cpu", subject="sub-07", initial=far, min_overlap_voxels=50)
+    says(
+        str(info.value),
+        "subject 'sub-07'",
+        "stage rigid, level 1/1",
+        "only 0 effective voxels",
+        "at least 50 are needed (min_overlap_voxels)",
+        "Check the initial alignment",
+    )
 
 
 def test_overlap_lost_during_optimisation_is_not_blamed_on_the_input():
@@ -204,16 +221,28 @@ def test_overlap_lost_during_optimisation_is_not_blamed_on_the_input():
     moving[:, :40] = 100
     moving_mask = np.zeros((n, n), np.uint8)
     moving_mask[:, 30:] = 1
-    stages = [{"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [60, 30],
-               "learning_rate": 1.0}]
+    stages = [{"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [60, 30], "learning_rate": 1.0}]
     with pytest.raises(OverlapError) as info:
-        maskreg.register(img(fixed), img(moving), img(fixed_mask), img(moving_mask), stages=stages, device="cpu",
-                         subject="sub-08", min_overlap_voxels=700)
+        maskreg.register(
+            img(fixed),
+            img(moving),
+            img(fixed_mask),
+            img(moving_mask),
+            stages=stages,
+            device="cpu",
+            subject="sub-08",
+            min_overlap_voxels=700,
+        )
     start = re.search(r"the overlap fell from (\d+) effective voxels", str(info.value))
     assert start and 300 <= int(start.group(1)) <= 324  # 18 x 18 voxels at scale 2, read from jittered points
-    says(str(info.value), "subject 'sub-08'", "stage translation, level 1/2",
-         "at least 162 are needed (half the fixed mask at this level, which is smaller than min_overlap_voxels "
-         "= 700)", "shrinking the overlap", "Use cc or mi")
+    says(
+        str(info.value),
+        "subject 'sub-08'",
+        "stage translation, level 1/2",
+        "at least 162 are needed (half the fixed mask at this level, which is smaller than min_overlap_voxels = 700)",
+        "shrinking the overlap",
+        "Use cc or mi",
+    )
     assert "Check the initial alignment" not in str(info.value)
 
 
@@ -236,11 +265,19 @@ def test_overlap_too_small_after_a_good_level_names_that_level():
     from types import SimpleNamespace
 
     from maskreg.engine import _check_start_overlap
+
     prob = SimpleNamespace(subject="sub-09", last_level=("stage rigid, level 2/3 (scale 2)", 0.62))
     with pytest.raises(OverlapError) as info:
         _check_start_overlap(prob, "stage affine, level 1/3 (scale 4)", 12.0, 400.0, 50)
-    says(str(info.value), "subject 'sub-09'", "stage affine, level 1/3", "only 12 effective voxels", "3.0%",
-         "was 62.0% of the fixed mask at the end of stage rigid, level 2/3", "shrinking the overlap")
+    says(
+        str(info.value),
+        "subject 'sub-09'",
+        "stage affine, level 1/3",
+        "only 12 effective voxels",
+        "3.0%",
+        "was 62.0% of the fixed mask at the end of stage rigid, level 2/3",
+        "shrinking the overlap",
+    )
 
 
 def test_device_cuda_without_cuda():
@@ -288,8 +325,13 @@ def test_mask_on_another_grid_warns_or_fails():
     near = img(m, spacing=(2.0, 2.0), origin=(3.0, 0.0))
     with pytest.warns(UserWarning) as rec:
         out = masks.prepare_mask(image, near, subject="sub-11", role="fixed_mask")
-    says(str(rec[0].message), "subject 'sub-11', fixed_mask", "mask grid differs", "spacing (2, 2) vs (1, 1)",
-         "resampling the mask onto the image grid")
+    says(
+        str(rec[0].message),
+        "subject 'sub-11', fixed_mask",
+        "mask grid differs",
+        "spacing (2, 2) vs (1, 1)",
+        "resampling the mask onto the image grid",
+    )
     assert out.GetSize() == image.GetSize() and sitk.GetArrayFromImage(out).any()
     far = img(m, spacing=(2.0, 2.0), origin=(900.0, 0.0))
     with warnings.catch_warnings():
@@ -307,8 +349,13 @@ def test_float_label_map():
     lab[4:10, 4:10] = 1.5
     with pytest.raises(InputError) as info:
         check_labels(img(lab), subject="sub-12", role="fixed_labels", path="lab.nii.gz")
-    says(str(info.value), "subject 'sub-12', fixed_labels 'lab.nii.gz'", "non-integer values", "32-bit float",
-         "integer-valued")
+    says(
+        str(info.value),
+        "subject 'sub-12', fixed_labels 'lab.nii.gz'",
+        "non-integer values",
+        "32-bit float",
+        "integer-valued",
+    )
     with pytest.raises(InputError, match="subject 'sub-12', moving_labels: label map holds non-integer"):
         warp_labels(img(lab), img(blob()), sitk.Transform(2, sitk.sitkIdentity), subject="sub-12")
     # a float map holding whole numbers is a label map
@@ -322,8 +369,15 @@ def test_label_maps_with_no_label_in_common():
     b[2:8, 2:8], b[10:20, 10:20] = 11, 12
     with pytest.raises(InputError) as info:
         common_labels(img(a), img(b), subject="sub-13", fixed_path="f_lab.nii.gz", moving_path="m_lab.nii.gz")
-    says(str(info.value), "subject 'sub-13'", "fixed_labels 'f_lab.nii.gz'", "moving_labels 'm_lab.nii.gz'",
-         "no label in common", "fixed has {1, 2}, moving has {11, 12}", "same label numbering")
+    says(
+        str(info.value),
+        "subject 'sub-13'",
+        "fixed_labels 'f_lab.nii.gz'",
+        "moving_labels 'm_lab.nii.gz'",
+        "no label in common",
+        "fixed has {1, 2}, moving has {11, 12}",
+        "same label numbering",
+    )
     with pytest.raises(InputError, match=r"fixed has \{1, 2\}, moving has none"):
         common_labels(img(a), img(np.zeros_like(b)), subject="sub-13")
     b[10:20, 10:20] = 2
@@ -333,15 +387,18 @@ def test_label_maps_with_no_label_in_common():
 # ------------------------------------------------------------------------------------------ landmarks
 
 
-@pytest.mark.parametrize("text, what", [
-    ("x,y\n1,2\n3,4\n", "lacks column(s) z"),
-    ("a;b;c\n1;2;3\n", "lacks column(s) x, y, z"),
-    ("x,y,z\n1,2,three\n", "non-numeric coordinates"),
-    ("x,y,z\n", "no landmarks"),
-    ("x,y,z\n1,2,\n", "empty/non-finite coordinates"),
-    ("", "is not a readable CSV"),
-    ('x,y,z\n"1,2,3\n', "is not a readable CSV"),
-])
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        ("x,y\n1,2\n3,4\n", "lacks column(s) z"),
+        ("a;b;c\n1;2;3\n", "lacks column(s) x, y, z"),
+        ("x,y,z\n1,2,three\n", "non-numeric coordinates"),
+        ("x,y,z\n", "no landmarks"),
+        ("x,y,z\n1,2,\n", "empty/non-finite coordinates"),
+        ("", "is not a readable CSV"),
+        ('x,y,z\n"1,2,3\n', "is not a readable CSV"),
+    ],
+)
 def test_landmark_csv_malformed(tmp_path, text, what):
     p = tmp_path / "fixed.csv"
     p.write_text(text)
@@ -357,16 +414,24 @@ def test_landmark_files_with_different_row_counts(tmp_path):
     io.write_landmarks(np.ones((4, 3)), fb)
     with pytest.raises(InputError) as info:
         io.read_landmark_pair(fa, fb, 3, subject="sub-15")
-    says(str(info.value), "subject 'sub-15'", f"fixed_landmarks '{fa}' has 3 row(s)",
-         f"moving_landmarks '{fb}' has 4", "same points in the same order")
+    says(
+        str(info.value),
+        "subject 'sub-15'",
+        f"fixed_landmarks '{fa}' has 3 row(s)",
+        f"moving_landmarks '{fb}' has 4",
+        "same points in the same order",
+    )
     # the QC's metric says the same when given the arrays (and stays a ValueError for old callers)
     with pytest.raises(InputError) as info:
         tre(np.zeros((3, 3)), np.ones((4, 3)), subject="sub-15", names=(str(fa), str(fb)))
     assert isinstance(info.value, ValueError)
     says(str(info.value), "subject 'sub-15'", f"{fa} has 3 landmark row(s) but {fb} has 4")
     # and the cohort validation reports it before any job runs
-    t = cohort(tmp_path, [["s1", "f.nii.gz", "m.nii.gz", "f.csv", "m.csv"]],
-               header=("subject", "fixed", "moving", "fixed_landmarks", "moving_landmarks"))
+    t = cohort(
+        tmp_path,
+        [["s1", "f.nii.gz", "m.nii.gz", "f.csv", "m.csv"]],
+        header=("subject", "fixed", "moving", "fixed_landmarks", "moving_landmarks"),
+    )
     (p,) = problems(cfg_with(t))
     says(p, "row 1 (subject 's1')", "fixed_landmarks has 3 row(s) but moving_landmarks has 4")
 
@@ -375,11 +440,19 @@ def test_landmark_files_with_different_row_counts(tmp_path):
 
 
 def test_duplicate_subject_ids(tmp_path):
-    t = cohort(tmp_path, [["s1", "f.nii.gz", "m.nii.gz"], ["s2", "f.nii.gz", "m.nii.gz"],
-                          ["s1", "f.nii.gz", "m.nii.gz"], ["s1 ", "f.nii.gz", "m.nii.gz"]])
+    t = cohort(
+        tmp_path,
+        [
+            ["s1", "f.nii.gz", "m.nii.gz"],
+            ["s2", "f.nii.gz", "m.nii.gz"],
+            ["s1", "f.nii.gz", "m.nii.gz"],
+            ["s1 ", "f.nii.gz", "m.nii.gz"],
+        ],
+    )
     assert problems(cfg_with(t)) == [
         f"cohort table {t}: row 3 (subject 's1'), column 'subject': duplicate of row 1",
-        f"cohort table {t}: row 4 (subject 's1'), column 'subject': duplicate of row 1"]
+        f"cohort table {t}: row 4 (subject 's1'), column 'subject': duplicate of row 1",
+    ]
 
 
 @pytest.mark.parametrize("sid", ["a/b", "..", ".", "../x", "/abs", "a b", "a\\b", "sub\u00e9", "s1;rm"])
@@ -388,15 +461,20 @@ def test_unsafe_subject_id_is_refused(tmp_path, sid):
     refused by the validator, so no job (and no file) is ever made for such a row."""
     t = cohort(tmp_path, [["ok", "f.nii.gz", "m.nii.gz"], [sid, "f.nii.gz", "m.nii.gz"]])
     (p,) = problems(cfg_with(t))
-    says(p, f"cohort table {t}: row 2 (subject '{sid}'), column 'subject'", "not a safe id",
-         "no spaces, path separators or '..'")
+    says(
+        p,
+        f"cohort table {t}: row 2 (subject '{sid}'), column 'subject'",
+        "not a safe id",
+        "no spaces, path separators or '..'",
+    )
     assert not (tmp_path / "results").exists()
 
 
 def test_empty_subject_id(tmp_path):
     t = cohort(tmp_path, [["", "f.nii.gz", "m.nii.gz"], ["  ", "f.nii.gz", "m.nii.gz"]])
-    assert problems(cfg_with(t)) == [f"cohort table {t}: row {i}, column 'subject': empty; a value is required"
-                                     for i in (1, 2)]
+    assert problems(cfg_with(t)) == [
+        f"cohort table {t}: row {i}, column 'subject': empty; a value is required" for i in (1, 2)
+    ]
 
 
 def test_spaces_around_cells_are_not_kept(tmp_path):
@@ -414,29 +492,49 @@ def _stage(cfg, i):
     return cfg["registration"]["stages"][i]
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda c: c.update(colour="blue"), "config (top level): unknown key(s) ('colour' was unexpected)"),
-    (lambda c: _stage(c, 1).update(lerning_rate=0.1), "config registration.stages.1 (rigid): unknown key "
-                                                      "'lerning_rate'; did you mean 'learning_rate'?"),
-    (lambda c: c["registration"].update(min_overlap_voxels="100"),
-     "config registration.min_overlap_voxels: '100' is not of type 'integer'"),
-    (lambda c: _stage(c, 1).update(scales="4,2,1"), "config registration.stages.1 (rigid): scales '4,2,1' must be "
-                                                    "a non-empty list of positive integers"),
-    (lambda c: c.update(registration=[1, 2]), "config registration: [1, 2] is not of type 'object'"),
-    (lambda c: c["masks"].update(fixed="auto"), "config masks.fixed: 'auto' is not of type 'object'"),
-    (lambda c: _stage(c, 1).update(smoothing_sigmas=[2, -1]),
-     "config registration.stages.1 (rigid): smoothing_sigmas [2, -1] must be a list of numbers >= 0"),
-    (lambda c: _stage(c, 3).update(fluid_sigma=-0.5),
-     "config registration.stages.3 (syn): fluid_sigma -0.5 must be a number >= 0"),
-    (lambda c: _stage(c, 3).update(elastic_sigma=-1),
-     "config registration.stages.3 (syn): elastic_sigma -1 must be a number >= 0"),
-    (lambda c: _stage(c, 2).update(scales=[2, 4, 1]),
-     "config registration.stages.2 (affine): scales [2, 4, 1] must not increase (coarse to fine, e.g. [4, 2, 1])"),
-    (lambda c: _stage(c, 1).update(iterations=[10, 10, 10]),
-     "config registration.stages.1 (rigid): scales [4, 2] and iterations [10, 10, 10] must have the same length"),
-    (lambda c: c.pop("cohort"), "config cohort: missing; set cohort: to the path of the cohort table"),
-    (lambda c: c.update(device="gpu"), "config device: 'gpu' does not match"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: c.update(colour="blue"), "config (top level): unknown key(s) ('colour' was unexpected)"),
+        (
+            lambda c: _stage(c, 1).update(lerning_rate=0.1),
+            "config registration.stages.1 (rigid): unknown key 'lerning_rate'; did you mean 'learning_rate'?",
+        ),
+        (
+            lambda c: c["registration"].update(min_overlap_voxels="100"),
+            "config registration.min_overlap_voxels: '100' is not of type 'integer'",
+        ),
+        (
+            lambda c: _stage(c, 1).update(scales="4,2,1"),
+            "config registration.stages.1 (rigid): scales '4,2,1' must be a non-empty list of positive integers",
+        ),
+        (lambda c: c.update(registration=[1, 2]), "config registration: [1, 2] is not of type 'object'"),
+        (lambda c: c["masks"].update(fixed="auto"), "config masks.fixed: 'auto' is not of type 'object'"),
+        (
+            lambda c: _stage(c, 1).update(smoothing_sigmas=[2, -1]),
+            "config registration.stages.1 (rigid): smoothing_sigmas [2, -1] must be a list of numbers >= 0",
+        ),
+        (
+            lambda c: _stage(c, 3).update(fluid_sigma=-0.5),
+            "config registration.stages.3 (syn): fluid_sigma -0.5 must be a number >= 0",
+        ),
+        (
+            lambda c: _stage(c, 3).update(elastic_sigma=-1),
+            "config registration.stages.3 (syn): elastic_sigma -1 must be a number >= 0",
+        ),
+        (
+            lambda c: _stage(c, 2).update(scales=[2, 4, 1]),
+            "config registration.stages.2 (affine): scales [2, 4, 1] must not increase "
+            "(coarse to fine, e.g. [4, 2, 1])",
+        ),
+        (
+            lambda c: _stage(c, 1).update(iterations=[10, 10, 10]),
+            "config registration.stages.1 (rigid): scales [4, 2] and iterations [10, 10, 10] must have the same length",
+        ),
+        (lambda c: c.pop("cohort"), "config cohort: missing; set cohort: to the path of the cohort table"),
+        (lambda c: c.update(device="gpu"), "config device: 'gpu' does not match"),
+    ],
+)
 def test_bad_config_key(mutate, expected):
     cfg = cfg_with(REPO / "config/cohort.tsv")
     mutate(cfg)
@@ -453,31 +551,90 @@ def test_config_and_cohort_problems_reported_together(tmp_path):
         load_and_validate(cfg, CONFIG_SCHEMA, COHORT_SCHEMA)
     msg = str(info.value)
     assert msg.startswith("5 problem(s) in the configuration and cohort:")
-    says(msg, "config registration.stages.1 (rigid): smoothing_sigmas [-1, 0] must be a list of numbers >= 0",
-         "config seed: -3", "row 1 (subject 'a/b'), column 'subject'", "row 1 (subject 'a/b'), column 'moving': "
-         "file not found: gone.nii.gz", "row 2, column 'subject': empty")
+    says(
+        msg,
+        "config registration.stages.1 (rigid): smoothing_sigmas [-1, 0] must be a list of numbers >= 0",
+        "config seed: -3",
+        "row 1 (subject 'a/b'), column 'subject'",
+        "row 1 (subject 'a/b'), column 'moving': file not found: gone.nii.gz",
+        "row 2, column 'subject': empty",
+    )
     with pytest.raises(ConfigError, match="expected a mapping of keys"):
         load_and_validate(["not", "a", "mapping"], CONFIG_SCHEMA, COHORT_SCHEMA)
 
 
 # ------------------------------------------------------------------------- property-based: validator
 
-COLUMNS = ["subject", "fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
-           "fixed_landmarks", "moving_landmarks", "fixed_mask_kind", "moving_mask_dilate_mm",
-           "fixed_mask_largest_component", "site"]
+COLUMNS = [
+    "subject",
+    "fixed",
+    "moving",
+    "fixed_mask",
+    "moving_mask",
+    "fixed_labels",
+    "moving_labels",
+    "fixed_landmarks",
+    "moving_landmarks",
+    "fixed_mask_kind",
+    "moving_mask_dilate_mm",
+    "fixed_mask_largest_component",
+    "site",
+]
 CELLS = st.one_of(
-    st.sampled_from(["", " ", "s1", "s2", "s1", "sub-01", "a/b", "..", ".", "a b", "../x", "/etc/passwd",
-                     "f.nii.gz", "m.nii.gz", "lm3.csv", "lm4.csv", "bad.csv", "missing.nii.gz", "roi", "valid",
-                     "maybe", "2.5", "-1", "true", "NULL", "NaN", "nan", "None", "\u00e9\u00e8", "\U0001f600",
-                     '"', "'", "x" * 300]),
-    st.text(st.characters(blacklist_categories=("Cs",)), max_size=12))
-GOOD = {"subject": st.sampled_from(["s", "sub-0", "a.b_c"]), "fixed": st.just("f.nii.gz"),
-        "moving": st.just("m.nii.gz"), "fixed_mask": st.sampled_from(["", "f.nii.gz"]),
-        "moving_mask": st.sampled_from(["", "m.nii.gz"]), "fixed_labels": st.sampled_from(["", "f.nii.gz"]),
-        "moving_labels": st.sampled_from(["", "m.nii.gz"]), "fixed_landmarks": st.just("lm3.csv"),
-        "moving_landmarks": st.just("lm3.csv"), "fixed_mask_kind": st.sampled_from(["", "roi"]),
-        "moving_mask_dilate_mm": st.sampled_from(["", "1.5"]),
-        "fixed_mask_largest_component": st.sampled_from(["", "yes"]), "site": CELLS}
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "s1",
+            "s2",
+            "s1",
+            "sub-01",
+            "a/b",
+            "..",
+            ".",
+            "a b",
+            "../x",
+            "/etc/passwd",
+            "f.nii.gz",
+            "m.nii.gz",
+            "lm3.csv",
+            "lm4.csv",
+            "bad.csv",
+            "missing.nii.gz",
+            "roi",
+            "valid",
+            "maybe",
+            "2.5",
+            "-1",
+            "true",
+            "NULL",
+            "NaN",
+            "nan",
+            "None",
+            "\u00e9\u00e8",
+            "\U0001f600",
+            '"',
+            "'",
+            "x" * 300,
+        ]
+    ),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+)
+GOOD = {
+    "subject": st.sampled_from(["s", "sub-0", "a.b_c"]),
+    "fixed": st.just("f.nii.gz"),
+    "moving": st.just("m.nii.gz"),
+    "fixed_mask": st.sampled_from(["", "f.nii.gz"]),
+    "moving_mask": st.sampled_from(["", "m.nii.gz"]),
+    "fixed_labels": st.sampled_from(["", "f.nii.gz"]),
+    "moving_labels": st.sampled_from(["", "m.nii.gz"]),
+    "fixed_landmarks": st.just("lm3.csv"),
+    "moving_landmarks": st.just("lm3.csv"),
+    "fixed_mask_kind": st.sampled_from(["", "roi"]),
+    "moving_mask_dilate_mm": st.sampled_from(["", "1.5"]),
+    "fixed_mask_largest_component": st.sampled_from(["", "yes"]),
+    "site": CELLS,
+}
 
 
 @st.composite
@@ -497,10 +654,13 @@ def near_valid_tables(draw):
 # a table: columns (possibly missing, repeated, unknown) and rows of cells (separators in cells make it
 # malformed), or one close to valid
 TABLES = st.one_of(
-    st.tuples(st.lists(st.sampled_from(COLUMNS), min_size=0, max_size=7),
-              st.lists(st.lists(CELLS, min_size=0, max_size=8), min_size=0, max_size=4),
-              st.sampled_from(["tsv", "csv"])),
-    near_valid_tables())
+    st.tuples(
+        st.lists(st.sampled_from(COLUMNS), min_size=0, max_size=7),
+        st.lists(st.lists(CELLS, min_size=0, max_size=8), min_size=0, max_size=4),
+        st.sampled_from(["tsv", "csv"]),
+    ),
+    near_valid_tables(),
+)
 
 
 def _key_paths(node, prefix=()):
@@ -515,11 +675,18 @@ def _key_paths(node, prefix=()):
 
 BASE_CONFIG = load_yaml(REPO / "config/config.yaml")
 PATHS = [p for p in _key_paths(BASE_CONFIG) if p and p != ("cohort",)]
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True),
-                 st.text(max_size=8), st.lists(st.integers(-3, 8), max_size=5),
-                 st.dictionaries(st.text(max_size=6), st.integers(), max_size=2))
-MUTATIONS = st.lists(st.tuples(st.sampled_from(["set", "delete", "unknown", "truncate"]), st.sampled_from(PATHS),
-                               JUNK), max_size=3)
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 10),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-3, 8), max_size=5),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+)
+MUTATIONS = st.lists(
+    st.tuples(st.sampled_from(["set", "delete", "unknown", "truncate"]), st.sampled_from(PATHS), JUNK), max_size=3
+)
 
 
 def _mutate(cfg: dict, ops) -> dict:
@@ -551,10 +718,12 @@ def _setup(folder: Path) -> None:
     (folder / "bad.csv").write_text("u,v\n1,2\n")
 
 
-ROW_OR_KEY = re.compile(r"^(config (\(top level\)|[\w.]+)( \([^)]*\))?: .+"
-                        r"|config: expected a mapping.*"
-                        r"|cohort table .+?: (row \d+.*|column '[^']*' is missing.*|no subjects|cannot be read .*))$",
-                        re.S)
+ROW_OR_KEY = re.compile(
+    r"^(config (\(top level\)|[\w.]+)( \([^)]*\))?: .+"
+    r"|config: expected a mapping.*"
+    r"|cohort table .+?: (row \d+.*|column '[^']*' is missing.*|no subjects|cannot be read .*))$",
+    re.S,
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -28,11 +28,13 @@ def write_bad_cohort(tmp: Path) -> Path:
     """A cohort with four problems: no 'moving' column, a missing file, a duplicate id, an unsafe id."""
     img = DEMO / "antspy_brain2d" / "r64.nii.gz"
     shutil.copy(img, tmp / "a.nii.gz")
-    rows = ["subject\tfixed\tfixed_mask",
-            "s1\ta.nii.gz\t",
-            "s1\ta.nii.gz\t",
-            "../evil\ta.nii.gz\t",
-            "s3\tmissing.nii.gz\t"]
+    rows = [
+        "subject\tfixed\tfixed_mask",
+        "s1\ta.nii.gz\t",
+        "s1\ta.nii.gz\t",
+        "../evil\ta.nii.gz\t",
+        "s3\tmissing.nii.gz\t",
+    ]
     (tmp / "bad.tsv").write_text("\n".join(rows) + "\n")
     return tmp / "bad.tsv"
 
@@ -84,8 +86,10 @@ def test_bad_config_lists_every_problem_at_once():
     assert "registration.stages.1 (rigid): scales [1, 2, 4] must not increase" in text
     assert "registration.stages.2 (affine): scales [4, 2] and iterations [10, 10, 10]" in text
     assert "device: 'gpu' does not match" in text
-    assert "registration.stages.3 (syn): learning_rate [1.0, 2.0] must be one number or one value per scale " \
-           "[4, 2, 1]" in text
+    assert (
+        "registration.stages.3 (syn): learning_rate [1.0, 2.0] must be one number or one value per scale "
+        "[4, 2, 1]" in text
+    )
     assert len(info.value.problems) == 7  # the rigid scales also mismatch its iterations
 
 
@@ -93,9 +97,24 @@ def test_snakemake_refuses_bad_cohort_before_any_job(tmp_path):
     cohort = write_bad_cohort(tmp_path)
     cfg = demo_config(cohort)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-                           str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "config.yaml"),
+            "--cores",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "4 problem(s)" in out and "duplicate of row 1" in out and "file not found" in out

@@ -35,11 +35,14 @@ def test_sample_matches_grid_sample_with_points_outside(padding):
     assert torch.equal(ins, inside(g))
     assert 0 < float(ins.mean()) < 1
     # one image sampled at two grids (the batch of the grid wins), and a point list layout
-    _close(cpu_kernels.sample(x[:1], g, padding)[0],
-           F.grid_sample(x[:1].expand(2, -1, -1, -1, -1), g, padding_mode=padding, align_corners=True))
+    _close(
+        cpu_kernels.sample(x[:1], g, padding)[0],
+        F.grid_sample(x[:1].expand(2, -1, -1, -1, -1), g, padding_mode=padding, align_corners=True),
+    )
     pts = torch.rand(1, 1001, 1, 1, 3) * 2 - 1
-    _close(cpu_kernels.sample(x[:1], pts, padding)[0], F.grid_sample(x[:1], pts, padding_mode=padding,
-                                                                    align_corners=True))
+    _close(
+        cpu_kernels.sample(x[:1], pts, padding)[0], F.grid_sample(x[:1], pts, padding_mode=padding, align_corners=True)
+    )
 
 
 def test_sample_exact_at_voxel_centres_and_zero_beyond_one_voxel():
@@ -60,7 +63,7 @@ def test_filter_axis_matches_shifted_sums(shape, sigma, monkeypatch):
         kk = k
         if len(kk) > 2 * shape[2 + axis] - 1:  # as gaussian_blur trims it
             r, c = shape[2 + axis] - 1, len(kk) // 2
-            kk = kk[c - r: c + r + 1]
+            kk = kk[c - r : c + r + 1]
         got = cpu_kernels.filter_axis(x, kk, axis)
         with monkeypatch.context() as m:
             m.setenv("MASKREG_CPU_KERNELS", "0")
@@ -70,9 +73,16 @@ def test_filter_axis_matches_shifted_sums(shape, sigma, monkeypatch):
         _close(got, ref)
 
 
-@pytest.mark.parametrize("shape,sigmas", [((1, 3, 20, 17, 15), (1.5, 1.5, 1.5)), ((1, 2, 3, 17, 15), (0.5, 2.0, 1.0)),
-                                          ((1, 1, 9, 30), (1.5, 0.0)), ((1, 3, 40, 6, 2), (4.0, 4.0, 4.0)),
-                                          ((2, 1, 12, 11, 10), (0.0, 1.5, 0.0))])
+@pytest.mark.parametrize(
+    "shape,sigmas",
+    [
+        ((1, 3, 20, 17, 15), (1.5, 1.5, 1.5)),
+        ((1, 2, 3, 17, 15), (0.5, 2.0, 1.0)),
+        ((1, 1, 9, 30), (1.5, 0.0)),
+        ((1, 3, 40, 6, 2), (4.0, 4.0, 4.0)),
+        ((2, 1, 12, 11, 10), (0.0, 1.5, 0.0)),
+    ],
+)
 def test_streamed_filter_matches_one_axis_at_a_time(shape, sigmas):
     """The streamed filter under the SyN step (all axes in one pass, channels together, with the longest
     vector) against pyramid.gaussian_blur's axis-by-axis filters: zero padding, kernels longer than an axis
@@ -146,12 +156,12 @@ def test_resize_matches_trilinear_interpolate(size):
     out.add_(1.0)  # a new tensor whatever the size, (9, 12, 7) = the input's included: the input is untouched
     assert torch.equal(x, x0)
     x2 = torch.randn(1, 2, 9, 12)
-    _close(cpu_kernels.resize(x2, size[1:]), F.interpolate(x2, size=size[1:], mode="bilinear",
-                                                            align_corners=True))
+    _close(cpu_kernels.resize(x2, size[1:]), F.interpolate(x2, size=size[1:], mode="bilinear", align_corners=True))
 
 
-@pytest.mark.parametrize("shape,window", [((1, 1, 20, 17, 15), 5), ((1, 1, 3, 17, 15), 5),
-                                          ((1, 1, 21, 19), 7), ((1, 1, 12, 11, 10), 3)])
+@pytest.mark.parametrize(
+    "shape,window", [((1, 1, 20, 17, 15), 5), ((1, 1, 3, 17, 15), 5), ((1, 1, 21, 19), 7), ((1, 1, 12, 11, 10), 3)]
+)
 def test_local_cc_value_and_both_gradients_match_autograd(shape, window):
     torch.manual_seed(3)
     f = torch.rand(shape)
@@ -184,13 +194,20 @@ def test_results_do_not_depend_on_the_thread_count():
             cc = cpu_kernels.LocalCC(f, m, w, [5, 5, 5], losses.EPS, losses.CC_EPS)
             value = cc.loss(True, True)
             hist = cpu_kernels.parzen_histogram(f, m, w, 32)
-            outs.append((value, *cc.gradients(), cpu_kernels.sample(f, g)[0],
-                         cpu_kernels.filter_axis(f, pyramid.gaussian_weights(1.5), 1), hist,
-                         cpu_kernels.parzen_gradient(f, m, w, torch.log(hist + 1.0), 32, 1.0)))
+            outs.append(
+                (
+                    value,
+                    *cc.gradients(),
+                    cpu_kernels.sample(f, g)[0],
+                    cpu_kernels.filter_axis(f, pyramid.gaussian_weights(1.5), 1),
+                    hist,
+                    cpu_kernels.parzen_gradient(f, m, w, torch.log(hist + 1.0), 32, 1.0),
+                )
+            )
     finally:
         torch.set_num_threads(before)
     assert outs[0][0] == outs[1][0]
-    for a, b in zip(outs[0][1:], outs[1][1:]):
+    for a, b in zip(outs[0][1:], outs[1][1:], strict=False):
         assert torch.equal(a, b)
 
 
@@ -198,13 +215,19 @@ def _gomp_spin_count(code: str, **env: str) -> str | None:
     """GOMP_SPINCOUNT as torch's libgomp read it at start-up (its OMP_DISPLAY_ENV=VERBOSE report), after
     running ``code`` in a fresh interpreter; None where torch's OpenMP is not libgomp."""
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**base, "OMP_DISPLAY_ENV": "VERBOSE", **env})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**base, "OMP_DISPLAY_ENV": "VERBOSE", **env},
+    )
     assert proc.returncode == 0, proc.stderr
     found = re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stderr)
     return found.group(1) if found else None
 
 
+@pytest.mark.slow
 def test_importing_maskreg_first_makes_openmp_threads_sleep_unless_the_user_chose():
     """Spinning OpenMP threads took the CPU a straggling thread needed when another process shared the cores
     (the 2 mm brain pair: 4.8 s spinning, 3.1 s sleeping, 1.7 s alone); maskreg asks libgomp to sleep."""
@@ -241,6 +264,7 @@ def test_kernels_off_by_environment(monkeypatch):
 
 def _oblique_grid():
     from maskreg.grid import Grid
+
     c, s = np.cos(0.3), np.sin(0.3)
     direction = np.array([[c, -s, 0], [s * 0.9, c * 0.9, -0.43589], [s * 0.43589, c * 0.43589, 0.9]])
     q, _ = np.linalg.qr(direction)  # orthonormal, oblique on every axis
@@ -254,6 +278,7 @@ def _smooth_field(shape, amp, seed):
 
 def test_sample_mapped_equals_grid_sample_on_affine_grid_plus_field():
     from maskreg import deformable as dfm
+
     grid = _oblique_grid()
     ops = dfm.FieldOps(grid, torch.device("cpu"))
     torch.manual_seed(5)
@@ -286,6 +311,7 @@ def _index_to_normalised(grid) -> np.ndarray:
 
 def test_compose_matches_sampling_on_an_oblique_anisotropic_grid():
     from maskreg import deformable as dfm
+
     grid = _oblique_grid()
     ops = dfm.FieldOps(grid, torch.device("cpu"))
     u = torch.cat([_smooth_field(grid.shape, 15.0, 7), _smooth_field(grid.shape, 15.0, 8)])
@@ -297,6 +323,7 @@ def test_compose_matches_sampling_on_an_oblique_anisotropic_grid():
 
 def test_gradient_product_matches_torch_gradient_in_physical_space():
     from maskreg import deformable as dfm
+
     grid = _oblique_grid()
     ops = dfm.FieldOps(grid, torch.device("cpu"))
     torch.manual_seed(11)
@@ -311,6 +338,7 @@ def test_resample_between_oblique_grids_matches_the_affine_grid_path(padding, mo
     """pyramid.resample's compiled path (no sampling grid stored) against affine_grid + grid_sample, two fields
     at once, between an oblique anisotropic grid and an axis-aligned one through a rigid map."""
     from maskreg.grid import Grid
+
     src = _oblique_grid()
     dst = Grid((15, 12, 8), (1.0, 1.1, 1.7), (-2.0, -9.0, 9.0), tuple(np.eye(3).flatten()))
     rot = np.array([[0.96, -0.28, 0.0], [0.28, 0.96, 0.0], [0.0, 0.0, 1.0]])
@@ -332,6 +360,7 @@ def test_resample_between_oblique_grids_matches_the_affine_grid_path(padding, mo
 
 def test_jacobian_determinant_kernel_matches_torch_on_an_oblique_grid(monkeypatch):
     from maskreg import deformable as dfm
+
     grid = _oblique_grid()
     ops = dfm.FieldOps(grid, torch.device("cpu"))
     u = _smooth_field(grid.shape, 25.0, 13)

@@ -31,8 +31,11 @@ def oblique_pair(seed: int = 0, shape=(40, 56, 48)):
     a = (a - a.min()) / (a.max() - a.min()) * 100
     zz, yy, xx = np.indices(shape, dtype=float)
     c = (np.array(shape) - 1) / 2
-    roi = (((zz - c[0]) / (0.4 * shape[0])) ** 2 + ((yy - c[1]) / (0.4 * shape[1])) ** 2
-           + ((xx - c[2]) / (0.4 * shape[2])) ** 2) < 1
+    roi = (
+        ((zz - c[0]) / (0.4 * shape[0])) ** 2
+        + ((yy - c[1]) / (0.4 * shape[1])) ** 2
+        + ((xx - c[2]) / (0.4 * shape[2])) ** 2
+    ) < 1
     fixed = sitk.GetImageFromArray((a * (0.3 + 0.7 * roi)).astype(np.float32))
     fixed.SetSpacing(SPACING)
     fixed.SetOrigin((-30.0, 12.0, 5.0))
@@ -49,9 +52,11 @@ def oblique_pair(seed: int = 0, shape=(40, 56, 48)):
     return fixed, moving, mask
 
 
-LINEAR = [{"type": "moments"},
-          {"type": "rigid", "loss": "mi", "scales": [2, 1], "iterations": [60, 30]},
-          {"type": "affine", "loss": "mi", "scales": [2, 1], "iterations": [60, 30]}]
+LINEAR = [
+    {"type": "moments"},
+    {"type": "rigid", "loss": "mi", "scales": [2, 1], "iterations": [60, 30]},
+    {"type": "affine", "loss": "mi", "scales": [2, 1], "iterations": [60, 30]},
+]
 SYN = LINEAR + [{"type": "syn", "loss": "cc", "window": 5, "scales": [2, 1], "iterations": [40, 20]}]
 
 
@@ -90,8 +95,11 @@ def test_syn_cuda_matches_cpu_and_stays_invertible():
     diff = np.linalg.norm(mapped(gpu, pts) - mapped(cpu, pts), axis=1)
     # float32 sums in another order (and the GPU's atomic adds in grid_sample's backward) drift a few places
     # apart over ~100 iterations: measured on an H100, mean 0.008 mm, max 0.61 mm (voxels 1.1-2 mm)
-    assert diff.mean() < 0.05 and np.percentile(diff, 99) < 0.3 and diff.max() < 1.0, \
-        (diff.mean(), np.percentile(diff, 99), diff.max())
+    assert diff.mean() < 0.05 and np.percentile(diff, 99) < 0.3 and diff.max() < 1.0, (
+        diff.mean(),
+        np.percentile(diff, 99),
+        diff.max(),
+    )
     assert gpu.jacobian_nonpositive_fraction == 0.0
     # forward then inverse on the GPU's fields returns the fixed points (within the exp's accuracy)
     inv = sitk.DisplacementFieldTransform(sitk.Cast(gpu.inverse_displacement, sitk.sitkVectorFloat64))
@@ -120,8 +128,9 @@ def test_graph_replay_matches_eager_cuda(stages, monkeypatch):
     graphed = maskreg.register(fixed, moving, mask, mask, stages=stages, device="cuda")
     monkeypatch.setenv("MASKREG_CUDA_GRAPHS", "0")
     eager = maskreg.register(fixed, moving, mask, mask, stages=stages, device="cuda")
-    assert [lv.iterations for s in graphed.stages for lv in s.levels] == \
-        [lv.iterations for s in eager.stages for lv in s.levels]
+    assert [lv.iterations for s in graphed.stages for lv in s.levels] == [
+        lv.iterations for s in eager.stages for lv in s.levels
+    ]
     pts = mask_points(mask)
     diff = np.linalg.norm(mapped(graphed, pts) - mapped(eager, pts), axis=1)
     # the same kernels, but the atomic adds of grid_sample's backward sum in any order: run to run, eager or
@@ -136,11 +145,15 @@ def test_cuda_filters_match_cpu(shape):
     axis) and a window shrunk on a thin axis."""
     from maskreg.losses import _box
     from maskreg.pyramid import gaussian_blur
+
     t = torch.randn(*shape)
     sig = (1.5,) * (len(shape) - 2)
-    for cpu, gpu in ((gaussian_blur(t, sig), gaussian_blur(t.cuda(), sig)),
-                     (gaussian_blur(t, (4.0,) * len(sig)), gaussian_blur(t.cuda(), (4.0,) * len(sig))),
-                     (_box(t, 5), _box(t.cuda(), 5)), (_box(t, 11), _box(t.cuda(), 11))):
+    for cpu, gpu in (
+        (gaussian_blur(t, sig), gaussian_blur(t.cuda(), sig)),
+        (gaussian_blur(t, (4.0,) * len(sig)), gaussian_blur(t.cuda(), (4.0,) * len(sig))),
+        (_box(t, 5), _box(t.cuda(), 5)),
+        (_box(t, 11), _box(t.cuda(), 11)),
+    ):
         assert torch.allclose(cpu, gpu.cpu(), atol=1e-5), float((cpu - gpu.cpu()).abs().max())
 
 
@@ -149,6 +162,7 @@ def test_cuda_filter_weights_made_during_a_capture_fall_back():
     falls back to shifted views for that call, and the replay gives the eager result."""
     from maskreg.pyramid import _CONV_WEIGHTS, gaussian_blur
     from maskreg.stepper import Stepper
+
     t = torch.randn(1, 3, 20, 21, 22, device="cuda")
     out = torch.empty_like(t)
     sig = (0.9137, 0.9137, 0.9137)  # a kernel no other test uses: not cached yet
@@ -156,6 +170,7 @@ def test_cuda_filter_weights_made_during_a_capture_fall_back():
 
     def step(_key):
         out.copy_(gaussian_blur(t, sig))
+
     stepper = Stepper(step, torch.device("cuda"), warmup=0)  # the first call is captured
     stepper()
     torch.cuda.synchronize()

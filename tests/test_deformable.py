@@ -11,9 +11,9 @@ from scipy import ndimage
 
 import maskreg
 from maskreg.deformable import FieldOps, jacobian_determinant
+from maskreg.engine import field_image
 from maskreg.grid import Grid
 from maskreg.qc.metrics import jacobian_determinant as sitk_jacobian
-from maskreg.engine import field_image
 
 
 def img(a: np.ndarray) -> sitk.Image:
@@ -32,12 +32,14 @@ def squares(n: int = 128):
     return f, m, (xx + yy) < 2 * c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,loss", [("syn", "cc"), ("syn", "mse"), ("greedy", "masked_cc")])
 def test_masked_loss_matches_inside_roi_only(kind, loss):
     f, m, roi = squares()
     stages = [{"type": kind, "loss": loss, "scales": [2, 1], "iterations": [100, 50]}]
-    masked = maskreg.register(img(f), img(m), sitk.GetImageFromArray(roi.astype(np.uint8)), None,
-                              stages=stages, device="cpu")
+    masked = maskreg.register(
+        img(f), img(m), sitk.GetImageFromArray(roi.astype(np.uint8)), None, stages=stages, device="cpu"
+    )
     plain = maskreg.register(img(f), img(m), None, None, stages=stages, device="cpu")
     warp = lambda r: sitk.GetArrayFromImage(sitk.Resample(img(m), img(f), r.transform(), sitk.sitkLinear))  # noqa
     wm, wu = warp(masked), warp(plain)
@@ -45,6 +47,7 @@ def test_masked_loss_matches_inside_roi_only(kind, loss):
 
     def err(w, where):
         return np.abs(w - f)[where].sum() / start[where].sum()
+
     # Inside the ROI the masked result matches the fixed image: the residual, as a share of the initial
     # difference, stays below 15 % (what is left lies at the diamond's corners, where a smooth field cannot
     # make a right angle out of a blurred one; measured 2-8 %).
@@ -56,6 +59,7 @@ def test_masked_loss_matches_inside_roi_only(kind, loss):
     assert masked.jacobian_nonpositive_fraction == 0.0
 
 
+@pytest.mark.slow
 def test_syn_forward_inverse_and_determinism():
     f, m, _ = squares(96)
     stages = [{"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [60, 30]}]
@@ -81,17 +85,27 @@ def test_syn_forward_inverse_and_determinism():
     assert np.linalg.norm(back - pts, axis=1).mean() < 0.1
 
 
+@pytest.mark.slow
 def test_learning_rate_per_level_applies_to_its_level_only():
     """A list of rates gives each level its own step: [r, r] is the number r bit for bit, and raising only the
     finest level's rate leaves the first level's losses as they were and changes the second's."""
     f, m, _ = squares(64)
 
     def run(rate):
-        stages = [{"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [20, 10], "learning_rate": rate,
-                   "tolerance": 0}]
+        stages = [
+            {
+                "type": "syn",
+                "loss": "cc",
+                "scales": [2, 1],
+                "iterations": [20, 10],
+                "learning_rate": rate,
+                "tolerance": 0,
+            }
+        ]
         r = maskreg.register(img(f), img(m), stages=stages, device="cpu")
         return r, sitk.GetArrayFromImage(r.displacement)
-    (r_num, d_num), (r_list, d_list), (r_fine, d_fine) = run(1.5), run([1.5, 1.5]), run([1.5, 3.0])
+
+    (r_num, d_num), (_r_list, d_list), (r_fine, d_fine) = run(1.5), run([1.5, 1.5]), run([1.5, 3.0])
     assert np.array_equal(d_num, d_list)
     coarse = [r.stages[0].levels[0].losses for r in (r_num, r_fine)]
     fine = [r.stages[0].levels[1].losses for r in (r_num, r_fine)]
@@ -102,6 +116,7 @@ def test_learning_rate_per_level_applies_to_its_level_only():
 
 def test_default_rates_count_from_the_finest_level_and_a_given_list_must_fit():
     from maskreg.engine import _deformable_config, _stage_config, resolved_stage
+
     default = _deformable_config({"type": "syn"})["learning_rate"]
     assert default == [1.5, 1.5, 3.0]
     assert _deformable_config({"type": "syn", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == [1.5, 3.0]
@@ -110,15 +125,21 @@ def test_default_rates_count_from_the_finest_level_and_a_given_list_must_fit():
     assert syn["learning_rate"] == [1.5, 3.0] and syn["fluid_sigma"] == 2.0 and syn["elastic_sigma"] == 0.5
     assert resolved_stage({"type": "affine", "scales": [4, 2], "iterations": [9, 9]})["learning_rate"] == [0.25, 0.25]
     assert resolved_stage({"type": "moments"}) == {"type": "moments"}
-    assert _deformable_config({"type": "syn", "scales": [8, 4, 2, 1], "iterations": [5] * 4})["learning_rate"] == \
-        [1.5, 1.5, 1.5, 3.0]
-    assert _deformable_config({"type": "greedy", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == \
-        [0.5, 0.5]
-    assert _stage_config({"type": "rigid", "learning_rate": [0.5, 0.25, 0.125]})["learning_rate"] == \
-        [0.5, 0.25, 0.125]
+    assert _deformable_config({"type": "syn", "scales": [8, 4, 2, 1], "iterations": [5] * 4})["learning_rate"] == [
+        1.5,
+        1.5,
+        1.5,
+        3.0,
+    ]
+    assert _deformable_config({"type": "greedy", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == [0.5, 0.5]
+    assert _stage_config({"type": "rigid", "learning_rate": [0.5, 0.25, 0.125]})["learning_rate"] == [0.5, 0.25, 0.125]
     from maskreg.errors import MaskregError
-    with pytest.raises(MaskregError, match=r"learning_rate \[1.0, 2.0\] must be one number or one value "
-                                                    r"per scale \[4, 2, 1\]"):
+
+    with pytest.raises(
+        MaskregError,
+        match=r"learning_rate \[1.0, 2.0\] must be one number or one value "
+        r"per scale \[4, 2, 1\]",
+    ):
         _deformable_config({"type": "syn", "learning_rate": [1.0, 2.0]})
 
 
@@ -134,8 +155,9 @@ def test_covering_crop_of_a_crop_is_itself_and_covers_a_coarser_box():
     coarse = box.corner_aligned((5, 4, 3))  # the same corner centres, about half the resolution
     assert grid.covering_crop(coarse) == box
     # half a voxel back along x: its end centres fall between voxels, rounded outward to one more voxel
-    shifted = Grid(box.size, box.spacing, tuple(box.index_to_physical()[:3] @ np.array([-0.5, 0.0, 0.0, 1.0])),
-                   box.direction)
+    shifted = Grid(
+        box.size, box.spacing, tuple(box.index_to_physical()[:3] @ np.array([-0.5, 0.0, 0.0, 1.0])), box.direction
+    )
     cover = grid.covering_crop(shifted)
     assert cover.size == (10, 7, 5) and cover == grid.crop((2, 2, 4), (10, 7, 5))
     # larger than the grid: clipped to it
@@ -145,6 +167,7 @@ def test_covering_crop_of_a_crop_is_itself_and_covers_a_coarser_box():
 def test_fields_of_a_box_extend_from_its_faces_as_border_resampling_does():
     from maskreg.engine import _extend_from_faces
     from maskreg.pyramid import resample
+
     grid = oblique_grid()
     box = grid.crop((3, 2, 4), (9, 7, 5))
     torch.manual_seed(3)
@@ -188,8 +211,7 @@ def test_exp_of_a_velocity_is_inverted_by_exp_of_its_negative():
 
 
 @pytest.mark.parametrize("kernels", ["compiled", "torch"])
-def test_iterations_coarse_exponential_sits_on_the_anchored_lattice_and_stays_close_to_the_exact_one(
-        kernels, request):
+def test_iterations_coarse_exponential_sits_on_the_anchored_lattice_and_stays_close_to_the_exact_one(kernels, request):
     """The SyN iterations' exp(∓v/2) on a large grid: the coarse points are every other voxel of the lattice
     anchored at the world origin (so a crop of the grid by one voxel keeps them), the velocity reaches them
     exactly, and the result is the exact exponential to a small fraction of a voxel. Both code paths: the
@@ -213,8 +235,10 @@ def test_iterations_coarse_exponential_sits_on_the_anchored_lattice_and_stays_cl
     v = ops.smooth(torch.randn(1, 3, *grid.shape, generator=g), 3.0)
     v = v * (4.0 / ops.max_voxels(v))  # the longest velocity vector 4 voxels: exp(v/2) moves up to ~2
     down = ops._to_coarse(v)
-    idx = [torch.clamp(torch.arange(n) * 2 - p, 0, m - 1) for n, p, m in
-           zip(ops.coarse.grid.shape, reversed(pads), grid.shape)]
+    idx = [
+        torch.clamp(torch.arange(n) * 2 - p, 0, m - 1)
+        for n, p, m in zip(ops.coarse.grid.shape, reversed(pads), grid.shape, strict=False)
+    ]
     torch.testing.assert_close(down, v[:, :, idx[0]][:, :, :, idx[1]][..., idx[2]], atol=1e-6, rtol=0)
     n = ops.iteration_squarings(ops.max_voxels(v) * 0.5)
     um, up = ops.exp_pair_in_iteration(v, n, 0.5)
@@ -225,30 +249,41 @@ def test_iterations_coarse_exponential_sits_on_the_anchored_lattice_and_stays_cl
     assert float(err.mean()) < 0.08 and float(err.max()) < 0.4, (float(err.mean()), float(err.max()))
 
 
+@pytest.mark.slow
 def test_label_term_raises_dice_on_the_brain_pair():
     """The optional soft-Dice term (label_weight) pulls the labels together beyond the image term alone, more
     with a larger weight (measured mean Dice 0.6254, 0.6287, 0.6326 at weights 0, 1, 2)."""
     from conftest import DEMO
+
     d = DEMO / "brain3d"
     read = lambda n, t=sitk.sitkFloat32: sitk.ReadImage(str(d / n), t)  # noqa: E731
     fixed, moving = read("mni_image.nii.gz"), read("vxm_image.nii.gz")
     fm, mm = read("mni_mask.nii.gz", sitk.sitkUInt8), read("vxm_mask.nii.gz", sitk.sitkUInt8)
     fl, ml = read("mni_labels.nii.gz", sitk.sitkUInt8), read("vxm_labels.nii.gz", sitk.sitkUInt8)
-    start = maskreg.register(fixed, moving, fm, mm, device="cpu", stages=[
-        {"type": "moments"}, {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [60, 30]}]).linear
+    start = maskreg.register(
+        fixed,
+        moving,
+        fm,
+        mm,
+        device="cpu",
+        stages=[{"type": "moments"}, {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [60, 30]}],
+    ).linear
     a = sitk.GetArrayFromImage(fl)
 
     def mean_dice(weight):
         st = [{"type": "syn", "loss": "cc", "scales": [4, 2], "iterations": [30, 15], "label_weight": weight}]
-        r = maskreg.register(fixed, moving, fm, mm, stages=st, device="cpu", initial=start, fixed_labels=fl,
-                             moving_labels=ml)
+        r = maskreg.register(
+            fixed, moving, fm, mm, stages=st, device="cpu", initial=start, fixed_labels=fl, moving_labels=ml
+        )
         assert r.jacobian_nonpositive_fraction == 0.0
         w = sitk.GetArrayFromImage(sitk.Resample(ml, fixed, r.transform(), sitk.sitkNearestNeighbor, 0))
         return np.mean([2 * ((a == v) & (w == v)).sum() / ((a == v).sum() + (w == v).sum()) for v in (1, 2)])
+
     none, one, two = mean_dice(0.0), mean_dice(1.0), mean_dice(2.0)
     assert none < one < two and two > none + 0.005, (none, one, two)
 
 
+@pytest.mark.slow
 def test_small_roi_in_a_large_oblique_image_is_registered_on_its_box_only(monkeypatch):
     """A 12 mm ROI in a 3D oblique, anisotropic image: the deformable levels work on the mask's box (plus a
     margin), the fields still cover the whole fixed grid, nothing folds anywhere, and inside the ROI the
@@ -265,21 +300,26 @@ def test_small_roi_in_a_large_oblique_image_is_registered_on_its_box_only(monkey
 
     def blobs(shift):
         p = pts - shift
-        v = sum(np.exp(-np.sum((p - centre - o) ** 2, 1) / (2 * 4.0 ** 2))
-                for o in (np.zeros(3), np.array([6.0, 3.0, -2.0]), np.array([-5.0, 4.0, 3.0])))
+        v = sum(
+            np.exp(-np.sum((p - centre - o) ** 2, 1) / (2 * 4.0**2))
+            for o in (np.zeros(3), np.array([6.0, 3.0, -2.0]), np.array([-5.0, 4.0, 3.0]))
+        )
         return v.reshape(size).transpose(2, 1, 0)
 
     def image(a, pixel=sitk.sitkFloat32):
         out = sitk.Cast(sitk.GetImageFromArray(a.astype(np.float32)), pixel)
         out.CopyInformation(ref)
         return out
+
     f_arr, m_arr = blobs(np.zeros(3)), blobs(np.array([2.0, -1.5, 1.0]))  # moving: the blobs moved 2.7 mm
     roi = (np.linalg.norm(pts - centre, axis=1) < 12.0).reshape(size).transpose(2, 1, 0)
     stages = [{"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [60, 40], "learning_rate": 1.5}]
 
     def run():
-        return maskreg.register(image(f_arr), image(m_arr), image(roi, sitk.sitkUInt8), None, stages=stages,
-                                device="cpu")
+        return maskreg.register(
+            image(f_arr), image(m_arr), image(roi, sitk.sitkUInt8), None, stages=stages, device="cpu"
+        )
+
     res = run()
     finest = res.stages[0].levels[-1]
     assert np.prod(finest.shape) < 0.25 * np.prod(grid.shape)  # the box, not the grid
@@ -309,6 +349,7 @@ def test_small_roi_in_a_large_oblique_image_is_registered_on_its_box_only(monkey
     def roi_diff(r1, r2):
         a, b = (sitk.GetArrayFromImage(r.displacement)[roi] for r in (r1, r2))
         return np.linalg.norm(a - b, axis=1)
+
     diff = roi_diff(box_exact, full_exact)
     assert diff.max() < 0.005, (diff.mean(), diff.max())
     diff = roi_diff(res, full)

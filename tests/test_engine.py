@@ -48,8 +48,7 @@ def test_extent_independence_random_sampling_from_the_mask(h, w):
     f, m, fm = rectangle_pair(h, w)
     errors = []
     for seed in range(20):
-        res = maskreg.register(f, m, fm, None, stages=TRANSLATION, device="cpu", sampling={"random": 256},
-                               seed=seed)
+        res = maskreg.register(f, m, fm, None, stages=TRANSLATION, device="cpu", sampling={"random": 256}, seed=seed)
         errors.append(np.abs(res.linear.translation - [0.0, 5.0]).max())
     assert max(errors) < 0.05, errors
 
@@ -64,14 +63,18 @@ def blob_scene(pad: int):
     origin = np.array([-40.0, 25.0, -30.0]) - direction @ (pad * spacing)
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
     pts = idx @ (direction * spacing).T + origin
-    centre = np.array([-40.0, 25.0, -30.0]) + direction @ (spacing * (np.array([96, 80, 40]) - 1) / 2) \
+    centre = (
+        np.array([-40.0, 25.0, -30.0])
+        + direction @ (spacing * (np.array([96, 80, 40]) - 1) / 2)
         + np.array([8.0, -5.0, 4.0])
+    )
 
     def scene(shift):
         p = pts - shift - centre
-        v = sum(np.exp(-np.sum((p - o) ** 2, 1) / (2 * 4.0 ** 2)) for o in ([0, 0, 0], [6, 3, -2], [-5, 4, 3]))
-        v = v + 0.3 * np.exp(-np.sum((p - [0, 0, 25.0]) ** 2, 1) / (2 * 8.0 ** 2))
+        v = sum(np.exp(-np.sum((p - o) ** 2, 1) / (2 * 4.0**2)) for o in ([0, 0, 0], [6, 3, -2], [-5, 4, 3]))
+        v = v + 0.3 * np.exp(-np.sum((p - [0, 0, 25.0]) ** 2, 1) / (2 * 8.0**2))
         return v.reshape(tuple(size)).transpose(2, 1, 0)
+
     roi = np.linalg.norm(pts - centre, axis=1) < 12.0
     geometry = dict(spacing=tuple(spacing), origin=tuple(origin), direction=tuple(direction.ravel()))
     fixed, moving = (image(scene(np.array(s)), **geometry) for s in ([0.0, 0, 0], [2.0, -1.5, 1.0]))
@@ -84,9 +87,11 @@ def test_a_fixed_roi_registers_alike_whatever_background_the_scans_hold():
     larger on every side (a multiple of every pyramid factor, so the levels' voxels coincide) gives the same map
     inside the ROI. When the moving intensities were scaled by the whole moving image's percentiles (which the
     background lowers, so MI's bins clamped the ROI), the two maps differed by 0.82 mm (mean; max 2.3 mm)."""
-    stages = [{"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [50, 30]},
-              {"type": "affine", "loss": "mi", "scales": [2, 1], "iterations": [50, 20]},
-              {"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [40, 20]}]
+    stages = [
+        {"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [50, 30]},
+        {"type": "affine", "loss": "mi", "scales": [2, 1], "iterations": [50, 20]},
+        {"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [40, 20]},
+    ]
     maps = []
     for pad in (0, 12):
         fixed, moving, mask, roi_pts, centre = blob_scene(pad)
@@ -113,13 +118,14 @@ def test_moments_with_a_mask_on_one_side_keep_the_translation_the_loss_prefers(c
 
     def ones(img):
         return sitk.Cast(img * 0 + 1, sitk.sitkUInt8) if all_ones else None
+
     with caplog.at_level(logging.INFO, logger="maskreg"):
         t = maskreg.register(fixed, moving, mask, ones(moving), stages=moments, device="cpu").transform()
     assert "kept whole centres" in caplog.text
     assert np.linalg.norm(np.array(t.TransformPoint(centre)) - centre - truth) < 0.2  # measured 0.0000
 
     idx = moving.TransformPhysicalPointToIndex(tuple(centre))
-    crop = sitk.RegionOfInterest(moving, (40, 32, 16), [i - n // 2 for i, n in zip(idx, (40, 32, 16))])
+    crop = sitk.RegionOfInterest(moving, (40, 32, 16), [i - n // 2 for i, n in zip(idx, (40, 32, 16), strict=False)])
     crop.SetOrigin(tuple(np.array(crop.GetOrigin()) + [100.0, 0.0, 0.0]))
     truth = truth + [100.0, 0.0, 0.0]
     caplog.clear()
@@ -137,6 +143,7 @@ def organ_dice_with_a_fixed_roi_only(organ: int, stages: list[dict]) -> float:
     one organ of the fixed labels, grown by 2 voxels, as the only mask; the organ's Dice after warping the
     moving labels."""
     from scipy import ndimage
+
     ct = DEMO / "totalseg_ct"
     fixed, moving = (sitk.ReadImage(str(ct / f"{n}_image.nii.gz"), sitk.sitkFloat32) for n in ("ct_b", "ct_a"))
     fixed_labels, moving_labels = (sitk.ReadImage(str(ct / f"{n}_labels.nii.gz")) for n in ("ct_b", "ct_a"))
@@ -157,8 +164,10 @@ def test_a_fixed_organ_roi_on_real_ct_registers_without_a_moving_mask():
     level and keeping the best optimum gives 0.531, keeping the best start alone 0.149. (Smaller organs of this
     pair, whose fixed scan covers 13 slices, are not a fair test: their results swing with any change of the
     coarse levels.)"""
-    linear = [{"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
-              {"type": "affine", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]}]
+    linear = [
+        {"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
+        {"type": "affine", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
+    ]
     assert organ_dice_with_a_fixed_roi_only(5, linear) > 0.55
     assert organ_dice_with_a_fixed_roi_only(5, [{"type": "moments"}] + linear) > 0.5
 
@@ -179,24 +188,39 @@ def test_cropping_either_scan_outside_its_mask_leaves_the_registration_as_it_was
     stages = yaml.safe_load((DEMO.parents[1] / "config" / "config.yaml").read_text())["registration"]["stages"]
 
     def crop(img, lo, hi):
-        return sitk.RegionOfInterest(img, [n - a - b for n, a, b in zip(img.GetSize(), lo, hi)], lo)
+        return sitk.RegionOfInterest(img, [n - a - b for n, a, b in zip(img.GetSize(), lo, hi, strict=False)], lo)
+
     lo_f, hi_f, lo_m, hi_m = [1, 2, 0], [2, 1, 3], [1, 3, 2], [1, 0, 3]  # x-first; the masks stay whole
     for mask, lo, hi in ((fixed_mask, lo_f, hi_f), (moving_mask, lo_m, hi_m)):
         assert sitk.GetArrayFromImage(crop(mask, lo, hi)).sum() == sitk.GetArrayFromImage(mask).sum()
     whole = maskreg.register(fixed, moving, fixed_mask, moving_mask, stages=stages, device="cpu").transform()
-    cropped = maskreg.register(crop(fixed, lo_f, hi_f), crop(moving, lo_m, hi_m), crop(fixed_mask, lo_f, hi_f),
-                               crop(moving_mask, lo_m, hi_m), stages=stages, device="cpu").transform()
+    cropped = maskreg.register(
+        crop(fixed, lo_f, hi_f),
+        crop(moving, lo_m, hi_m),
+        crop(fixed_mask, lo_f, hi_f),
+        crop(moving_mask, lo_m, hi_m),
+        stages=stages,
+        device="cpu",
+    ).transform()
     idx = np.argwhere(sitk.GetArrayFromImage(fixed_mask) > 0)[::3, ::-1]
     pts = [fixed.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in idx]
-    diff = np.linalg.norm(np.array([whole.TransformPoint(p) for p in pts])
-                          - np.array([cropped.TransformPoint(p) for p in pts]), axis=1)
+    diff = np.linalg.norm(
+        np.array([whole.TransformPoint(p) for p in pts]) - np.array([cropped.TransformPoint(p) for p in pts]), axis=1
+    )
     assert diff.mean() < 0.1 and diff.max() < 1.0, (diff.mean(), diff.max())
 
 
 def mni_2mm():
     img = sitk.ReadImage(str(shared("mni_icbm152_2009a", "template", "image.nii.gz")), sitk.sitkFloat32)
-    return sitk.Resample(img, [s // 2 for s in img.GetSize()], sitk.Transform(), sitk.sitkLinear,
-                         img.GetOrigin(), [2.0, 2.0, 2.0], img.GetDirection())
+    return sitk.Resample(
+        img,
+        [s // 2 for s in img.GetSize()],
+        sitk.Transform(),
+        sitk.sitkLinear,
+        img.GetOrigin(),
+        [2.0, 2.0, 2.0],
+        img.GetDirection(),
+    )
 
 
 def test_masked_mi_rigid_ignores_bright_squares():
@@ -219,8 +243,14 @@ def test_masked_mi_rigid_ignores_bright_squares():
     mmask[:, -18:, -18:] = 0
     fixed, moving = image(fixed_arr, spacing=(2.0,) * 3), image(moving_arr, spacing=(2.0,) * 3)
     stages = [{"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 60, 30]}]
-    res = maskreg.register(fixed, moving, sitk.Cast(image(fmask), sitk.sitkUInt8) + 0,
-                           sitk.Cast(image(mmask), sitk.sitkUInt8), stages=stages, device="cpu")
+    res = maskreg.register(
+        fixed,
+        moving,
+        sitk.Cast(image(fmask), sitk.sitkUInt8) + 0,
+        sitk.Cast(image(mmask), sitk.sitkUInt8),
+        stages=stages,
+        device="cpu",
+    )
     pts = np.argwhere(fmask[::4, ::4, ::4] > 0)[:, ::-1] * 4.0
     phys = np.array([fixed.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in pts[::50]])
     est = res.linear.apply(phys)
@@ -242,15 +272,15 @@ def test_small_mask_partial_overlap_completes_and_logs_overlap(caplog):
     fixed = image(canvas)
     # the moving image: a 200x200 window of the canvas on its own grid and origin, such that
     # moving(p) = canvas(p + (-3, 4)); so T(x) = x + (3, -4) maps fixed points to moving points
-    moving = image(canvas[150 + 4:350 + 4, 180 - 3:380 - 3], origin=(180.0, 150.0))
+    moving = image(canvas[150 + 4 : 350 + 4, 180 - 3 : 380 - 3], origin=(180.0, 150.0))
     fm = np.zeros((512, 512), np.uint8)
     fm[230:290, 240:300] = 1  # 3600 px = 1.4 % of the image, near the moving window's edge
     assert fm.mean() < 0.02
-    stages = [{"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [100, 100],
-               "learning_rate": 0.5}]
+    stages = [{"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [100, 100], "learning_rate": 0.5}]
     with caplog.at_level(logging.INFO, logger="maskreg"):
-        res = maskreg.register(fixed, moving, sitk.GetImageFromArray(fm), None, stages=stages, device="cpu",
-                               subject="small")
+        res = maskreg.register(
+            fixed, moving, sitk.GetImageFromArray(fm), None, stages=stages, device="cpu", subject="small"
+        )
     assert np.abs(res.linear.translation - [3.0, -4.0]).max() < 0.1
     lines = [r.getMessage() for r in caplog.records if "overlap" in r.getMessage()]
     assert len(lines) == 2 and all("% of the fixed mask" in ln for ln in lines)
@@ -263,11 +293,15 @@ def test_too_little_overlap_is_the_one_failure_and_says_everything():
     far = sitk.Image(m)
     far.SetOrigin((500.0, 500.0))  # no physical overlap at all
     with pytest.raises(OverlapError) as info:
-        maskreg.register(f, far, fm, None, stages=TRANSLATION, device="cpu", subject="sub-07",
-                         min_overlap_voxels=100)
+        maskreg.register(f, far, fm, None, stages=TRANSLATION, device="cpu", subject="sub-07", min_overlap_voxels=100)
     msg = str(info.value)
-    for part in ("subject 'sub-07'", "stage translation", "level 1/1", "only 0 effective voxels",
-                 "at least 100 are needed"):
+    for part in (
+        "subject 'sub-07'",
+        "stage translation",
+        "level 1/1",
+        "only 0 effective voxels",
+        "at least 100 are needed",
+    ):
         assert part in msg
 
 
@@ -280,8 +314,11 @@ def test_oblique_anisotropic_geometry_recovers_known_rigid():
     grid = sitk.Image([70, 70, 40], sitk.sitkFloat32)
     grid.SetSpacing((3.3, 3.3, 4.2))
     grid.SetDirection(sitk.Euler3DTransform((0, 0, 0), 0.0, 0.2, 0.0).GetMatrix())
-    grid.SetOrigin(np.array(centre) - np.array(grid.TransformContinuousIndexToPhysicalPoint(
-        [(s - 1) / 2 for s in grid.GetSize()])) + np.array(grid.GetOrigin()))
+    grid.SetOrigin(
+        np.array(centre)
+        - np.array(grid.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in grid.GetSize()]))
+        + np.array(grid.GetOrigin())
+    )
     # moving(y) = fixed(truth^-1(y)): then moving(truth(x)) = fixed(x)
     moving = sitk.Resample(fixed, grid, truth.GetInverse(), sitk.sitkBSpline, 0.0)
     stages = [{"type": "rigid", "loss": "cc", "scales": [2, 1], "iterations": [100, 100]}]
@@ -289,8 +326,7 @@ def test_oblique_anisotropic_geometry_recovers_known_rigid():
     arr = sitk.GetArrayFromImage(fixed)
     idx = np.argwhere(arr > np.percentile(arr, 60))[::20][:, ::-1].astype(float)
     phys = np.array([fixed.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in idx])
-    err = np.linalg.norm(res.linear.apply(phys) - np.array([truth.TransformPoint(p.tolist()) for p in phys]),
-                         axis=1)
+    err = np.linalg.norm(res.linear.apply(phys) - np.array([truth.TransformPoint(p.tolist()) for p in phys]), axis=1)
     assert err.mean() < 0.5 * min(fixed.GetSpacing()), err.mean()
     r_est = res.linear.matrix
     r_true = np.array(truth.GetMatrix()).reshape(3, 3)
@@ -308,17 +344,23 @@ def test_principal_axes_undo_a_large_rotation(principal_axes):
     truth = sitk.Euler3DTransform(centre, np.radians(25), 0.0, np.radians(110), (4.0, -6.0, 3.0))
     grid = sitk.Image([80, 80, 70], sitk.sitkFloat32)
     grid.SetSpacing((3.5, 3.5, 3.8))
-    grid.SetOrigin(np.array(centre) - np.array(grid.TransformContinuousIndexToPhysicalPoint(
-        [(s - 1) / 2 for s in grid.GetSize()])) + np.array(grid.GetOrigin()))
+    grid.SetOrigin(
+        np.array(centre)
+        - np.array(grid.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in grid.GetSize()]))
+        + np.array(grid.GetOrigin())
+    )
     moving = sitk.Resample(fixed, grid, truth.GetInverse(), sitk.sitkLinear, 0.0)
-    stages = [{"type": "moments", "principal_axes": principal_axes},
-              {"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [60, 40]}]
+    stages = [
+        {"type": "moments", "principal_axes": principal_axes},
+        {"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [60, 40]},
+    ]
     res = maskreg.register(fixed, moving, None, None, stages=stages, device="cpu")
     arr = sitk.GetArrayFromImage(fixed)
     idx = np.argwhere(arr > np.percentile(arr, 60))[::20][:, ::-1].astype(float)
     phys = np.array([fixed.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in idx])
-    err = np.linalg.norm(res.linear.apply(phys) - np.array([truth.TransformPoint(p.tolist()) for p in phys]),
-                         axis=1).mean()
+    err = np.linalg.norm(
+        res.linear.apply(phys) - np.array([truth.TransformPoint(p.tolist()) for p in phys]), axis=1
+    ).mean()
     if principal_axes:
         assert err < 0.5 * min(fixed.GetSpacing()), err
     else:
@@ -340,8 +382,12 @@ def test_principal_axes_of_a_round_object_leave_the_rotation_alone(caplog):
 
 def test_same_seed_same_transform_on_cpu():
     f, m, fm = rectangle_pair(64, 128)
-    runs = [maskreg.register(f, m, fm, None, stages=TRANSLATION, device="cpu", sampling={"random": 128},
-                             seed=3).linear.translation for _ in range(2)]
+    runs = [
+        maskreg.register(
+            f, m, fm, None, stages=TRANSLATION, device="cpu", sampling={"random": 128}, seed=3
+        ).linear.translation
+        for _ in range(2)
+    ]
     assert np.array_equal(runs[0], runs[1])
 
 
@@ -364,13 +410,12 @@ def test_valid_mask_keeps_an_artificial_edge_out():
     is identical in both images (an artificial edge). With kind 'valid' the shift is recovered."""
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32))
     yy, xx = np.mgrid[:256, :256]
-    cone = ((xx - 128) ** 2 + (yy + 40) ** 2 < 250 ** 2) & (np.abs(xx - 128) < (yy + 40) * 0.9)
+    cone = ((xx - 128) ** 2 + (yy + 40) ** 2 < 250**2) & (np.abs(xx - 128) < (yy + 40) * 0.9)
     f = np.where(cone, arr + 40, 0)
     m = np.where(cone, np.roll(arr, 4, axis=0) + 40, 0)
     mask = sitk.GetImageFromArray(cone.astype(np.uint8))
     stages = [{"type": "translation", "loss": "mse", "scales": [4, 2, 1], "iterations": [100, 60, 60]}]
-    res = maskreg.register(image(f), image(m), mask, mask, stages=stages, device="cpu",
-                           mask_kinds=("valid", "valid"))
+    res = maskreg.register(image(f), image(m), mask, mask, stages=stages, device="cpu", mask_kinds=("valid", "valid"))
     assert np.abs(res.linear.translation - [0.0, 4.0]).max() < 0.2, res.linear.translation
 
 
@@ -386,9 +431,12 @@ def test_bad_pairs_fail_clearly():
 def test_result_chain_matches_simpleitk_resample():
     fixed = sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32)
     moving = sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r16.nii.gz"), sitk.sitkFloat32)
-    res = maskreg.register(fixed, moving, stages=[{"type": "moments"},
-                                                  {"type": "affine", "loss": "mi", "scales": [4, 2],
-                                                   "iterations": [60, 30]}], device="cpu")
+    res = maskreg.register(
+        fixed,
+        moving,
+        stages=[{"type": "moments"}, {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [60, 30]}],
+        device="cpu",
+    )
     assert isinstance(res.linear, LinearTransform)
     tx = res.transform()
     pts = np.random.default_rng(1).uniform(0, 255, (20, 2))
@@ -401,6 +449,7 @@ def test_result_chain_matches_simpleitk_resample():
 def test_pick_device_takes_the_gpu_with_most_free_memory(monkeypatch):
     """No GPU here: torch.cuda is simulated to check the choice among several visible devices."""
     from maskreg.engine import pick_device
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     free = {0: 2e9, 1: 30e9, 2: 10e9}

@@ -35,14 +35,17 @@ def test_gaussian_blur_and_box_means_match_scipy():
         want = ndimage.correlate1d(want, np.asarray(gaussian_weights(s)), axis=axis, mode="constant", cval=0.0)
     np.testing.assert_allclose(gaussian_blur(t, sig)[0, 0].numpy(), want, atol=1e-5)
     # local CC's box mean: window 5; window 7 shrinks to 5 on the 6-voxel axis
-    np.testing.assert_allclose(_box(t, 5)[0, 0].numpy(),
-                               ndimage.uniform_filter(a, 5, mode="constant", cval=0.0), atol=1e-5)
-    np.testing.assert_allclose(_box(t, 7)[0, 0].numpy(),
-                               ndimage.uniform_filter(a, (7, 7, 5), mode="constant", cval=0.0), atol=1e-5)
+    np.testing.assert_allclose(
+        _box(t, 5)[0, 0].numpy(), ndimage.uniform_filter(a, 5, mode="constant", cval=0.0), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        _box(t, 7)[0, 0].numpy(), ndimage.uniform_filter(a, (7, 7, 5), mode="constant", cval=0.0), atol=1e-5
+    )
     # the pyramid's box average: an even factor averages f + 1 voxels with half weights at both ends
     k2 = np.array([0.5, 1.0, 0.5]) / 2
-    want = ndimage.correlate1d(ndimage.correlate1d(a, np.ones(3) / 3, axis=0, mode="constant"), k2, axis=1,
-                               mode="constant")
+    want = ndimage.correlate1d(
+        ndimage.correlate1d(a, np.ones(3) / 3, axis=0, mode="constant"), k2, axis=1, mode="constant"
+    )
     np.testing.assert_allclose(box_average(t, (3, 2, 1))[0, 0].numpy(), want, atol=1e-5)
 
 
@@ -75,8 +78,7 @@ def test_axis_by_axis_decimation_equals_trilinear_resampling_onto_the_shrunk_gri
             torch.testing.assert_close(downsample_mask(mask, grid, coarse, factors), old, atol=2e-6, rtol=0)
             k = gaussian_weights(1.2)
             both = filter_decimate(t, (k, k, k), tuple(reversed(factors)), coarse.shape)
-            torch.testing.assert_close(both, resample(gaussian_blur(t, (1.2,) * 3), grid, coarse), atol=2e-6,
-                                       rtol=0)
+            torch.testing.assert_close(both, resample(gaussian_blur(t, (1.2,) * 3), grid, coarse), atol=2e-6, rtol=0)
 
 
 def test_pyramid_levels_of_a_crop_are_the_whole_images_levels_where_they_overlap():
@@ -98,7 +100,7 @@ def test_pyramid_levels_of_a_crop_are_the_whole_images_levels_where_they_overlap
     t = torch.rand(1, 1, *grid.shape, generator=gen)
     mask = (torch.rand(1, 1, *grid.shape, generator=gen) > 0.3).float()
     lo = (3, 1, 2)
-    sub = grid.crop(lo, tuple(n - a for n, a in zip(grid.size, lo)))
+    sub = grid.crop(lo, tuple(n - a for n, a in zip(grid.size, lo, strict=False)))
     sl = (slice(None), slice(None)) + tuple(slice(a, None) for a in reversed(lo))
     factors = (4, 3, 2)
     whole, part = (g.shrink(factors, g.lattice_pads(factors)) for g in (grid, sub))
@@ -112,9 +114,15 @@ def test_pyramid_levels_of_a_crop_are_the_whole_images_levels_where_they_overlap
     assert lw.grid == whole and lp.grid == part
     # away from the crop's low faces (blur: sigma f/2 fine voxels, 3 sigma, plus the box) both agree
     keep = tuple(slice(int(np.ceil((1.5 * f + f) / f)) + 1, None) for f in reversed(factors))
-    a = lw.image[(slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(reversed(off), part.shape))]
-    m = lw.mask[(slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(reversed(off), part.shape))]
-    torch.testing.assert_close(lp.image[(slice(None), slice(None)) + keep], a[(slice(None), slice(None)) + keep],
-                               atol=1e-5, rtol=0)
-    torch.testing.assert_close(lp.mask[(slice(None), slice(None)) + keep], m[(slice(None), slice(None)) + keep],
-                               atol=1e-6, rtol=0)
+    a = lw.image[
+        (slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(reversed(off), part.shape, strict=False))
+    ]
+    m = lw.mask[
+        (slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(reversed(off), part.shape, strict=False))
+    ]
+    torch.testing.assert_close(
+        lp.image[(slice(None), slice(None)) + keep], a[(slice(None), slice(None)) + keep], atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        lp.mask[(slice(None), slice(None)) + keep], m[(slice(None), slice(None)) + keep], atol=1e-6, rtol=0
+    )

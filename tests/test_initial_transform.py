@@ -34,8 +34,7 @@ def initial(tmp_path_factory):
     field = sitk.GetImageFromArray(u, isVector=True)
     field.SetSpacing([4.0, 4.0])
     field.SetOrigin([-6.0, -10.0])
-    a0 = tfm.LinearTransform(np.array([[1.05, 0.05], [-0.03, 0.97]]), np.array([3.0, -2.0]),
-                             np.array([128.0, 120.0]))
+    a0 = tfm.LinearTransform(np.array([[1.05, 0.05], [-0.03, 0.97]]), np.array([3.0, -2.0]), np.array([128.0, 120.0]))
     tfm.write_field(field, d / "1Warp.nii.gz")
     tfm.write_linear(a0, d / "0GenericAffine.mat")
     return d, a0, field
@@ -111,10 +110,28 @@ def test_no_stages_reproduce_the_initial_transform_and_files_round_trip(initial,
 def test_cli_register_accepts_an_ants_ordered_list(initial, tmp_path):
     d, _, _ = initial
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "maskreg.cli", "register", str(BRAIN / "r64.nii.gz"),
-                           str(BRAIN / "r16.nii.gz"), "--out", str(out), "--device", "cpu", "--initial",
-                           str(d / "1Warp.nii.gz"), str(d / "0GenericAffine.mat"), "--stages",
-                           str(_stages_file(tmp_path))], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maskreg.cli",
+            "register",
+            str(BRAIN / "r64.nii.gz"),
+            str(BRAIN / "r16.nii.gz"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--initial",
+            str(d / "1Warp.nii.gz"),
+            str(d / "0GenericAffine.mat"),
+            "--stages",
+            str(_stages_file(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     field = sitk.ReadImage(str(out / "warp.nii.gz"))
     assert field.GetSize() == sitk.ReadImage(str(BRAIN / "r64.nii.gz")).GetSize()
@@ -136,16 +153,36 @@ def test_workflow_writes_fields_when_a_subject_starts_from_a_field(initial, tmp_
         "subject\tfixed\tmoving\tinitial_transform\n"
         f"from_ants\t{BRAIN / 'r64.nii.gz'}\t{BRAIN / 'r16.nii.gz'}\t"
         f"{d / '1Warp.nii.gz'};{d / '0GenericAffine.mat'}\n"
-        f"plain\t{BRAIN / 'r64.nii.gz'}\t{BRAIN / 'r27.nii.gz'}\t\n")
+        f"plain\t{BRAIN / 'r64.nii.gz'}\t{BRAIN / 'r27.nii.gz'}\t\n"
+    )
     cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
     cfg["cohort"] = str(tmp_path / "cohort.tsv")
     cfg["registration"]["stages"] = TRANSLATION
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    targets = [f"results/{s}/{f}" for s in ("from_ants", "plain")
-               for f in ("transforms/warp.nii.gz", "transforms/inverse_warp.nii.gz", "warped/image.nii.gz")]
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-                           str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", *targets],
-                          capture_output=True, text=True, timeout=600)
+    targets = [
+        f"results/{s}/{f}"
+        for s in ("from_ants", "plain")
+        for f in ("transforms/warp.nii.gz", "transforms/inverse_warp.nii.gz", "warped/image.nii.gz")
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "config.yaml"),
+            "--cores",
+            "2",
+            *targets,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     arr = lambda s, f: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"results/{s}/{f}")))  # noqa: E731
     assert np.abs(arr("from_ants", "transforms/warp.nii.gz")).max() > 1.0
@@ -153,8 +190,9 @@ def test_workflow_writes_fields_when_a_subject_starts_from_a_field(initial, tmp_
     # the warped moving image is the moving image through the written chain, initial field included
     fixed = sitk.ReadImage(str(BRAIN / "r64.nii.gz"), sitk.sitkFloat32)
     moving = sitk.ReadImage(str(BRAIN / "r16.nii.gz"), sitk.sitkFloat32)
-    _, _, chain = tfm.read_chain(tmp_path / "results/from_ants/transforms/affine.mat",
-                                 tmp_path / "results/from_ants/transforms/warp.nii.gz")
+    _, _, chain = tfm.read_chain(
+        tmp_path / "results/from_ants/transforms/affine.mat", tmp_path / "results/from_ants/transforms/warp.nii.gz"
+    )
     expect = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, chain, sitk.sitkLinear, 0.0))
     got = arr("from_ants", "warped/image.nii.gz")
     assert np.abs(got - expect).max() < 1e-3 * np.abs(expect).max()

@@ -12,8 +12,11 @@ from maskreg import transforms, warp
 
 ants = pytest.importorskip("ants", reason="antspyx is not installed (pip install -e '.[test]' installs it)")
 
-STAGES = [{"type": "moments"}, {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [40, 20]},
-          {"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [20, 10]}]
+STAGES = [
+    {"type": "moments"},
+    {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [40, 20]},
+    {"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [20, 10]},
+]
 
 
 @pytest.fixture(scope="module", params=["2d", "3d"])
@@ -36,8 +39,9 @@ def test_ants_apply_transforms_reproduces_our_warp(result):
     f, m, out, ours, _ = result
     fixed, moving = ants.image_read(str(f)), ants.image_read(str(m))
     # ANTs' list order: [warp, affine] -- the warp is applied first to points: T(x) = A(x + u(x))
-    theirs = ants.apply_transforms(fixed, moving, [str(out / "warp.nii.gz"), str(out / "affine.mat")],
-                                   interpolator="linear").numpy()
+    theirs = ants.apply_transforms(
+        fixed, moving, [str(out / "warp.nii.gz"), str(out / "affine.mat")], interpolator="linear"
+    ).numpy()
     theirs = np.asarray(theirs).T  # antspyx arrays are x-first
     scale = float(np.abs(ours).max())
     inside = ours != 0  # ANTs and ITK may differ on the last voxel at the moving image's border
@@ -83,8 +87,9 @@ def test_starting_from_ants_syn_output(tmp_path):
     match (NCC inside the brain)."""
     f, m = DEMO / "antspy_brain2d" / "r64.nii.gz", DEMO / "antspy_brain2d" / "r16.nii.gz"
     af, am = ants.image_read(str(f)), ants.image_read(str(m))
-    reg = ants.registration(af, am, type_of_transform="SyN", reg_iterations=(20, 10, 0),
-                            outprefix=str(tmp_path / "ants_"))
+    reg = ants.registration(
+        af, am, type_of_transform="SyN", reg_iterations=(20, 10, 0), outprefix=str(tmp_path / "ants_")
+    )
     fwd = reg["fwdtransforms"]
     assert fwd[0].endswith("Warp.nii.gz") and fwd[1].endswith("GenericAffine.mat")
     fixed, moving = sitk.ReadImage(str(f), sitk.sitkFloat32), sitk.ReadImage(str(m), sitk.sitkFloat32)
@@ -96,14 +101,21 @@ def test_starting_from_ants_syn_output(tmp_path):
     assert np.abs(ours - theirs)[inside].mean() < 1e-3 * float(np.abs(ours).max())
 
     mask = sitk.Cast(fixed > 10, sitk.sitkUInt8)
-    refined = maskreg.register(fixed, moving, mask, stages=[
-        {"type": "greedy", "loss": "cc", "scales": [2, 1], "iterations": [20, 10]}], initial=t0, device="cpu")
+    refined = maskreg.register(
+        fixed,
+        moving,
+        mask,
+        stages=[{"type": "greedy", "loss": "cc", "scales": [2, 1], "iterations": [20, 10]}],
+        initial=t0,
+        device="cpu",
+    )
     brain = sitk.GetArrayFromImage(mask) > 0
     fix = sitk.GetArrayFromImage(fixed)
 
     def ncc(a):
         x, y = fix[brain] - fix[brain].mean(), a[brain] - a[brain].mean()
         return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+
     after = sitk.GetArrayFromImage(warp.warp_image(moving, fixed, refined.transform()))
     assert ncc(after) > ncc(ours) + 0.01  # measured: 0.858 (ANTs SyN, 20/10 its) -> 0.913
     assert refined.jacobian_nonpositive_fraction == 0.0

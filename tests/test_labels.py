@@ -23,8 +23,8 @@ import maskreg
 from conftest import shared
 from maskreg import transforms, warp
 from maskreg.deformable import FieldOps
-from maskreg.grid import Grid
 from maskreg.engine import field_image
+from maskreg.grid import Grid
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -54,8 +54,12 @@ def _covering_grid(image: sitk.Image, spacing, direction: np.ndarray, margin_mm:
     view grown by ``margin_mm`` (shrunk if negative)."""
     d = np.asarray(direction, dtype=np.float64)
     size = np.array(image.GetSize())
-    corners = np.array([image.TransformContinuousIndexToPhysicalPoint((c * size - 0.5).tolist())
-                        for c in np.array(np.meshgrid([0, 1], [0, 1], [0, 1])).reshape(3, -1).T])
+    corners = np.array(
+        [
+            image.TransformContinuousIndexToPhysicalPoint((c * size - 0.5).tolist())
+            for c in np.array(np.meshgrid([0, 1], [0, 1], [0, 1])).reshape(3, -1).T
+        ]
+    )
     local = corners @ d  # coordinates along the new axes
     lo, hi = local.min(0) - margin_mm, local.max(0) + margin_mm
     spacing = np.asarray(spacing, dtype=np.float64)
@@ -75,13 +79,15 @@ def _svf_pair(grid_image: sitk.Image, max_mm: float, seed: int = 0):
     noise.CopyInformation(grid_image)
     smooth = sitk.SmoothingRecursiveGaussian(noise, 12.0)  # sigma in mm: a smooth, organ-scale field
     v = np.moveaxis(sitk.GetArrayFromImage(smooth), -1, 0)[None]
-    v *= max_mm / np.sqrt((v ** 2).sum(1)).max()
+    v *= max_mm / np.sqrt((v**2).sum(1)).max()
     ops = FieldOps(grid, torch.device("cpu"))
     vt = torch.as_tensor(v, dtype=torch.float32)
     with torch.no_grad():
         fwd, inv = ops.exp(vt), ops.exp(-vt)
-    return (transforms.displacement_transform(field_image(fwd, grid)),
-            transforms.displacement_transform(field_image(inv, grid)))
+    return (
+        transforms.displacement_transform(field_image(fwd, grid)),
+        transforms.displacement_transform(field_image(inv, grid)),
+    )
 
 
 def _mean_dice(a: np.ndarray, b: np.ndarray, values) -> float:
@@ -97,8 +103,9 @@ def _plain_generic(labels: sitk.Image, reference: sitk.Image, transform: sitk.Tr
     out = np.zeros(best.shape, arr.dtype)
     for v in np.unique(arr):
         ind = sitk.Cast(labels == int(v), sitk.sitkFloat32)
-        w = sitk.GetArrayFromImage(sitk.Resample(ind, reference, transform, sitk.sitkLinear,
-                                                 1.0 if v == 0 else 0.0, sitk.sitkFloat32))
+        w = sitk.GetArrayFromImage(
+            sitk.Resample(ind, reference, transform, sitk.sitkLinear, 1.0 if v == 0 else 0.0, sitk.sitkFloat32)
+        )
         better = w > best
         best[better], out[better] = w[better], v
     return out, best
@@ -108,9 +115,16 @@ def _weights_at(labels, reference, transform, values, where):
     """Plain weights of label ``values[k]`` at the ``k``-th of the voxels ``where``."""
     out = np.empty(len(values), np.float32)
     for v in np.unique(values):
-        w = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(labels == int(v), sitk.sitkFloat32), reference,
-                                                 transform, sitk.sitkLinear, 1.0 if v == 0 else 0.0,
-                                                 sitk.sitkFloat32))
+        w = sitk.GetArrayFromImage(
+            sitk.Resample(
+                sitk.Cast(labels == int(v), sitk.sitkFloat32),
+                reference,
+                transform,
+                sitk.sitkLinear,
+                1.0 if v == 0 else 0.0,
+                sitk.sitkFloat32,
+            )
+        )
         sel = values == v
         out[sel] = w[tuple(i[sel] for i in where)]
     return out
@@ -173,6 +187,7 @@ def test_generic_round_trip_beats_nearest(ct_labels, oblique_ref, round_trip):
     assert dice["generic"] > 0.8, dice
 
 
+@pytest.mark.slow
 def test_region_restricted_generic_equals_plain_on_real_map(ct_labels):
     """Composite rigid ∘ smooth field onto an oblique 3 mm grid that sticks out of the map."""
     ref = _oblique_ref(ct_labels, 3.0)
@@ -190,7 +205,7 @@ def test_region_restricted_generic_equals_plain_odd_labels():
     arr = np.full((60, 80), 7.0, np.float32)
     for v in (-3.0, 2.0, 300.0, 41.0):
         y, x = rng.integers(5, 45), rng.integers(5, 60)
-        arr[y:y + rng.integers(4, 15), x:x + rng.integers(4, 20)] = v
+        arr[y : y + rng.integers(4, 15), x : x + rng.integers(4, 20)] = v
     labels = sitk.GetImageFromArray(arr)
     labels.SetSpacing((1.5, 2.0))
     labels.SetOrigin((-10.0, 4.0))
@@ -217,17 +232,22 @@ def test_generic_equals_ants_generic_label(ct_labels, tmp_path):
     sitk.WriteTransform(tx, str(tmp_path / "rigid.mat"))
     sitk.WriteImage(ref, str(tmp_path / "ref.nii.gz"))
     ours = sitk.GetArrayFromImage(warp.warp_labels(ct_labels, ref, tx, "generic"))
-    theirs = ants.apply_transforms(ants.image_read(str(tmp_path / "ref.nii.gz")),
-                                   ants.image_read(str(shared("totalseg_ct", "ct_a", "labels.nii.gz"))),
-                                   [str(tmp_path / "rigid.mat")], interpolator="genericLabel")
+    theirs = ants.apply_transforms(
+        ants.image_read(str(tmp_path / "ref.nii.gz")),
+        ants.image_read(str(shared("totalseg_ct", "ct_a", "labels.nii.gz"))),
+        [str(tmp_path / "rigid.mat")],
+        interpolator="genericLabel",
+    )
     theirs = np.rint(np.asarray(theirs.numpy()).T).astype(ours.dtype)  # antspyx arrays are x-first
     assert len(np.unique(ours)) > 30
     assert (ours == theirs).mean() > 0.9999  # in practice identical; a tie may break differently
 
 
 # ------------------------------------------------------------------------- oblique / anisotropic interop
-STAGES = [{"type": "rigid", "loss": "mi", "scales": [2, 1], "iterations": [20, 10]},
-          {"type": "syn", "loss": "cc", "scales": [2], "iterations": [10]}]
+STAGES = [
+    {"type": "rigid", "loss": "mi", "scales": [2, 1], "iterations": [20, 10]},
+    {"type": "syn", "loss": "cc", "scales": [2], "iterations": [10]},
+]
 
 
 def _dipy_pair():
@@ -235,17 +255,20 @@ def _dipy_pair():
     3 mm grid with identity direction cosines."""
     fixed = sitk.ReadImage(str(shared("dipy_oblique", "aniso_vox", "image.nii.gz")), sitk.sitkFloat32)
     grid = _covering_grid(fixed, (3.0, 3.0, 3.0), np.eye(3), margin_mm=-6.0)
-    moved = sitk.Resample(fixed, grid, _rigid(fixed, (1, 1, 0), 5.0, (4.0, -6.0, 3.0)), sitk.sitkLinear, 0.0,
-                          sitk.sitkFloat32)
+    moved = sitk.Resample(
+        fixed, grid, _rigid(fixed, (1, 1, 0), 5.0, (4.0, -6.0, 3.0)), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
     return fixed, moved
 
 
 def _pyradiomics_pair():
     """brain1 → brain2 (0.78×0.78×6.5 mm, different fields of view), downsampled ×3 in-plane for speed
     (2.34×2.34×6.5 mm)."""
+
     def load(name):
         img = sitk.ReadImage(str(shared("pyradiomics_brain_mr", name, "image.nii.gz")), sitk.sitkFloat32)
         return sitk.Shrink(sitk.SmoothingRecursiveGaussian(img, [1.2, 1.2, 0.01]), [3, 3, 1])
+
     return load("brain2"), load("brain1")
 
 
@@ -276,11 +299,14 @@ def test_sitk_resample_with_our_files_reproduces_our_warp(interop):
     fixed, moving = sitk.ReadImage(str(out / "fixed.nii.gz")), sitk.ReadImage(str(out / "moving.nii.gz"))
     chain = sitk.CompositeTransform(3)
     chain.AddTransform(sitk.ReadTransform(str(out / "affine.mat")))  # applied last to points
-    chain.AddTransform(sitk.DisplacementFieldTransform(
-        sitk.Cast(sitk.ReadImage(str(out / "warp.nii.gz")), sitk.sitkVectorFloat64)))  # applied first
+    chain.AddTransform(
+        sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(out / "warp.nii.gz")), sitk.sitkVectorFloat64))
+    )  # applied first
     theirs = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, chain, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-    assert np.abs(ours).max() > 0 and not np.array_equal(ours, sitk.GetArrayFromImage(
-        sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)))
+    assert np.abs(ours).max() > 0 and not np.array_equal(
+        ours,
+        sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)),
+    )
     _assert_reproduces(ours, theirs)
 
 
@@ -289,6 +315,7 @@ def test_ants_apply_transforms_reproduces_our_warp(interop):
     out, ours = interop
     fixed, moving = ants.image_read(str(out / "fixed.nii.gz")), ants.image_read(str(out / "moving.nii.gz"))
     # ANTs' list order: [warp, affine] -- the warp is applied first to points: T(x) = A(x + u(x))
-    theirs = ants.apply_transforms(fixed, moving, [str(out / "warp.nii.gz"), str(out / "affine.mat")],
-                                   interpolator="linear").numpy()
+    theirs = ants.apply_transforms(
+        fixed, moving, [str(out / "warp.nii.gz"), str(out / "affine.mat")], interpolator="linear"
+    ).numpy()
     _assert_reproduces(ours, np.asarray(theirs).T)  # antspyx arrays are x-first

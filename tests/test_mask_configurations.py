@@ -28,9 +28,14 @@ def brain_slices():
 
 def brain_volumes():
     read = lambda n, t=sitk.sitkFloat32: sitk.ReadImage(str(BRAIN3D / n), t)  # noqa: E731
-    return (read("mni_image.nii.gz"), read("vxm_image.nii.gz"), read("mni_mask.nii.gz", sitk.sitkUInt8),
-            read("vxm_mask.nii.gz", sitk.sitkUInt8), read("mni_labels.nii.gz", sitk.sitkUInt8),
-            read("vxm_labels.nii.gz", sitk.sitkUInt8))
+    return (
+        read("mni_image.nii.gz"),
+        read("vxm_image.nii.gz"),
+        read("mni_mask.nii.gz", sitk.sitkUInt8),
+        read("vxm_mask.nii.gz", sitk.sitkUInt8),
+        read("mni_labels.nii.gz", sitk.sitkUInt8),
+        read("vxm_labels.nii.gz", sitk.sitkUInt8),
+    )
 
 
 def ncc_in(fixed, moving, mask, transform) -> float:
@@ -54,10 +59,15 @@ def antspy(fixed, moving, kind: str, tmp_path, fixed_mask=None, moving_mask=None
         if img is not None:
             paths[name] = str(tmp_path / f"ants_{name}.nii.gz")
             sitk.WriteImage(img, paths[name])
-    out = ants.registration(ants.image_read(paths["fixed"]), ants.image_read(paths["moving"]), kind,
-                            mask=ants.image_read(paths["mask"]) if "mask" in paths else None,
-                            moving_mask=ants.image_read(paths["moving_mask"]) if "moving_mask" in paths else None,
-                            random_seed=0, **kwargs)
+    out = ants.registration(
+        ants.image_read(paths["fixed"]),
+        ants.image_read(paths["moving"]),
+        kind,
+        mask=ants.image_read(paths["mask"]) if "mask" in paths else None,
+        moving_mask=ants.image_read(paths["moving_mask"]) if "moving_mask" in paths else None,
+        random_seed=0,
+        **kwargs,
+    )
     tx = read_transform(out["fwdtransforms"])
     return tx.to_sitk() if hasattr(tx, "to_sitk") else tx
 
@@ -73,8 +83,15 @@ def test_syn_with_a_histogram_loss_moves_both_images(loss, kernels, request):
     fixed, moving, mask = brain_slices()
     linear = [{"type": "moments"}, {"type": "affine", "loss": "mi"}]
     start = maskreg.register(fixed, moving, mask, None, stages=linear, device="cpu")
-    res = maskreg.register(fixed, moving, mask, None, device="cpu", initial=start.linear, stages=[
-        {"type": "syn", "loss": loss, "scales": [4, 2, 1], "iterations": [40, 40, 10]}])
+    res = maskreg.register(
+        fixed,
+        moving,
+        mask,
+        None,
+        device="cpu",
+        initial=start.linear,
+        stages=[{"type": "syn", "loss": loss, "scales": [4, 2, 1], "iterations": [40, 40, 10]}],
+    )
     before, after = ncc_in(fixed, moving, mask, start.transform()), ncc_in(fixed, moving, mask, res.transform())
     assert after > before + 0.2 and after > 0.9, (before, after)
     assert res.jacobian_nonpositive_fraction == 0.0
@@ -155,19 +172,24 @@ def test_a_stage_that_leaves_a_mask_out_registers_as_without_it(use):
     head = DEMO / "elastix_ct2d_head"
     fixed, moving = (sitk.ReadImage(str(head / f"{n}.nii.gz"), sitk.sitkFloat32) for n in ("fixed", "moving"))
     fm, mm = (sitk.ReadImage(str(head / f"{n}_mask.nii.gz")) for n in ("fixed", "moving"))
-    stages = [{"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [50, 25]},
-              {"type": "syn", "loss": "cc", "scales": [4, 2], "iterations": [20, 10]}]
-    per_stage = maskreg.register(fixed, moving, fm, mm, stages=[{**s, "masks": use} for s in stages],
-                                 device="cpu").transform()
+    stages = [
+        {"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [50, 25]},
+        {"type": "syn", "loss": "cc", "scales": [4, 2], "iterations": [20, 10]},
+    ]
+    per_stage = maskreg.register(
+        fixed, moving, fm, mm, stages=[{**s, "masks": use} for s in stages], device="cpu"
+    ).transform()
     keep_f, keep_m = use in ("fixed",), use in ("moving",)
-    left_out = maskreg.register(fixed, moving, fm if keep_f else None, mm if keep_m else None, stages=stages,
-                                device="cpu").transform()
+    left_out = maskreg.register(
+        fixed, moving, fm if keep_f else None, mm if keep_m else None, stages=stages, device="cpu"
+    ).transform()
     both = maskreg.register(fixed, moving, fm, mm, stages=stages, device="cpu").transform()
     idx = np.argwhere(sitk.GetArrayFromImage(fm) > 0)[::7, ::-1]
     pts = [fixed.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in idx]
 
     def gap(a, b) -> float:
         return float(np.mean([math.dist(a.TransformPoint(p), b.TransformPoint(p)) for p in pts]))
+
     assert gap(per_stage, left_out) < 0.1 < gap(per_stage, both), (gap(per_stage, left_out), gap(per_stage, both))
 
 

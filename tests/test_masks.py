@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +11,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from conftest import SHARED_DATA as DATA
+from conftest import make_image
 from maskreg import masks
 from maskreg.errors import MaskError
 
-from conftest import SHARED_DATA as DATA
-from conftest import make_image
 BRAIN1 = DATA / "pyradiomics_brain_mr" / "brain1"
 OBLIQUE = DATA / "dipy_oblique" / "aniso_vox" / "image.nii.gz"
 BRAIN2D = DATA / "antspy_brain2d" / "r16" / "image.nii.gz"
@@ -43,6 +42,7 @@ def assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
 
 # ------------------------------------------------------------------------------ ground truth by brute force
 
+
 def physical_points(img: sitk.Image) -> np.ndarray:
     """(N, dim) LPS mm of every voxel centre, in numpy array (C) order, via TransformIndexToPhysicalPoint."""
     shape = tuple(reversed(img.GetSize()))
@@ -60,8 +60,7 @@ def truth_distance(img: sitk.Image, sources: np.ndarray) -> np.ndarray:
     return d.reshape(sources.shape)
 
 
-def check_against_truth(result: np.ndarray, truth: np.ndarray, dist: np.ndarray, r: float,
-                        min_spacing: float) -> None:
+def check_against_truth(result: np.ndarray, truth: np.ndarray, dist: np.ndarray, r: float, min_spacing: float) -> None:
     diff = result != truth
     # At most a few boundary voxels may differ (ties at exactly r), none deeper than one voxel.
     assert int(diff.sum()) <= 3, f"{int(diff.sum())} voxels differ from the brute-force ball of {r} mm"
@@ -88,6 +87,7 @@ def oblique_mask() -> sitk.Image:
 
 
 # ------------------------------------------------------------------------------------- morphology: exactness
+
 
 @pytest.mark.parametrize("r", [5.0, 7.3])
 def test_dilate_matches_physical_ball_anisotropic(lesion_crop: sitk.Image, r: float) -> None:
@@ -189,6 +189,7 @@ def test_negative_radius_rejected() -> None:
 
 # ------------------------------------------------------------------------------------- sources and geometry
 
+
 def test_allones_like_exact_geometry(oblique_mask: sitk.Image) -> None:
     img = sitk.ReadImage(str(OBLIQUE))
     m = masks.allones_like(img)
@@ -240,6 +241,7 @@ def test_auto_mask_ct_excludes_table() -> None:
 
 
 # ------------------------------------------------------------------------------------------ resampling
+
 
 def test_same_grid_mask_is_cast_and_keeps_geometry() -> None:
     a = np.zeros((4, 5, 6), np.int16)
@@ -314,6 +316,7 @@ def test_non_overlapping_mask_raises() -> None:
 
 # ----------------------------------------------------------------------------------------------- binarise
 
+
 def test_binarise_float_mask() -> None:
     a = np.array([[0.0, 0.2, 0.7], [1.0, 0.5, 0.0]], np.float32)
     m = make_image(a, spacing=(0.5, 2.0), origin=(1.0, 2.0))
@@ -331,11 +334,17 @@ def test_binarise_float_mask() -> None:
     with pytest.raises(MaskError, match="threshold"):
         masks.prepare_mask(make_image(np.zeros((2, 3), np.float32)), m)
     np.testing.assert_array_equal(
-        arr(masks.prepare_mask(make_image(np.zeros((2, 3), np.float32), spacing=(0.5, 2.0),
-                                          origin=(1.0, 2.0)), m, threshold=0.1)), [[0, 1, 1], [1, 1, 0]])
+        arr(
+            masks.prepare_mask(
+                make_image(np.zeros((2, 3), np.float32), spacing=(0.5, 2.0), origin=(1.0, 2.0)), m, threshold=0.1
+            )
+        ),
+        [[0, 1, 1], [1, 1, 0]],
+    )
 
 
 # ----------------------------------------------------------------------------------- components and holes
+
 
 def test_keep_largest_component() -> None:
     a = np.zeros((20, 20), np.uint8)
@@ -364,6 +373,7 @@ def test_fill_holes() -> None:
 
 
 # ----------------------------------------------------------------------------------------- prepare_mask
+
 
 def test_prepare_mask_dilation_grows_and_keeps(lesion_crop: sitk.Image) -> None:
     img = sitk.Cast(lesion_crop, sitk.sitkFloat32)
@@ -402,8 +412,9 @@ def test_prepare_mask_sources_and_errors() -> None:
     a[10:13, 10:13] = 0
     a[25:28, 25:28] = 1
     m = make_image(a)
-    out = arr(masks.prepare_mask(make_image(np.zeros((30, 30), np.float32)), m, largest_component=True,
-                                 fill_holes=True))
+    out = arr(
+        masks.prepare_mask(make_image(np.zeros((30, 30), np.float32)), m, largest_component=True, fill_holes=True)
+    )
     assert out.sum() == 15 * 15 and out[5:20, 5:20].all()
 
 

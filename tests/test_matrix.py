@@ -31,9 +31,12 @@ KNOWN_FAILURES: dict[str, str] = {
     "abdomen-both-syn-cc-dense-kernels": "Dice 0.279 < ANTsPy 0.306 - 0.02 (abdomen liver ROI)",
 }
 
-CELLS = [pytest.param(c, id=c.id, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[c.id]))
-         if c.id in KNOWN_FAILURES else pytest.param(c, id=c.id)
-         for c in mx.quick_cells(cuda=True)]  # the CUDA cells skip themselves without a GPU
+CELLS = [
+    pytest.param(c, id=c.id, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[c.id]))
+    if c.id in KNOWN_FAILURES
+    else pytest.param(c, id=c.id)
+    for c in mx.quick_cells(cuda=True)
+]  # the CUDA cells skip themselves without a GPU
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,11 +47,14 @@ def one_thread():
     import SimpleITK as sitk
     import torch
 
-    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                 "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
+    saved_env = {
+        k: os.environ.get(k)
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+    }
     saved_torch, saved_itk = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     mx.configure_threads(1)
     from maskreg import cpu_kernels
+
     cpu_kernels.warm_up()
     yield
     torch.set_num_threads(saved_torch)
@@ -64,14 +70,17 @@ def one_thread():
 def test_matrix_cell(cell):
     row = mx.run_cell(cell, threads=1)
     shown = mx.format_rows([row])[0]
-    numbers = (f"{row.get('metric', 'metric')}: maskreg {shown['mr_f']}, ANTsPy {shown['ants_f']} "
-               f"({shown['ants']}), linear only {shown['lin_f']}, fold % {shown['fold_f']}")
+    numbers = (
+        f"{row.get('metric', 'metric')}: maskreg {shown['mr_f']}, ANTsPy {shown['ants_f']} "
+        f"({shown['ants']}), linear only {shown['lin_f']}, fold % {shown['fold_f']}"
+    )
     if row["status"] == "SKIP":
         pytest.skip(row["reason"])
     if row["status"] == "NO-REF":
         pytest.skip(f"no ANTsPy reference: {row['reason']}")
     assert row["status"] == "PASS", f"{cell.id}: {row['reason']} [{numbers}]" + (
-        "\n" + row["error"] if row.get("error") else "")
+        "\n" + row["error"] if row.get("error") else ""
+    )
 
 
 def test_cc_with_random_sampling_is_refused_before_any_work():
@@ -80,8 +89,14 @@ def test_cc_with_random_sampling_is_refused_before_any_work():
     from maskreg.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"stage 1 \(rigid\): loss 'cc' needs dense sampling"):
-        maskreg.register(None, None, stages=[{"type": "moments"}, {"type": "rigid", "loss": "cc"}],
-                         sampling={"random": 100}, device="cpu", threads=1)
+        maskreg.register(
+            None,
+            None,
+            stages=[{"type": "moments"}, {"type": "rigid", "loss": "cc"}],
+            sampling={"random": 100},
+            device="cpu",
+            threads=1,
+        )
 
 
 def test_quick_subset_covers_the_matrix():

@@ -10,12 +10,11 @@ import SimpleITK as sitk
 import torch
 
 import maskreg
+from conftest import shared
 from maskreg.engine import _RegularStep
 from maskreg.losses import VALUE_AND_GRAD, mattes_mi, mse
 from maskreg.points import PointLoss, gradient_images, jitter, voxel_points
 from maskreg.sampling import grid_sample
-
-from conftest import shared
 
 
 def _blob(shape, centre, sigma):
@@ -92,8 +91,17 @@ def test_fraction_keeps_a_seeded_subset_and_estimates_the_overlap():
     mask = torch.zeros(1, 1, *shape)
     mask[0, 0, 2:14, 3:15, 2:18] = 1
     n = int(mask.sum())
-    make = lambda seed: PointLoss(fixed, mask, fixed, mask, torch.Generator().manual_seed(seed),  # noqa: E731
-                                  fraction=0.2)
+
+    def make(seed):
+        return PointLoss(
+            fixed,
+            mask,
+            fixed,
+            mask,
+            torch.Generator().manual_seed(seed),
+            fraction=0.2,
+        )
+
     a, b, c = make(1), make(1), make(2)
     assert a.count == round(0.2 * n)
     assert torch.equal(a.points, b.points) and not torch.equal(a.points, c.points)
@@ -124,13 +132,14 @@ def _known_pair():
     wm = sitk.ReadImage(str(shared("mni_icbm152_2009a", "template", "wm_prob.nii.gz")), sitk.sitkFloat32)
 
     def to_grid(img, spacing, transform=None, interp=sitk.sitkLinear):
-        size = [int(round(n * s / spacing)) for n, s in zip(img.GetSize(), img.GetSpacing())]
+        size = [int(round(n * s / spacing)) for n, s in zip(img.GetSize(), img.GetSpacing(), strict=False)]
         ref = sitk.Image(size, img.GetPixelID())
         ref.SetSpacing([spacing] * 3)
         ref.SetOrigin(img.GetOrigin())
         ref.SetDirection(img.GetDirection())
-        sm = sitk.SmoothingRecursiveGaussian(img, 0.5 * math.sqrt(spacing ** 2 - 1.0))
+        sm = sitk.SmoothingRecursiveGaussian(img, 0.5 * math.sqrt(spacing**2 - 1.0))
         return sitk.Resample(sm, ref, transform or sitk.Transform(), interp, 0.0)
+
     mask1 = sitk.Cast((gm + wm) > 0.3, sitk.sitkFloat32)
     fixed = to_grid(src, 2.0)
     fmask = sitk.Cast(to_grid(mask1, 2.0) > 0.5, sitk.sitkUInt8)
@@ -150,14 +159,15 @@ def _known_pair():
     arr += np.random.default_rng(0).normal(0, 0.02 * float(arr.max()), arr.shape).astype(np.float32)
     noisy = sitk.GetImageFromArray(arr)
     noisy.CopyInformation(fine)
-    sm = sitk.SmoothingRecursiveGaussian(noisy, 0.5 * math.sqrt(2.0 ** 2 - 1.2 ** 2))
+    sm = sitk.SmoothingRecursiveGaussian(noisy, 0.5 * math.sqrt(2.0**2 - 1.2**2))
     ref = sitk.Image([int(round(n * 1.2 / 2.0)) for n in fine.GetSize()], sitk.sitkFloat32)
     ref.SetSpacing([2.0] * 3)
     ref.SetOrigin(np.add(fine.GetOrigin(), (0.7, -0.4, 0.9)).tolist())
     ref.SetDirection(fine.GetDirection())
     moving = sitk.Resample(sm, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
-    mmask = sitk.Cast(sitk.Resample(to_grid(mask1, 1.2, inv), ref, sitk.Transform(), sitk.sitkLinear, 0.0) > 0.5,
-                      sitk.sitkUInt8)
+    mmask = sitk.Cast(
+        sitk.Resample(to_grid(mask1, 1.2, inv), ref, sitk.Transform(), sitk.sitkLinear, 0.0) > 0.5, sitk.sitkUInt8
+    )
     return fixed, moving, fmask, mmask, truth
 
 
@@ -166,14 +176,20 @@ def test_affine_started_at_the_truth_stays_there():
     Sampled at the fixed voxel centres it did, on benchmarks/bench_linear.py's known pair: 0.11 mm mean error
     while the loss fell (the interpolation blur of the moving image's noise rewarded it). Jittered points fix it."""
     fixed, moving, fmask, mmask, truth = _known_pair()
-    pts = np.array([fixed.TransformIndexToPhysicalPoint(tuple(int(v) for v in ijk[::-1]))
-                    for ijk in np.argwhere(sitk.GetArrayViewFromImage(fmask) > 0)[::7]])
+    pts = np.array(
+        [
+            fixed.TransformIndexToPhysicalPoint(tuple(int(v) for v in ijk[::-1]))
+            for ijk in np.argwhere(sitk.GetArrayViewFromImage(fmask) > 0)[::7]
+        ]
+    )
     stage = {"type": "affine", "loss": "mi", "scales": [1], "iterations": [40]}
-    res = maskreg.register(fixed, moving, fmask, mmask, [stage], device="cpu", initial=truth,
-                           sampling={"fraction": 0.3})
+    res = maskreg.register(
+        fixed, moving, fmask, mmask, [stage], device="cpu", initial=truth, sampling={"fraction": 0.3}
+    )
     est = res.transform()
-    err = np.linalg.norm([np.subtract(est.TransformPoint(tuple(p)), truth.TransformPoint(tuple(p))) for p in pts],
-                         axis=1)
+    err = np.linalg.norm(
+        [np.subtract(est.TransformPoint(tuple(p)), truth.TransformPoint(tuple(p))) for p in pts], axis=1
+    )
     assert err.mean() < 0.06, err.mean()
 
 
@@ -183,11 +199,13 @@ def test_a_level_stops_once_its_step_has_halved_five_times_unless_tolerance_is_z
     plateau test needs; tolerance 0 runs every iteration."""
     fixed, moving, fmask, mmask, truth = _known_pair()
     stage = {"type": "affine", "loss": "mi", "scales": [2], "iterations": [300], "tolerance": 1e-12}
-    res = maskreg.register(fixed, moving, fmask, mmask, [stage], device="cpu", initial=truth,
-                           sampling={"fraction": 0.2})
+    res = maskreg.register(
+        fixed, moving, fmask, mmask, [stage], device="cpu", initial=truth, sampling={"fraction": 0.2}
+    )
     lv = res.stages[0].levels[0]
     assert lv.converged and lv.iterations < 20, lv.iterations
-    res0 = maskreg.register(fixed, moving, fmask, mmask, [dict(stage, tolerance=0)], device="cpu", initial=truth,
-                            sampling={"fraction": 0.2})
+    res0 = maskreg.register(
+        fixed, moving, fmask, mmask, [dict(stage, tolerance=0)], device="cpu", initial=truth, sampling={"fraction": 0.2}
+    )
     lv0 = res0.stages[0].levels[0]
     assert not lv0.converged and lv0.iterations == 300

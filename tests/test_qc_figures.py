@@ -20,8 +20,9 @@ BRAIN_MOVING = DATA / "antspy_brain2d/r64/image.nii.gz"
 CT_IMAGE = DATA / "totalseg_ct/ct_a/image.nii.gz"
 CT_LABELS = DATA / "totalseg_ct/ct_a/labels.nii.gz"
 
-needs_data = pytest.mark.skipif(not (BRAIN_FIXED.exists() and CT_IMAGE.exists()),
-                                reason="shared test data not available")
+needs_data = pytest.mark.skipif(
+    not (BRAIN_FIXED.exists() and CT_IMAGE.exists()), reason="shared test data not available"
+)
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -46,18 +47,18 @@ def _count_colour(img: np.ndarray, colour: str, tol: float = 0.12) -> int:
 
 def test_slice_indices_off_centre_mask():
     arr = np.zeros((10, 40, 50), np.uint8)  # z, y, x
-    arr[2:5, 20:29, 5:10] = 1               # z 2..4, y 20..28, x 5..9
+    arr[2:5, 20:29, 5:10] = 1  # z 2..4, y 20..28, x 5..9
     mask = sitk.GetImageFromArray(arr)
     assert F.slice_indices(mask) == (7, 24, 3)
 
 
 def test_slice_indices_moves_off_empty_centroid_slice():
     arr = np.zeros((6, 12, 30), np.uint8)
-    arr[2:4, 3:9, 0:3] = 1     # x 0..2 (3 voxels)
-    arr[2:4, 3:9, 18:23] = 1   # x 18..22 (5 voxels): centroid x = 12.875 -> 13, empty slice
+    arr[2:4, 3:9, 0:3] = 1  # x 0..2 (3 voxels)
+    arr[2:4, 3:9, 18:23] = 1  # x 18..22 (5 voxels): centroid x = 12.875 -> 13, empty slice
     mask = sitk.GetImageFromArray(arr)
     cx, cy, cz = F.slice_indices(mask)
-    assert cx == 18             # nearest occupied slice
+    assert cx == 18  # nearest occupied slice
     assert (cy, cz) == (6, 2) or (cy, cz) == (6, 3)
     assert arr[:, :, cx].any()
 
@@ -75,9 +76,9 @@ def test_view_slices_go_through_centre_with_display_orientation():
     img.SetSpacing([1.0, 2.0, 3.0])
     cx, cy, cz = 2, 4, 1
     views = dict(F.view_slices(img, (cx, cy, cz)))
-    np.testing.assert_array_equal(views["axial"], arr[cz, ::-1, ::-1])       # anterior up, right on left
-    np.testing.assert_array_equal(views["coronal"], arr[::-1, cy, ::-1])     # superior up
-    np.testing.assert_array_equal(views["sagittal"], arr[::-1, ::-1, cx])    # superior up, anterior left
+    np.testing.assert_array_equal(views["axial"], arr[cz, ::-1, ::-1])  # anterior up, right on left
+    np.testing.assert_array_equal(views["coronal"], arr[::-1, cy, ::-1])  # superior up
+    np.testing.assert_array_equal(views["sagittal"], arr[::-1, ::-1, cx])  # superior up, anterior left
     # identity direction: only the superior-up flip for coronal and sagittal
     img.SetDirection([1, 0, 0, 0, 1, 0, 0, 0, 1])
     views = dict(F.view_slices(img, (cx, cy, cz)))
@@ -100,19 +101,26 @@ def test_registration_overlay_2d(tmp_path):
     warped = sitk.Resample(moving, fixed, sitk.TranslationTransform(2, (3.0, -2.0)), sitk.sitkLinear, 0.0)
     yy, xx = np.mgrid[:256, :256].astype(float)
     u = np.zeros((256, 256, 2))
-    u[..., 0] = -3.0 * (xx - 128) * np.exp(-((xx - 128) ** 2 + (yy - 128) ** 2) / (2 * 8.0 ** 2))
+    u[..., 0] = -3.0 * (xx - 128) * np.exp(-((xx - 128) ** 2 + (yy - 128) ** 2) / (2 * 8.0**2))
     field = sitk.GetImageFromArray(u, isVector=True)
     field.CopyInformation(fixed)
-    out = F.registration_overlay(fixed, moving, warped, tmp_path / "qc" / "overlay.png",
-                                 fixed_mask=_threshold_mask(fixed, 20), warped_mask=_threshold_mask(warped, 20),
-                                 jacobian=jacobian_determinant(field), title="sub-01 (2D)")
+    out = F.registration_overlay(
+        fixed,
+        moving,
+        warped,
+        tmp_path / "qc" / "overlay.png",
+        fixed_mask=_threshold_mask(fixed, 20),
+        warped_mask=_threshold_mask(warped, 20),
+        jacobian=jacobian_determinant(field),
+        title="sub-01 (2D)",
+    )
     assert out == tmp_path / "qc" / "overlay.png"
     img = _read_png(out)
     _assert_not_blank(img)
-    assert _count_colour(img, F.C_EDGE_BEFORE) > 200    # moving edges drawn
-    assert _count_colour(img, F.C_EDGE_AFTER) > 200     # warped edges drawn
-    assert _count_colour(img, F.C_FOLD) > 20            # folding highlighted
-    assert not list((tmp_path / "qc").glob(".*"))       # no temporary files left behind
+    assert _count_colour(img, F.C_EDGE_BEFORE) > 200  # moving edges drawn
+    assert _count_colour(img, F.C_EDGE_AFTER) > 200  # warped edges drawn
+    assert _count_colour(img, F.C_FOLD) > 20  # folding highlighted
+    assert not list((tmp_path / "qc").glob(".*"))  # no temporary files left behind
 
 
 @needs_data
@@ -123,16 +131,23 @@ def test_registration_overlay_3d_and_mask_overview(tmp_path):
     moved = sitk.Resample(ct, ct, shift, sitk.sitkLinear, -1024.0)
     moved_labels = sitk.Resample(labels, labels, shift, sitk.sitkNearestNeighbor, 0)
     mask = _threshold_mask(ct, -500)
-    out = F.registration_overlay(ct, moved, ct, tmp_path / "overlay3d.png", fixed_mask=mask,
-                                 warped_mask=mask, fixed_labels=labels, warped_labels=moved_labels,
-                                 title="sub-02 CT")
+    out = F.registration_overlay(
+        ct,
+        moved,
+        ct,
+        tmp_path / "overlay3d.png",
+        fixed_mask=mask,
+        warped_mask=mask,
+        fixed_labels=labels,
+        warped_labels=moved_labels,
+        title="sub-02 CT",
+    )
     img = _read_png(out)
     _assert_not_blank(img)
     assert _count_colour(img, F.C_EDGE_BEFORE) > 200
     assert _count_colour(img, F.C_FIXED_LABEL) > 200
 
-    out2 = F.mask_overview(ct, mask, moved, _threshold_mask(moved, -500), tmp_path / "masks.png",
-                           title="sub-02 masks")
+    out2 = F.mask_overview(ct, mask, moved, _threshold_mask(moved, -500), tmp_path / "masks.png", title="sub-02 masks")
     img2 = _read_png(out2)
     _assert_not_blank(img2)
     assert _count_colour(img2, F.C_FIXED_MASK) > 100
@@ -173,18 +188,20 @@ def test_mask_overview_2d(tmp_path):
 
 def _metrics(n: int = 4) -> pd.DataFrame:
     rng = np.random.default_rng(0)
-    df = pd.DataFrame({
-        "subject": [f"sub-{i:02d}" for i in range(n)],
-        "status": ["ok"] * n,
-        "seconds": rng.uniform(10, 60, n),
-        "ncc_before": rng.uniform(0.3, 0.6, n),
-        "ncc_after": rng.uniform(0.7, 0.9, n),
-        "dice_before": np.nan,
-        "dice_after": np.nan,
-        "tre_before_mm": rng.uniform(5, 10, n),
-        "tre_after_mm": rng.uniform(1, 3, n),
-        "error": "",
-    })
+    df = pd.DataFrame(
+        {
+            "subject": [f"sub-{i:02d}" for i in range(n)],
+            "status": ["ok"] * n,
+            "seconds": rng.uniform(10, 60, n),
+            "ncc_before": rng.uniform(0.3, 0.6, n),
+            "ncc_after": rng.uniform(0.7, 0.9, n),
+            "dice_before": np.nan,
+            "dice_after": np.nan,
+            "tre_before_mm": rng.uniform(5, 10, n),
+            "tre_after_mm": rng.uniform(1, 3, n),
+            "error": "",
+        }
+    )
     return df
 
 
@@ -240,13 +257,16 @@ def test_failure_table(tmp_path):
     assert _count_colour(img, F.C_FAILED, tol=0.08) > 20
 
 
-@pytest.mark.parametrize("direction", [
-    [-1, 0, 0, 0, -1, 0, 0, 0, 1],
-    [0, 0, 1, 1, 0, 0, 0, -1, 0],          # permuted axes (e.g. a sagittal acquisition), one flip
-    [0.98, -0.17, 0.0, 0.17, 0.98, 0.0, 0.0, 0.0, 1.0],  # slightly oblique
-    [0.6, -0.8, 0.0, 0.8, 0.6, 0.0, 0.0, 0.0, 1.0],      # strongly oblique, still a permutation
-    [0.5 ** 0.5, -(0.5 ** 0.5), 0.0, 0.5 ** 0.5, 0.5 ** 0.5, 0.0, 0.0, 0.0, 1.0],  # 45 deg: DICOMOrient path
-])
+@pytest.mark.parametrize(
+    "direction",
+    [
+        [-1, 0, 0, 0, -1, 0, 0, 0, 1],
+        [0, 0, 1, 1, 0, 0, 0, -1, 0],  # permuted axes (e.g. a sagittal acquisition), one flip
+        [0.98, -0.17, 0.0, 0.17, 0.98, 0.0, 0.0, 0.0, 1.0],  # slightly oblique
+        [0.6, -0.8, 0.0, 0.8, 0.6, 0.0, 0.0, 0.0, 1.0],  # strongly oblique, still a permutation
+        [0.5**0.5, -(0.5**0.5), 0.0, 0.5**0.5, 0.5**0.5, 0.0, 0.0, 0.0, 1.0],  # 45 deg: DICOMOrient path
+    ],
+)
 def test_view_slices_match_dicom_orient(direction):
     rng = np.random.default_rng(2)
     arr = rng.normal(size=(5, 6, 7)).astype(np.float32)

@@ -34,7 +34,7 @@ def _ones(img: sitk.Image) -> sitk.Image:
 
 def _box_mask(img: sitk.Image, lo: tuple[int, int], hi: tuple[int, int]) -> sitk.Image:
     arr = np.zeros(img.GetSize()[::-1], np.uint8)
-    arr[lo[1]:hi[1], lo[0]:hi[0]] = 1
+    arr[lo[1] : hi[1], lo[0] : hi[0]] = 1
     m = sitk.GetImageFromArray(arr)
     m.CopyInformation(img)
     return m
@@ -47,15 +47,38 @@ def _field(ref: sitk.Image, u: np.ndarray) -> sitk.Image:
     return f
 
 
-def _metrics(fixed, moving, transform, *, fixed_mask=None, moving_mask=None, field=None, linear=None,
-             report=None, thresholds=None, **kw):
+def _metrics(
+    fixed,
+    moving,
+    transform,
+    *,
+    fixed_mask=None,
+    moving_mask=None,
+    field=None,
+    linear=None,
+    report=None,
+    thresholds=None,
+    **kw,
+):
     fixed_mask = _ones(fixed) if fixed_mask is None else fixed_mask
     moving_mask = _ones(moving) if moving_mask is None else moving_mask
     warped, warped_mask = warp_image(moving, fixed, transform), warp_mask(moving_mask, fixed, transform)
     matrix = np.eye(fixed.GetDimension()) if linear is None else linear
-    row, _, _ = evaluate.subject_metrics("s", fixed, moving, fixed_mask, moving_mask, warped, warped_mask,
-                                         transform, matrix, report or {"overlap_fraction": 1.0}, field=field,
-                                         flag_thresholds=thresholds, **kw)
+    row, _, _ = evaluate.subject_metrics(
+        "s",
+        fixed,
+        moving,
+        fixed_mask,
+        moving_mask,
+        warped,
+        warped_mask,
+        transform,
+        matrix,
+        report or {"overlap_fraction": 1.0},
+        field=field,
+        flag_thresholds=thresholds,
+        **kw,
+    )
     return row
 
 
@@ -68,8 +91,7 @@ def test_defaults_are_the_schema_and_config_defaults():
     assert {k: v["default"] for k, v in props.items()} == F.DEFAULTS
     cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
     assert cfg["qc"]["flags"] == F.DEFAULTS
-    assert F.thresholds({"folding": None, "low_overlap": 0.8}) == {**F.DEFAULTS, "folding": None,
-                                                                   "low_overlap": 0.8}
+    assert F.thresholds({"folding": None, "low_overlap": 0.8}) == {**F.DEFAULTS, "folding": None, "low_overlap": 0.8}
     with pytest.raises(ValueError, match="unknown flag 'fold'"):
         F.thresholds({"fold": 0.1})
 
@@ -82,8 +104,11 @@ def test_config_checks_the_thresholds():
     cfg["cohort"] = str(REPO / "config/cohort.tsv")
     cfg["qc"]["flags"].update(fold=0.1, low_overlap=2, folding=None)
     with pytest.raises(ConfigError) as info:
-        load_and_validate(cfg, load_yaml(REPO / "workflow/schemas/config.schema.yaml"),
-                          load_yaml(REPO / "workflow/schemas/cohort.schema.yaml"))
+        load_and_validate(
+            cfg,
+            load_yaml(REPO / "workflow/schemas/config.schema.yaml"),
+            load_yaml(REPO / "workflow/schemas/cohort.schema.yaml"),
+        )
     text = str(info.value)
     assert "qc.flags" in text and "'fold' was unexpected" in text and "2 is greater than the maximum of 1" in text
     assert len(info.value.problems) == 2  # null (off) is a valid threshold
@@ -93,14 +118,20 @@ def test_cells_and_failed_or_empty_rows():
     assert F.format_flags(["ncc_worse", "folding"]) == "ncc_worse;folding"
     assert F.parse_flags("ncc_worse; folding") == ["ncc_worse", "folding"]
     assert F.parse_flags(math.nan) == F.parse_flags("") == F.parse_flags(None) == []
-    bad = {"status": "ok", "ncc_before": 0.9, "ncc_after": 0.2, "jacobian_nonpositive_fraction": 0.3,
-           "overlap_fraction": 0.1}
+    bad = {
+        "status": "ok",
+        "ncc_before": 0.9,
+        "ncc_after": 0.2,
+        "jacobian_nonpositive_fraction": 0.3,
+        "overlap_fraction": 0.1,
+    }
     assert F.subject_flags(bad) == ["ncc_worse", "folding", "low_overlap"]
     assert F.subject_flags({**bad, "status": "failed"}) == []  # the error says what happened
-    assert F.subject_flags({"status": "ok"}) == []              # no values: no rule fires
+    assert F.subject_flags({"status": "ok"}) == []  # no values: no rule fires
     # values as a TSV cell gives them (strings, empty cells)
     assert F.subject_flags({"status": "ok", "ncc_before": "0.9", "ncc_after": "0.5", "dice_before": ""}) == [
-        "ncc_worse"]
+        "ncc_worse"
+    ]
 
 
 # ------------------------------------------------------------------------------- on real images
@@ -110,11 +141,15 @@ def test_a_real_registration_is_not_flagged():
     import maskreg
 
     fixed, moving = _brain(), _brain(BRAIN_MOVING)
-    stages = [{"type": "moments"}, {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [50, 25]},
-              {"type": "syn", "loss": "cc", "window": 5, "scales": [4, 2], "iterations": [20, 10]}]
+    stages = [
+        {"type": "moments"},
+        {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [50, 25]},
+        {"type": "syn", "loss": "cc", "window": 5, "scales": [4, 2], "iterations": [20, 10]},
+    ]
     res = maskreg.register(fixed, moving, _ones(fixed), _ones(moving), stages=stages, device="cpu")
-    row = _metrics(fixed, moving, res.transform(), field=res.displacement, linear=res.linear.matrix,
-                   report=res.summary())
+    row = _metrics(
+        fixed, moving, res.transform(), field=res.displacement, linear=res.linear.matrix, report=res.summary()
+    )
     assert row["ncc_after"] > row["ncc_before"] + 0.2
     assert row["jacobian_nonpositive_fraction"] == 0.0
     assert 0.5 < row["overlap_fraction"] <= 1.0
@@ -130,15 +165,23 @@ def test_low_overlap_from_a_real_partial_overlap_registration():
 
     fixed = _brain()
     moving = fixed[:50, :]
-    res = maskreg.register(fixed, moving, _ones(fixed), _ones(moving), device="cpu",
-                           stages=[{"type": "translation", "loss": "mse", "scales": [2], "iterations": [10]}])
+    res = maskreg.register(
+        fixed,
+        moving,
+        _ones(fixed),
+        _ones(moving),
+        device="cpu",
+        stages=[{"type": "translation", "loss": "mse", "scales": [2], "iterations": [10]}],
+    )
     report = res.summary()
     assert report["overlap_fraction"] < 0.2
     row = _metrics(fixed, moving, res.transform(), linear=res.linear.matrix, report=report)
     assert row["overlap_fraction"] == report["overlap_fraction"]
     assert "low_overlap" in F.parse_flags(row["flags"])
-    assert "low_overlap" not in _metrics(fixed, moving, res.transform(), report=report,
-                                         thresholds={"low_overlap": 0.1})["flags"]
+    assert (
+        "low_overlap"
+        not in _metrics(fixed, moving, res.transform(), report=report, thresholds={"low_overlap": 0.1})["flags"]
+    )
 
 
 def test_worse_after_than_before_flags_ncc_dice_and_tre():
@@ -148,16 +191,20 @@ def test_worse_after_than_before_flags_ncc_dice_and_tre():
     labels = sitk.Cast(sitk.OtsuMultipleThresholds(fixed, numberOfThresholds=2), sitk.sitkUInt8)
     points = np.array([[100.0, 120.0], [150.0, 80.0], [60.0, 170.0]])
     shift = LinearTransform(np.eye(2), np.array([6.0, 0.0])).to_sitk()
-    kw = dict(fixed_labels=labels, moving_labels=labels, warped_labels=warp_labels(labels, fixed, shift, "nearest"),
-              fixed_points=points, moving_points=points)
+    kw = dict(
+        fixed_labels=labels,
+        moving_labels=labels,
+        warped_labels=warp_labels(labels, fixed, shift, "nearest"),
+        fixed_points=points,
+        moving_points=points,
+    )
     row = _metrics(fixed, fixed, shift, **kw)
     assert row["ncc_before"] == pytest.approx(1.0) and row["dice_before"] == pytest.approx(1.0)
     assert row["tre_after_mm"] == pytest.approx(6.0)
     assert F.parse_flags(row["flags"]) == ["ncc_worse", "dice_worse", "tre_worse"]
     assert math.isnan(row["displacement_max_mm"])  # no deformable field
     # the thresholds decide; None turns a flag off
-    lenient = _metrics(fixed, fixed, shift, thresholds={"ncc_worse": 1.0, "dice_worse": None, "tre_worse": 6.5},
-                       **kw)
+    lenient = _metrics(fixed, fixed, shift, thresholds={"ncc_worse": 1.0, "dice_worse": None, "tre_worse": 6.5}, **kw)
     assert lenient["flags"] == ""
     # the identity (the right answer here) raises nothing
     identity = LinearTransform.identity(2).to_sitk()
@@ -172,7 +219,7 @@ def test_folding_from_a_real_folded_field():
     yy, xx = np.mgrid[:256, :256].astype(float)
     r2 = (xx - 128) ** 2 + (yy - 128) ** 2
     u = np.zeros((256, 256, 2))
-    u[..., 0] = -3.0 * (xx - 128) * np.exp(-r2 / (2 * 4.0 ** 2))
+    u[..., 0] = -3.0 * (xx - 128) * np.exp(-r2 / (2 * 4.0**2))
     field = _field(fixed, u)
     row = _metrics(fixed, fixed, chain(LinearTransform.identity(2), field), field=field)
     assert row["jacobian_nonpositive_fraction"] > 0
@@ -195,7 +242,7 @@ def test_large_displacement_is_relative_to_the_fixed_mask():
     fixed = _brain()
     yy, xx = np.mgrid[:256, :256].astype(float)
     u = np.zeros((256, 256, 2))
-    u[..., 1] = 12.0 * np.exp(-((xx - 128) ** 2 + (yy - 128) ** 2) / (2 * 40.0 ** 2))
+    u[..., 1] = 12.0 * np.exp(-((xx - 128) ** 2 + (yy - 128) ** 2) / (2 * 40.0**2))
     field = _field(fixed, u)
     tx = chain(LinearTransform.identity(2), field)
     small = _box_mask(fixed, (108, 113), (148, 143))
@@ -214,16 +261,25 @@ def test_large_displacement_is_relative_to_the_fixed_mask():
 
 def test_cohort_table_keeps_flags_and_failed_subjects_have_none(tmp_path):
     results = tmp_path / "results"
-    rows = {"good": {"status": "ok", "ncc_before": 0.5, "ncc_after": 0.9},
-            "bad": {"status": "ok", "ncc_before": 0.9, "ncc_after": 0.5, "jacobian_nonpositive_fraction": 0.01}}
+    rows = {
+        "good": {"status": "ok", "ncc_before": 0.5, "ncc_after": 0.9},
+        "bad": {"status": "ok", "ncc_before": 0.9, "ncc_after": 0.5, "jacobian_nonpositive_fraction": 0.01},
+    }
     for s, r in rows.items():
         r = {c: math.nan for c in evaluate.METRIC_COLUMNS} | r | {"subject": s, "error": ""}
         r["flags"] = F.format_flags(F.subject_flags(r))
         (results / s / "qc").mkdir(parents=True)
         write_table(pd.DataFrame([r], columns=evaluate.METRIC_COLUMNS), results / s / "qc" / "metrics.tsv")
     cohort = tmp_path / "cohort"
-    m = evaluate.write_cohort(["good", "bad", "gone"], cohort / "metrics.tsv", cohort / "dice.tsv",
-                              cohort / "summary.png", cohort / "failures.png", results, tmp_path / "logs")
+    m = evaluate.write_cohort(
+        ["good", "bad", "gone"],
+        cohort / "metrics.tsv",
+        cohort / "dice.tsv",
+        cohort / "summary.png",
+        cohort / "failures.png",
+        results,
+        tmp_path / "logs",
+    )
     assert list(m["flags"]) == ["", "ncc_worse;folding", ""]
     back = pd.read_csv(cohort / "metrics.tsv", sep="\t", keep_default_na=False).set_index("subject")
     assert back.loc["bad", "flags"] == "ncc_worse;folding" and back.loc["gone", "status"] == "failed"

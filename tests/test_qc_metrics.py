@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from maskreg.qc.metrics import (dice_per_label, jacobian_determinant, jacobian_stats, masked_ncc, mean_dice,
-                                tre)
+from maskreg.qc.metrics import dice_per_label, jacobian_determinant, jacobian_stats, masked_ncc, mean_dice, tre
 
 
 def _img(arr: np.ndarray) -> sitk.Image:
@@ -21,7 +20,7 @@ def _img(arr: np.ndarray) -> sitk.Image:
 
 def _two_boxes(shift: int = 0) -> np.ndarray:
     lab = np.zeros((12, 20, 30), dtype=np.uint8)  # z, y, x
-    lab[2:8, 3:9, 5 + shift:15 + shift] = 1      # box of length L=10 along x
+    lab[2:8, 3:9, 5 + shift : 15 + shift] = 1  # box of length L=10 along x
     lab[2:6, 12:18, 4:8] = 2
     return lab
 
@@ -218,7 +217,7 @@ def test_jacobian_identity_and_fold():
     yy, xx = np.mgrid[:40, :40].astype(float)
     r2 = (xx - 20) ** 2 + (yy - 20) ** 2
     u = np.zeros((40, 40, 2))
-    u[..., 0] = -3.0 * (xx - 20) * np.exp(-r2 / (2 * 4.0 ** 2))
+    u[..., 0] = -3.0 * (xx - 20) * np.exp(-r2 / (2 * 4.0**2))
     f = sitk.GetImageFromArray(u, isVector=True)
     det = jacobian_determinant(f)
     st = jacobian_stats(det)

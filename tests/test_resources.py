@@ -20,19 +20,33 @@ from conftest import REPO
 GPU_RULES = {"register"}
 
 
-def dry_run(work: Path, *, device: str, gpu_model: str | None, mem_mb: int, runtime: int, threads: int,
-            gpu: int = 1) -> dict[str, list[dict[str, str]]]:
+def dry_run(
+    work: Path, *, device: str, gpu_model: str | None, mem_mb: int, runtime: int, threads: int, gpu: int = 1
+) -> dict[str, list[dict[str, str]]]:
     """Resources (plus threads) of every planned job, by rule."""
     cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
     cfg["cohort"] = str(REPO / "config/cohort.tsv")
     cfg["device"] = device
-    cfg["resources"]["register"].update(gpu=gpu, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime,
-                                        threads=threads)
+    cfg["resources"]["register"].update(gpu=gpu, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime, threads=threads)
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     # --cores 8: threads up to 8 are shown as declared (Snakemake caps them at --cores)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(work / "config.yaml"), "-n", "--cores", "8", "--workflow-profile", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config.yaml"),
+        "-n",
+        "--cores",
+        "8",
+        "--workflow-profile",
+        "none",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return parse_jobs(proc.stdout)
@@ -47,7 +61,7 @@ def parse_jobs(listing: str) -> dict[str, list[dict[str, str]]]:
             current = {}
             jobs.setdefault(head.split()[1].rstrip(":"), []).append(current)
         elif current is not None and head.startswith("resources: "):
-            for item in head[len("resources: "):].split(", "):
+            for item in head[len("resources: ") :].split(", "):
                 key, _, value = item.partition("=")
                 current[key] = value
         elif current is not None and head.startswith("threads: "):
@@ -65,8 +79,7 @@ CASES = [  # device, gpu_model, mem_mb, runtime, threads
 
 @pytest.mark.parametrize("device,gpu_model,mem_mb,runtime,threads", CASES)
 def test_register_resources_follow_the_config(tmp_path, device, gpu_model, mem_mb, runtime, threads):
-    jobs = dry_run(tmp_path, device=device, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime,
-                   threads=threads)
+    jobs = dry_run(tmp_path, device=device, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime, threads=threads)
     assert len(jobs["register"]) == len(pd.read_csv(REPO / "config/cohort.tsv", sep="\t", dtype=str))
     for job in jobs["register"]:
         # mem_mb/runtime are callables of the attempt: the first attempt asks for the configured values
@@ -114,8 +127,9 @@ with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
 
 def test_register_memory_and_time_grow_with_the_attempt(tmp_path):
     """The callables behind `--retries`: attempt n asks for n times the configured mem_mb and runtime."""
-    proc = subprocess.run([sys.executable, "-c", ATTEMPT_PROBE, str(REPO), str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", ATTEMPT_PROBE, str(REPO), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {str(a): {"mem_mb": 3000 * a, "runtime": 15 * a} for a in (1, 2, 3)}
@@ -129,14 +143,41 @@ def _matrix_project(tmp: Path, stages: list[dict], device: str) -> Path:
     (tmp / "m.csv").write_text("x,y\n12,21\n98,118\n")
     rows = [
         ["plain", b / "r64.nii.gz", b / "r16.nii.gz", "", "", "", "", "", ""],
-        ["masked", h / "fixed.nii.gz", h / "moving.nii.gz", h / "fixed_mask.nii.gz", h / "moving_mask.nii.gz",
-         "", "", "", ""],
-        ["labelled", t / "mni_image.nii.gz", t / "vxm_image.nii.gz", "", "", t / "mni_labels.nii.gz",
-         t / "vxm_labels.nii.gz", "", ""],
+        [
+            "masked",
+            h / "fixed.nii.gz",
+            h / "moving.nii.gz",
+            h / "fixed_mask.nii.gz",
+            h / "moving_mask.nii.gz",
+            "",
+            "",
+            "",
+            "",
+        ],
+        [
+            "labelled",
+            t / "mni_image.nii.gz",
+            t / "vxm_image.nii.gz",
+            "",
+            "",
+            t / "mni_labels.nii.gz",
+            t / "vxm_labels.nii.gz",
+            "",
+            "",
+        ],
         ["landmarks", b / "r64.nii.gz", b / "r27.nii.gz", "", "", "", "", tmp / "f.csv", tmp / "m.csv"],
     ]
-    cols = ["subject", "fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
-            "fixed_landmarks", "moving_landmarks"]
+    cols = [
+        "subject",
+        "fixed",
+        "moving",
+        "fixed_mask",
+        "moving_mask",
+        "fixed_labels",
+        "moving_labels",
+        "fixed_landmarks",
+        "moving_landmarks",
+    ]
     pd.DataFrame(rows, columns=cols).to_csv(tmp / "cohort.tsv", sep="\t", index=False)
     cfg = {"cohort": str(tmp / "cohort.tsv"), "device": device, "registration": {"stages": stages}}
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -151,14 +192,35 @@ DEFORMABLE = LINEAR + [{"type": "syn", "loss": "cc"}]
 @pytest.mark.parametrize("device", ["auto", "cpu"])
 def test_dry_run_matrix_plans_the_right_jobs_files_and_resources(tmp_path, stages, device):
     work = _matrix_project(tmp_path, stages, device)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(work / "config.yaml"), "-n", "--cores", "8", "--printshellcmds"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config.yaml"),
+        "-n",
+        "--cores",
+        "8",
+        "--printshellcmds",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = parse_jobs(proc.stdout)
     counts = {rule: len(v) for rule, v in jobs.items()}
-    assert counts == {"prepare_mask": 8, "register": 4, "warp_image": 4, "warp_labels": 1, "qc_masks": 4,
-                      "qc_subject": 4, "cohort": 1, "all": 1}
+    assert counts == {
+        "prepare_mask": 8,
+        "register": 4,
+        "warp_image": 4,
+        "warp_labels": 1,
+        "qc_masks": 4,
+        "qc_subject": 4,
+        "cohort": 1,
+        "all": 1,
+    }
     for rule, listed in jobs.items():
         for res in listed:
             if rule in GPU_RULES and device != "cpu":

@@ -40,9 +40,22 @@ def write_cohort(tmp: Path, rows: dict[str, tuple[str, str]]) -> None:
 
 
 def snakemake(work: Path, *args: str, timeout: int = 600, **kw):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(work / "config.yaml"), "--profile", str(REPO / "profiles/local"), "--cores", "2",
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config.yaml"),
+        "--profile",
+        str(REPO / "profiles/local"),
+        "--cores",
+        "2",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
@@ -92,11 +105,23 @@ def _register_pids() -> list[int]:
 def test_killed_registration_leaves_nothing_complete_and_rerun_finishes(tmp_path, how):
     """The registration job killed mid-way (the OOM killer: SIGKILL; a scheduler: SIGTERM), or the whole
     run killed: no transform that Snakemake would take as complete, and the next run finishes the work."""
-    slow = [{"type": "moments"}, {"type": "rigid", "loss": "mi", "scales": [1], "iterations": [20000],
-                                  "tolerance": 0}]
+    slow = [{"type": "moments"}, {"type": "rigid", "loss": "mi", "scales": [1], "iterations": [20000], "tolerance": 0}]
     work = make_project(tmp_path, {"a": ("r64", "r16")}, stages=slow)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(work / "config.yaml"), "--profile", str(REPO / "profiles/local"), "--cores", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config.yaml"),
+        "--profile",
+        str(REPO / "profiles/local"),
+        "--cores",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for_registration(work, "a")
@@ -147,8 +172,15 @@ def test_reprocessing_reruns_exactly_what_changed(tmp_path):
 
     # a new subject: only its jobs (and the cohort)
     write_cohort(work, {"a": ("r64", "r16"), "b": ("r64", "r27"), "c": ("r16", "r27")})
-    assert planned(work) == {"prepare_mask": 2, "register": 1, "warp_image": 1, "qc_subject": 1, "qc_masks": 1,
-                             "cohort": 1, "all": 1}
+    assert planned(work) == {
+        "prepare_mask": 2,
+        "register": 1,
+        "warp_image": 1,
+        "qc_subject": 1,
+        "qc_masks": 1,
+        "cohort": 1,
+        "all": 1,
+    }
     write_cohort(work, {"a": ("r64", "r16"), "b": ("r64", "r27")})
 
     # one subject's input edited: only that subject (r27 is b's moving image only)
@@ -162,14 +194,21 @@ def test_reprocessing_reruns_exactly_what_changed(tmp_path):
 
 
 def test_same_inputs_same_transforms(tmp_path):
-    work = make_project(tmp_path, {"a": ("r64", "r16")},
-                        stages=FAST + [{"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [10, 5]}])
+    work = make_project(
+        tmp_path,
+        {"a": ("r64", "r16")},
+        stages=FAST + [{"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [10, 5]}],
+    )
     assert snakemake(work).returncode == 0
-    first = [np.array(sitk.ReadTransform(str(work / "results/a/transforms/affine.mat")).GetParameters()),
-             sitk.GetArrayFromImage(sitk.ReadImage(str(work / "results/a/transforms/warp.nii.gz")))]
+    first = [
+        np.array(sitk.ReadTransform(str(work / "results/a/transforms/affine.mat")).GetParameters()),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(work / "results/a/transforms/warp.nii.gz"))),
+    ]
     assert snakemake(work, "--forcerun", "register").returncode == 0
-    again = [np.array(sitk.ReadTransform(str(work / "results/a/transforms/affine.mat")).GetParameters()),
-             sitk.GetArrayFromImage(sitk.ReadImage(str(work / "results/a/transforms/warp.nii.gz")))]
+    again = [
+        np.array(sitk.ReadTransform(str(work / "results/a/transforms/affine.mat")).GetParameters()),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(work / "results/a/transforms/warp.nii.gz"))),
+    ]
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
 
 

@@ -43,8 +43,7 @@ SUBJECTS = ["brain2d_r16", "headct2d", "abdomen3d"]
 EXPECTED_JOBS = {"subject_masks": 3, "register": 3, "subject_qc": 3, "cohort": 1}
 
 
-def sh(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | None = None
-       ) -> subprocess.CompletedProcess:
+def sh(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as e:
@@ -64,8 +63,10 @@ def ensure_slurm_installed() -> None:
         return
     why = f"SLURM test needs {', '.join(missing)} (Debian packages {' '.join(SLURM_PACKAGES)})"
     if os.geteuid() != 0:
-        pytest.skip(f"{why}: not installed, and not running as root, so they cannot be installed "
-                    f"(run as root, or `apt-get install {' '.join(SLURM_PACKAGES)}` first)")
+        pytest.skip(
+            f"{why}: not installed, and not running as root, so they cannot be installed "
+            f"(run as root, or `apt-get install {' '.join(SLURM_PACKAGES)}` first)"
+        )
     if shutil.which("apt-get") is None:
         pytest.skip(f"{why}: not installed, and there is no apt-get on this machine to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -79,8 +80,7 @@ def ensure_slurm_installed() -> None:
         upd = sh(["apt-get", "update", "-q"], timeout=180, env=env)
         if upd.returncode != 0:
             pytest.skip(f"{why}: `apt-get update` failed, so they cannot be installed:\n{tail(upd, 1500)}")
-        inst = sh(["apt-get", "install", "-y", "-q", "--no-install-recommends", *SLURM_PACKAGES],
-                  timeout=300, env=env)
+        inst = sh(["apt-get", "install", "-y", "-q", "--no-install-recommends", *SLURM_PACKAGES], timeout=300, env=env)
         if inst.returncode != 0:
             pytest.skip(f"{why}: `apt-get install {' '.join(SLURM_PACKAGES)}` failed:\n{tail(inst, 1500)}")
     finally:
@@ -100,8 +100,9 @@ def ensure_plugin_installed() -> None:
         pass
     pip = sh([sys.executable, "-m", "pip", "install", "-q", f"{PLUGIN}=={PLUGIN_VERSION}"], timeout=240)
     if pip.returncode != 0:
-        pytest.skip(f"SLURM test needs {PLUGIN}=={PLUGIN_VERSION}; `{sys.executable} -m pip install` "
-                    f"failed:\n{tail(pip, 1500)}")
+        pytest.skip(
+            f"SLURM test needs {PLUGIN}=={PLUGIN_VERSION}; `{sys.executable} -m pip install` failed:\n{tail(pip, 1500)}"
+        )
     importlib.invalidate_caches()
 
 
@@ -109,14 +110,14 @@ def write_config(work: Path) -> None:
     cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
     cohort = pd.read_csv(REPO / "config/cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
     cohort = cohort[cohort.subject.isin(SUBJECTS)]
-    for col in cohort.columns[1:]:     # paths are relative to the table's folder
+    for col in cohort.columns[1:]:  # paths are relative to the table's folder
         cohort[col] = [str((REPO / "config" / v).resolve()) if v else "" for v in cohort[col]]
     work.mkdir(parents=True, exist_ok=True)
     cohort.to_csv(work / "cohort.tsv", sep="\t", index=False)
     cfg["cohort"] = str(work / "cohort.tsv")
-    cfg["device"] = "auto"                      # register jobs request a GPU; torch falls back to the CPU
+    cfg["device"] = "auto"  # register jobs request a GPU; torch falls back to the CPU
     cfg["resources"]["register"].update(gpu=1, gpu_model=None, mem_mb=1000, runtime=30, threads=2)
-    cfg["resources"]["default"].update(mem_mb=500, runtime=10)   # fits a small CI machine's memory
+    cfg["resources"]["default"].update(mem_mb=500, runtime=10)  # fits a small CI machine's memory
     # a lighter linear registration than the demo's (no full-resolution level): this test is about the
     # cluster mechanics, and both runs use the same settings
     cfg["registration"]["stages"] = [
@@ -129,8 +130,18 @@ def write_config(work: Path) -> None:
 
 
 def snakemake_cmd(work: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-            "--configfile", str(work / "config.yaml"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config.yaml"),
+        *args,
+    ]
 
 
 def job_env(slurm_conf: Path | None = None) -> dict:
@@ -168,23 +179,43 @@ def slurm_runs(tmp_path_factory):
     ensure_plugin_installed()
     # the local run goes first and overlaps with the apt installation and cluster start-up
     local_log = (root / "local.log").open("w")
-    local_proc = subprocess.Popen(snakemake_cmd(local, "--cores", "2", "--workflow-profile", "none"),
-                                  stdout=local_log, stderr=subprocess.STDOUT, env=job_env(),
-                                  start_new_session=True)
+    local_proc = subprocess.Popen(
+        snakemake_cmd(local, "--cores", "2", "--workflow-profile", "none"),
+        stdout=local_log,
+        stderr=subprocess.STDOUT,
+        env=job_env(),
+        start_new_session=True,
+    )
     stop_cluster = False
     env = job_env(state / "etc" / "slurm.conf")
     try:
         ensure_slurm_installed()
         stop_cluster = True
         # the node declares at least 4 CPUs (on 2 cores): jobs of 1-2 threads overlap, hiding start-up latency
-        start = sh(["bash", str(CLUSTER), "start", str(state)], timeout=120,
-                   env={**os.environ, "SLURM_TEST_CPUS": str(max(4, os.cpu_count() or 1))})
+        start = sh(
+            ["bash", str(CLUSTER), "start", str(state)],
+            timeout=120,
+            env={**os.environ, "SLURM_TEST_CPUS": str(max(4, os.cpu_count() or 1))},
+        )
         assert start.returncode == 0, "test cluster did not start:\n" + tail(start)
         t_cluster = time.monotonic()
-        proc = sh(snakemake_cmd(
-            remote, "--profile", str(REPO / "profiles/slurm"), "--workflow-profile", "none",
-            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
-            "--slurm-keep-successful-logs"), timeout=540, env=env, cwd=remote)
+        proc = sh(
+            snakemake_cmd(
+                remote,
+                "--profile",
+                str(REPO / "profiles/slurm"),
+                "--workflow-profile",
+                "none",
+                "--slurm-status-command",
+                "squeue",
+                "--slurm-init-seconds-before-status-checks",
+                "1",
+                "--slurm-keep-successful-logs",
+            ),
+            timeout=540,
+            env=env,
+            cwd=remote,
+        )
         t_slurm = time.monotonic()
         assert proc.returncode == 0, "SLURM run failed:\n" + tail(proc, 6000) + cluster_logs(state)
         try:
@@ -195,8 +226,10 @@ def slurm_runs(tmp_path_factory):
         assert rc == 0, "local run failed:\n" + (root / "local.log").read_text()[-4000:]
         jobs = scontrol_jobs(env)
         ctld_log = (state / "slurmctld.log").read_text(errors="replace")
-        print(f"\n[test_slurm] cluster up after {t_cluster - t0:.0f} s, SLURM run {t_slurm - t_cluster:.0f} s, "
-              f"total {time.monotonic() - t0:.0f} s")
+        print(
+            f"\n[test_slurm] cluster up after {t_cluster - t0:.0f} s, SLURM run {t_slurm - t_cluster:.0f} s, "
+            f"total {time.monotonic() - t0:.0f} s"
+        )
         yield {"local": local, "slurm": remote, "jobs": jobs, "ctld_log": ctld_log, "snakemake": proc}
     finally:
         if local_proc.poll() is None:
@@ -208,8 +241,9 @@ def slurm_runs(tmp_path_factory):
         local_log.close()
         if stop_cluster:
             subprocess.run(["scancel", "--full", "--user", "root"], env=env, timeout=30, capture_output=True)
-            stop = subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=60,
-                                  capture_output=True, text=True)
+            stop = subprocess.run(
+                ["bash", str(CLUSTER), "stop", str(state)], timeout=60, capture_output=True, text=True
+            )
             if stop.returncode != 0:
                 print(f"[test_slurm] cluster.sh stop failed: {stop.stderr[-2000:]}", file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
@@ -259,10 +293,10 @@ def test_register_jobs_requested_the_gpu_in_the_gpu_partition(slurm_runs):
         if job_kind(j["Comment"]) == "register":
             assert j["Partition"] == "gpu", j
             assert tres["TresPerJob"] == "gres:gpu:1", tres
-            assert "cpu=2," in tres["TRES"], tres     # threads: 2 in the test config -> --cpus-per-task=2
+            assert "cpu=2," in tres["TRES"], tres  # threads: 2 in the test config -> --cpus-per-task=2
         else:
             assert not gpu and j["Partition"] == "main", (j["JobId"], j["Comment"], tres)
-    for s in SUBJECTS:   # the fake GPU is no CUDA device: the code fell back to the CPU
+    for s in SUBJECTS:  # the fake GPU is no CUDA device: the code fell back to the CPU
         m = pd.read_csv(slurm_runs["slurm"] / f"results/{s}/qc/metrics.tsv", sep="\t")
         assert m.device.iloc[0] == "cpu"
 
@@ -274,8 +308,9 @@ def test_results_equal_the_local_run(slurm_runs):
     assert (b.status == "ok").all()
     numeric = [c for c in a.columns if c != "seconds" and pd.api.types.is_numeric_dtype(a[c])]
     assert "ncc_after" in numeric
-    pd.testing.assert_frame_equal(a.loc[SUBJECTS, numeric], b.loc[SUBJECTS, numeric], check_exact=False,
-                                  atol=1e-6, rtol=0)
+    pd.testing.assert_frame_equal(
+        a.loc[SUBJECTS, numeric], b.loc[SUBJECTS, numeric], check_exact=False, atol=1e-6, rtol=0
+    )
     for s in SUBJECTS:
         ta = sitk.ReadTransform(str(slurm_runs["local"] / f"results/{s}/transforms/affine.mat"))
         tb = sitk.ReadTransform(str(slurm_runs["slurm"] / f"results/{s}/transforms/affine.mat"))
@@ -289,15 +324,19 @@ def test_profile_groups_each_subjects_small_jobs(tmp_path):
     cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
     cfg["cohort"] = str(REPO / "config/cohort.tsv")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = sh(snakemake_cmd(tmp_path, "--profile", str(REPO / "profiles/slurm"), "--workflow-profile", "none",
-                            "-n"), timeout=120)
+    proc = sh(
+        snakemake_cmd(tmp_path, "--profile", str(REPO / "profiles/slurm"), "--workflow-profile", "none", "-n"),
+        timeout=120,
+    )
     assert proc.returncode == 0, tail(proc)
     out = proc.stdout
     n = len(pd.read_csv(REPO / "config/cohort.tsv", sep="\t", dtype=str))
     groups = re.findall(r"Group job (\w+) \(jobs", out)
     assert sorted(groups) == ["subject_masks"] * n + ["subject_qc"] * n, groups
     rules = re.findall(r"^\s*(?:local)?rule (\w+):\n(?:.*\n)*?\s*resources: (.*)$", out, re.M)
-    partitions = {(rule, m.group(1)) for rule, res in rules
-                  if rule != "all" and (m := re.search(r"slurm_partition=(\w+)", res))}
-    assert partitions == {("register", "gpu")} | {(r, "main") for r in ("prepare_mask", "qc_masks",
-                                                  "warp_image", "warp_labels", "qc_subject", "cohort")}
+    partitions = {
+        (rule, m.group(1)) for rule, res in rules if rule != "all" and (m := re.search(r"slurm_partition=(\w+)", res))
+    }
+    assert partitions == {("register", "gpu")} | {
+        (r, "main") for r in ("prepare_mask", "qc_masks", "warp_image", "warp_labels", "qc_subject", "cohort")
+    }

@@ -19,10 +19,12 @@ CONFIG_SCHEMA = load_yaml(REPO / "workflow/schemas/config.schema.yaml")
 COHORT_SCHEMA = load_yaml(REPO / "workflow/schemas/cohort.schema.yaml")
 
 # one bad list, three problems: a level dropped by smoothing_sigmas, a misspelt key, an unknown mask use
-BAD = [{"type": "moments"},
-       {"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [100, 50], "smoothing_sigmas": [1.0]},
-       {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [100, 50], "lerning_rate": 0.1},
-       {"type": "syn", "loss": "cc", "scales": [4, 2, 1], "iterations": [40, 40, 10], "masks": "left"}]
+BAD = [
+    {"type": "moments"},
+    {"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [100, 50], "smoothing_sigmas": [1.0]},
+    {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [100, 50], "lerning_rate": 0.1},
+    {"type": "syn", "loss": "cc", "scales": [4, 2, 1], "iterations": [40, 40, 10], "masks": "left"},
+]
 BAD_TEXT = [
     "1 (rigid): smoothing_sigmas [1.0] must have one value per scale [4, 2]",
     "2 (affine): unknown key 'lerning_rate'; did you mean 'learning_rate'?",
@@ -33,15 +35,16 @@ BAD_TEXT = [
 def _same_problems(label: str, problems: list[str]) -> None:
     """Each problem is ``label`` followed by BAD_TEXT's text (same order, same words)."""
     assert all(p.startswith(label) for p in problems), problems
-    got = [p[len(label):] for p in problems]
+    got = [p[len(label) :] for p in problems]
     assert len(got) == len(BAD_TEXT), got
     for want, p in zip(BAD_TEXT, got, strict=True):
         assert p.startswith(want), (want, p)
 
 
 def test_importing_stages_does_not_import_torch():
-    code = ("import sys, maskreg.stages, maskreg.config; "
-            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    code = (
+        "import sys, maskreg.stages, maskreg.config; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
@@ -60,9 +63,23 @@ def test_same_bad_list_same_messages_from_register_cli_and_workflow(tmp_path):
 
     # the command line: a clean list on stderr, exit status 1, no traceback, before the images are read
     (tmp_path / "stages.yaml").write_text(yaml.safe_dump({"stages": BAD}))
-    proc = subprocess.run([sys.executable, "-m", "maskreg.cli", "register", "no_fixed.nii.gz", "no_moving.nii.gz",
-                           "--out", str(tmp_path / "out"), "--stages", str(tmp_path / "stages.yaml")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maskreg.cli",
+            "register",
+            "no_fixed.nii.gz",
+            "no_moving.nii.gz",
+            "--out",
+            str(tmp_path / "out"),
+            "--stages",
+            str(tmp_path / "stages.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[0] == f"maskreg register: 3 problem(s) in the stage list ({tmp_path / 'stages.yaml'}):"
@@ -81,55 +98,119 @@ def test_same_bad_list_same_messages_from_register_cli_and_workflow(tmp_path):
 
 def test_cli_stage_file_problems_are_messages(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "maskreg.cli", "register", "f.nii.gz", "m.nii.gz", "--out",
-                               str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "maskreg.cli",
+                "register",
+                "f.nii.gz",
+                "m.nii.gz",
+                "--out",
+                str(tmp_path / "out"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     (tmp_path / "bad.yaml").write_text("stages: [{type: rigid\n")
     (tmp_path / "map.yaml").write_text("type: rigid\n")
     (tmp_path / "cc.yaml").write_text("stages: [{type: rigid, loss: cc}]\n")
-    for args, says in [(("--stages", str(tmp_path / "missing.yaml")), "cannot be read"),
-                       (("--stages", str(tmp_path / "bad.yaml")), "not valid YAML"),
-                       (("--stages", str(tmp_path / "map.yaml")), "expected a 'stages:' list"),
-                       (("--stages", str(tmp_path / "cc.yaml"), "--random", "500"),
-                        "stage 0 (rigid): loss 'cc' needs dense sampling")]:
+    for args, says in [
+        (("--stages", str(tmp_path / "missing.yaml")), "cannot be read"),
+        (("--stages", str(tmp_path / "bad.yaml")), "not valid YAML"),
+        (("--stages", str(tmp_path / "map.yaml")), "expected a 'stages:' list"),
+        (("--stages", str(tmp_path / "cc.yaml"), "--random", "500"), "stage 0 (rigid): loss 'cc' needs dense sampling"),
+    ]:
         proc = run(*args)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr and says in proc.stderr, proc.stderr
 
 
 # what engine.resolved_stage returned before maskreg.stages (recorded), for the default lists and variants
-_LIN = {"loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25], "learning_rate": [0.25, 0.25, 0.25],
-        "optimizer": "regular_step", "tolerance": 1e-05, "window": 5, "bins": 32, "smoothing_sigmas": None,
-        "use_mask": True}
-_DEF = {"loss": "cc", "scales": [4, 2, 1], "iterations": [80, 40, 20], "learning_rate": [0.5, 0.5, 0.5],
-        "fluid_sigma": 1.5, "elastic_sigma": 0.5, "tolerance": 0.0001, "window": 5, "bins": 16,
-        "smoothing_sigmas": None, "use_mask": True, "bending_weight": 0.0, "gradient_weight": 0.0,
-        "label_weight": 0.0}
+_LIN = {
+    "loss": "mi",
+    "scales": [4, 2, 1],
+    "iterations": [100, 50, 25],
+    "learning_rate": [0.25, 0.25, 0.25],
+    "optimizer": "regular_step",
+    "tolerance": 1e-05,
+    "window": 5,
+    "bins": 32,
+    "smoothing_sigmas": None,
+    "use_mask": True,
+}
+_DEF = {
+    "loss": "cc",
+    "scales": [4, 2, 1],
+    "iterations": [80, 40, 20],
+    "learning_rate": [0.5, 0.5, 0.5],
+    "fluid_sigma": 1.5,
+    "elastic_sigma": 0.5,
+    "tolerance": 0.0001,
+    "window": 5,
+    "bins": 16,
+    "smoothing_sigmas": None,
+    "use_mask": True,
+    "bending_weight": 0.0,
+    "gradient_weight": 0.0,
+    "label_weight": 0.0,
+}
 _SYN = {**_DEF, "iterations": [40, 40, 10], "learning_rate": [1.5, 1.5, 3.0]}
 RECORDED = [
     ({"type": "moments"}, {"type": "moments"}),
     ({"type": "moments", "principal_axes": True}, {"type": "moments", "principal_axes": True}),
     ({"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]}, {**_LIN, "type": "rigid"}),
     ({"type": "affine", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]}, {**_LIN, "type": "affine"}),
-    ({"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [100, 50]},
-     {**_LIN, "type": "rigid", "scales": [4, 2], "iterations": [100, 50], "learning_rate": [0.25, 0.25]}),
-    ({"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [100, 50]},
-     {**_LIN, "type": "affine", "scales": [4, 2], "iterations": [100, 50], "learning_rate": [0.25, 0.25]}),
-    ({"type": "syn", "loss": "cc", "window": 5, "scales": [4, 2, 1], "iterations": [40, 40, 10]},
-     {**_SYN, "type": "syn"}),
+    (
+        {"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [100, 50]},
+        {**_LIN, "type": "rigid", "scales": [4, 2], "iterations": [100, 50], "learning_rate": [0.25, 0.25]},
+    ),
+    (
+        {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [100, 50]},
+        {**_LIN, "type": "affine", "scales": [4, 2], "iterations": [100, 50], "learning_rate": [0.25, 0.25]},
+    ),
+    (
+        {"type": "syn", "loss": "cc", "window": 5, "scales": [4, 2, 1], "iterations": [40, 40, 10]},
+        {**_SYN, "type": "syn"},
+    ),
     ({"type": "syn"}, {**_SYN, "type": "syn"}),
     ({"type": "greedy"}, {**_DEF, "type": "greedy"}),
-    ({"type": "syn", "scales": [8, 4, 2, 1], "iterations": [5, 5, 5, 5]},
-     {**_SYN, "type": "syn", "scales": [8, 4, 2, 1], "iterations": [5, 5, 5, 5],
-      "learning_rate": [1.5, 1.5, 1.5, 3.0]}),
-    ({"type": "rigid", "learning_rate": [0.5, 0.25, 0.125]},
-     {**_LIN, "type": "rigid", "learning_rate": [0.5, 0.25, 0.125]}),
+    (
+        {"type": "syn", "scales": [8, 4, 2, 1], "iterations": [5, 5, 5, 5]},
+        {
+            **_SYN,
+            "type": "syn",
+            "scales": [8, 4, 2, 1],
+            "iterations": [5, 5, 5, 5],
+            "learning_rate": [1.5, 1.5, 1.5, 3.0],
+        },
+    ),
+    (
+        {"type": "rigid", "learning_rate": [0.5, 0.25, 0.125]},
+        {**_LIN, "type": "rigid", "learning_rate": [0.5, 0.25, 0.125]},
+    ),
     ({"type": "affine", "use_mask": False}, {**_LIN, "type": "affine", "use_mask": False}),
-    ({"type": "similarity", "smoothing_sigmas": [2, 1, 0], "optimizer": "adam"},
-     {**_LIN, "type": "similarity", "smoothing_sigmas": [2, 1, 0], "optimizer": "adam"}),
-    ({"type": "translation", "loss": "masked_mse", "scales": [2, 1], "iterations": [10, 5]},
-     {**_LIN, "type": "translation", "loss": "masked_mse", "scales": [2, 1], "iterations": [10, 5],
-      "learning_rate": [0.25, 0.25]}),
-    ({"type": "greedy", "fluid_sigma": 2.0, "label_weight": 0.5, "learning_rate": 1.0},
-     {**_DEF, "type": "greedy", "fluid_sigma": 2.0, "label_weight": 0.5, "learning_rate": [1.0, 1.0, 1.0]}),
+    (
+        {"type": "similarity", "smoothing_sigmas": [2, 1, 0], "optimizer": "adam"},
+        {**_LIN, "type": "similarity", "smoothing_sigmas": [2, 1, 0], "optimizer": "adam"},
+    ),
+    (
+        {"type": "translation", "loss": "masked_mse", "scales": [2, 1], "iterations": [10, 5]},
+        {
+            **_LIN,
+            "type": "translation",
+            "loss": "masked_mse",
+            "scales": [2, 1],
+            "iterations": [10, 5],
+            "learning_rate": [0.25, 0.25],
+        },
+    ),
+    (
+        {"type": "greedy", "fluid_sigma": 2.0, "label_weight": 0.5, "learning_rate": 1.0},
+        {**_DEF, "type": "greedy", "fluid_sigma": 2.0, "label_weight": 0.5, "learning_rate": [1.0, 1.0, 1.0]},
+    ),
 ]
 
 
@@ -149,9 +230,14 @@ def test_resolution_is_what_it_was_plus_masks_and_search(stage, before):
     # a resolved stage is a valid stage that resolves to itself, for every entry point
     again = resolve_stage(stage)
     assert stage_list_problems([again]) == [] and resolve_stage(again) == again
-    jsonschema.validate({"stages": [again]}, {"$defs": CONFIG_SCHEMA["definitions"], "type": "object",
-                                              "properties": {"stages": {"type": "array", "items": {
-                                                  "$ref": "#/$defs/stage"}}}})
+    jsonschema.validate(
+        {"stages": [again]},
+        {
+            "$defs": CONFIG_SCHEMA["definitions"],
+            "type": "object",
+            "properties": {"stages": {"type": "array", "items": {"$ref": "#/$defs/stage"}}},
+        },
+    )
 
 
 def test_default_stage_lists_have_no_problems():
@@ -166,13 +252,18 @@ def test_masks_and_use_mask():
     assert resolve_stage({"type": "rigid", "masks": "fixed"})["use_mask"] is True
     assert resolve_stage({"type": "syn", "masks": "none"})["use_mask"] is False
     assert resolve_stage({"type": "syn", "use_mask": False, "masks": "none"})["masks"] == "none"
-    assert resolve_stage({"type": "moments", "use_mask": False}) == {"type": "moments", "use_mask": False,
-                                                                     "masks": "none"}
+    assert resolve_stage({"type": "moments", "use_mask": False}) == {
+        "type": "moments",
+        "use_mask": False,
+        "masks": "none",
+    }
     assert stage_list_problems([{"type": "affine", "use_mask": True, "masks": "moving"}]) == []
     assert stage_list_problems([{"type": "affine", "use_mask": False, "masks": "both"}]) == [
-        "stage 0 (affine): use_mask false and masks 'both' disagree; give masks alone (use_mask: false is masks: none)"]
+        "stage 0 (affine): use_mask false and masks 'both' disagree; give masks alone (use_mask: false is masks: none)"
+    ]
     assert stage_list_problems([{"type": "affine", "use_mask": "no"}]) == [
-        "stage 0 (affine): use_mask 'no' must be true or false"]
+        "stage 0 (affine): use_mask 'no' must be true or false"
+    ]
 
 
 def test_search_resolution_and_problems():
@@ -181,25 +272,38 @@ def test_search_resolution_and_problems():
     assert resolve_stage({"type": "rigid", "search": {"angle_deg": 90}})["search"] == {**full, "angle_deg": 90.0}
     assert resolve_stage({"type": "affine", "search": False})["search"] is False
     assert "search" not in resolve_stage({"type": "syn"})
-    ps = stage_list_problems([{"type": "rigid", "search": {"candidates": 0, "keep": 1.5, "angles": 3}},
-                              {"type": "rigid", "search": "yes"}, {"type": "syn", "search": True}])
+    ps = stage_list_problems(
+        [
+            {"type": "rigid", "search": {"candidates": 0, "keep": 1.5, "angles": 3}},
+            {"type": "rigid", "search": "yes"},
+            {"type": "syn", "search": True},
+        ]
+    )
     assert "stage 0 (rigid): search.candidates 0 must be an integer >= 1" in ps
     assert "stage 0 (rigid): search.keep 1.5 must be an integer >= 1" in ps
     assert any(p.startswith("stage 0 (rigid): search: unknown key 'angles'") for p in ps)
     assert any(p.startswith("stage 1 (rigid): search 'yes' must be true, false or a mapping") for p in ps)
-    assert ps[-1] == "stage 2 (syn): 'search' does not apply to a syn stage (only to translation, rigid, " \
-                     "similarity, affine)"
+    assert (
+        ps[-1] == "stage 2 (syn): 'search' does not apply to a syn stage (only to translation, rigid, "
+        "similarity, affine)"
+    )
     assert len(ps) == 5
 
 
 def test_every_problem_of_a_list_at_once():
-    ps = stage_list_problems([
-        {"type": "warp"}, {"scales": [2]}, "rigid",
-        {"type": "rigid", "label_weight": 1.0, "principal_axes": True, "loss": "ssd"},
-        {"type": "syn", "scales": [1, 2], "iterations": [5, 5, 5], "learning_rate": [1, 2, 3], "window": 2},
-        {"type": "greedy", "scales": [2, 1], "iterations": [5, 5], "bins": 300, "optimizer": "adam"},
-        {"type": "affine", "loss": "cc"},
-    ], {"random": 500}, at="registration.stages.{i}")
+    ps = stage_list_problems(
+        [
+            {"type": "warp"},
+            {"scales": [2]},
+            "rigid",
+            {"type": "rigid", "label_weight": 1.0, "principal_axes": True, "loss": "ssd"},
+            {"type": "syn", "scales": [1, 2], "iterations": [5, 5, 5], "learning_rate": [1, 2, 3], "window": 2},
+            {"type": "greedy", "scales": [2, 1], "iterations": [5, 5], "bins": 300, "optimizer": "adam"},
+            {"type": "affine", "loss": "cc"},
+        ],
+        {"random": 500},
+        at="registration.stages.{i}",
+    )
     want = [
         "registration.stages.0 (warp): unknown stage type 'warp'; choose one of moments, translation, rigid, "
         "similarity, affine, greedy, syn",
@@ -227,16 +331,23 @@ def test_every_problem_of_a_list_at_once():
 
 
 def test_check_stages_and_resolve_raise_maskreg_errors():
-    with pytest.raises(MaskregError, match=r"1 problem\(s\) in the stage list:\n  - stage 0 \(rigid\): "
-                                           r"scales \[4, 2, 1\] and iterations \[1, 2\] must have the same length"):
+    with pytest.raises(
+        MaskregError,
+        match=r"1 problem\(s\) in the stage list:\n  - stage 0 \(rigid\): "
+        r"scales \[4, 2, 1\] and iterations \[1, 2\] must have the same length",
+    ):
         check_stages([{"type": "rigid", "iterations": [1, 2]}])
     check_stages(None)
-    with pytest.raises(MaskregError, match=r"learning_rate \[1.0, 2.0\] must be one number or one value per scale "
-                                           r"\[4, 2, 1\]"):
+    with pytest.raises(
+        MaskregError,
+        match=r"learning_rate \[1.0, 2.0\] must be one number or one value per scale "
+        r"\[4, 2, 1\]",
+    ):
         resolve_stage({"type": "syn", "learning_rate": [1.0, 2.0]})
     # None means the default, as before
-    assert resolve_stage({"type": "rigid", "learning_rate": None, "smoothing_sigmas": None})["learning_rate"] == \
-        [0.25] * 3
+    assert (
+        resolve_stage({"type": "rigid", "learning_rate": None, "smoothing_sigmas": None})["learning_rate"] == [0.25] * 3
+    )
 
 
 def test_schema_is_in_step_with_the_stage_rules():
@@ -257,16 +368,36 @@ def test_workflow_dry_run_takes_masks_and_search(tmp_path):
     cfg = load_yaml(REPO / "config/config.yaml")
     (tmp_path / "cohort.tsv").write_text(
         "subject\tfixed\tmoving\n"
-        f"s1\t{DEMO / 'antspy_brain2d' / 'r64.nii.gz'}\t{DEMO / 'antspy_brain2d' / 'r16.nii.gz'}\n")
+        f"s1\t{DEMO / 'antspy_brain2d' / 'r64.nii.gz'}\t{DEMO / 'antspy_brain2d' / 'r16.nii.gz'}\n"
+    )
     cfg["cohort"] = str(tmp_path / "cohort.tsv")
     cfg["registration"]["stages"] = [
         {"type": "moments", "masks": "fixed"},
         {"type": "rigid", "scales": [4, 2], "iterations": [10, 5], "search": {"angle_deg": 90}, "masks": "none"},
         {"type": "affine", "scales": [4, 2], "iterations": [10, 5], "search": True, "use_mask": True},
-        {"type": "syn", "scales": [2, 1], "iterations": [5, 5], "masks": "both"}]
+        {"type": "syn", "scales": [2, 1], "iterations": [5, 5], "masks": "both"},
+    ]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-                           str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "1", "-n",
-                           "--quiet", "rules"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "config.yaml"),
+            "--cores",
+            "1",
+            "-n",
+            "--quiet",
+            "rules",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "register" in proc.stdout + proc.stderr

@@ -51,25 +51,29 @@ def test_deformable_on_the_support_equals_sampling_the_whole_box(kind, monkeypat
     """A round ROI in an oblique anisotropic box: the compiled iterations sample a fraction of the box, and the
     fields are those of sampling every voxel, to the bit (a zero weight takes nothing from a sample)."""
     size, spacing = (44, 40, 24), (1.0, 1.2, 2.0)
-    zz, yy, xx = np.mgrid[:size[2], :size[1], :size[0]].astype(float)
+    zz, yy, xx = np.mgrid[: size[2], : size[1], : size[0]].astype(float)
     p = np.stack([xx * spacing[0], yy * spacing[1], zz * spacing[2]])
     c = np.array([22.0, 24.0, 23.0])[:, None, None, None]
     r2 = ((p - c) ** 2).sum(0)
-    fixed = np.exp(-r2 / (2 * 9.0 ** 2)) + 0.5 * np.exp(-((p - c - np.array([6.0, 0, 0])[:, None, None, None]) ** 2
-                                                          ).sum(0) / (2 * 4.0 ** 2))
-    moving = np.exp(-((p - c - np.array([1.5, -1.0, 1.0])[:, None, None, None]) ** 2).sum(0) / (2 * 10.0 ** 2))
-    roi = r2 < 14.0 ** 2
+    fixed = np.exp(-r2 / (2 * 9.0**2)) + 0.5 * np.exp(
+        -((p - c - np.array([6.0, 0, 0])[:, None, None, None]) ** 2).sum(0) / (2 * 4.0**2)
+    )
+    moving = np.exp(-((p - c - np.array([1.5, -1.0, 1.0])[:, None, None, None]) ** 2).sum(0) / (2 * 10.0**2))
+    roi = r2 < 14.0**2
 
     def image(a, pixel=sitk.sitkFloat32):
         out = sitk.Cast(sitk.GetImageFromArray(a.astype(np.float32)), pixel)
         out.SetSpacing(spacing)
         out.SetDirection(sitk.VersorTransform([0.3, -0.2, 0.9], 0.4).GetMatrix())
         return out
+
     stages = [{"type": kind, "loss": "cc", "scales": [2, 1], "iterations": [15, 10]}]
 
     def run():
-        return maskreg.register(image(fixed), image(moving), image(roi, sitk.sitkUInt8), None, stages=stages,
-                                device="cpu")
+        return maskreg.register(
+            image(fixed), image(moving), image(roi, sitk.sitkUInt8), None, stages=stages, device="cpu"
+        )
+
     fractions = []
     rows = WeightSupport.rows
 
@@ -77,6 +81,7 @@ def test_deformable_on_the_support_equals_sampling_the_whole_box(kind, monkeypat
         lo, hi = rows(self, reach_mm)
         fractions.append(float((hi - lo).sum()) / float(np.prod(self.shape)))
         return lo, hi
+
     monkeypatch.setattr(WeightSupport, "rows", spy)
     a = run()
     assert max(fractions) < 0.9 and min(fractions) < 0.8  # rows were skipped at every level
@@ -85,5 +90,6 @@ def test_deformable_on_the_support_equals_sampling_the_whole_box(kind, monkeypat
     da, db = (sitk.GetArrayFromImage(r.displacement) for r in (a, b))
     assert np.abs(da).max() > 0.2  # the field moved
     assert np.array_equal(da, db)
-    assert np.array_equal(sitk.GetArrayFromImage(a.inverse_displacement),
-                          sitk.GetArrayFromImage(b.inverse_displacement))
+    assert np.array_equal(
+        sitk.GetArrayFromImage(a.inverse_displacement), sitk.GetArrayFromImage(b.inverse_displacement)
+    )

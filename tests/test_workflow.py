@@ -20,8 +20,20 @@ SUBJECTS = ["brain2d_r16", "brain2d_r27", "brain2d_r30", "headct2d", "abdomen3d"
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--profile", str(REPO / "profiles/local"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--profile",
+        str(REPO / "profiles/local"),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -41,9 +53,12 @@ def demo_run(tmp_path_factory):
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
 
 
 def ncc(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> float:
@@ -92,16 +107,19 @@ def label_dice(work, cohort, s):
     moving_labels = sitk.ReadImage(str(REPO / "config" / cohort.loc[s, "moving_labels"]))
     warped = sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"results/{s}/warped/labels.nii.gz")))
     fixed = sitk.ReadImage(cohort.loc[s, "fixed"])
-    before = sitk.GetArrayFromImage(sitk.Resample(moving_labels, fixed, sitk.Transform(),
-                                                  sitk.sitkNearestNeighbor, 0))
+    before = sitk.GetArrayFromImage(sitk.Resample(moving_labels, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
     # no new label values appear
     assert set(np.unique(warped)) <= set(np.unique(sitk.GetArrayFromImage(moving_labels)))
     common = sorted(set(np.unique(fixed_labels)) & set(np.unique(sitk.GetArrayFromImage(moving_labels))) - {0})
 
     def dice(a, b, v):
         return 2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v))
-    return common, {v: dice(fixed_labels, before, v) for v in common}, {v: dice(fixed_labels, warped, v)
-                                                                        for v in common}
+
+    return (
+        common,
+        {v: dice(fixed_labels, before, v) for v in common},
+        {v: dice(fixed_labels, warped, v) for v in common},
+    )
 
 
 def test_dice_improves_for_every_brain_label_and_on_average_for_the_abdomen(demo_run):
@@ -181,6 +199,7 @@ def test_transform_files_reproduce_warped_image_with_simpleitk(demo_run):
 def test_qc_outputs_have_content(demo_run):
     work, _ = demo_run
     import matplotlib.image as mpimg
+
     for s in SUBJECTS:
         for name in ("registration", "masks"):
             png = mpimg.imread(work / f"results/{s}/qc/{name}.png")
@@ -210,8 +229,15 @@ def test_dry_run_plans_every_job(tmp_path):
     proc = snakemake(tmp_path, "-n", "--cores", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    for rule, count in [("prepare_mask", 12), ("register", 6), ("warp_image", 6), ("warp_labels", 2),
-                        ("qc_subject", 6), ("qc_masks", 6), ("cohort", 1)]:
+    for rule, count in [
+        ("prepare_mask", 12),
+        ("register", 6),
+        ("warp_image", 6),
+        ("warp_labels", 2),
+        ("qc_subject", 6),
+        ("qc_masks", 6),
+        ("cohort", 1),
+    ]:
         assert any(line.split() == [rule, str(count)] for line in out.splitlines()), f"{rule} x{count}"
 
 
@@ -228,26 +254,48 @@ def test_report_opens_in_a_real_browser(demo_run, tmp_path):
     report = work / "report.html"
     if not report.exists():
         assert snakemake(work, "--report", str(report), timeout=300).returncode == 0
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--window-size=1400,1000", "--virtual-time-budget=15000"]
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+        "--virtual-time-budget=15000",
+    ]
     shot = tmp_path / "report.png"
-    subprocess.run(flags + [f"--user-data-dir={tmp_path / 'p1'}", f"--screenshot={shot}", report.as_uri()],
-                   capture_output=True, timeout=180)
+    subprocess.run(
+        flags + [f"--user-data-dir={tmp_path / 'p1'}", f"--screenshot={shot}", report.as_uri()],
+        capture_output=True,
+        timeout=180,
+    )
     png = mpimg.imread(shot)
     assert png.shape[0] > 500 and png.std() > 0.05, "the rendered report looks blank"
-    dom = subprocess.run(flags + [f"--user-data-dir={tmp_path / 'p2'}", "--dump-dom", report.as_uri()],
-                         capture_output=True, text=True, timeout=180).stdout
+    dom = subprocess.run(
+        flags + [f"--user-data-dir={tmp_path / 'p2'}", "--dump-dom", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
     assert "Snakemake" in dom and "Subjects" in dom and "Cohort" in dom
     for s in SUBJECTS:
         assert s in dom
 
 
-@pytest.mark.parametrize("script,heavy", [
-    ("register.py", ("torch", "pandas", "scipy")), ("register_batch.py", ("torch", "pandas", "scipy")),
-    ("warp_image.py", ("torch", "pandas")), ("warp_labels.py", ("torch", "pandas")),
-    ("prepare_mask.py", ("torch", "pandas")),
-])
+@pytest.mark.parametrize(
+    "script,heavy",
+    [
+        ("register.py", ("torch", "pandas", "scipy")),
+        ("register_batch.py", ("torch", "pandas", "scipy")),
+        ("warp_image.py", ("torch", "pandas")),
+        ("warp_labels.py", ("torch", "pandas")),
+        ("prepare_mask.py", ("torch", "pandas")),
+    ],
+)
 def test_job_scripts_start_without_the_heavy_imports_they_do_not_need(script, heavy):
     """Every job pays its script's imports (the demo's 38 jobs run one interpreter each): a script's maskreg
     imports must not pull in torch or pandas unless it uses them (pandas alone was 0.2 of a warp job's 0.4 s

@@ -31,9 +31,25 @@ def test_mask_rules_produce_the_expected_masks(tmp_path):
     cfg["cohort"] = str(tmp_path / "cohort.tsv")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     targets = [f"results/{s}/masks/{r}_mask.nii.gz" for s in ("ones", "given", "auto") for r in ("fixed", "moving")]
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-                           str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", *targets],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "config.yaml"),
+            "--cores",
+            "2",
+            *targets,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     read = lambda s, r: sitk.ReadImage(str(tmp_path / f"results/{s}/masks/{r}_mask.nii.gz"))  # noqa: E731
 

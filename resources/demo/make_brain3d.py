@@ -30,7 +30,7 @@ SIGMA = math.sqrt(SPACING**2 - 1.0) / 2.355
 
 def grid_3mm(img: sitk.Image) -> sitk.Image:
     """A 3 mm grid with the same physical centre and direction as ``img``."""
-    size = [max(1, int(round(n * s / SPACING))) for n, s in zip(img.GetSize(), img.GetSpacing())]
+    size = [max(1, int(round(n * s / SPACING))) for n, s in zip(img.GetSize(), img.GetSpacing(), strict=False)]
     ref = sitk.Image(size, sitk.sitkUInt8)
     ref.SetSpacing([SPACING] * 3)
     ref.SetDirection(img.GetDirection())
@@ -48,8 +48,12 @@ def image_3mm(img: sitk.Image, ref: sitk.Image) -> sitk.Image:
 
 def classes_3mm(channels: list[sitk.Image], ref: sitk.Image) -> sitk.Image:
     """Argmax over linearly resampled class maps (channel 0 = background) -> uint8 labels."""
-    stack = [sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(c, sitk.sitkFloat32), ref, sitk.Transform(),
-                                                  sitk.sitkLinear, 0.0)) for c in channels]
+    stack = [
+        sitk.GetArrayFromImage(
+            sitk.Resample(sitk.Cast(c, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+        )
+        for c in channels
+    ]
     lab = sitk.GetImageFromArray(np.argmax(np.stack(stack), axis=0).astype(np.uint8))
     lab.CopyInformation(ref)
     return lab
@@ -94,9 +98,11 @@ def main(shared: Path) -> None:
     for f in sorted(OUT.glob("*.nii.gz")):
         img = sitk.ReadImage(str(f))
         arr = sitk.GetArrayViewFromImage(img)
-        print(f"{f.name}: size {img.GetSize()}, origin {np.round(img.GetOrigin(), 2).tolist()}, "
-              f"direction {np.round(img.GetDirection(), 3).tolist()}, values {int(arr.min())}..{int(arr.max())}, "
-              f"{f.stat().st_size // 1024} KB")
+        print(
+            f"{f.name}: size {img.GetSize()}, origin {np.round(img.GetOrigin(), 2).tolist()}, "
+            f"direction {np.round(img.GetDirection(), 3).tolist()}, values {int(arr.min())}..{int(arr.max())}, "
+            f"{f.stat().st_size // 1024} KB"
+        )
 
 
 if __name__ == "__main__":

@@ -157,8 +157,7 @@ def build(shared: Path) -> None:
     for s in ("fixed", "moving"):
         copy(shared / "elastix_ct2d_head" / s / "image.nii.gz", DEMO / "elastix_ct2d_head" / f"{s}.nii.gz")
         copy(shared / "elastix_ct2d_head" / s / "mask.nii.gz", DEMO / "elastix_ct2d_head" / f"{s}_mask.nii.gz")
-    copy(shared / "elastix_ct2d_head" / "LICENSE_ITKElastix.txt",
-         DEMO / "elastix_ct2d_head" / "LICENSE_ITKElastix.txt")
+    copy(shared / "elastix_ct2d_head" / "LICENSE_ITKElastix.txt", DEMO / "elastix_ct2d_head" / "LICENSE_ITKElastix.txt")
 
     # 3. TotalSegmentator CT pair
     src = shared / "totalseg_ct"
@@ -182,8 +181,10 @@ def build(shared: Path) -> None:
     new_origin = [float(v) for v in np.array(img_b3.GetOrigin()) + shift]
     print(f"liver centroid ct_a (LPS mm): {np.round(c_a, 3).tolist()}")
     print(f"liver centroid ct_b after resampling, before shift: {np.round(c_b, 3).tolist()}")
-    print(f"translation applied to ct_b origin: {np.round(shift, 3).tolist()} "
-          f"(= centroid difference + offset {DEMO_OFFSET_MM})")
+    print(
+        f"translation applied to ct_b origin: {np.round(shift, 3).tolist()} "
+        f"(= centroid difference + offset {DEMO_OFFSET_MM})"
+    )
     for im in (img_b3, lab_b3):
         im.SetOrigin(new_origin)
 
@@ -197,16 +198,54 @@ def build(shared: Path) -> None:
 
     # 4. cohort table (paths relative to config/)
     rel = "../resources/demo"
-    cols = ["subject", "fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
-            "fixed_landmarks", "moving_landmarks"]
+    cols = [
+        "subject",
+        "fixed",
+        "moving",
+        "fixed_mask",
+        "moving_mask",
+        "fixed_labels",
+        "moving_labels",
+        "fixed_landmarks",
+        "moving_landmarks",
+    ]
     rows = [
-        *[[f"brain2d_{s}", f"{rel}/antspy_brain2d/r64.nii.gz", f"{rel}/antspy_brain2d/{s}.nii.gz",
-           "", "", "", "", "", ""] for s in ("r16", "r27", "r30")],
-        ["headct2d", f"{rel}/elastix_ct2d_head/fixed.nii.gz", f"{rel}/elastix_ct2d_head/moving.nii.gz",
-         f"{rel}/elastix_ct2d_head/fixed_mask.nii.gz", f"{rel}/elastix_ct2d_head/moving_mask.nii.gz",
-         "", "", "", ""],
-        ["abdomen3d", f"{rel}/totalseg_ct/ct_a_image.nii.gz", f"{rel}/totalseg_ct/ct_b_image.nii.gz",
-         "", "", f"{rel}/totalseg_ct/ct_a_labels.nii.gz", f"{rel}/totalseg_ct/ct_b_labels.nii.gz", "", ""],
+        *[
+            [
+                f"brain2d_{s}",
+                f"{rel}/antspy_brain2d/r64.nii.gz",
+                f"{rel}/antspy_brain2d/{s}.nii.gz",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+            ]
+            for s in ("r16", "r27", "r30")
+        ],
+        [
+            "headct2d",
+            f"{rel}/elastix_ct2d_head/fixed.nii.gz",
+            f"{rel}/elastix_ct2d_head/moving.nii.gz",
+            f"{rel}/elastix_ct2d_head/fixed_mask.nii.gz",
+            f"{rel}/elastix_ct2d_head/moving_mask.nii.gz",
+            "",
+            "",
+            "",
+            "",
+        ],
+        [
+            "abdomen3d",
+            f"{rel}/totalseg_ct/ct_a_image.nii.gz",
+            f"{rel}/totalseg_ct/ct_b_image.nii.gz",
+            "",
+            "",
+            f"{rel}/totalseg_ct/ct_a_labels.nii.gz",
+            f"{rel}/totalseg_ct/ct_b_labels.nii.gz",
+            "",
+            "",
+        ],
     ]
     COHORT.parent.mkdir(parents=True, exist_ok=True)
     with open(COHORT, "w", newline="\n") as fh:
@@ -227,17 +266,25 @@ def check() -> None:
     for p in sorted(DEMO.rglob("*.nii.gz")):
         im = sitk.ReadImage(str(p))
         arr = sitk.GetArrayViewFromImage(im)
-        fmt = lambda t, n=3: "(" + ", ".join(f"{v:.{n}f}".rstrip("0").rstrip(".").replace("-0", "0")
-                                             if v != 0 else "0" for v in t) + ")"
-        print(f"| {p.relative_to(DEMO)} | {'x'.join(map(str, im.GetSize()))} | {fmt(im.GetSpacing(), 4)} | "
-              f"{fmt(im.GetOrigin())} | {fmt(im.GetDirection(), 0)} | {im.GetPixelIDTypeAsString()} | "
-              f"{arr.min()}..{arr.max()} |")
+
+        def fmt(t, n=3):
+            return (
+                "("
+                + ", ".join(f"{v:.{n}f}".rstrip("0").rstrip(".").replace("-0", "0") if v != 0 else "0" for v in t)
+                + ")"
+            )
+
+        print(
+            f"| {p.relative_to(DEMO)} | {'x'.join(map(str, im.GetSize()))} | {fmt(im.GetSpacing(), 4)} | "
+            f"{fmt(im.GetOrigin())} | {fmt(im.GetDirection(), 0)} | {im.GetPixelIDTypeAsString()} | "
+            f"{arr.min()}..{arr.max()} |"
+        )
 
     # cohort paths resolve relative to the table's folder
     lines = COHORT.read_text().splitlines()
     header = lines[0].split("\t")
     for line in lines[1:]:
-        for col, cell in zip(header[1:], line.split("\t")[1:]):
+        for _col, cell in zip(header[1:], line.split("\t")[1:], strict=False):
             if cell:
                 p = (COHORT.parent / cell).resolve()
                 assert p.is_file(), p
@@ -264,19 +311,27 @@ def check() -> None:
     print(f"fixed grid voxels inside moving box: {ins.sum()} of {ins.size} ({100 * ins.mean():.1f} %)")
     zs = np.nonzero(ins.any(axis=(1, 2)))[0]
     print(f"fixed slices (z index) touched by the moving box: {zs.min()}..{zs.max()} of 0..{ins.shape[0] - 1}")
-    print(f"fixed body voxels (HU>{BODY_HU}): {body_a.sum()}, inside moving box: {(body_a & ins).sum()} "
-          f"({100 * (body_a & ins).sum() / body_a.sum():.1f} %)")
-    print(f"body overlap (fixed body & moving body): {(body_a & body_b).sum()} voxels; "
-          f"body Dice within the moving box: {dice(body_a & ins, body_b & ins):.3f}")
+    print(
+        f"fixed body voxels (HU>{BODY_HU}): {body_a.sum()}, inside moving box: {(body_a & ins).sum()} "
+        f"({100 * (body_a & ins).sum() / body_a.sum():.1f} %)"
+    )
+    print(
+        f"body overlap (fixed body & moving body): {(body_a & body_b).sum()} voxels; "
+        f"body Dice within the moving box: {dice(body_a & ins, body_b & ins):.3f}"
+    )
     lc = centroid_lps(lb, LIVER) - centroid_lps(la, LIVER)
     print(f"liver centroid moving - fixed (LPS mm): {np.round(lc, 3).tolist()} (intended {list(DEMO_OFFSET_MM)})")
-    print("\n| label | name | fixed voxels | moving voxels (own grid) | moving voxels on fixed grid | "
-          "Dice identity | Dice identity within moving box |")
+    print(
+        "\n| label | name | fixed voxels | moving voxels (own grid) | moving voxels on fixed grid | "
+        "Dice identity | Dice identity within moving box |"
+    )
     print("|---|---|---|---|---|---|---|")
     Bown = sitk.GetArrayFromImage(lb)
     for v, name in KEEP_LABELS.items():
-        print(f"| {v} | {name} | {(A == v).sum()} | {(Bown == v).sum()} | {(B == v).sum()} | "
-              f"{dice(A == v, B == v):.3f} | {dice((A == v) & ins, B == v):.3f} |")
+        print(
+            f"| {v} | {name} | {(A == v).sum()} | {(Bown == v).sum()} | {(B == v).sum()} | "
+            f"{dice(A == v, B == v):.3f} | {dice((A == v) & ins, B == v):.3f} |"
+        )
     print("\nsha256 of every file in resources/demo:")
     for p in sorted(DEMO.rglob("*")):
         if p.is_file() and p.suffix != ".py" and p.name != "README.md":
@@ -285,8 +340,13 @@ def check() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("shared_data", nargs="?", type=Path, default=REPO.parent / "shared" / "data",
-                    help="shared data folder (default: ../shared/data relative to the repository root)")
+    ap.add_argument(
+        "shared_data",
+        nargs="?",
+        type=Path,
+        default=REPO.parent / "shared" / "data",
+        help="shared data folder (default: ../shared/data relative to the repository root)",
+    )
     args = ap.parse_args(argv)
     if not (args.shared_data / "totalseg_ct").is_dir():
         ap.error(f"{args.shared_data} does not look like the shared data folder")

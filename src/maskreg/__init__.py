@@ -26,5 +26,6 @@ def __getattr__(name: str):
     never import torch: about 1.5 s saved per job."""
     if name in ("register", "RegistrationResult"):
         from maskreg import engine
+
         return getattr(engine, name)
     raise AttributeError(f"module 'maskreg' has no attribute '{name}'")

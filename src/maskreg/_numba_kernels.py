@@ -43,10 +43,16 @@ def _interp(img, x, y, z, out, p):  # pragma: no cover
     w000, w001, w010, w011 = az0 * ay0 * ax0, az0 * ay0 * ax1, az0 * ay1 * ax0, az0 * ay1 * ax1
     w100, w101, w110, w111 = az1 * ay0 * ax0, az1 * ay0 * ax1, az1 * ay1 * ax0, az1 * ay1 * ax1
     for c in range(C):
-        out[c, p] = (w000 * img[c, z0, y0, x0] + w001 * img[c, z0, y0, x1]
-                     + w010 * img[c, z0, y1, x0] + w011 * img[c, z0, y1, x1]
-                     + w100 * img[c, z1, y0, x0] + w101 * img[c, z1, y0, x1]
-                     + w110 * img[c, z1, y1, x0] + w111 * img[c, z1, y1, x1])
+        out[c, p] = (
+            w000 * img[c, z0, y0, x0]
+            + w001 * img[c, z0, y0, x1]
+            + w010 * img[c, z0, y1, x0]
+            + w011 * img[c, z0, y1, x1]
+            + w100 * img[c, z1, y0, x0]
+            + w101 * img[c, z1, y0, x1]
+            + w110 * img[c, z1, y1, x0]
+            + w111 * img[c, z1, y1, x1]
+        )
 
 
 @nb.njit(inline="always", fastmath=True)
@@ -63,9 +69,12 @@ def _interp_at(img, flat, x, y, z, out, p):  # pragma: no cover
         hw = H * W
         i = (z0 * H + y0) * W + x0
         for c in range(C):
-            out[c, p] = (w00 * (gx * flat[i] + fx * flat[i + 1]) + w01 * (gx * flat[i + W] + fx * flat[i + W + 1])
-                         + w10 * (gx * flat[i + hw] + fx * flat[i + hw + 1])
-                         + w11 * (gx * flat[i + hw + W] + fx * flat[i + hw + W + 1]))
+            out[c, p] = (
+                w00 * (gx * flat[i] + fx * flat[i + 1])
+                + w01 * (gx * flat[i + W] + fx * flat[i + W + 1])
+                + w10 * (gx * flat[i + hw] + fx * flat[i + hw + 1])
+                + w11 * (gx * flat[i + hw + W] + fx * flat[i + hw + W + 1])
+            )
             i += D * hw
         return
     _interp(img, x, y, z, out, p)
@@ -107,19 +116,19 @@ def _weighted_shifted_sum(src, dst, k, stride):  # pragma: no cover
     m = n - 2 * r * stride
     if m <= 0:
         return
-    out = dst[r * stride:r * stride + m]
+    out = dst[r * stride : r * stride + m]
     for i in range(m):
         out[i] = 0.0
     j = 0
     while j + 4 <= 2 * r + 1:
-        v0, v1 = src[j * stride:j * stride + m], src[(j + 1) * stride:(j + 1) * stride + m]
-        v2, v3 = src[(j + 2) * stride:(j + 2) * stride + m], src[(j + 3) * stride:(j + 3) * stride + m]
+        v0, v1 = src[j * stride : j * stride + m], src[(j + 1) * stride : (j + 1) * stride + m]
+        v2, v3 = src[(j + 2) * stride : (j + 2) * stride + m], src[(j + 3) * stride : (j + 3) * stride + m]
         w0, w1, w2, w3 = k[j], k[j + 1], k[j + 2], k[j + 3]
         for i in range(m):
             out[i] += w0 * v0[i] + w1 * v1[i] + w2 * v2[i] + w3 * v3[i]
         j += 4
     while j < 2 * r + 1:
-        v0 = src[j * stride:j * stride + m]
+        v0 = src[j * stride : j * stride + m]
         w0 = k[j]
         for i in range(m):
             out[i] += w0 * v0[i]
@@ -178,8 +187,9 @@ def _ring_sum(ring, z, Z, kz, acc):  # pragma: no cover
 
 
 @nb.njit(**_JIT)
-def cc_forward(f, m, w, ones_z, ones_y, ones_x, inv_n, eps, cc_eps, nslabs, ring, b, per_slice, need_f,
-               need_m):  # pragma: no cover
+def cc_forward(
+    f, m, w, ones_z, ones_y, ones_x, inv_n, eps, cc_eps, nslabs, ring, b, per_slice, need_f, need_m
+):  # pragma: no cover
     """Masked local CC from ``f, m, w`` ``[Z, Y, X]`` in one streamed pass: each z plane's six products
     ``w, wf, wm, wf², wm², wfm`` are window-summed over y and x (the ``ones_*`` kernels, one per axis, as long
     as the window) into a ring of planes (``ring`` ``[nslabs, len(ones_z), 6, Y, X]``, scratch), each output
@@ -246,8 +256,9 @@ def cc_forward(f, m, w, ones_z, ones_y, ones_x, inv_n, eps, cc_eps, nslabs, ring
 
 
 @nb.njit(**_JIT)
-def cc_backward(b, f, m, w, ones_z, ones_y, ones_x, inv_n, scale, nslabs, ring, gf, gm, need_f,
-                need_m):  # pragma: no cover
+def cc_backward(
+    b, f, m, w, ones_z, ones_y, ones_x, inv_n, scale, nslabs, ring, gf, gm, need_f, need_m
+):  # pragma: no cover
     """Both sides' CC gradients from :func:`cc_forward`'s channels ``b``, streamed as there (``ring``
     ``[nslabs, len(ones_z), C, Y, X]``, scratch): with ``K`` the window sums of ``b``, for a side with values
     ``this``, the other side's ``other`` and channels ``j .. j + 2``: ``g = -scale · w · (other·K₀ − K_j −
@@ -300,7 +311,7 @@ def filter_axis(a, kernel, axis, out):  # pragma: no cover
                 for s in range(-min(r, X - 1), min(r, X - 1) + 1):
                     k = kernel[r + s]
                     lo, hi = max(0, -s), min(X, X - s)
-                    dst, src = out[c, z, y, lo:hi], a[c, z, y, lo + s:hi + s]  # views: indices from 0 vectorise
+                    dst, src = out[c, z, y, lo:hi], a[c, z, y, lo + s : hi + s]  # views: indices from 0 vectorise
                     for i in range(hi - lo):
                         dst[i] += k * src[i]
             else:
@@ -490,8 +501,11 @@ def _span(i, n):  # pragma: no cover
 @nb.njit(inline="always")
 def _index_gradient(s, z, y, x, zs, ys, xs):  # pragma: no cover
     """``(∂s/∂x, ∂s/∂y, ∂s/∂z)`` per voxel index of ``s`` ``[Z, Y, X]`` at ``(z, y, x)``, spans from :func:`_span`."""
-    return ((s[z, y, xs[1]] - s[z, y, xs[0]]) * xs[2], (s[z, ys[1], x] - s[z, ys[0], x]) * ys[2],
-            (s[zs[1], y, x] - s[zs[0], y, x]) * zs[2])
+    return (
+        (s[z, y, xs[1]] - s[z, y, xs[0]]) * xs[2],
+        (s[z, ys[1], x] - s[z, ys[0], x]) * ys[2],
+        (s[zs[1], y, x] - s[zs[0], y, x]) * zs[2],
+    )
 
 
 @nb.njit(**_JIT)
@@ -539,8 +553,9 @@ def jacobian_determinant(u, r, out):  # pragma: no cover
                 a20 = r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz
                 a21 = r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz
                 a22 = 1.0 + r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz
-                out[z, y, x] = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
-                                + a02 * (a10 * a21 - a11 * a20))
+                out[z, y, x] = (
+                    a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20) + a02 * (a10 * a21 - a11 * a20)
+                )
 
 
 @nb.njit(inline="always")
@@ -589,6 +604,10 @@ def parzen_gradient(f, m, w, cell, bins, usable, scale, out):  # pragma: no cove
             t2 = t * t
             s = 1.0 - t
             i = fb * bins + base - 1
-            g = (-0.5 * s * s * cell[i] + (1.5 * t2 - 2.0 * t) * cell[i + 1]
-                 + (0.5 + t - 1.5 * t2) * cell[i + 2] + 0.5 * t2 * cell[i + 3])
+            g = (
+                -0.5 * s * s * cell[i]
+                + (1.5 * t2 - 2.0 * t) * cell[i + 1]
+                + (0.5 + t - 1.5 * t2) * cell[i + 2]
+                + 0.5 * t2 * cell[i + 3]
+            )
             out[p] = scale * w[p] * dmv * g

@@ -30,8 +30,10 @@ def _read_stages(path: str, sampling) -> list | None:
         raise MaskregError(f"--stages {path}: not valid YAML ({' '.join(str(exc).split())})") from None
     stages = data.get("stages") if isinstance(data, dict) else data
     if not isinstance(stages, list):
-        raise MaskregError(f"--stages {path}: expected a 'stages:' list as in config/config.yaml "
-                           f"(e.g. stages: [{{type: rigid}}, {{type: affine}}])")
+        raise MaskregError(
+            f"--stages {path}: expected a 'stages:' list as in config/config.yaml "
+            f"(e.g. stages: [{{type: rigid}}, {{type: affine}}])"
+        )
     check_stages(stages, sampling, path)
     return stages
 
@@ -47,8 +49,18 @@ def _register(a: argparse.Namespace) -> None:
     fm = io.read_image(a.fixed_mask, role="fixed_mask") if a.fixed_mask else None
     mm = io.read_image(a.moving_mask, role="moving_mask") if a.moving_mask else None
     init = transforms.read_transform(a.initial, role="initial transform") if a.initial else None
-    res = maskreg.register(fixed, moving, fm, mm, stages=stages, device=a.device, seed=a.seed,
-                           sampling=sampling, initial=init, threads=a.threads)
+    res = maskreg.register(
+        fixed,
+        moving,
+        fm,
+        mm,
+        stages=stages,
+        device=a.device,
+        seed=a.seed,
+        sampling=sampling,
+        initial=init,
+        threads=a.threads,
+    )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     transforms.write_linear(res.linear, out / "affine.mat")
@@ -59,6 +71,7 @@ def _register(a: argparse.Namespace) -> None:
         tmp.write_text(json.dumps(res.summary(), indent=1))
     if a.warped:
         from maskreg.warp import warp_image
+
         io.write_image(warp_image(moving, fixed, res.transform()), a.warped)
     print(f"wrote {out / 'affine.mat'} ({res.device}, {res.seconds:.1f} s)")
 
@@ -93,15 +106,24 @@ def _mask(a: argparse.Namespace) -> None:
 
     image = io.read_image(a.image, role="image")
     given = io.read_image(a.mask, role="mask", check_finite=False) if a.mask else None
-    out = masks.prepare_mask(image, given, missing=a.missing, threshold=a.threshold,
-                             largest_component=a.largest_component, fill_holes=a.fill_holes,
-                             dilate_mm=a.dilate_mm, erode_mm=a.erode_mm, role="mask")
+    out = masks.prepare_mask(
+        image,
+        given,
+        missing=a.missing,
+        threshold=a.threshold,
+        largest_component=a.largest_component,
+        fill_holes=a.fill_holes,
+        dilate_mm=a.dilate_mm,
+        erode_mm=a.erode_mm,
+        role="mask",
+    )
     io.write_image(out, a.output)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maskreg", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="maskreg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"maskreg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -110,14 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("moving")
     r.add_argument("--fixed-mask")
     r.add_argument("--moving-mask")
-    r.add_argument("--stages", help="YAML file with a 'stages:' list as in config/config.yaml "
-                                    "(default: moments, rigid, affine with MI)")
-    r.add_argument("--out", required=True, help="output folder for affine.mat, registration.json and, when a "
-                                                "deformable stage ran, warp.nii.gz and inverse_warp.nii.gz")
+    r.add_argument(
+        "--stages",
+        help="YAML file with a 'stages:' list as in config/config.yaml (default: moments, rigid, affine with MI)",
+    )
+    r.add_argument(
+        "--out",
+        required=True,
+        help="output folder for affine.mat, registration.json and, when a "
+        "deformable stage ran, warp.nii.gz and inverse_warp.nii.gz",
+    )
     r.add_argument("--warped", help="also write the moving image warped onto the fixed grid here")
-    r.add_argument("--initial", nargs="+", metavar="TRANSFORM",
-                   help="initial transform(s), fixed → moving points, in antsApplyTransforms' -t order (e.g. "
-                        "1Warp.nii.gz 0GenericAffine.mat): ITK/ANTs .mat/.txt/.h5 files or displacement fields")
+    r.add_argument(
+        "--initial",
+        nargs="+",
+        metavar="TRANSFORM",
+        help="initial transform(s), fixed → moving points, in antsApplyTransforms' -t order (e.g. "
+        "1Warp.nii.gz 0GenericAffine.mat): ITK/ANTs .mat/.txt/.h5 files or displacement fields",
+    )
     r.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     r.add_argument("--random", type=int, help="sample N points from the fixed mask per iteration")
     r.add_argument("--fraction", type=float, help="sample this fraction of the fixed-mask voxels per level (0-1]")
@@ -127,18 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("apply", help="warp an image, mask or label map (or map landmarks) with a transform")
     a.add_argument("transform", help="ITK/ANTs linear transform file (fixed → moving points)")
-    a.add_argument("--warp", help="displacement field applied before the linear part: T(x) = A(x + u(x)) "
-                                  "(the registration's warp.nii.gz)")
-    a.add_argument("--inverse", action="store_true",
-                   help="with --landmarks: map moving-space points to fixed space (A⁻¹, then the inverse warp)")
+    a.add_argument(
+        "--warp",
+        help="displacement field applied before the linear part: T(x) = A(x + u(x)) (the registration's warp.nii.gz)",
+    )
+    a.add_argument(
+        "--inverse",
+        action="store_true",
+        help="with --landmarks: map moving-space points to fixed space (A⁻¹, then the inverse warp)",
+    )
     a.add_argument("--inverse-warp", help="with --inverse and --warp: the registration's inverse_warp.nii.gz")
     a.add_argument("--reference", required=True, help="image defining the output grid (the fixed image)")
     a.add_argument("--input", help="moving-space image, mask or label map")
     a.add_argument("--kind", choices=["image", "mask", "labels"], default="image")
     a.add_argument("--interpolation", choices=["linear", "bspline", "nearest"], default="linear")
     a.add_argument("--label-method", choices=["generic", "nearest"], default="generic")
-    a.add_argument("--landmarks", help="CSV x,y[,z] of points in LPS mm: fixed-space points are mapped to "
-                                       "moving space (or moving to fixed with --inverse)")
+    a.add_argument(
+        "--landmarks",
+        help="CSV x,y[,z] of points in LPS mm: fixed-space points are mapped to "
+        "moving space (or moving to fixed with --inverse)",
+    )
     a.add_argument("--output", required=True)
     a.set_defaults(func=_apply)
 

@@ -20,15 +20,30 @@ from maskreg.errors import ConfigError, InputError
 from maskreg.io import read_landmarks
 from maskreg.stages import stage_list_problems
 
-PATH_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
-                "fixed_landmarks", "moving_landmarks", "initial_transform")
+PATH_COLUMNS = (
+    "fixed",
+    "moving",
+    "fixed_mask",
+    "moving_mask",
+    "fixed_labels",
+    "moving_labels",
+    "fixed_landmarks",
+    "moving_landmarks",
+    "initial_transform",
+)
 # columns holding a ";"-separated list of files (ANTs' -t order), see maskreg.transforms.read_transform
 LIST_COLUMNS = ("initial_transform",)
 PAIRED_COLUMNS = (("fixed_landmarks", "moving_landmarks"),)
 # per-subject overrides of the mask options: column "{role}_mask_{option}"
-MASK_OVERRIDES = {"missing": str, "kind": str, "threshold": float, "dilate_mm": float, "erode_mm": float,
-                  "largest_component": lambda v: v.strip().lower() in ("1", "true", "yes"),
-                  "fill_holes": lambda v: v.strip().lower() in ("1", "true", "yes")}
+MASK_OVERRIDES = {
+    "missing": str,
+    "kind": str,
+    "threshold": float,
+    "dilate_mm": float,
+    "erode_mm": float,
+    "largest_component": lambda v: v.strip().lower() in ("1", "true", "yes"),
+    "fill_holes": lambda v: v.strip().lower() in ("1", "true", "yes"),
+}
 
 
 def mask_options(defaults: dict, row: dict, role: str) -> dict:
@@ -87,8 +102,7 @@ def config_problems(config: dict, schema: dict) -> list[str]:
     any other schema message is kept."""
     stage_ps = stage_problems(config)
     flagged = {m.group(1) for m in map(_STAGE_ITEM.match, stage_ps) if m}
-    kept = [p for p in schema_problems(config, schema)
-            if not ((m := _STAGE_ITEM.match(p)) and m.group(1) in flagged)]
+    kept = [p for p in schema_problems(config, schema) if not ((m := _STAGE_ITEM.match(p)) and m.group(1) in flagged)]
     return kept + stage_ps
 
 
@@ -126,9 +140,11 @@ def _landmark_problems(who: str, fixed: Path, moving: Path) -> list[str]:
         except InputError as exc:
             out.append(f"{who}, column '{col}': {exc}")
     if not out and rows["fixed_landmarks"] != rows["moving_landmarks"]:
-        out.append(f"{who}: fixed_landmarks has {rows['fixed_landmarks']} row(s) but moving_landmarks has "
-                   f"{rows['moving_landmarks']}; row i of one must be the same point as row i of the other "
-                   f"({fixed}, {moving})")
+        out.append(
+            f"{who}: fixed_landmarks has {rows['fixed_landmarks']} row(s) but moving_landmarks has "
+            f"{rows['moving_landmarks']}; row i of one must be the same point as row i of the other "
+            f"({fixed}, {moving})"
+        )
     return out
 
 
@@ -152,8 +168,10 @@ def cohort_problems(table: pd.DataFrame, table_dir: Path, schema: dict) -> list[
                     continue
                 out.append(f"{who}, column '{name}': empty; a value is required")
             elif col == "subject":
-                out.append(f"{who}, column 'subject': '{sid}' is not a safe id (use letters, digits, '.', '_', "
-                           f"'-'; no spaces, path separators or '..')")
+                out.append(
+                    f"{who}, column 'subject': '{sid}' is not a safe id (use letters, digits, '.', '_', "
+                    f"'-'; no spaces, path separators or '..')"
+                )
             else:
                 out.append(f"{who}, column '{col}': {e.message}")
         if sid:
@@ -192,8 +210,12 @@ def resolve_paths(table: pd.DataFrame, table_dir: Path) -> pd.DataFrame:
     for col in PATH_COLUMNS:
         if col not in table.columns:
             table[col] = ""
-        table[col] = [";".join(str((table_dir / p).resolve()) for p in _cell_paths(col, v))
-                      if isinstance(v, str) and v.strip() else "" for v in table[col].fillna("")]
+        table[col] = [
+            ";".join(str((table_dir / p).resolve()) for p in _cell_paths(col, v))
+            if isinstance(v, str) and v.strip()
+            else ""
+            for v in table[col].fillna("")
+        ]
     return table
 
 
@@ -201,8 +223,7 @@ def load_and_validate(config: dict, config_schema: dict, cohort_schema: dict) ->
     """Validate the configuration and its cohort table; return the table (indexed by subject, absolute
     paths) or raise :class:`ConfigError` listing every problem of both."""
     if not isinstance(config, dict):
-        raise ConfigError([f"config: expected a mapping of keys (YAML), got {type(config).__name__}"],
-                          "configuration")
+        raise ConfigError([f"config: expected a mapping of keys (YAML), got {type(config).__name__}"], "configuration")
     problems = [f"config {p}" for p in config_problems(config, config_schema)]
     cohort_path = config.get("cohort")
     table = None
@@ -211,19 +232,25 @@ def load_and_validate(config: dict, config_schema: dict, cohort_schema: dict) ->
     elif isinstance(cohort_path, str):
         p = Path(cohort_path)
         if not _exists(p):
-            problems.append(f"config cohort: table not found: {cohort_path} (relative paths are relative to the "
-                            f"working directory, {Path.cwd()})")
+            problems.append(
+                f"config cohort: table not found: {cohort_path} (relative paths are relative to the "
+                f"working directory, {Path.cwd()})"
+            )
         else:
             try:
                 table = read_table(p)
             except Exception as exc:  # malformed CSV/TSV in many ways
-                problems.append(f"cohort table {cohort_path}: cannot be read ({' '.join(str(exc).split())}); "
-                                f"it must be a TSV (or .csv) file with a header row")
+                problems.append(
+                    f"cohort table {cohort_path}: cannot be read ({' '.join(str(exc).split())}); "
+                    f"it must be a TSV (or .csv) file with a header row"
+                )
             else:
                 if len(table) == 0:
                     problems.append(f"cohort table {cohort_path}: no subjects")
-                problems += [f"cohort table {cohort_path}: {q}"
-                             for q in cohort_problems(table, p.resolve().parent, cohort_schema)]
+                problems += [
+                    f"cohort table {cohort_path}: {q}"
+                    for q in cohort_problems(table, p.resolve().parent, cohort_schema)
+                ]
     if problems:
         # one line per problem: control characters in cells or headers (a quoted newline...) are shown escaped
         problems = [re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], q) for q in problems]

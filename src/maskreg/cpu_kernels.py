@@ -53,6 +53,7 @@ def _k() -> ModuleType:
     mod = _module()
     assert mod is not None
     import numba
+
     n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
@@ -84,8 +85,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
-def sample(input: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros",
-           with_inside: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sample(
+    input: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros", with_inside: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Trilinear ``F.grid_sample(input, grid, padding_mode=..., align_corners=True)`` of a 3D ``input``
     ``[N, C, D, H, W]`` at ``grid`` ``[N or 1, *out_shape, 3]`` (normalised ``x, y, z``) → ``[N, C, *out_shape]``,
     and with ``with_inside`` the ``[N, 1, *out_shape]`` indicator of points inside ``[-1, 1]³``
@@ -100,8 +102,9 @@ def sample(input: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros",
     for i in range(n):
         img = _np(input[min(i, input.shape[0] - 1)])
         g = _np(grid[min(i, grid.shape[0] - 1)]).reshape(pts, 3)
-        mod.sample_trilinear(img, g, out[i].numpy(), ins[i].numpy() if ins is not None else empty,
-                             padding_mode == "border")
+        mod.sample_trilinear(
+            img, g, out[i].numpy(), ins[i].numpy() if ins is not None else empty, padding_mode == "border"
+        )
     out = out.reshape(n, input.shape[1], *out_shape)
     return out, (ins.reshape(n, 1, *out_shape) if ins is not None else None)
 
@@ -109,9 +112,14 @@ def sample(input: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros",
 _EMPTY = np.zeros(0, np.float32)
 
 
-def sample_mapped(input: torch.Tensor, a: np.ndarray, m: np.ndarray, u: torch.Tensor,
-                  rows: tuple[np.ndarray, np.ndarray] | None = None, prior: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_mapped(
+    input: torch.Tensor,
+    a: np.ndarray,
+    m: np.ndarray,
+    u: torch.Tensor,
+    rows: tuple[np.ndarray, np.ndarray] | None = None,
+    prior: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``input`` ``[1, C, D, H, W]`` sampled (trilinear, zero padding) at ``a @ (i, 1) + m @ u(i)`` for every voxel
     index ``i`` (x first) of ``u``'s grid: ``a`` ``(3, 4)`` index → input's normalised coordinates, ``m`` ``(3, 3)``
     mm → normalised, ``u`` ``[1, 3, Z, Y, X]`` mm. Returns ``([1, C, Z, Y, X], weight [1, 1, Z, Y, X])``: what
@@ -127,9 +135,17 @@ def sample_mapped(input: torch.Tensor, a: np.ndarray, m: np.ndarray, u: torch.Te
     weight = torch.empty(1, 1, pts, dtype=torch.float32)
     if rows is None:
         rows = _all_rows(shape)
-    mod.sample_mapped(_np(input[0]), np.ascontiguousarray(a, dtype=np.float64),
-                      np.ascontiguousarray(m, dtype=np.float64), _np(u[0]), out[0].numpy(), weight[0, 0].numpy(),
-                      _np(prior).reshape(-1) if prior is not None else _EMPTY, rows[0], rows[1])
+    mod.sample_mapped(
+        _np(input[0]),
+        np.ascontiguousarray(a, dtype=np.float64),
+        np.ascontiguousarray(m, dtype=np.float64),
+        _np(u[0]),
+        out[0].numpy(),
+        weight[0, 0].numpy(),
+        _np(prior).reshape(-1) if prior is not None else _EMPTY,
+        rows[0],
+        rows[1],
+    )
     return out.reshape(1, input.shape[1], *shape), weight.reshape(1, 1, *shape)
 
 
@@ -139,8 +155,9 @@ def _all_rows(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(shape[:2], np.int64), np.full(shape[:2], shape[2], np.int64)
 
 
-def sample_affine(input: torch.Tensor, a: np.ndarray, shape: tuple[int, ...], padding_mode: str = "zeros"
-                  ) -> torch.Tensor:
+def sample_affine(
+    input: torch.Tensor, a: np.ndarray, shape: tuple[int, ...], padding_mode: str = "zeros"
+) -> torch.Tensor:
     """``input`` ``[N, C, D, H, W]`` sampled (trilinear) at ``a @ (i, 1)`` for every voxel index ``i`` (x first) of
     an output grid of ``shape`` ``(Z, Y, X)``: ``a`` ``(3, 4)`` maps an output index to the input's normalised
     coordinates. Returns ``[N, C, *shape]``: what ``grid_sample`` gives on that affine grid, without storing it."""
@@ -188,26 +205,37 @@ def parzen_histogram(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Te
     return torch.from_numpy(hists.sum(0, dtype=np.float64).astype(np.float32))
 
 
-def parzen_gradient(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, cell: torch.Tensor,
-                    bins: int, scale: float) -> torch.Tensor:
+def parzen_gradient(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, cell: torch.Tensor, bins: int, scale: float
+) -> torch.Tensor:
     """``scale · w · ∂mv/∂moving · Σ_j β₃'(mv − j) cell[fb, j]`` per point, shaped as ``moving``: a histogram
     loss's gradient in the moving values from its per-cell factor ``cell`` (``bins²``)."""
     mod = _k()
     f, m, w = (_np(t).reshape(-1) for t in (fixed, moving, weight))
     out = torch.empty(m.shape[0], dtype=torch.float32)
-    mod.parzen_gradient(f, m, w, np.ascontiguousarray(cell.detach().reshape(-1).numpy(), dtype=np.float64), bins,
-                        float(bins - 5), float(scale), out.numpy())
+    mod.parzen_gradient(
+        f,
+        m,
+        w,
+        np.ascontiguousarray(cell.detach().reshape(-1).numpy(), dtype=np.float64),
+        bins,
+        float(bins - 5),
+        float(scale),
+        out.numpy(),
+    )
     return out.reshape(moving.shape)
 
 
-def add_gradient_product(out: torch.Tensor, s: torch.Tensor, dl: torch.Tensor, r: np.ndarray,
-                         alpha: float = 1.0) -> None:
+def add_gradient_product(
+    out: torch.Tensor, s: torch.Tensor, dl: torch.Tensor, r: np.ndarray, alpha: float = 1.0
+) -> None:
     """In place: ``out[:, k] += alpha · dl · Σ_a r[k, a] ∂s/∂index_a`` (``out`` ``[1, 3, Z, Y, X]`` contiguous
     float32; ``s``, ``dl`` one channel each); ``r[k, a] = D[k, a] / spacing[a]``, x first."""
     mod = _k()
     assert out.is_contiguous() and out.dtype == torch.float32
-    mod.add_gradient_product(_as_czyx(s)[0], _as_czyx(dl)[0], np.ascontiguousarray(r, dtype=np.float64),
-                             float(alpha), out[0].numpy())
+    mod.add_gradient_product(
+        _as_czyx(s)[0], _as_czyx(dl)[0], np.ascontiguousarray(r, dtype=np.float64), float(alpha), out[0].numpy()
+    )
 
 
 def _as_czyx(t: torch.Tensor) -> np.ndarray:
@@ -232,24 +260,43 @@ def _slabs(planes: int, taps: int) -> int:
     """How many slabs of z planes a streamed kernel splits a volume into: one per thread, each at least as thick
     as its z kernel, so the planes a slab filters again beyond its ends (``taps - 1``) stay a small part."""
     import numba
+
     return max(1, min(numba.get_num_threads(), planes // taps))
 
 
-def _blur_combine(a: np.ndarray, b: np.ndarray, alpha: float, beta: float,
-                  kernels: tuple[tuple[float, ...], ...], out: np.ndarray) -> float:
+def _blur_combine(
+    a: np.ndarray, b: np.ndarray, alpha: float, beta: float, kernels: tuple[tuple[float, ...], ...], out: np.ndarray
+) -> float:
     """``out = G * (alpha·a + beta·b)`` for ``[C, Z, Y, X]`` arrays, ``kernels`` per axis (z, y, x); returns the
     largest ``Σ_c out²`` (:func:`_numba_kernels.blur_combine`)."""
     mod = _k()  # first: it sets numba's thread count, which _slabs reads
     kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in kernels)
     n = _slabs(a.shape[1], len(kz))
     maxsq = np.zeros(n, np.float64)
-    mod.blur_combine(a, b, np.float32(alpha), np.float32(beta), kz, ky, kx, n,
-                      _scratch("blur_ring", (n, len(kz), a.shape[0], *a.shape[2:])), out, maxsq)
+    mod.blur_combine(
+        a,
+        b,
+        np.float32(alpha),
+        np.float32(beta),
+        kz,
+        ky,
+        kx,
+        n,
+        _scratch("blur_ring", (n, len(kz), a.shape[0], *a.shape[2:])),
+        out,
+        maxsq,
+    )
     return float(maxsq.max())
 
 
-def smooth_step(field: torch.Tensor, gradient: torch.Tensor, fluid: tuple[tuple[float, ...], ...],
-                elastic: tuple[tuple[float, ...], ...], step: float, inv_spacing: float) -> float:
+def smooth_step(
+    field: torch.Tensor,
+    gradient: torch.Tensor,
+    fluid: tuple[tuple[float, ...], ...],
+    elastic: tuple[tuple[float, ...], ...],
+    step: float,
+    inv_spacing: float,
+) -> float:
     """One SyN velocity update in place, on fields ``[1, 3, Z, Y, X]`` (mm): ``d = G_fluid * (-gradient)``, scaled
     so its longest vector is ``step`` voxels (none where it is 0), then ``field = G_elastic * (field + d)``; the
     kernels per axis in tensor order (``pyramid.gaussian_kernels``). Returns the new field's longest vector in
@@ -265,8 +312,12 @@ def smooth_step(field: torch.Tensor, gradient: torch.Tensor, fluid: tuple[tuple[
     return vmax
 
 
-def resize(t: torch.Tensor, size: tuple[int, ...], ratios: tuple[float, ...] | None = None,
-           offsets: tuple[float, ...] | None = None) -> torch.Tensor:
+def resize(
+    t: torch.Tensor,
+    size: tuple[int, ...],
+    ratios: tuple[float, ...] | None = None,
+    offsets: tuple[float, ...] | None = None,
+) -> torch.Tensor:
     """``F.interpolate(t, size, mode="(bi|tri)linear", align_corners=True)`` for ``[B, C, *spatial]`` on the
     CPU, one axis at a time (the shrinking axes first, so later passes have less to do). With ``ratios`` and
     ``offsets`` (per spatial axis, tensor order): ``out[i] = t(i · ratio + offset)`` along each axis instead,
@@ -277,7 +328,7 @@ def resize(t: torch.Tensor, size: tuple[int, ...], ratios: tuple[float, ...] | N
     pad = 3 - len(size)
     sizes = [1] * pad + list(size)
     if ratios is None:
-        ratios = tuple((n - 1) / (m - 1) if m > 1 else 0.0 for n, m in zip(t.shape[2:], size))
+        ratios = tuple((n - 1) / (m - 1) if m > 1 else 0.0 for n, m in zip(t.shape[2:], size, strict=False))
         offsets = (0.0,) * len(size)
     rs = [1.0] * pad + [float(r) for r in ratios]
     os_ = [0.0] * pad + [float(o) for o in offsets]
@@ -302,8 +353,15 @@ class LocalCC:
     window sums is stored, only the backward channels between the two (2 mm brain grid, 2 cores: products, box
     sums, terms and gradients as separate passes 32-39 ms, streamed 20-27 ms)."""
 
-    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, sizes: list[int],
-                 eps: float, cc_eps: float):
+    def __init__(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        weight: torch.Tensor,
+        sizes: list[int],
+        eps: float,
+        cc_eps: float,
+    ):
         self.mod = _k()
         self.f, self.m, self.w = (_as_czyx(t)[0] for t in (fixed, moving, weight))
         sizes = [1] * (3 - len(sizes)) + list(sizes)  # 2D: a z axis of one voxel
@@ -321,8 +379,10 @@ class LocalCC:
 
     def _check_owner(self) -> None:
         if getattr(_WORK, "cc_owner", None) != self.token:
-            raise RuntimeError("a newer LocalCC on this thread reused this one's work arrays: evaluate the "
-                               "loss and its gradients before the next local CC")
+            raise RuntimeError(
+                "a newer LocalCC on this thread reused this one's work arrays: evaluate the "
+                "loss and its gradients before the next local CC"
+            )
 
     def loss(self, need_f: bool = False, need_m: bool = False) -> float:
         """``-Σ w·cc / Σ w``; with ``need_*`` also prepares that side's gradient terms (kept in this thread's
@@ -331,8 +391,21 @@ class LocalCC:
         self.token = _WORK.cc_owner = next(_TOKENS)
         self.terms = _scratch("cc_terms", (self.f.shape[0], nb_ch, *self.f.shape[1:]))  # plane-major
         per_slice = np.zeros(self.f.shape[0], np.float64)
-        self.mod.cc_forward(self.f, self.m, self.w, *self.ones, self.inv_n, self.eps, self.cc_eps,
-                            self.nslabs, self._ring("cc_ring", 6), self.terms, per_slice, need_f, need_m)
+        self.mod.cc_forward(
+            self.f,
+            self.m,
+            self.w,
+            *self.ones,
+            self.inv_n,
+            self.eps,
+            self.cc_eps,
+            self.nslabs,
+            self._ring("cc_ring", 6),
+            self.terms,
+            per_slice,
+            need_f,
+            need_m,
+        )
         self.need = (need_f, need_m)
         return -float(per_slice.sum()) / self.wsum
 
@@ -343,11 +416,25 @@ class LocalCC:
         gf = np.empty_like(self.f) if need_f else np.empty((1, 1, 1), np.float32)
         gm = np.empty_like(self.m) if need_m else np.empty((1, 1, 1), np.float32)
         if need_f or need_m:
-            self.mod.cc_backward(self.terms, self.f, self.m, self.w, *self.ones, self.inv_n,
-                                 scale / self.wsum, self.nslabs, self._ring("cc_ring_b", self.terms.shape[1]),
-                                 gf, gm, need_f, need_m)
-        return (torch.from_numpy(gf).reshape(self.shape) if need_f else None,
-                torch.from_numpy(gm).reshape(self.shape) if need_m else None)
+            self.mod.cc_backward(
+                self.terms,
+                self.f,
+                self.m,
+                self.w,
+                *self.ones,
+                self.inv_n,
+                scale / self.wsum,
+                self.nslabs,
+                self._ring("cc_ring_b", self.terms.shape[1]),
+                gf,
+                gm,
+                need_f,
+                need_m,
+            )
+        return (
+            torch.from_numpy(gf).reshape(self.shape) if need_f else None,
+            torch.from_numpy(gm).reshape(self.shape) if need_m else None,
+        )
 
 
 def warm_up() -> bool:

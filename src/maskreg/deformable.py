@@ -35,7 +35,6 @@ from maskreg.pyramid import gaussian_blur, gaussian_kernels, resample
 from maskreg.sampling import grid_sample
 from maskreg.stages import DEFORMABLE_DEFAULTS, DEFORMABLE_STAGES, TYPE_DEFAULTS  # noqa: F401 (defined there)
 
-
 # scaling and squaring inside the SyN iterations runs on a grid of about half the resolution once a level has
 # this many voxels (see FieldOps.exp_pair_in_iteration)
 COARSE_EXP_MIN_VOXELS = 1 << 16
@@ -64,12 +63,18 @@ class _AxisResampler:
     compiled kernel on the CPU; elsewhere taps made once here, so a call is ``index_select`` and ``lerp`` only
     (no host → device copy: graph-safe, see :mod:`maskreg.stepper`)."""
 
-    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], ratios: tuple[float, ...],
-                 offsets: tuple[float, ...], device: torch.device):
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        ratios: tuple[float, ...],
+        offsets: tuple[float, ...],
+        device: torch.device,
+    ):
         self.out_shape = tuple(out_shape)
         self.ratios, self.offsets = tuple(ratios), tuple(offsets)
         self.taps = []
-        for axis, (n_in, n_out, r, o) in enumerate(zip(in_shape, out_shape, ratios, offsets)):
+        for axis, (n_in, n_out, r, o) in enumerate(zip(in_shape, out_shape, ratios, offsets, strict=False)):
             if n_in == n_out and r == 1.0 and o == 0.0:
                 continue
             pos = np.clip(np.arange(n_out) * r + o, 0.0, n_in - 1)
@@ -77,8 +82,14 @@ class _AxisResampler:
             i1 = np.minimum(i0 + 1, n_in - 1)
             view = [1] * (len(in_shape) + 2)
             view[2 + axis] = n_out
-            self.taps.append((2 + axis, torch.as_tensor(i0, device=device), torch.as_tensor(i1, device=device),
-                              torch.as_tensor(pos - i0, dtype=torch.float32, device=device).reshape(view)))
+            self.taps.append(
+                (
+                    2 + axis,
+                    torch.as_tensor(i0, device=device),
+                    torch.as_tensor(i1, device=device),
+                    torch.as_tensor(pos - i0, dtype=torch.float32, device=device).reshape(view),
+                )
+            )
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.enabled(t):
@@ -105,23 +116,33 @@ class FieldOps:
         self.coarse: FieldOps | None = None
         if coarse_exp and grid.voxel_count() >= COARSE_EXP_MIN_VOXELS:
             fine = min(grid.spacing)
-            halve = tuple(n >= 32 and s <= 2.0 * fine for n, s in zip(grid.size, grid.spacing))  # x-first
+            halve = tuple(n >= 32 and s <= 2.0 * fine for n, s in zip(grid.size, grid.spacing, strict=False))  # x-first
             if any(halve):
                 # every other voxel of the lattice anchored at the world origin (Grid.lattice_pads): coarse point j
                 # is fine voxel 2j - p (p = 0 or 1), from at or before the first voxel to at or past the last, so
                 # a box cut from a larger grid, or a crop of the image, gets the same coarse points
                 pads = grid.lattice_pads(tuple(2 if h else 1 for h in halve))
-                size = tuple(math.ceil((n - 1 + p) / 2) + 1 if h else n for n, p, h in zip(grid.size, pads, halve))
-                spacing = tuple(2.0 * s if h else s for s, h in zip(grid.spacing, halve))
+                size = tuple(
+                    math.ceil((n - 1 + p) / 2) + 1 if h else n for n, p, h in zip(grid.size, pads, halve, strict=False)
+                )
+                spacing = tuple(2.0 * s if h else s for s, h in zip(grid.spacing, halve, strict=False))
                 origin = grid.index_to_physical()[:dim] @ np.append(-np.asarray(pads, dtype=np.float64), 1.0)
                 self.coarse = FieldOps(Grid(size, spacing, tuple(float(v) for v in origin), grid.direction), device)
                 p_t, h_t = tuple(reversed(pads)), tuple(reversed(halve))  # tensor order
-                self._to_coarse = _AxisResampler(grid.shape, self.coarse.grid.shape,
-                                                 tuple(2.0 if h else 1.0 for h in h_t),
-                                                 tuple(-float(p) for p in p_t), device)
-                self._to_fine = _AxisResampler(self.coarse.grid.shape, grid.shape,
-                                               tuple(0.5 if h else 1.0 for h in h_t),
-                                               tuple(p / 2.0 for p in p_t), device)
+                self._to_coarse = _AxisResampler(
+                    grid.shape,
+                    self.coarse.grid.shape,
+                    tuple(2.0 if h else 1.0 for h in h_t),
+                    tuple(-float(p) for p in p_t),
+                    device,
+                )
+                self._to_fine = _AxisResampler(
+                    self.coarse.grid.shape,
+                    grid.shape,
+                    tuple(0.5 if h else 1.0 for h in h_t),
+                    tuple(p / 2.0 for p in p_t),
+                    device,
+                )
 
     @functools.cached_property
     def identity(self) -> torch.Tensor:
@@ -181,7 +202,7 @@ class FieldOps:
         is how :meth:`exp_pair` gets ``exp(±v)`` at once (on the CPU ``grid_sample`` runs one thread per
         batch item, so a batch of two uses two cores; on CUDA it halves the launches)."""
         n = self.squarings(self.max_voxels(v), max_step_vox) if squarings is None else squarings
-        return self._square(v / (2 ** n), n)
+        return self._square(v / (2**n), n)
 
     def _square(self, u: torch.Tensor, n: int) -> torch.Tensor:
         """``u`` composed with itself ``n`` times over (``exp``'s squarings of a first step ``u``)."""
@@ -189,8 +210,9 @@ class FieldOps:
             u = self.compose(u, u)
         return u
 
-    def exp_pair(self, v: torch.Tensor, squarings: int | None = None, scale: float = 1.0
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def exp_pair(
+        self, v: torch.Tensor, squarings: int | None = None, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(exp(-s v), exp(s v))`` (``s = scale``) of one field ``[1, dim, *shape]`` in one batched scaling and
         squaring. The scale, the sign and the first step's ``2⁻ⁿ`` are one multiplication (exact for powers of
         two, so ``exp_pair(v, n, 0.5)`` is ``exp_pair(0.5 * v, n)`` to the bit)."""
@@ -201,7 +223,7 @@ class FieldOps:
     def _exp_both(self, v: torch.Tensor, n: int, scale: float) -> torch.Tensor:
         """``[exp(-s v), exp(s v)]`` as one ``[2, dim, *shape]`` tensor, ``n`` squarings."""
         first = torch.empty(2, *v.shape[1:], dtype=v.dtype, device=v.device)
-        step = scale / 2 ** n
+        step = scale / 2**n
         torch.mul(v, -step, out=first[:1])
         torch.mul(v, step, out=first[1:])
         return self._square(first, n)
@@ -210,11 +232,12 @@ class FieldOps:
         """Squarings :meth:`exp_pair_in_iteration` needs for a field of ``vmax_vox`` voxels (this grid's)."""
         if self.coarse is None:
             return self.squarings(vmax_vox)
-        ratio = min(c / f for c, f in zip(self.coarse.grid.spacing, self.grid.spacing))
+        ratio = min(c / f for c, f in zip(self.coarse.grid.spacing, self.grid.spacing, strict=False))
         return self.squarings(vmax_vox / ratio)
 
-    def exp_pair_in_iteration(self, v: torch.Tensor, squarings: int, scale: float = 1.0
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def exp_pair_in_iteration(
+        self, v: torch.Tensor, squarings: int, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`exp_pair` (``exp(∓scale · v)``) as the SyN iterations use it. On a large grid (``coarse_exp``)
         the scaling and squaring runs on every other voxel per axis (1/8 of the voxels in 3D), on the lattice
         anchored at the world origin rather than on the box's corners, and the results are interpolated back:
@@ -239,8 +262,16 @@ class FieldOps:
             return u
         return gaussian_blur(u, tuple([sigma_vox] * self.dim))
 
-    def update(self, field: torch.Tensor, g: torch.Tensor, step: torch.Tensor, fluid: float, elastic: float,
-               additive: bool, vmax: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        field: torch.Tensor,
+        g: torch.Tensor,
+        step: torch.Tensor,
+        fluid: float,
+        elastic: float,
+        additive: bool,
+        vmax: torch.Tensor | None = None,
+    ) -> None:
         """One deformable update in place: ``d = G_fluid * (-g)`` scaled so its longest vector is ``step``
         voxels (a 1-element tensor; none where ``d`` is 0), then ``field ← G_elastic * (field + d)`` (``additive``:
         SyN's velocity) or ``G_elastic * (field ∘ d)`` (greedy); ``vmax`` (0-dim) receives the new field's
@@ -259,7 +290,7 @@ class FieldOps:
         if vmax is not None:
             vmax.copy_(self.max_voxels_t(field))
 
-    def upsample(self, u: torch.Tensor, target: "FieldOps") -> torch.Tensor:
+    def upsample(self, u: torch.Tensor, target: FieldOps) -> torch.Tensor:
         """A field of this grid resampled on ``target``'s grid (values stay in mm)."""
         if target.grid == self.grid:
             return u
@@ -278,9 +309,11 @@ def jacobian_determinant(u: torch.Tensor, ops: FieldOps) -> torch.Tensor:
     if dim == 2:
         det = m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]
     else:  # cofactor expansion along the first row: elementwise, no batched LU of millions of 3x3 matrices
-        det = (m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
-               - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
-               + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0]))
+        det = (
+            m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
+            - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
+            + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0])
+        )
     return det[:, None]
 
 

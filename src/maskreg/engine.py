@@ -12,8 +12,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -89,8 +90,10 @@ class RegistrationResult:
 
     def _field_images(self) -> tuple[sitk.Image, sitk.Image] | None:
         if self._images is None and self._fields is not None:
-            self._images = (field_image(self._fields[0], self.fixed_grid),
-                            field_image(self._fields[1], self.fixed_grid))
+            self._images = (
+                field_image(self._fields[0], self.fixed_grid),
+                field_image(self._fields[1], self.fixed_grid),
+            )
             self._fields = None  # the tensors (GPU memory on CUDA) are no longer needed
         return self._images
 
@@ -131,15 +134,20 @@ class RegistrationResult:
         """A JSON-ready report (no loss traces longer than needed)."""
         last = self.stages[-1].levels[-1] if self.stages and self.stages[-1].levels else None
         return {
-            "device": self.device, "seconds": round(self.seconds, 3), "phase_seconds": self.phase_seconds,
+            "device": self.device,
+            "seconds": round(self.seconds, 3),
+            "phase_seconds": self.phase_seconds,
             "overlap_voxels": last.overlap_voxels if last else None,
             "overlap_fraction": last.overlap_fraction if last else None,
             "deformable": self.has_fields,
             "initial_nonlinear": self.initial_nonlinear,
             "jacobian_min": self.jacobian_min,
             "jacobian_nonpositive_fraction": self.jacobian_nonpositive_fraction,
-            "linear": {"matrix": self.linear.matrix.tolist(), "translation": self.linear.translation.tolist(),
-                       "center": self.linear.center.tolist()},
+            "linear": {
+                "matrix": self.linear.matrix.tolist(),
+                "translation": self.linear.translation.tolist(),
+                "center": self.linear.center.tolist(),
+            },
             "stages": [asdict(s) for s in self.stages],
         }
 
@@ -152,8 +160,10 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise MaskregError("device 'cuda' was requested but this machine has no usable CUDA device; set "
-                           "device: auto or cpu in the config.")
+        raise MaskregError(
+            "device 'cuda' was requested but this machine has no usable CUDA device; set "
+            "device: auto or cpu in the config."
+        )
     if requested in ("auto", "cuda"):
         n = torch.cuda.device_count()
         if n <= 1:
@@ -170,23 +180,30 @@ def _to_tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
 
 def _check_pair(fixed: sitk.Image, moving: sitk.Image, subject: str | None) -> None:
     if fixed.GetDimension() != moving.GetDimension():
-        raise InputError(f"{where(subject)}the fixed image is {fixed.GetDimension()}D but the moving image is "
-                         f"{moving.GetDimension()}D; both must have the same dimension.")
+        raise InputError(
+            f"{where(subject)}the fixed image is {fixed.GetDimension()}D but the moving image is "
+            f"{moving.GetDimension()}D; both must have the same dimension."
+        )
     for role, img in (("fixed", fixed), ("moving", moving)):
         arr = sitk.GetArrayViewFromImage(img)
         if float(arr.max()) == float(arr.min()):
-            raise InputError(f"{where(subject, role)}image is constant ({float(arr.min())}); there is nothing "
-                             f"to register. Check the file (an empty or all-background export?) or remove the "
-                             f"subject from the cohort.")
+            raise InputError(
+                f"{where(subject, role)}image is constant ({float(arr.min())}); there is nothing "
+                f"to register. Check the file (an empty or all-background export?) or remove the "
+                f"subject from the cohort."
+            )
 
 
-def _mask_tensor(mask: sitk.Image | None, image: sitk.Image, device: torch.device, subject: str | None,
-                 role: str) -> torch.Tensor:
+def _mask_tensor(
+    mask: sitk.Image | None, image: sitk.Image, device: torch.device, subject: str | None, role: str
+) -> torch.Tensor:
     if mask is None:
         return torch.ones((1, 1, *Grid.of(image).shape), device=device)
     if Grid.of(mask).size != Grid.of(image).size:
-        raise InputError(f"{where(subject, role)}mask size {mask.GetSize()} differs from its image's "
-                         f"{image.GetSize()}; prepare masks on the image grid first (maskreg mask).")
+        raise InputError(
+            f"{where(subject, role)}mask size {mask.GetSize()} differs from its image's "
+            f"{image.GetSize()}; prepare masks on the image grid first (maskreg mask)."
+        )
     t = (_to_tensor(mask, device) > 0).float()
     if float(t.sum()) == 0:
         raise InputError(f"{where(subject, role)}mask is empty (all zeros).")
@@ -232,8 +249,7 @@ class _Problem:
         self.center = com  # (dim,) float64, LPS mm
         self.radius = max(math.sqrt(max(float(np.trace(cov)), 0.0)), 1.0)  # RMS distance from the centre, mm
 
-    def levels(self, scale: int, sigma: float | None, use: tuple[bool, bool] = (True, True)
-               ) -> tuple[Level, Level]:
+    def levels(self, scale: int, sigma: float | None, use: tuple[bool, bool] = (True, True)) -> tuple[Level, Level]:
         """The (fixed, moving) pyramid levels at shrink ``scale``; ``use`` says which side's mask the stage uses
         (a side whose mask is not used gets an all-ones one).
 
@@ -248,21 +264,27 @@ class _Problem:
         key = (scale, sigma, tuple(use))
         if key not in self._levels:
             masks = (self.fm if use[0] else self.ones_f, self.mm if use[1] else self.ones_m)
-            within = tuple(m if self.kinds[role] == "valid" else None for m, role in zip(masks, ("fixed", "moving")))
+            within = tuple(
+                m if self.kinds[role] == "valid" else None for m, role in zip(masks, ("fixed", "moving"), strict=False)
+            )
             fl = make_level(self.f, masks[0], self.fgrid, scale, sigma, smooth_within=within[0])
             target = min(fl.grid.spacing) if scale > 1 else None
-            ml = make_level(self.m, masks[1], self.mgrid, scale, sigma, target_min_spacing=target,
-                            smooth_within=within[1])
-            for role, lev, full, grid, used in (("fixed", fl, masks[0], self.fgrid, use[0]),
-                                                ("moving", ml, masks[1], self.mgrid, use[1])):
+            ml = make_level(
+                self.m, masks[1], self.mgrid, scale, sigma, target_min_spacing=target, smooth_within=within[1]
+            )
+            for role, lev, full, grid, used in (
+                ("fixed", fl, masks[0], self.fgrid, use[0]),
+                ("moving", ml, masks[1], self.mgrid, use[1]),
+            ):
                 if used and self.kinds[role] == "valid":
                     radii = tuple(reversed(valid_mask_radii(lev.factors, role)))
                     lev.mask = downsample_mask(erode_voxels(full, radii), grid, lev.grid, lev.factors)
             self._levels[key] = (fl, ml)
         return self._levels[key]
 
-    def normalised(self, level_key: tuple, loss_name: str, linear: LinearTransform
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def normalised(
+        self, level_key: tuple, loss_name: str, linear: LinearTransform
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The level's images with normalised intensities (:func:`_normalised_intensities`; the moving side's
         scale from what ``linear``, the fixed → moving transform when the level is first used, brings into the
         fixed mask), cached: the stages of a registration share them."""
@@ -271,8 +293,9 @@ class _Problem:
             self._normalised[key] = _normalised_intensities(*self.levels(*level_key), loss_name, linear)
         return self._normalised[key]
 
-    def point_loss(self, level_key: tuple, loss_name: str, fraction: float, seed: int,
-                   linear: LinearTransform) -> PointLoss:
+    def point_loss(
+        self, level_key: tuple, loss_name: str, fraction: float, seed: int, linear: LinearTransform
+    ) -> PointLoss:
         """The level's :class:`PointLoss` (jittered points drawn from ``seed``), cached: the linear stages of a
         registration evaluate their pointwise losses at the same points, and build the gradient images once."""
         key = (level_key, loss_name == "mse", fraction, seed)
@@ -289,12 +312,16 @@ class _Problem:
         fa = sitk.GetArrayFromImage(fixed_labels)
         ma = sitk.GetArrayFromImage(moving_labels)
         if fa.shape != self.fgrid.shape or ma.shape != self.mgrid.shape:
-            raise InputError(f"{where(self.subject)}label maps must lie on their images' grids (fixed labels "
-                             f"{fixed_labels.GetSize()}, moving labels {moving_labels.GetSize()}).")
+            raise InputError(
+                f"{where(self.subject)}label maps must lie on their images' grids (fixed labels "
+                f"{fixed_labels.GetSize()}, moving labels {moving_labels.GetSize()})."
+            )
         common = sorted(set(np.unique(fa).tolist()) & set(np.unique(ma).tolist()) - {0})
         if not common:
-            raise InputError(f"{where(self.subject)}the label maps have no label in common, so the label term "
-                             f"has nothing to match (set label_weight: 0 or check the label maps).")
+            raise InputError(
+                f"{where(self.subject)}the label maps have no label in common, so the label term "
+                f"has nothing to match (set label_weight: 0 or check the label maps)."
+            )
         onehot = lambda a: torch.stack([torch.from_numpy((a == v).astype(np.float32)) for v in common])  # noqa
         self.labels = (onehot(fa)[None].to(self.device), onehot(ma)[None].to(self.device))
         return common
@@ -304,8 +331,10 @@ class _Problem:
         key = (fl.grid, ml.grid)
         if key not in self._label_levels:
             assert self.labels is not None
-            self._label_levels[key] = (downsample_mask(self.labels[0], self.fgrid, fl.grid, fl.factors),
-                                       downsample_mask(self.labels[1], self.mgrid, ml.grid, ml.factors))
+            self._label_levels[key] = (
+                downsample_mask(self.labels[0], self.fgrid, fl.grid, fl.factors),
+                downsample_mask(self.labels[1], self.mgrid, ml.grid, ml.factors),
+            )
         return self._label_levels[key]
 
 
@@ -320,8 +349,10 @@ def soft_dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, w: t
 def _level_maps(fixed_grid: Grid, moving_grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed-side grid's normalised → physical and the moving level's physical → normalised matrices
     (homogeneous, float32), computed once per level (the fixed side: a level's grid or its ROI box)."""
-    return (torch.as_tensor(fixed_grid.normalised_to_physical(), dtype=torch.float32, device=device),
-            torch.as_tensor(moving_grid.physical_to_normalised(), dtype=torch.float32, device=device))
+    return (
+        torch.as_tensor(fixed_grid.normalised_to_physical(), dtype=torch.float32, device=device),
+        torch.as_tensor(moving_grid.physical_to_normalised(), dtype=torch.float32, device=device),
+    )
 
 
 def _theta(h: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor], dim: int) -> torch.Tensor:
@@ -330,8 +361,9 @@ def _theta(h: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor], dim: int) -
     return (p_m @ h @ n_f)[None, :dim]
 
 
-def _normalised_intensities(fl: Level, ml: Level, loss_name: str, linear: LinearTransform
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalised_intensities(
+    fl: Level, ml: Level, loss_name: str, linear: LinearTransform
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Both level images mapped to about [0, 1] by robust percentiles (:func:`intensity_scale`) of the values the
     loss compares: the fixed image inside its mask, and the moving image where ``linear`` (fixed → moving
     points) takes the fixed mask, inside the moving mask and the moving image (:func:`_moving_sampled_values`).
@@ -358,8 +390,7 @@ def _normalised_intensities(fl: Level, ml: Level, loss_name: str, linear: Linear
 SCALE_POINTS = 100_000
 
 
-def _moving_sampled_values(fl: Level, ml: Level, linear: LinearTransform, min_points: int = 64
-                           ) -> torch.Tensor | None:
+def _moving_sampled_values(fl: Level, ml: Level, linear: LinearTransform, min_points: int = 64) -> torch.Tensor | None:
     """The moving level image's values ``[N]`` at the fixed level's mask voxels mapped by ``linear`` (fixed →
     moving points, physical LPS mm; trilinear), where they land inside the moving image and its mask (> 0.5);
     at most :data:`SCALE_POINTS` voxels, evenly strided. ``None`` when fewer than ``min_points`` land there."""
@@ -367,8 +398,11 @@ def _moving_sampled_values(fl: Level, ml: Level, linear: LinearTransform, min_po
     idx = torch.nonzero(fl.mask[0, 0] > 0)  # tensor order (z, y, x)
     if idx.shape[0] > SCALE_POINTS:
         idx = idx[:: -(-idx.shape[0] // SCALE_POINTS)]
-    a = torch.as_tensor((ml.grid.physical_to_normalised() @ linear.homogeneous() @ fl.grid.index_to_physical())[:dim],
-                        dtype=torch.float32, device=idx.device)
+    a = torch.as_tensor(
+        (ml.grid.physical_to_normalised() @ linear.homogeneous() @ fl.grid.index_to_physical())[:dim],
+        dtype=torch.float32,
+        device=idx.device,
+    )
     pts = idx.flip(1).to(torch.float32) @ a[:, :dim].T + a[:, dim]  # moving normalised (x, y[, z])
     grid = pts.reshape(1, -1, *([1] * (dim - 1)), dim)
     sampled, ins = grid_sample_inside(torch.cat([ml.image, ml.mask], 1), grid)
@@ -431,8 +465,9 @@ def _overlap(sampler_dense: _Sampler, h: torch.Tensor, fixed_mask_sum: float) ->
     return total, int((w > 0.5).sum()), total / max(fixed_mask_sum, 1e-9)
 
 
-def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None,
-             alternatives: list[LinearTransform] | None = None) -> LinearTransform:
+def _moments(
+    prob: _Problem, start: LinearTransform, stage: dict | None = None, alternatives: list[LinearTransform] | None = None
+) -> LinearTransform:
     """Translate so the mask-weighted intensity centres of mass correspond: ``T(com_f) = com_m``.
 
     When only one image has a mask (an all-ones mask is none), its masked centre and the other image's whole
@@ -462,6 +497,7 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None,
 
     def translated(com_f, com_m) -> LinearTransform:
         return LinearTransform(start.matrix, start.translation + com_m - start.apply(com_f[None])[0], start.center)
+
     use = mask_use(stage)
     fm, mm = (prob.fm if use[0] else prob.ones_f), (prob.mm if use[1] else prob.ones_m)
     pairs = [(moments(prob.f, fm, prob.fgrid), moments(prob.m, mm, prob.mgrid))]
@@ -486,21 +522,29 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None,
                 h = torch.as_tensor(cand.homogeneous(), dtype=torch.float32, device=prob.device)
                 fv, wv, w = dense(h)
                 ok = float(w.sum()) >= 0.25 * float(fl.mask.sum())  # a candidate must keep a fair overlap
-                scores.append(float(loss_fn(fv, wv, w, window=int(stage.get("window", 5)),
-                                            bins=int(stage.get("bins", 32)))) if ok else math.inf)
+                scores.append(
+                    float(loss_fn(fv, wv, w, window=int(stage.get("window", 5)), bins=int(stage.get("bins", 32))))
+                    if ok
+                    else math.inf
+                )
         return int(np.argmin(scores)), scores
 
     (com_f, cov_f), (com_m, cov_m) = pairs[0]
     if one_sided:
         names = ["masked centre against whole centre", "whole centres", "the start's"]
         best, scores = best_of([translated(cf, cm) for (cf, _), (cm, _) in pairs] + [start])
-        log.info("%sstage moments: a mask on one side only; translations scored by %s: %s; kept %s",
-                 where(prob.subject), loss_name, ", ".join(f"{n} {v:.4g}" for n, v in zip(names, scores)),
-                 names[best])
+        log.info(
+            "%sstage moments: a mask on one side only; translations scored by %s: %s; kept %s",
+            where(prob.subject),
+            loss_name,
+            ", ".join(f"{n} {v:.4g}" for n, v in zip(names, scores, strict=False)),
+            names[best],
+        )
         translations = [translated(cf, cm) for (cf, _), (cm, _) in pairs] + [start]
         if alternatives is not None:  # the next linear stage refines these too and keeps the best optimum
-            alternatives.extend(translations[i] for i in np.argsort(scores, kind="stable")
-                                if i != best and np.isfinite(scores[i]))
+            alternatives.extend(
+                translations[i] for i in np.argsort(scores, kind="stable") if i != best and np.isfinite(scores[i])
+            )
         if best == 2:  # the start's alignment: no centres to turn the axes about
             return start
         (com_f, cov_f), (com_m, cov_m) = pairs[best]
@@ -509,10 +553,16 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None,
         return out
     ev_f, v_f = np.linalg.eigh(cov_f)
     ev_m, v_m = np.linalg.eigh(cov_m)
-    if min(ev_f[1:] / np.maximum(ev_f[:-1], 1e-12)).item() < 1 / 0.95 or \
-            min(ev_m[1:] / np.maximum(ev_m[:-1], 1e-12)).item() < 1 / 0.95:
-        log.info("%sstage moments: principal axes not distinct (moments %s, %s); rotation skipped",
-                 where(prob.subject), np.array2string(ev_f, precision=1), np.array2string(ev_m, precision=1))
+    if (
+        min(ev_f[1:] / np.maximum(ev_f[:-1], 1e-12)).item() < 1 / 0.95
+        or min(ev_m[1:] / np.maximum(ev_m[:-1], 1e-12)).item() < 1 / 0.95
+    ):
+        log.info(
+            "%sstage moments: principal axes not distinct (moments %s, %s); rotation skipped",
+            where(prob.subject),
+            np.array2string(ev_f, precision=1),
+            np.array2string(ev_m, precision=1),
+        )
         return out
     candidates = [out]
     for signs in np.array(np.meshgrid(*[[1.0, -1.0]] * dim)).reshape(dim, -1).T:
@@ -524,9 +574,15 @@ def _moments(prob: _Problem, start: LinearTransform, stage: dict | None = None,
     best, scores = best_of(candidates)
     rel = candidates[best].matrix @ np.linalg.inv(start.matrix)
     angle = math.degrees(math.acos(float(np.clip((np.trace(rel) - (dim - 2)) / 2, -1.0, 1.0))))
-    log.info("%sstage moments: principal axes, %d candidate rotations scored by %s (%s); kept %s (%.1f°)",
-             where(prob.subject), len(candidates), loss_name, ", ".join(f"{v:.4g}" for v in scores),
-             "the translation only" if best == 0 else f"candidate {best}", angle)
+    log.info(
+        "%sstage moments: principal axes, %d candidate rotations scored by %s (%s); kept %s (%.1f°)",
+        where(prob.subject),
+        len(candidates),
+        loss_name,
+        ", ".join(f"{v:.4g}" for v in scores),
+        "the translation only" if best == 0 else f"candidate {best}",
+        angle,
+    )
     return candidates[best]
 
 
@@ -538,7 +594,7 @@ def _plateau(trace: torch.Tensor, it: int, tol: float, window: int = PLATEAU_WIN
     than the fraction ``tol`` (checked every 5 iterations, so the host reads the device trace rarely)."""
     if tol <= 0 or it < 2 * window or it % 5:
         return False
-    recent = trace[it - 2 * window: it].cpu()
+    recent = trace[it - 2 * window : it].cpu()
     prev, last = float(recent[:window].mean()), float(recent[window:].mean())
     return (prev - last) / (abs(prev) + 1e-12) < tol
 
@@ -554,7 +610,7 @@ def level_min_overlap(min_overlap: int, fixed_mask_sum: float, per_voxel: float 
     return min(float(min_overlap) / per_voxel, 0.5 * fixed_mask_sum)
 
 
-def voxels_per_level_voxel(prob: "_Problem", grid: Grid) -> float:
+def voxels_per_level_voxel(prob: _Problem, grid: Grid) -> float:
     """How many full-resolution fixed voxels one voxel of ``grid`` (a level of the fixed image) holds."""
     return float(np.prod(grid.spacing) / np.prod(prob.fgrid.spacing))
 
@@ -563,37 +619,60 @@ def _needed_text(need: float, min_overlap: int, per_voxel: float = 1.0) -> str:
     if need >= min_overlap / per_voxel - 1e-9:
         if per_voxel <= 1:
             return f"{need:.4g} are needed (min_overlap_voxels)"
-        return (f"{need:.4g} are needed (min_overlap_voxels = {min_overlap} full-resolution voxels, "
-                f"{per_voxel:.3g} in each voxel of this level)")
-    return (f"{need:.4g} are needed (half the fixed mask at this level, which is smaller than "
-            f"min_overlap_voxels = {min_overlap})")
+        return (
+            f"{need:.4g} are needed (min_overlap_voxels = {min_overlap} full-resolution voxels, "
+            f"{per_voxel:.3g} in each voxel of this level)"
+        )
+    return (
+        f"{need:.4g} are needed (half the fixed mask at this level, which is smaller than "
+        f"min_overlap_voxels = {min_overlap})"
+    )
 
 
-def _check_start_overlap(prob: "_Problem", level_name: str, ow: float, fixed_mask_sum: float,
-                         min_overlap: int, per_voxel: float = 1.0) -> None:
+def _check_start_overlap(
+    prob: _Problem, level_name: str, ow: float, fixed_mask_sum: float, min_overlap: int, per_voxel: float = 1.0
+) -> None:
     """Raise :class:`OverlapError` when a level starts with too little overlap; the advice depends on whether
     an earlier level had enough (then the optimisation, not the input, lost it)."""
     need = level_min_overlap(min_overlap, fixed_mask_sum, per_voxel)
     if ow >= need:
         return
-    head = (f"{where(prob.subject)}{level_name}: only {ow:.0f} effective voxels of the fixed mask map inside the "
-            f"moving image and its mask ({100 * ow / max(fixed_mask_sum, 1e-9):.1f}% of the fixed mask); at least "
-            f"{_needed_text(need, min_overlap, per_voxel)}. ")
+    head = (
+        f"{where(prob.subject)}{level_name}: only {ow:.0f} effective voxels of the fixed mask map inside the "
+        f"moving image and its mask ({100 * ow / max(fixed_mask_sum, 1e-9):.1f}% of the fixed mask); at least "
+        f"{_needed_text(need, min_overlap, per_voxel)}. "
+    )
     if prob.last_level is None:
         raise OverlapError(head + "Check the initial alignment, the masks and the fields of view.")
     name, fraction = prob.last_level
-    raise OverlapError(head + f"The overlap was {100 * fraction:.1f}% of the fixed mask at the end of {name}, "
-                       + _LOST_OVERLAP)
+    raise OverlapError(
+        head + f"The overlap was {100 * fraction:.1f}% of the fixed mask at the end of {name}, " + _LOST_OVERLAP
+    )
 
 
-_LOST_OVERLAP = ("so the optimisation moved the fixed mask off the moving image or its mask: the loss fell by "
-                 "shrinking the overlap (typical of mse between different subjects or contrasts, or of a too "
-                 "high learning_rate). Use cc or mi, a lower learning_rate, or masks that exclude what differs.")
+_LOST_OVERLAP = (
+    "so the optimisation moved the fixed mask off the moving image or its mask: the loss fell by "
+    "shrinking the overlap (typical of mse between different subjects or contrasts, or of a too "
+    "high learning_rate). Use cc or mi, a lower learning_rate, or masks that exclude what differs."
+)
 
 
-def _finish_level(prob: "_Problem", report: StageReport, level_name: str, grid: Grid, scale, it: int,
-                  trace: torch.Tensor, overlap: tuple[float, int], fixed_mask_sum: float, t0: float,
-                  converged: bool, loss_name: str, start_overlap: float, min_overlap: int) -> None:
+def _finish_level(
+    prob: _Problem,
+    report: StageReport,
+    level_name: str,
+    grid: Grid,
+    scale,
+    it: int,
+    trace: torch.Tensor,
+    overlap: tuple[float, int],
+    fixed_mask_sum: float,
+    t0: float,
+    converged: bool,
+    loss_name: str,
+    start_overlap: float,
+    min_overlap: int,
+) -> None:
     """Record a level's report (loss trace, ``overlap`` at its end: sum of weights and voxels with weight > 0.5,
     time) and log its one line; raise :class:`OverlapError` when the level ends with less overlap than
     ``min_overlap`` (it started with more)."""
@@ -602,20 +681,41 @@ def _finish_level(prob: "_Problem", report: StageReport, level_name: str, grid: 
     per_voxel = voxels_per_level_voxel(prob, grid)
     need = level_min_overlap(min_overlap, fixed_mask_sum, per_voxel)
     if ow < need:
-        raise OverlapError(f"{where(prob.subject)}{level_name}: the overlap fell from {start_overlap:.0f} effective "
-                           f"voxels at the start of the level to {ow:.0f} after {it} iterations; at least "
-                           f"{_needed_text(need, min_overlap, per_voxel)}. The loss went from "
-                           f"{losses[0] if losses else math.nan:.5g} to {losses[-1] if losses else math.nan:.5g}, "
-                           + _LOST_OVERLAP)
+        raise OverlapError(
+            f"{where(prob.subject)}{level_name}: the overlap fell from {start_overlap:.0f} effective "
+            f"voxels at the start of the level to {ow:.0f} after {it} iterations; at least "
+            f"{_needed_text(need, min_overlap, per_voxel)}. The loss went from "
+            f"{losses[0] if losses else math.nan:.5g} to {losses[-1] if losses else math.nan:.5g}, " + _LOST_OVERLAP
+        )
     prob.last_level = (level_name, ow / max(fixed_mask_sum, 1e-9))
-    rep = LevelReport(int(scale), list(grid.shape), it, losses[0] if losses else math.nan,
-                      losses[-1] if losses else math.nan, round(ow, 1), ov, round(ow / max(fixed_mask_sum, 1e-9), 4),
-                      round(time.perf_counter() - t0, 3), converged, [round(v, 6) for v in losses])
+    rep = LevelReport(
+        int(scale),
+        list(grid.shape),
+        it,
+        losses[0] if losses else math.nan,
+        losses[-1] if losses else math.nan,
+        round(ow, 1),
+        ov,
+        round(ow / max(fixed_mask_sum, 1e-9), 4),
+        round(time.perf_counter() - t0, 3),
+        converged,
+        [round(v, 6) for v in losses],
+    )
     report.levels.append(rep)
-    log.info("%s%s, grid %s: %d iterations%s, %s %.5f -> %.5f, overlap %.0f voxels (%.1f%% of the fixed "
-             "mask), %.2f s", where(prob.subject), level_name, "x".join(map(str, grid.size)), it,
-             " (converged)" if converged else "", loss_name, rep.loss_first, rep.loss_last, ow,
-             100 * rep.overlap_fraction, rep.seconds)
+    log.info(
+        "%s%s, grid %s: %d iterations%s, %s %.5f -> %.5f, overlap %.0f voxels (%.1f%% of the fixed mask), %.2f s",
+        where(prob.subject),
+        level_name,
+        "x".join(map(str, grid.size)),
+        it,
+        " (converged)" if converged else "",
+        loss_name,
+        rep.loss_first,
+        rep.loss_last,
+        ow,
+        100 * rep.overlap_fraction,
+        rep.seconds,
+    )
 
 
 def _interactive() -> bool:
@@ -635,8 +735,9 @@ class _Adam:
     :mod:`maskreg.stepper`). Not ``torch.optim``: creating its first optimizer imports ``torch._dynamo`` and
     sympy, 1.6 s of every job."""
 
-    def __init__(self, p: torch.Tensor, lrs: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
+    def __init__(
+        self, p: torch.Tensor, lrs: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ):
         self.p, self.lrs, self.b1, self.b2, self.eps = p, lrs, betas[0], betas[1], eps
         self.m = torch.zeros_like(p)
         self.v = torch.zeros_like(p)
@@ -669,15 +770,16 @@ class _RegularStep:
 
     RELAXATION = 0.5
     # a level has converged once its step is below 2⁻⁵ of the first (five halvings; the cosine cap alone never
-    # gets there, it ends at 5 %): the optimum is then known to 1/128 voxel at learning_rate 0.25 voxel. On the 2 mm brain pairs of bench_linear.py 4, 5 and 6
-    # halvings gave the same accuracy (known pair 0.015-0.018 mm, Dice within 0.003) and 5 took 0.6-0.8 s where
+    # gets there, it ends at 5 %): the optimum is then known to 1/128 voxel at learning_rate 0.25 voxel. On the
+    # 2 mm brain pairs of bench_linear.py 4, 5 and 6 halvings gave the same accuracy (known pair 0.015-0.018 mm,
+    # Dice within 0.003) and 5 took 0.6-0.8 s where
     # the plateau test alone took 0.9-1.2 s
     MIN_STEP_HALVINGS = 5
 
     def __init__(self, p: torch.Tensor, lrs: torch.Tensor):
         self.p, self.lrs = p, lrs
         self.step_len = lrs[0].clone()
-        self.min_step = float(lrs[0]) * self.RELAXATION ** self.MIN_STEP_HALVINGS
+        self.min_step = float(lrs[0]) * self.RELAXATION**self.MIN_STEP_HALVINGS
         self.prev = torch.zeros_like(p)
         self.t = torch.zeros(1, dtype=torch.long, device=p.device)
 
@@ -697,8 +799,9 @@ class _RegularStep:
 
 def _schedule(lr: float, n_it: int, device: torch.device) -> torch.Tensor:
     """:func:`_cosine` step sizes of iterations 1..n_it as a tensor on ``device`` (one copy per level)."""
-    return torch.tensor([_cosine(lr, it, n_it) for it in range(1, max(n_it, 1) + 1)], dtype=torch.float32,
-                        device=device)
+    return torch.tensor(
+        [_cosine(lr, it, n_it) for it in range(1, max(n_it, 1) + 1)], dtype=torch.float32, device=device
+    )
 
 
 @dataclass
@@ -719,9 +822,16 @@ class _LinearRun:
         return int(self.stage["scales"][li]), sigmas[li], mask_use(self.stage)
 
 
-def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampling, min_overlap: int,
-                      seed: int, report: StageReport, alternatives: Sequence[LinearTransform] = ()
-                      ) -> LinearTransform:
+def _run_linear_stage(
+    prob: _Problem,
+    stage: dict,
+    start: LinearTransform,
+    sampling,
+    min_overlap: int,
+    seed: int,
+    report: StageReport,
+    alternatives: Sequence[LinearTransform] = (),
+) -> LinearTransform:
     """A linear stage from ``start`` (fixed → moving points), level by level; its first level also refines
     ``alternatives`` and the poses of a ``search`` (:func:`_refined_first_level`)."""
     kind = stage["type"]
@@ -729,8 +839,10 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
     random_n = sampling.get("random") if isinstance(sampling, dict) else None
     fraction = float(sampling.get("fraction", 1.0)) if isinstance(sampling, dict) else 1.0
     if random_n and loss_name in NEEDS_DENSE:
-        raise MaskregError(f"stage {kind}: loss '{loss_name}' needs dense sampling (it uses neighbourhoods); "
-                           f"use mse, mi or nmi with random sampling.")
+        raise MaskregError(
+            f"stage {kind}: loss '{loss_name}' needs dense sampling (it uses neighbourhoods); "
+            f"use mse, mi or nmi with random sampling."
+        )
     gen = torch.Generator(device=prob.device)
     gen.manual_seed(seed)
     run = _LinearRun(stage, loss_name, loss_fn, random_n, fraction, seed, min_overlap, gen)
@@ -743,8 +855,9 @@ def _run_linear_stage(prob: _Problem, stage: dict, start: LinearTransform, sampl
     return current
 
 
-def _search_candidates(prob: _Problem, search: dict, kind: str, start: LinearTransform, seed: int
-                       ) -> list[LinearTransform]:
+def _search_candidates(
+    prob: _Problem, search: dict, kind: str, start: LinearTransform, seed: int
+) -> list[LinearTransform]:
     """``start`` and ``candidates - 1`` random rigid poses around it: ``T_k(x) = start(R_k (x − c) + c + t_k)``
     with ``c`` the fixed mask's centre (LPS mm), ``R_k`` a rotation by an angle uniform in ``±angle_deg`` (3D:
     about a uniformly random axis; none for a ``translation`` stage) and ``t_k`` uniform in the cube
@@ -775,8 +888,7 @@ def _compose_linear(outer: LinearTransform, inner: LinearTransform) -> LinearTra
     return _recenter(LinearTransform(h[:d, :d], h[:d, d], np.zeros(d)), outer.center)
 
 
-def _pose_score(prob: _Problem, run: _LinearRun, level_key: tuple, tx: LinearTransform,
-                min_weight: float) -> float:
+def _pose_score(prob: _Problem, run: _LinearRun, level_key: tuple, tx: LinearTransform, min_weight: float) -> float:
     """The stage's loss of ``tx`` on every fixed-mask voxel of the level (dense), with the moving image scaled
     by what ``tx`` samples (as :func:`_moments` scores its candidates); ``inf`` when the weight sum is below
     ``min_weight`` (a pose that keeps little of the fixed mask cannot win by what it leaves out)."""
@@ -789,8 +901,9 @@ def _pose_score(prob: _Problem, run: _LinearRun, level_key: tuple, tx: LinearTra
         return float(run.loss_fn(fv, wv, w, window=int(run.stage["window"]), bins=int(run.stage["bins"])))
 
 
-def _refined_first_level(prob: _Problem, run: _LinearRun, start: LinearTransform,
-                         alternatives: list[LinearTransform], report: StageReport) -> LinearTransform:
+def _refined_first_level(
+    prob: _Problem, run: _LinearRun, start: LinearTransform, alternatives: list[LinearTransform], report: StageReport
+) -> LinearTransform:
     """The stage's first (coarsest) level optimised from several starts, and the best optimum kept: ``start``,
     the ``alternatives`` (other starts the moments stage scored) and, with ``search``, the best ``keep`` of the
     :func:`_search_candidates` poses scored by the stage's masked loss on the level (:func:`_pose_score`): a
@@ -805,16 +918,27 @@ def _refined_first_level(prob: _Problem, run: _LinearRun, start: LinearTransform
     h_start = torch.as_tensor(start.homogeneous(), dtype=torch.float32, device=prob.device)
     fsum = float(fl.mask.sum())
     start_weight = _overlap(_Sampler(fl, ml, fl.image, ml.image), h_start, fsum)[0]
-    min_weight = max(0.5 * start_weight, level_min_overlap(run.min_overlap, fsum, voxels_per_level_voxel(prob, fl.grid)))
+    min_weight = max(
+        0.5 * start_weight, level_min_overlap(run.min_overlap, fsum, voxels_per_level_voxel(prob, fl.grid))
+    )
     scores = np.array([_pose_score(prob, run, level_key, c, min_weight) for c in candidates])
     keep = int(search["keep"])
     order = [int(i) for i in np.argsort(scores, kind="stable")[:keep] if np.isfinite(scores[i])]
     if 0 not in order:  # the start itself is always refined: the search can only add to it
         order = order[: keep - 1] + [0]
     if run.stage.get("search"):
-        log.info("%sstage %s: search scored %d poses (±%g°, ±%g mm) by %s in %.2f s; start %.5g, best %.5g",
-                 where(prob.subject), kind, len(candidates), search["angle_deg"], search["translation_mm"],
-                 run.loss_name, time.perf_counter() - t0, scores[0], float(np.min(scores)))
+        log.info(
+            "%sstage %s: search scored %d poses (±%g°, ±%g mm) by %s in %.2f s; start %.5g, best %.5g",
+            where(prob.subject),
+            kind,
+            len(candidates),
+            search["angle_deg"],
+            search["translation_mm"],
+            run.loss_name,
+            time.perf_counter() - t0,
+            scores[0],
+            float(np.min(scores)),
+        )
     candidates += alternatives
     order += list(range(len(candidates) - len(alternatives), len(candidates)))
     best: tuple[float, LinearTransform, StageReport, int] | None = None
@@ -832,14 +956,22 @@ def _refined_first_level(prob: _Problem, run: _LinearRun, start: LinearTransform
     if best is None:
         assert first_error is not None
         raise first_error
-    log.info("%sstage %s: level 1 optimised from %d starts; kept %s (%s %.5g)", where(prob.subject), kind,
-             len(order), "the start" if best[3] == 0 else f"start {order.index(best[3]) + 1}", run.loss_name, best[0])
+    log.info(
+        "%sstage %s: level 1 optimised from %d starts; kept %s (%s %.5g)",
+        where(prob.subject),
+        kind,
+        len(order),
+        "the start" if best[3] == 0 else f"start {order.index(best[3]) + 1}",
+        run.loss_name,
+        best[0],
+    )
     report.levels.extend(best[2].levels)
     return best[1]
 
 
-def _run_linear_level(prob: _Problem, run: _LinearRun, li: int, current: LinearTransform,
-                      report: StageReport) -> LinearTransform:
+def _run_linear_level(
+    prob: _Problem, run: _LinearRun, li: int, current: LinearTransform, report: StageReport
+) -> LinearTransform:
     """One pyramid level of a linear stage from ``current``; appends its :class:`LevelReport` to ``report`` and
     returns the level's transform (fixed → moving points)."""
     stage, loss_name, loss_fn, random_n = run.stage, run.loss_name, run.loss_fn, run.random_n
@@ -861,8 +993,11 @@ def _run_linear_level(prob: _Problem, run: _LinearRun, li: int, current: LinearT
         points, dense = None, _Sampler(fl, ml, f_n, m_n)
         ow = _overlap(dense, h0, fsum)[0]
     else:
-        points = (PointLoss(f_n, fl.mask, m_n, ml.mask, gen, random_n) if random_n
-                  else prob.point_loss(level_key, loss_name, fraction, seed, current))
+        points = (
+            PointLoss(f_n, fl.mask, m_n, ml.mask, gen, random_n)
+            if random_n
+            else prob.point_loss(level_key, loss_name, fraction, seed, current)
+        )
         ow = points.overlap(_theta(h0, maps, prob.dim)[0])[0]
     level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
     _check_start_overlap(prob, level_name, ow, fsum, min_overlap, voxels_per_level_voxel(prob, fl.grid))
@@ -885,6 +1020,7 @@ def _run_linear_level(prob: _Problem, run: _LinearRun, li: int, current: LinearT
             (grad,) = torch.autograd.grad(loss, [p])
         trace.index_copy_(0, opt.t, loss.detach().reshape(1))
         opt.step(grad)
+
     # random sampling draws new points at every iteration: not graph-safe, so eager
     stepper = Stepper(iteration, dev, graphs=not random_n)
     # a loss drawn from random samples is noisy by construction: its plateau test would stop at random,
@@ -894,6 +1030,7 @@ def _run_linear_level(prob: _Problem, run: _LinearRun, li: int, current: LinearT
     bar = None
     if _interactive():
         from tqdm import tqdm
+
         bar = tqdm(total=n_it, desc=f"{kind} s{scale}", leave=False)
     for it in range(1, n_it + 1):
         stepper()
@@ -912,8 +1049,22 @@ def _run_linear_level(prob: _Problem, run: _LinearRun, li: int, current: LinearT
         end_overlap = _overlap(dense, h_end, fsum)[:2]
     else:
         end_overlap = points.overlap(_theta(h_end, maps, prob.dim)[0])
-    _finish_level(prob, report, level_name, fl.grid, scale, it, trace, end_overlap, fsum, t0, converged,
-                  loss_name, ow, min_overlap)
+    _finish_level(
+        prob,
+        report,
+        level_name,
+        fl.grid,
+        scale,
+        it,
+        trace,
+        end_overlap,
+        fsum,
+        t0,
+        converged,
+        loss_name,
+        ow,
+        min_overlap,
+    )
     return current
 
 
@@ -922,13 +1073,24 @@ def _stage_config(stage: dict) -> dict:
     return resolve_stage(stage)
 
 
-def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
-             moving_mask: sitk.Image | None = None, stages: Sequence[dict] | None = None, *,
-             device: str = "auto", seed: int = 0, sampling: str | dict = "dense",
-             min_overlap_voxels: int = 100, initial: LinearTransform | sitk.Transform | None = None,
-             subject: str | None = None, threads: int | None = None,
-             mask_kinds: tuple[str, str] = ("roi", "roi"), fixed_labels: sitk.Image | None = None,
-             moving_labels: sitk.Image | None = None) -> RegistrationResult:
+def register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
+    stages: Sequence[dict] | None = None,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    sampling: str | dict = "dense",
+    min_overlap_voxels: int = 100,
+    initial: LinearTransform | sitk.Transform | None = None,
+    subject: str | None = None,
+    threads: int | None = None,
+    mask_kinds: tuple[str, str] = ("roi", "roi"),
+    fixed_labels: sitk.Image | None = None,
+    moving_labels: sitk.Image | None = None,
+) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and return the fixed → moving transform with a report.
 
     Images are SimpleITK images of the same dimension (2D or 3D) with any grids; masks (optional) are binary
@@ -959,9 +1121,22 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
             initial = LinearTransform.from_sitk(initial)
         except ValueError:
             return _after_nonlinear_initial(
-                fixed, moving, fixed_mask, moving_mask, initial, stages=stages, device=device, seed=seed,
-                sampling=sampling, min_overlap_voxels=min_overlap_voxels, subject=subject, threads=threads,
-                mask_kinds=mask_kinds, fixed_labels=fixed_labels, moving_labels=moving_labels)
+                fixed,
+                moving,
+                fixed_mask,
+                moving_mask,
+                initial,
+                stages=stages,
+                device=device,
+                seed=seed,
+                sampling=sampling,
+                min_overlap_voxels=min_overlap_voxels,
+                subject=subject,
+                threads=threads,
+                mask_kinds=mask_kinds,
+                fixed_labels=fixed_labels,
+                moving_labels=moving_labels,
+            )
     for k in mask_kinds:
         if k not in ("roi", "valid"):
             raise MaskregError(f"unknown mask kind '{k}'; choose roi or valid")
@@ -972,8 +1147,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
     torch.manual_seed(seed)
     _check_pair(fixed, moving, subject)
     prob = _Problem(fixed, moving, fixed_mask, moving_mask, dev, subject, tuple(mask_kinds))
-    if fixed_labels is not None and moving_labels is not None and any(
-            float(s.get("label_weight", 0) or 0) > 0 for s in (stages or [])):
+    if (
+        fixed_labels is not None
+        and moving_labels is not None
+        and any(float(s.get("label_weight", 0) or 0) > 0 for s in (stages or []))
+    ):
         common = prob.set_labels(fixed_labels, moving_labels)
         log.info("%slabel term over %d label(s): %s", where(subject), len(common), common)
     center = prob.center.copy()
@@ -998,12 +1176,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | Non
             alternatives = []
             current = _moments(prob, current, raw, alternatives)
             reports.append(StageReport("moments", None, round(time.perf_counter() - t0, 3)))
-            log.info("%sstage moments: translation %s mm", where(subject),
-                     np.array2string(current.translation, precision=2))
+            log.info(
+                "%sstage moments: translation %s mm", where(subject), np.array2string(current.translation, precision=2)
+            )
             continue
         if kind not in lin.LINEAR_STAGES:
-            raise MaskregError(f"stage {i + 1}: unknown type '{kind}' (this engine runs moments, "
-                               f"{', '.join(lin.LINEAR_STAGES + dfm.DEFORMABLE_STAGES)})")
+            raise MaskregError(
+                f"stage {i + 1}: unknown type '{kind}' (this engine runs moments, "
+                f"{', '.join(lin.LINEAR_STAGES + dfm.DEFORMABLE_STAGES)})"
+            )
         stage = _stage_config(raw)
         rep = StageReport(kind, get_loss(stage["loss"])[0], 0.0)
         current = _run_linear_stage(prob, stage, current, sampling, min_overlap_voxels, seed + i, rep, alternatives)
@@ -1033,10 +1214,17 @@ def _synced_clock(dev: torch.device) -> float:
     return time.perf_counter()
 
 
-def _after_nonlinear_initial(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None,
-                             moving_mask: sitk.Image | None, initial: sitk.Transform, *,
-                             moving_labels: sitk.Image | None = None, subject: str | None = None,
-                             **kwargs: Any) -> RegistrationResult:
+def _after_nonlinear_initial(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: sitk.Image | None,
+    moving_mask: sitk.Image | None,
+    initial: sitk.Transform,
+    *,
+    moving_labels: sitk.Image | None = None,
+    subject: str | None = None,
+    **kwargs: Any,
+) -> RegistrationResult:
     """Register with a fixed nonlinear initial transform ``T0``: the stages find ``S`` between the fixed image
     and ``moving ∘ T0`` (resampled once onto the fixed grid, with its mask, labels and the region where ``T0``
     stays inside the moving image), and the result is ``T = T0 ∘ S``.
@@ -1054,22 +1242,40 @@ def _after_nonlinear_initial(fixed: sitk.Image, moving: sitk.Image, fixed_mask: 
     ones.CopyInformation(moving)
     in_view = warp_mask(ones, fixed, initial)
     if int(sitk.GetArrayViewFromImage(in_view).sum()) == 0:
-        raise OverlapError(f"{where(subject, 'initial_transform')}maps no voxel of the fixed image inside the "
-                           f"moving image.")
+        raise OverlapError(
+            f"{where(subject, 'initial_transform')}maps no voxel of the fixed image inside the moving image."
+        )
     moving0 = warp_image(moving, fixed, initial)
     mask0 = in_view if moving_mask is None else warp_mask(moving_mask, fixed, initial) * in_view
     labels0 = None if moving_labels is None else warp_labels(moving_labels, fixed, initial, subject=subject)
-    log.info("%snonlinear initial transform: moving image resampled onto the fixed grid (%.1f s)",
-             where(subject), time.perf_counter() - t0)
+    log.info(
+        "%snonlinear initial transform: moving image resampled onto the fixed grid (%.1f s)",
+        where(subject),
+        time.perf_counter() - t0,
+    )
     res = register(fixed, moving0, fixed_mask, mask0, moving_labels=labels0, subject=subject, **kwargs)
 
     a0, rest = tfm.split_trailing_linear(initial)
     lin = res.linear
-    parts = [s for s in [tfm.displacement_transform(res.displacement) if res.displacement is not None else None,
-                         lin.to_sitk(), *rest, lin.inverse().to_sitk()] if s is not None]
+    parts = [
+        s
+        for s in [
+            tfm.displacement_transform(res.displacement) if res.displacement is not None else None,
+            lin.to_sitk(),
+            *rest,
+            lin.inverse().to_sitk(),
+        ]
+        if s is not None
+    ]
     size, grid = fixed.GetSize(), res.fixed_grid
-    disp = sitk.TransformToDisplacementField(tfm.compose_sitk(parts), sitk.sitkVectorFloat64, size,
-                                             fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection())
+    disp = sitk.TransformToDisplacementField(
+        tfm.compose_sitk(parts),
+        sitk.sitkVectorFloat64,
+        size,
+        fixed.GetOrigin(),
+        fixed.GetSpacing(),
+        fixed.GetDirection(),
+    )
     dev = pick_device(kwargs.get("device", "auto"))
     ops = dfm.FieldOps(grid, dev)
     u = torch.as_tensor(np.moveaxis(sitk.GetArrayFromImage(disp), -1, 0)[None], dtype=torch.float32, device=dev)
@@ -1095,12 +1301,13 @@ def _recenter(tx: LinearTransform, center: np.ndarray) -> LinearTransform:
 # --------------------------------------------------------------------------------------------------------
 # deformable stages (see maskreg.deformable for the maths and conventions)
 
+
 @dataclass
 class FieldState:
     """The deformable part so far: the field (``greedy``: displacement, ``syn``: velocity) on ``ops``'s grid."""
 
     kind: str
-    ops: "dfm.FieldOps"
+    ops: dfm.FieldOps
     field: torch.Tensor
 
 
@@ -1116,8 +1323,14 @@ def resolved_stage(stage: dict) -> dict:
     return resolve_stage(stage)
 
 
-def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, state: FieldState | None,
-                          min_overlap: int, report: StageReport) -> FieldState:
+def _run_deformable_stage(
+    prob: _Problem,
+    stage: dict,
+    linear: LinearTransform,
+    state: FieldState | None,
+    min_overlap: int,
+    report: StageReport,
+) -> FieldState:
     kind = stage["type"]
     loss_name, loss_fn = get_loss(stage["loss"])
     dev = prob.device
@@ -1133,8 +1346,7 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         # the field lives on the fixed mask's box plus a margin (the ROI box), not on the whole level grid
         wgrid, box = roi_box(fl.grid, fl.mask, roi_margin(stage))
         ops = dfm.FieldOps(wgrid, dev, coarse_exp=kind == "syn")
-        field = torch.zeros(1, dim, *wgrid.shape, device=dev) if state is None else \
-            state.ops.upsample(state.field, ops)
+        field = torch.zeros(1, dim, *wgrid.shape, device=dev) if state is None else state.ops.upsample(state.field, ops)
         state = FieldState(kind, ops, field)
         # each side's map from a physical point of the box to its level's normalised coordinates (homogeneous,
         # numpy); the fixed image moves too (syn). Its linear part maps a displacement (mm) to normalised offsets.
@@ -1160,14 +1372,20 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             reach, ``|exp(-v/2)| <= max|v| / 2`` (mm)."""
             reach[0] = 0.5 * vmax_vox * min(wgrid.spacing)
             return ops.iteration_squarings(0.5 * vmax_vox)
+
         if fused:
             index_to_moving, index_to_fixed = ((m @ wgrid.index_to_physical())[:dim] for m in (moving_map, fixed_map))
             # rows of the box where the weight can be nonzero for the current field (maskreg.support)
             support = WeightSupport(fixed_box[0, 1].numpy(), wgrid.spacing)
         else:
-            g0, f_ident = (F.affine_grid(torch.as_tensor((m @ wgrid.normalised_to_physical())[None, :dim],
-                                                         dtype=torch.float32, device=dev),
-                                         [1, 1, *wgrid.shape], align_corners=True) for m in (moving_map, fixed_map))
+            g0, f_ident = (
+                F.affine_grid(
+                    torch.as_tensor((m @ wgrid.normalised_to_physical())[None, :dim], dtype=torch.float32, device=dev),
+                    [1, 1, *wgrid.shape],
+                    align_corners=True,
+                )
+                for m in (moving_map, fixed_map)
+            )
 
         def sample(u_fixed: torch.Tensor | None, u_moving: torch.Tensor):
             """Both sides' stacks (image, mask[, labels]) at their half-way points and the weight ``w``."""
@@ -1232,13 +1450,14 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
                 g = torch.zeros(1, dim, *wgrid.shape)
                 for stack, dstack, alpha in terms:
                     for c in moved:
-                        cpu_kernels.add_gradient_product(g, stack[:, c:c + 1], dstack[:, c:c + 1],
-                                                         ops.index_to_physical_gradient, alpha)
+                        cpu_kernels.add_gradient_product(
+                            g, stack[:, c : c + 1], dstack[:, c : c + 1], ops.index_to_physical_gradient, alpha
+                        )
                 return g
             g = None
             for stack, dstack, alpha in terms:
                 for c in moved:
-                    term = (alpha * dstack[:, c:c + 1]) * ops.spatial_gradient(stack[:, c:c + 1])
+                    term = (alpha * dstack[:, c : c + 1]) * ops.spatial_gradient(stack[:, c : c + 1])
                     g = term if g is None else g + term
             return g
 
@@ -1279,15 +1498,18 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
             grads = torch.autograd.grad(total, leaves)
             with torch.no_grad():
                 # syn: ½(∂/∂u₊ − ∂/∂u₋), u₋ = exp(-v/2) moves the fixed image
-                g = displacement_gradient([(ms, grads[0], 0.5), (fs, grads[1], -0.5)] if kind == "syn"
-                                          else [(ms, grads[0], 1.0)])
+                g = displacement_gradient(
+                    [(ms, grads[0], 0.5), (fs, grads[1], -0.5)] if kind == "syn" else [(ms, grads[0], 1.0)]
+                )
                 if reg is not None:
                     g = g + grads[-1]
                 # a step of the scheduled size (voxels) along the smoothed gradient; vmax: only exp's squarings
-                ops.update(buf, g, lrs.index_select(0, count), fluid, elastic, kind == "syn",
-                           vmax if kind == "syn" else None)
+                ops.update(
+                    buf, g, lrs.index_select(0, count), fluid, elastic, kind == "syn", vmax if kind == "syn" else None
+                )
                 trace.index_copy_(0, count, loss.detach().reshape(1))
                 count.add_(1)
+
         stepper = Stepper(iteration, dev)
         converged, it = False, 0
         for it in range(1, n_it + 1):
@@ -1301,8 +1523,22 @@ def _run_deformable_stage(prob: _Problem, stage: dict, linear: LinearTransform, 
         if w is None:  # no iteration ran
             w = first[0][2]
         first[0] = None
-        _finish_level(prob, report, level_name, wgrid, scale, it, trace, (float(w.sum()), int((w > 0.5).sum())),
-                      fsum, t0, converged, loss_name, ow, min_overlap)
+        _finish_level(
+            prob,
+            report,
+            level_name,
+            wgrid,
+            scale,
+            it,
+            trace,
+            (float(w.sum()), int((w > 0.5).sum())),
+            fsum,
+            t0,
+            converged,
+            loss_name,
+            ow,
+            min_overlap,
+        )
     assert state is not None
     return state
 
@@ -1332,12 +1568,12 @@ def roi_box(grid: Grid, mask: torch.Tensor, margin: int) -> tuple[Grid, tuple[sl
     if nz.numel() == 0:
         return grid, tuple(slice(0, n) for n in shape)
     lo = [max(0, int(v) - margin) for v in nz.min(0).values]
-    hi = [min(n, int(v) + margin + 1) for v, n in zip(nz.max(0).values, shape)]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    if all(a == 0 and b == n for a, b, n in zip(lo, hi, shape)):
+    hi = [min(n, int(v) + margin + 1) for v, n in zip(nz.max(0).values, shape, strict=False)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=False))
+    if all(a == 0 and b == n for a, b, n in zip(lo, hi, shape, strict=False)):
         return grid, box
     start = tuple(reversed(lo))  # tensor order -> x-first
-    size = tuple(reversed([b - a for a, b in zip(lo, hi)]))
+    size = tuple(reversed([b - a for a, b in zip(lo, hi, strict=False)]))
     return grid.crop(start, size), box
 
 
@@ -1356,7 +1592,7 @@ def _regulariser(stage: dict, field: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def _full_resolution_fields(prob: _Problem, state: FieldState) -> tuple[torch.Tensor, torch.Tensor, "dfm.FieldOps"]:
+def _full_resolution_fields(prob: _Problem, state: FieldState) -> tuple[torch.Tensor, torch.Tensor, dfm.FieldOps]:
     """Forward and inverse displacements (mm) on the full-resolution fixed grid. They are computed on the last
     level's ROI box at full resolution (``exp(±v)``, or greedy's inverse) and extended beyond it from its faces,
     as the levels extend their fields (:func:`roi_box`): the velocity there is the box's edge value anyway, and

@@ -31,9 +31,10 @@ class Grid:
     direction: tuple[float, ...]  # row-major dim*dim, as SimpleITK stores it
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "Grid":
-        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
-                   tuple(image.GetDirection()))
+    def of(cls, image: sitk.Image) -> Grid:
+        return cls(
+            tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection())
+        )
 
     @property
     def dim(self) -> int:
@@ -72,15 +73,15 @@ class Grid:
     def physical_to_normalised(self) -> np.ndarray:
         return np.linalg.inv(self.normalised_to_physical())
 
-    def shrink(self, factors: tuple[int, ...], pads: tuple[int, ...] | None = None) -> "Grid":
+    def shrink(self, factors: tuple[int, ...], pads: tuple[int, ...] | None = None) -> Grid:
         """A coarser grid over the same physical box: spacing ``*f`` per axis; voxel ``j`` of the coarse grid
         is centred on the centre of fine voxels ``f*j - p ... f*j - p + f-1`` (fine index ``= f*j + (f-1)/2 - p``),
         ``p`` the ``pads`` (x-first, default 0): the fine grid as if it had ``p`` more voxels before its first
         (see :meth:`lattice_pads`)."""
         pads = tuple(pads) if pads is not None else (0,) * self.dim
-        size = tuple(max(1, math.ceil((n + p) / f)) for n, f, p in zip(self.size, factors, pads))
-        spacing = tuple(s * f for s, f in zip(self.spacing, factors))
-        shift = np.array([(f - 1) / 2.0 - p for f, p in zip(factors, pads)])
+        size = tuple(max(1, math.ceil((n + p) / f)) for n, f, p in zip(self.size, factors, pads, strict=False))
+        spacing = tuple(s * f for s, f in zip(self.spacing, factors, strict=False))
+        shift = np.array([(f - 1) / 2.0 - p for f, p in zip(factors, pads, strict=False)])
         origin = self.index_to_physical()[: self.dim] @ np.append(shift, 1.0)
         return Grid(size, spacing, tuple(float(v) for v in origin), self.direction)
 
@@ -91,16 +92,19 @@ class Grid:
         the same pyramid where the two overlap. The fine index of a point is computed, so the voxel whose
         boundary passes through the origin is taken by a rounding made stable against float noise."""
         origin_index = (self.physical_to_index() @ np.append(np.zeros(self.dim), 1.0))[: self.dim]
-        return tuple(int((-math.floor(v + 0.5 + 1e-3)) % f) if f > 1 else 0 for v, f in zip(origin_index, factors))
+        return tuple(
+            int((-math.floor(v + 0.5 + 1e-3)) % f) if f > 1 else 0 for v, f in zip(origin_index, factors, strict=False)
+        )
 
-    def crop(self, start: tuple[int, ...], size: tuple[int, ...]) -> "Grid":
+    def crop(self, start: tuple[int, ...], size: tuple[int, ...]) -> Grid:
         """The sub-grid of ``size`` voxels starting at voxel index ``start`` (both x-first): same spacing and
         direction, its voxel ``j`` is this grid's voxel ``start + j``."""
         origin = self.index_to_physical() @ np.append(np.asarray(start, dtype=np.float64), 1.0)
-        return Grid(tuple(int(n) for n in size), self.spacing, tuple(float(v) for v in origin[: self.dim]),
-                    self.direction)
+        return Grid(
+            tuple(int(n) for n in size), self.spacing, tuple(float(v) for v in origin[: self.dim]), self.direction
+        )
 
-    def covering_crop(self, other: "Grid") -> "Grid":
+    def covering_crop(self, other: Grid) -> Grid:
         """The smallest :meth:`crop` of this grid whose voxel centres span ``other``'s (its corner voxel
         centres mapped into this grid's indices, rounded outward, clipped to this grid). ``other`` a crop of this
         grid: the same grid."""
@@ -111,11 +115,13 @@ class Grid:
         hi = np.clip(np.ceil(idx.max(0) - 1e-6), 0, np.asarray(self.size) - 1).astype(int)
         return self.crop(tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo + 1))
 
-    def corner_aligned(self, size: tuple[int, ...]) -> "Grid":
+    def corner_aligned(self, size: tuple[int, ...]) -> Grid:
         """A grid of ``size`` voxels (x-first) whose first and last voxel centres are this grid's (same origin
         and direction, spacing ``s (n-1)/(m-1)``): ``F.interpolate(..., align_corners=True)`` between the two
         is exact (multi)linear resampling in physical space."""
-        spacing = tuple(s * (n - 1) / (m - 1) if m > 1 else s for s, n, m in zip(self.spacing, self.size, size))
+        spacing = tuple(
+            s * (n - 1) / (m - 1) if m > 1 else s for s, n, m in zip(self.spacing, self.size, size, strict=False)
+        )
         return Grid(tuple(int(m) for m in size), spacing, self.origin, self.direction)
 
     def to_image(self, array: np.ndarray | None = None, pixel=sitk.sitkFloat32) -> sitk.Image:

@@ -15,8 +15,9 @@ import os
 import tempfile
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -51,8 +52,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def read_image(path: str | os.PathLike, *, subject: str | None = None, role: str | None = None,
-               dims: tuple[int, ...] = (2, 3), check_finite: bool = True) -> sitk.Image:
+def read_image(
+    path: str | os.PathLike,
+    *,
+    subject: str | None = None,
+    role: str | None = None,
+    dims: tuple[int, ...] = (2, 3),
+    check_finite: bool = True,
+) -> sitk.Image:
     """Read a scalar 2D or 3D image with SimpleITK, or raise ``InputError`` naming subject, role and file.
 
     Checks: the file exists and is readable; it is scalar (one component); its dimension is in ``dims``
@@ -62,37 +69,48 @@ def read_image(path: str | os.PathLike, *, subject: str | None = None, role: str
     p = str(path)
     at = where(subject, role, p)
     if not os.path.exists(p):
-        raise InputError(f"{at}file not found. Check the path in the cohort table (relative paths are "
-                         f"relative to the table's folder).")
+        raise InputError(
+            f"{at}file not found. Check the path in the cohort table (relative paths are "
+            f"relative to the table's folder)."
+        )
     try:
         img = sitk.ReadImage(p)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputError(f"{at}cannot be read as an image ({first}). Is the file complete and in a format "
-                         f"SimpleITK reads (NIfTI, NRRD, MHA, ...)?") from None
+        raise InputError(
+            f"{at}cannot be read as an image ({first}). Is the file complete and in a format "
+            f"SimpleITK reads (NIfTI, NRRD, MHA, ...)?"
+        ) from None
     short = _nifti_truncation(p)
     if short:
-        raise InputError(f"{at}is truncated: it holds {short}. The file is incomplete (an interrupted copy or "
-                         f"download?); copy or export it again.")
+        raise InputError(
+            f"{at}is truncated: it holds {short}. The file is incomplete (an interrupted copy or "
+            f"download?); copy or export it again."
+        )
     if img.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{at}has {img.GetNumberOfComponentsPerPixel()} components per voxel; maskreg "
-                         f"needs a scalar image (split the channels first).")
+        raise InputError(
+            f"{at}has {img.GetNumberOfComponentsPerPixel()} components per voxel; maskreg "
+            f"needs a scalar image (split the channels first)."
+        )
     dim = img.GetDimension()
     if dim == 4 and img.GetSize()[3] == 1 and 3 in dims:
         img = img[:, :, :, 0]
         dim = 3
     if dim not in dims:
-        hint = (" It looks like a series of volumes (time points, gradient directions, channels): extract "
-                "the one volume to register (e.g. with fslroi or SimpleITK's image[:, :, :, i])."
-                if dim == 4 else "")
-        raise InputError(f"{at}is {dim}D with size {img.GetSize()}; expected a "
-                         f"{' or '.join(f'{d}D' for d in dims)} image.{hint}")
+        hint = (
+            " It looks like a series of volumes (time points, gradient directions, channels): extract "
+            "the one volume to register (e.g. with fslroi or SimpleITK's image[:, :, :, i])."
+            if dim == 4
+            else ""
+        )
+        raise InputError(
+            f"{at}is {dim}D with size {img.GetSize()}; expected a {' or '.join(f'{d}D' for d in dims)} image.{hint}"
+        )
     if check_finite and img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         arr = sitk.GetArrayViewFromImage(img)
         bad = int(np.count_nonzero(~np.isfinite(arr))) or _nifti_nonfinite(p)
         if bad:
-            raise InputError(f"{at}has {bad} NaN or infinite voxel(s); replace them (e.g. by 0) before "
-                             f"registration.")
+            raise InputError(f"{at}has {bad} NaN or infinite voxel(s); replace them (e.g. by 0) before registration.")
     return img
 
 
@@ -169,8 +187,9 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def read_landmarks(path: str | os.PathLike, dim: int, *, subject: str | None = None,
-                   role: str | None = None) -> np.ndarray:
+def read_landmarks(
+    path: str | os.PathLike, dim: int, *, subject: str | None = None, role: str | None = None
+) -> np.ndarray:
     """Read a landmark CSV with columns ``x,y[,z]`` in LPS mm; return an ``(N, dim)`` float64 array."""
     p = str(path)
     at = where(subject, role, p)
@@ -185,8 +204,10 @@ def read_landmarks(path: str | os.PathLike, dim: int, *, subject: str | None = N
     cols = ["x", "y", "z"][:dim]
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise InputError(f"{at}lacks column(s) {', '.join(missing)}; expected columns {','.join(cols)} "
-                         f"in LPS mm (found {', '.join(map(str, df.columns))}).")
+        raise InputError(
+            f"{at}lacks column(s) {', '.join(missing)}; expected columns {','.join(cols)} "
+            f"in LPS mm (found {', '.join(map(str, df.columns))})."
+        )
     try:
         pts = df[cols].to_numpy(dtype=np.float64)
     except (TypeError, ValueError):
@@ -196,16 +217,19 @@ def read_landmarks(path: str | os.PathLike, dim: int, *, subject: str | None = N
     return pts
 
 
-def read_landmark_pair(fixed_path: str | os.PathLike, moving_path: str | os.PathLike, dim: int, *,
-                       subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_landmark_pair(
+    fixed_path: str | os.PathLike, moving_path: str | os.PathLike, dim: int, *, subject: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read corresponding fixed and moving landmark CSVs (row i ↔ row i); raise ``InputError`` naming both
     files and their row counts when they differ."""
     a = read_landmarks(fixed_path, dim, subject=subject, role="fixed_landmarks")
     b = read_landmarks(moving_path, dim, subject=subject, role="moving_landmarks")
     if len(a) != len(b):
-        raise InputError(f"{where(subject)}fixed_landmarks '{fixed_path}' has {len(a)} row(s) but "
-                         f"moving_landmarks '{moving_path}' has {len(b)}; row i of one must be the same point "
-                         f"as row i of the other, so give both files the same points in the same order.")
+        raise InputError(
+            f"{where(subject)}fixed_landmarks '{fixed_path}' has {len(a)} row(s) but "
+            f"moving_landmarks '{moving_path}' has {len(b)}; row i of one must be the same point "
+            f"as row i of the other, so give both files the same points in the same order."
+        )
     return a, b
 
 
@@ -221,7 +245,10 @@ def write_landmarks(points: np.ndarray, path: str | os.PathLike) -> Path:
 
 def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     """True when ``a`` and ``b`` share size, spacing, origin and direction (within ``tol``)."""
-    return (a.GetDimension() == b.GetDimension() and a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+    return (
+        a.GetDimension() == b.GetDimension()
+        and a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+    )

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from maskreg import logs
 from maskreg.errors import MaskregError, where
@@ -22,16 +23,32 @@ from maskreg.errors import MaskregError, where
 log = logging.getLogger("maskreg")
 
 # output name -> file name inside a subject's folder (and under results/{subject}/transforms/)
-OUTPUT_FILES = {"linear": "affine.mat", "report": "registration.json", "warp": "warp.nii.gz",
-                "inverse_warp": "inverse_warp.nii.gz"}
+OUTPUT_FILES = {
+    "linear": "affine.mat",
+    "report": "registration.json",
+    "warp": "warp.nii.gz",
+    "inverse_warp": "inverse_warp.nii.gz",
+}
 STATUS_FILE = "status.json"
 
 
-def register_subject(subject: str, *, fixed: str, moving: str, fixed_mask: str, moving_mask: str,
-                     outputs: Mapping[str, str], registration: Mapping[str, Any], device: str = "auto",
-                     seed: int = 0, threads: int | None = None, kinds: Sequence[str] = ("roi", "roi"),
-                     initial: Sequence[str] = (), fixed_labels: str | None = None,
-                     moving_labels: str | None = None):
+def register_subject(
+    subject: str,
+    *,
+    fixed: str,
+    moving: str,
+    fixed_mask: str,
+    moving_mask: str,
+    outputs: Mapping[str, str],
+    registration: Mapping[str, Any],
+    device: str = "auto",
+    seed: int = 0,
+    threads: int | None = None,
+    kinds: Sequence[str] = ("roi", "roi"),
+    initial: Sequence[str] = (),
+    fixed_labels: str | None = None,
+    moving_labels: str | None = None,
+):
     """Read one subject's images, masks (and labels, initial transform), register them with the stages of
     ``registration`` and write ``outputs``: ``linear`` (ITK .mat), ``report`` (JSON) and, when present,
     ``warp``/``inverse_warp`` (displacement fields, zero where the subject has no deformable part). Every
@@ -40,22 +57,35 @@ def register_subject(subject: str, *, fixed: str, moving: str, fixed_mask: str, 
     from maskreg import io, transforms
 
     read = io.read_image
-    images = {"fixed": read(fixed, subject=subject, role="fixed"),
-              "moving": read(moving, subject=subject, role="moving"),
-              "fixed_mask": read(fixed_mask, subject=subject, role="fixed_mask"),
-              "moving_mask": read(moving_mask, subject=subject, role="moving_mask")}
-    start = transforms.read_transform(list(initial), subject=subject, role="initial_transform") \
-        if initial else None
+    images = {
+        "fixed": read(fixed, subject=subject, role="fixed"),
+        "moving": read(moving, subject=subject, role="moving"),
+        "fixed_mask": read(fixed_mask, subject=subject, role="fixed_mask"),
+        "moving_mask": read(moving_mask, subject=subject, role="moving_mask"),
+    }
+    start = transforms.read_transform(list(initial), subject=subject, role="initial_transform") if initial else None
     labels = {}
     if fixed_labels and moving_labels:
-        labels = {k: read(p, subject=subject, role=k, check_finite=False)
-                  for k, p in (("fixed_labels", fixed_labels), ("moving_labels", moving_labels))}
+        labels = {
+            k: read(p, subject=subject, role=k, check_finite=False)
+            for k, p in (("fixed_labels", fixed_labels), ("moving_labels", moving_labels))
+        }
     result = maskreg.register(
-        images["fixed"], images["moving"], images["fixed_mask"], images["moving_mask"],
-        stages=registration.get("stages"), device=device, seed=seed,
+        images["fixed"],
+        images["moving"],
+        images["fixed_mask"],
+        images["moving_mask"],
+        stages=registration.get("stages"),
+        device=device,
+        seed=seed,
         sampling=registration.get("sampling", "dense"),
-        min_overlap_voxels=registration.get("min_overlap_voxels", 100), initial=start, subject=subject,
-        threads=threads, mask_kinds=tuple(kinds), **labels)
+        min_overlap_voxels=registration.get("min_overlap_voxels", 100),
+        initial=start,
+        subject=subject,
+        threads=threads,
+        mask_kinds=tuple(kinds),
+        **labels,
+    )
     log.info("%sregistered on %s in %.1f s", where(subject), result.device, result.seconds)
     transforms.write_linear(result.linear, outputs["linear"])
     if "warp" in outputs:  # a linear-only subject in a deformable cohort gets zero fields
@@ -67,8 +97,9 @@ def register_subject(subject: str, *, fixed: str, moving: str, fixed_mask: str, 
     return result
 
 
-def register_batch(jobs: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike, *,
-                   with_fields: bool, **common: Any) -> dict[str, dict]:
+def register_batch(
+    jobs: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike, *, with_fields: bool, **common: Any
+) -> dict[str, dict]:
     """Register every subject of ``jobs`` (``{subject: keyword arguments of register_subject}``, without
     ``outputs``) in this process, into ``out_dir/{subject}/`` (the :data:`OUTPUT_FILES` and ``register.log``).
     A subject that fails is logged (its log ends with ``ERROR: ...``) and recorded; the others go on.

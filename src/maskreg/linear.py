@@ -34,8 +34,7 @@ def _rotation(p: torch.Tensor, dim: int) -> torch.Tensor:
         c, s = torch.cos(p[0]), torch.sin(p[0])
         return torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
     z = torch.zeros((), dtype=p.dtype, device=p.device)
-    k = torch.stack([torch.stack([z, -p[2], p[1]]), torch.stack([p[2], z, -p[0]]),
-                     torch.stack([-p[1], p[0], z])])
+    k = torch.stack([torch.stack([z, -p[2], p[1]]), torch.stack([p[2], z, -p[0]]), torch.stack([-p[1], p[0], z])])
     theta = ((p[:3] * p[:3]).sum() + 1e-12).sqrt()
     a = torch.sinc(theta / math.pi)
     b = 0.5 * torch.sinc(theta / (2 * math.pi)) ** 2
@@ -52,21 +51,23 @@ def update_matrix(kind: str, p: torch.Tensor, dim: int, radius: float) -> tuple[
         return _rotation(p[:rot] / radius, dim), p[rot:]
     if kind == "similarity":
         scale = torch.exp(p[rot] / radius)
-        return scale * _rotation(p[:rot] / radius, dim), p[rot + 1:]
+        return scale * _rotation(p[:rot] / radius, dim), p[rot + 1 :]
     if kind == "affine":
-        return eye + p[: dim * dim].reshape(dim, dim) / radius, p[dim * dim:]
+        return eye + p[: dim * dim].reshape(dim, dim) / radius, p[dim * dim :]
     raise ValueError(f"unknown linear stage '{kind}'")
 
 
 def start_tensors(start: LinearTransform, device: torch.device, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
     """``(A0, t0, c)`` of ``start`` as tensors on ``device``, for :func:`homogeneous` (copied once per level,
     not per iteration)."""
-    return tuple(torch.as_tensor(v, dtype=dtype, device=device) for v in (start.matrix, start.translation,
-                                                                          start.center))
+    return tuple(
+        torch.as_tensor(v, dtype=dtype, device=device) for v in (start.matrix, start.translation, start.center)
+    )
 
 
-def homogeneous(kind: str, p: torch.Tensor, start: LinearTransform | tuple[torch.Tensor, ...],
-                radius: float) -> torch.Tensor:
+def homogeneous(
+    kind: str, p: torch.Tensor, start: LinearTransform | tuple[torch.Tensor, ...], radius: float
+) -> torch.Tensor:
     """Homogeneous ``(dim+1, dim+1)`` torch matrix of ``U(p) ∘ start`` (float32 on ``p``'s device); ``start``
     may be given as :func:`start_tensors`."""
     a0, t0, c = start_tensors(start, p.device, p.dtype) if isinstance(start, LinearTransform) else start

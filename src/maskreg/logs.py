@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Iterator
+from collections.abc import Iterator
 
 ERROR_PREFIX = "ERROR: "
 
@@ -62,7 +62,7 @@ def last_error(log_path: str | os.PathLike) -> str | None:
     """The ``ERROR:`` line of a job log, if any."""
     try:
         with open(log_path) as fh:
-            lines = [ln[len(ERROR_PREFIX):].strip() for ln in fh if ln.startswith(ERROR_PREFIX)]
+            lines = [ln[len(ERROR_PREFIX) :].strip() for ln in fh if ln.startswith(ERROR_PREFIX)]
     except OSError:
         return None
     return lines[-1] if lines else None

@@ -9,7 +9,7 @@ m_f(x) · m_m(T(x)) · inside_moving(T(x))``, all the same shape: ``[1, 1, (z,) 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,9 @@ from maskreg.loss_names import canonical
 EPS = 1e-6
 
 
-def intensity_scale(image: torch.Tensor, weight: torch.Tensor, low: float = 0.5, high: float = 99.5
-                    ) -> tuple[float, float]:
+def intensity_scale(
+    image: torch.Tensor, weight: torch.Tensor, low: float = 0.5, high: float = 99.5
+) -> tuple[float, float]:
     """Robust ``(offset, scale)`` so that ``(image - offset) / scale`` maps the ``low``..``high`` percentiles
     of the voxels with weight > 0 to 0..1."""
     vals = image[weight > 0]
@@ -119,8 +120,9 @@ class _LocalCC(torch.autograd.Function):
         ctx.compiled = None
         if fixed.dim() in (4, 5) and cpu_kernels.enabled(fixed.detach(), moving.detach(), w):
             # the same sums and formulas in streamed loops (maskreg.cpu_kernels), backward terms kept for backward
-            ctx.compiled = cpu_kernels.LocalCC(fixed, moving, w, window_sizes(tuple(fixed.shape[2:]), window), EPS,
-                                               CC_EPS)
+            ctx.compiled = cpu_kernels.LocalCC(
+                fixed, moving, w, window_sizes(tuple(fixed.shape[2:]), window), EPS, CC_EPS
+            )
             need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             return fixed.new_tensor(ctx.compiled.loss(need_f, need_m))
         sw, mf, mm, vf, vm, cov = _local_stats(fixed, moving, w, window)
@@ -144,7 +146,8 @@ class _LocalCC(torch.autograd.Function):
         # box sums run in one call, sharing the ``wa`` channel
         chans, sides = [wa], []
         for i, (this, other, m_this, m_other, v_other) in enumerate(
-                ((fixed, moving, mf, mm, vm), (moving, fixed, mm, mf, vf))):
+            ((fixed, moving, mf, mm, vm), (moving, fixed, mm, mf, vf))
+        ):
             if ctx.needs_input_grad[i]:
                 wb = wb2 * v_other
                 sides.append((i, this, other, len(chans)))
@@ -152,13 +155,12 @@ class _LocalCC(torch.autograd.Function):
         k = _box(torch.cat(chans, dim=1), ctx.window)
         grads = [None, None]
         for i, this, other, j in sides:
-            g = other * k[:, 0:1] - k[:, j:j + 1] - this * k[:, j + 1:j + 2] + k[:, j + 2:j + 3]
+            g = other * k[:, 0:1] - k[:, j : j + 1] - this * k[:, j + 1 : j + 2] + k[:, j + 2 : j + 3]
             grads[i] = -grad_out * w * g / wsum
         return grads[0], grads[1], None, None
 
 
-def local_cc(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, window: int = 5,
-             **_) -> torch.Tensor:
+def local_cc(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, window: int = 5, **_) -> torch.Tensor:
     """Negative weighted mean of the *squared* local normalised cross-correlation (ANTs' and FireANTs' CC).
 
     Local statistics are weighted by ``weight`` inside a ``window``-voxel box (odd; shrunk on axes shorter
@@ -170,8 +172,7 @@ def local_cc(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, wi
     return _LocalCC.apply(fixed, moving, weight.detach(), window)
 
 
-def local_cc_autograd(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, window: int = 5
-                      ) -> torch.Tensor:
+def local_cc_autograd(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, window: int = 5) -> torch.Tensor:
     """The same loss through plain autograd (reference for tests)."""
     _, _, _, vf, vm, cov = _local_stats(fixed, moving, weight, window)
     cc = cov * cov / (vf * vm + CC_EPS)
@@ -181,8 +182,7 @@ def local_cc_autograd(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.T
 def _bspline3(d: torch.Tensor) -> torch.Tensor:
     """Cubic B-spline kernel evaluated at offsets ``d`` (support |d| < 2)."""
     a = d.abs()
-    return torch.where(a < 1, (4 - 6 * a**2 + 3 * a**3) / 6,
-                       torch.where(a < 2, (2 - a) ** 3 / 6, torch.zeros_like(a)))
+    return torch.where(a < 1, (4 - 6 * a**2 + 3 * a**3) / 6, torch.where(a < 2, (2 - a) ** 3 / 6, torch.zeros_like(a)))
 
 
 def _parzen_weights(t: torch.Tensor) -> torch.Tensor:
@@ -231,8 +231,9 @@ def _bin_coordinates(fixed: torch.Tensor, moving: torch.Tensor, bins: int) -> tu
     return fb, mv
 
 
-def _parzen_scatter(mv: torch.Tensor, fb: torch.Tensor, w: torch.Tensor, bins: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parzen_scatter(
+    mv: torch.Tensor, fb: torch.Tensor, w: torch.Tensor, bins: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unnormalised flat histogram ``H`` (``bins²``), each point's fractional part ``t`` and its four cells
     ``idx`` ``[N, 4]`` (moving bins ``floor(mv) - 1 .. floor(mv) + 2`` in row ``fb``)."""
     base = mv.floor()
@@ -243,8 +244,7 @@ def _parzen_scatter(mv: torch.Tensor, fb: torch.Tensor, w: torch.Tensor, bins: i
     return hist, t, idx
 
 
-def joint_histogram(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32
-                    ) -> torch.Tensor:
+def joint_histogram(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32) -> torch.Tensor:
     """Mattes' Parzen joint histogram ``P[f_bin, m_bin]`` (sums to 1): zero-order window for the fixed
     intensities, cubic B-spline window for the moving ones (so it is differentiable in ``moving``).
     Intensities in [0, 1] are mapped to bins 2..bins-3 (values outside are clamped). Weights are constants."""
@@ -275,8 +275,7 @@ def _entropies(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return h(pf), h(pm), h(p)
 
 
-def mattes_mi(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32,
-              **_) -> torch.Tensor:
+def mattes_mi(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32, **_) -> torch.Tensor:
     """Negative Mattes mutual information ``H(F) + H(M) - H(F, M)`` of the weighted joint histogram."""
     hf, hm, hfm = _entropies(joint_histogram(fixed, moving, weight, bins))
     return -(hf + hm - hfm)
@@ -288,8 +287,9 @@ def nmi(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: i
     return -(hf + hm) / hfm.clamp_min(EPS)
 
 
-def _histogram_terms(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def _histogram_terms(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """What the closed-form histogram gradients share: the unnormalised Parzen histogram ``H`` (flat ``bins²``),
     its sum ``S``, and ``gradient(cell, scale)``: ``scale · w · ∂mv/∂moving · Σ_j β₃'(mv − j) cell[f(x), j]`` per
     point, shaped as ``moving`` (``∂mv/∂moving`` is ``usable`` inside [0, 1], 0 where the clamp holds), with the
@@ -297,8 +297,11 @@ def _histogram_terms(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Te
     (:func:`maskreg.cpu_kernels.parzen_histogram`, ``parzen_gradient``) instead of some twenty operators."""
     if cpu_kernels.enabled(fixed, moving, weight):
         hist = cpu_kernels.parzen_histogram(fixed, moving, weight, bins)
-        return hist, hist.sum().clamp_min(EPS), lambda cell, scale: cpu_kernels.parzen_gradient(
-            fixed, moving, weight, cell, bins, float(scale))
+        return (
+            hist,
+            hist.sum().clamp_min(EPS),
+            lambda cell, scale: cpu_kernels.parzen_gradient(fixed, moving, weight, cell, bins, float(scale)),
+        )
     m, w = moving.reshape(-1), weight.reshape(-1)
     fb, mv = _bin_coordinates(fixed, m, bins)
     hist, t, idx = _parzen_scatter(mv, fb, w, bins)
@@ -307,6 +310,7 @@ def _histogram_terms(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Te
 
     def gradient(cell: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return ((dbeta * cell.reshape(-1)[idx]).sum(1) * (w * dmv * scale)).reshape(moving.shape)
+
     return hist, hist.sum().clamp_min(EPS), gradient
 
 
@@ -314,8 +318,9 @@ def _log_clamped(q: torch.Tensor) -> torch.Tensor:
     return torch.log(q.clamp_min(1e-10))
 
 
-def mattes_mi_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32,
-                             **_) -> tuple[torch.Tensor, torch.Tensor]:
+def mattes_mi_value_and_grad(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32, **_
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mattes_mi` and its gradient in ``moving`` (same shape), in closed form, for points ``[1, 1, N]``.
 
     With ``P = H / S``, ``MI = Σ P log P − Σ p_f log p_f − Σ p_m log p_m`` has ``∂MI/∂P_ij = log(P_ij / (p_f,i
@@ -331,8 +336,9 @@ def mattes_mi_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: 
     return -mi, gradient(log_p - log_pm[None, :], -1.0 / total)
 
 
-def nmi_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32,
-                       **_) -> tuple[torch.Tensor, torch.Tensor]:
+def nmi_value_and_grad(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int = 32, **_
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`nmi` and its gradient in ``moving``, in closed form (see :func:`mattes_mi_value_and_grad`):
     ``L = −(H_f + H_m) / H_fm`` gives, after the terms constant in ``j`` drop out,
     ``∂L/∂mv(x) = w(x)/S · Σ_j β₃'(mv − j) (H_fm log p_m,j − (H_f + H_m) log P[f(x), j]) / H_fm²``."""
@@ -345,8 +351,9 @@ def nmi_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.
     return -(hf + hm) / hfm, gradient((hfm * log_pm[None, :] - (hf + hm) * log_p) / (hfm * hfm), 1.0 / total)
 
 
-def mse_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, **_
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def mse_value_and_grad(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, **_
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mse` and its gradient in ``moving``: ``−2 w (f − m) / Σ w``."""
     total = weight.sum().clamp_min(EPS)
     diff = fixed - moving
@@ -356,7 +363,10 @@ def mse_value_and_grad(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"mse": mse, "cc": local_cc, "mi": mattes_mi, "nmi": nmi}
 # pointwise losses: value and gradient in the moving values, in closed form (used at sampled points)
 VALUE_AND_GRAD: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
-    "mse": mse_value_and_grad, "mi": mattes_mi_value_and_grad, "nmi": nmi_value_and_grad}
+    "mse": mse_value_and_grad,
+    "mi": mattes_mi_value_and_grad,
+    "nmi": nmi_value_and_grad,
+}
 
 
 def get_loss(name: str) -> tuple[str, Callable[..., torch.Tensor]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,6 +48,7 @@ _RTOL = 1e-6
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+
 def _from_array(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
     """uint8 {0,1} image from a boolean/0-1 array in array order, with ``ref``'s exact geometry."""
     out = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.uint8))
@@ -73,13 +74,15 @@ def _is_binary01(arr: np.ndarray) -> bool:
 
 def _fmt(values: Sequence[float], digits: int = 4) -> str:
     """``(1.0, 2.5, 3.0)``-style tuple of plain rounded floats."""
-    return "(" + ", ".join(f"{round(float(v), digits):g}" if abs(float(v)) < 1e6 else f"{float(v):.6g}"
-                           for v in values) + ")"
+    return (
+        "("
+        + ", ".join(f"{round(float(v), digits):g}" if abs(float(v)) < 1e6 else f"{float(v):.6g}" for v in values)
+        + ")"
+    )
 
 
 def _grid_summary(img: sitk.Image) -> str:
-    return (f"size {tuple(img.GetSize())}, spacing {_fmt(img.GetSpacing())} mm, "
-            f"origin {_fmt(img.GetOrigin(), 2)} mm")
+    return f"size {tuple(img.GetSize())}, spacing {_fmt(img.GetSpacing())} mm, origin {_fmt(img.GetOrigin(), 2)} mm"
 
 
 def _direction_matrix(img: sitk.Image) -> np.ndarray:
@@ -110,8 +113,7 @@ def _grid_difference(mask: sitk.Image, image: sitk.Image) -> str:
     return "; ".join(parts) if parts else "no difference beyond 1e-4"
 
 
-def _any_voxel_inside(mask_bool: np.ndarray, mask: sitk.Image, image: sitk.Image,
-                      max_points: int = 200_000) -> bool:
+def _any_voxel_inside(mask_bool: np.ndarray, mask: sitk.Image, image: sitk.Image, max_points: int = 200_000) -> bool:
     """True when the centre of some nonzero voxel of ``mask`` lies within ``image``'s physical extent."""
     idx = np.argwhere(mask_bool)[:, ::-1].astype(np.float64)  # sitk order (x, y[, z])
     if len(idx) > max_points:
@@ -128,12 +130,15 @@ def _any_voxel_inside(mask_bool: np.ndarray, mask: sitk.Image, image: sitk.Image
 def _check_dimension(mask: sitk.Image, image: sitk.Image, subject: str | None, role: str | None) -> None:
     md, idim = mask.GetDimension(), image.GetDimension()
     if md != idim:
-        raise MaskError(f"{where(subject, role)}{md}D mask for a {idim}D image (mask size "
-                        f"{tuple(mask.GetSize())}, image size {tuple(image.GetSize())}). Give a {idim}D "
-                        f"mask on the image's grid (or one that overlaps it physically).")
+        raise MaskError(
+            f"{where(subject, role)}{md}D mask for a {idim}D image (mask size "
+            f"{tuple(mask.GetSize())}, image size {tuple(image.GetSize())}). Give a {idim}D "
+            f"mask on the image's grid (or one that overlaps it physically)."
+        )
 
 
 # ------------------------------------------------------------------------------------------- sources
+
 
 def allones_like(image: sitk.Image) -> sitk.Image:
     """All-ones uint8 mask on ``image``'s exact grid (size, spacing, origin, direction)."""
@@ -143,8 +148,10 @@ def allones_like(image: sitk.Image) -> sitk.Image:
 
 # ------------------------------------------------------------------------------- grid and binarisation
 
-def resample_to_grid(mask: sitk.Image, image: sitk.Image, *, subject: str | None = None,
-                     role: str | None = None) -> sitk.Image:
+
+def resample_to_grid(
+    mask: sitk.Image, image: sitk.Image, *, subject: str | None = None, role: str | None = None
+) -> sitk.Image:
     """Put ``mask`` on ``image``'s grid.
 
     * Same grid (:func:`maskreg.io.same_grid`, tolerance 1e-4): the mask is returned with its values unchanged;
@@ -170,36 +177,47 @@ def resample_to_grid(mask: sitk.Image, image: sitk.Image, *, subject: str | None
         out.CopyInformation(image)
         return out
 
-    warnings.warn(f"{at}mask grid differs from the image grid ({_grid_difference(mask, image)}); "
-                  f"resampling the mask onto the image grid (identity transform, linear interpolation, "
-                  f"threshold 0.5).", UserWarning, stacklevel=2)
+    warnings.warn(
+        f"{at}mask grid differs from the image grid ({_grid_difference(mask, image)}); "
+        f"resampling the mask onto the image grid (identity transform, linear interpolation, "
+        f"threshold 0.5).",
+        UserWarning,
+        stacklevel=2,
+    )
     integer_valued = bool(np.all(np.isfinite(arr))) and (
-        np.issubdtype(arr.dtype, np.integer) or bool(np.all(arr == np.round(arr))))
+        np.issubdtype(arr.dtype, np.integer) or bool(np.all(arr == np.round(arr)))
+    )
     src_bool = arr != 0
     if integer_valued:
         src = sitk.GetImageFromArray(src_bool.astype(np.float32))
         src.CopyInformation(mask)
     else:
         src = sitk.Cast(mask, sitk.sitkFloat32)
-    res = sitk.Resample(src, image, sitk.Transform(image.GetDimension(), sitk.sitkIdentity),
-                        sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    res = sitk.Resample(
+        src, image, sitk.Transform(image.GetDimension(), sitk.sitkIdentity), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
     res.CopyInformation(image)
     res_arr = sitk.GetArrayViewFromImage(res)
     out = _from_array(res_arr >= 0.5, image) if integer_valued else res
     if src_bool.any() and not np.any(res_arr >= 0.5 if integer_valued else res_arr != 0):
         if not _any_voxel_inside(src_bool, mask, image):
-            raise MaskError(f"{at}mask outside the image: none of its {int(src_bool.sum())} voxels lies "
-                            f"within the image's physical extent (mask {_grid_summary(mask)}; image "
-                            f"{_grid_summary(image)}). Check that mask and image share the same physical "
-                            f"space (origin and direction in the headers).")
-        raise MaskError(f"{at}mask became empty when resampled onto the image grid: its "
-                        f"{int(src_bool.sum())} voxel(s) are too small or thin for the image's voxels "
-                        f"(mask {_grid_summary(mask)}; image {_grid_summary(image)}).")
+            raise MaskError(
+                f"{at}mask outside the image: none of its {int(src_bool.sum())} voxels lies "
+                f"within the image's physical extent (mask {_grid_summary(mask)}; image "
+                f"{_grid_summary(image)}). Check that mask and image share the same physical "
+                f"space (origin and direction in the headers)."
+            )
+        raise MaskError(
+            f"{at}mask became empty when resampled onto the image grid: its "
+            f"{int(src_bool.sum())} voxel(s) are too small or thin for the image's voxels "
+            f"(mask {_grid_summary(mask)}; image {_grid_summary(image)})."
+        )
     return out
 
 
-def binarise(mask: sitk.Image, *, threshold: float | None = None, subject: str | None = None,
-             role: str | None = None) -> sitk.Image:
+def binarise(
+    mask: sitk.Image, *, threshold: float | None = None, subject: str | None = None, role: str | None = None
+) -> sitk.Image:
     """Binary uint8 {0,1} mask with ``mask``'s geometry.
 
     ``threshold=None``: the mask must be integer-valued (float voxel types are allowed when every value is an
@@ -216,18 +234,23 @@ def binarise(mask: sitk.Image, *, threshold: float | None = None, subject: str |
     if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
         finite = np.isfinite(arr)
         if not np.all(finite):
-            raise MaskError(f"{at}mask has {int((~finite).sum())} NaN or infinite voxel(s); fix the file "
-                            f"or set the mask `threshold` option (values > threshold become 1).")
+            raise MaskError(
+                f"{at}mask has {int((~finite).sum())} NaN or infinite voxel(s); fix the file "
+                f"or set the mask `threshold` option (values > threshold become 1)."
+            )
         frac = arr != np.round(arr)
         if np.any(frac):
             example = float(arr[frac].flat[0])
-            raise MaskError(f"{at}mask has {int(frac.sum())} non-integer voxel value(s) (e.g. {example:g}), "
-                            f"so it is not a binary mask; set the mask `threshold` option (values > "
-                            f"threshold become 1), e.g. threshold: 0.5 for a probability map.")
+            raise MaskError(
+                f"{at}mask has {int(frac.sum())} non-integer voxel value(s) (e.g. {example:g}), "
+                f"so it is not a binary mask; set the mask `threshold` option (values > "
+                f"threshold become 1), e.g. threshold: 0.5 for a probability map."
+            )
     return _from_array(arr != 0, mask)
 
 
 # ------------------------------------------------------------------------------------------ morphology
+
 
 def keep_largest_component(mask: sitk.Image, *, fully_connected: bool = False) -> sitk.Image:
     """Keep the largest connected component of the nonzero voxels (face connectivity unless
@@ -266,8 +289,9 @@ def _sq_distance_to(sources: np.ndarray, spacing_zyx: Sequence[float]) -> np.nda
     """
     img = sitk.GetImageFromArray(sources.astype(np.uint8))
     img.SetSpacing(tuple(reversed([float(s) for s in spacing_zyx])))
-    dmap = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=True,
-                                        useImageSpacing=True, backgroundValue=0.0)
+    dmap = sitk.SignedMaurerDistanceMap(
+        img, insideIsPositive=False, squaredDistance=True, useImageSpacing=True, backgroundValue=0.0
+    )
     return sitk.GetArrayFromImage(dmap)  # a copy: a view would dangle once ``dmap`` is freed
 
 
@@ -300,8 +324,7 @@ def dilate_mm(mask: sitk.Image, radius_mm: float) -> sitk.Image:
     return _from_array(out, mask)
 
 
-def erode_mm(mask: sitk.Image, radius_mm: float, *, subject: str | None = None,
-             role: str | None = None) -> sitk.Image:
+def erode_mm(mask: sitk.Image, radius_mm: float, *, subject: str | None = None, role: str | None = None) -> sitk.Image:
     """Erode by a ball of ``radius_mm`` mm in physical space: the complement of the dilation of the complement.
 
     A mask voxel stays iff no non-mask voxel *of the image* has its centre within ``radius_mm`` mm. Voxels
@@ -324,14 +347,17 @@ def erode_mm(mask: sitk.Image, radius_mm: float, *, subject: str | None = None,
     if not kept.any():
         n_before = int(src.sum())
         inscribed = math.sqrt(max(float(np.max(np.where(inside, d2, 0.0))), 0.0))
-        raise MaskError(f"{where(subject, role)}erosion by {r:g} mm empties the mask ({n_before} voxel(s) "
-                        f"before). Its largest inscribed radius is {inscribed:.3g} mm: use an erosion "
-                        f"radius below that (or none).")
+        raise MaskError(
+            f"{where(subject, role)}erosion by {r:g} mm empties the mask ({n_before} voxel(s) "
+            f"before). Its largest inscribed radius is {inscribed:.3g} mm: use an erosion "
+            f"radius below that (or none)."
+        )
     out[crop] = kept
     return _from_array(out, mask)
 
 
 # ---------------------------------------------------------------------------------------- automatic mask
+
 
 def auto_mask(image: sitk.Image, *, closing_mm: float | None = None) -> sitk.Image:
     """Automatic foreground mask for an image that comes without one.
@@ -344,8 +370,10 @@ def auto_mask(image: sitk.Image, *, closing_mm: float | None = None) -> sitk.Ima
     """
     arr = sitk.GetArrayViewFromImage(image)
     if arr.size == 0 or float(np.min(arr)) == float(np.max(arr)):
-        raise MaskError(f"auto mask: the image is constant ({float(np.min(arr)) if arr.size else 'empty'}); "
-                        f"there is no foreground to find. Give a mask or use missing: allones.")
+        raise MaskError(
+            f"auto mask: the image is constant ({float(np.min(arr)) if arr.size else 'empty'}); "
+            f"there is no foreground to find. Give a mask or use missing: allones."
+        )
     img = sitk.Cast(image, sitk.sitkFloat32)
     otsu = sitk.OtsuThreshold(img, 0, 1, 256)  # insideValue=0 below threshold, outsideValue=1 above
     m = keep_largest_component(otsu)
@@ -372,22 +400,34 @@ _dilate_mm = dilate_mm
 _erode_mm = erode_mm
 
 
-def check_mask(mask: sitk.Image, *, subject: str | None = None, role: str | None = None,
-               min_voxels: int = 1) -> sitk.Image:
+def check_mask(
+    mask: sitk.Image, *, subject: str | None = None, role: str | None = None, min_voxels: int = 1
+) -> sitk.Image:
     """Return ``mask`` unchanged, or raise ``MaskError`` (naming subject and role) when it has fewer than
     ``min_voxels`` nonzero voxels."""
     n = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
     if n < min_voxels:
         what = "is empty" if n == 0 else f"has only {n} voxel(s)"
-        raise MaskError(f"{where(subject, role)}mask {what}; at least {min_voxels} needed. Check the mask "
-                        f"file and the mask preparation options (threshold, erode_mm).")
+        raise MaskError(
+            f"{where(subject, role)}mask {what}; at least {min_voxels} needed. Check the mask "
+            f"file and the mask preparation options (threshold, erode_mm)."
+        )
     return mask
 
 
-def prepare_mask(image: sitk.Image, mask: sitk.Image | None = None, *, missing: str = "allones",
-                 threshold: float | None = None, largest_component: bool = False, fill_holes: bool = False,
-                 dilate_mm: float = 0.0, erode_mm: float = 0.0, subject: str | None = None,
-                 role: str | None = None) -> sitk.Image:
+def prepare_mask(
+    image: sitk.Image,
+    mask: sitk.Image | None = None,
+    *,
+    missing: str = "allones",
+    threshold: float | None = None,
+    largest_component: bool = False,
+    fill_holes: bool = False,
+    dilate_mm: float = 0.0,
+    erode_mm: float = 0.0,
+    subject: str | None = None,
+    role: str | None = None,
+) -> sitk.Image:
     """Prepare the mask of ``image``: a uint8 {0,1} mask on the image's exact grid.
 
     Order: source (``mask``, else ``missing``: ``"allones"`` → :func:`allones_like`, ``"auto"`` →
@@ -398,8 +438,7 @@ def prepare_mask(image: sitk.Image, mask: sitk.Image | None = None, *, missing: 
     """
     at = where(subject, role)
     if missing not in _MISSING:
-        raise MaskError(f"{at}unknown value {missing!r} for `missing`; expected one of "
-                        f"{', '.join(_MISSING)}.")
+        raise MaskError(f"{at}unknown value {missing!r} for `missing`; expected one of {', '.join(_MISSING)}.")
     if mask is None:
         if missing == "allones":
             src = allones_like(image)

@@ -29,7 +29,7 @@ weight of a point is ``m_f(x) · m_m(T(x)) · inside_moving(T(x))`` (constant in
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -97,9 +97,16 @@ class PointLoss:
     each, drawn once), or ``n`` points drawn from the fixed mask's voxels (with replacement) and jittered anew
     at every call (not graph-safe: a random sampling iteration runs eagerly)."""
 
-    def __init__(self, fixed: torch.Tensor, fixed_mask: torch.Tensor, moving: torch.Tensor,
-                 moving_mask: torch.Tensor, generator: torch.Generator, random_n: int | None = None,
-                 fraction: float = 1.0):
+    def __init__(
+        self,
+        fixed: torch.Tensor,
+        fixed_mask: torch.Tensor,
+        moving: torch.Tensor,
+        moving_mask: torch.Tensor,
+        generator: torch.Generator,
+        random_n: int | None = None,
+        fraction: float = 1.0,
+    ):
         self.shape = tuple(fixed.shape[2:])
         self.gen = generator
         self.random_n = random_n
@@ -128,14 +135,16 @@ class PointLoss:
         """Points per evaluation."""
         return int(self.random_n or self.centres.shape[0])
 
-    def __call__(self, theta: torch.Tensor, value_and_grad: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-                 **loss_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, theta: torch.Tensor, value_and_grad: Callable[..., tuple[torch.Tensor, torch.Tensor]], **loss_kw
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, ∂loss/∂θ)`` at ``theta`` ``(dim, dim + 1)`` (its graph is not used: detach it or not).
         ``value_and_grad(fixed, moving, weight, **loss_kw) -> (loss, ∂loss/∂moving)`` is the loss in closed
         form (:data:`maskreg.losses.VALUE_AND_GRAD`)."""
         if self.random_n:
-            sel = torch.randint(0, self.centres.shape[0], (self.random_n,), generator=self.gen,
-                                device=self.centres.device)
+            sel = torch.randint(
+                0, self.centres.shape[0], (self.random_n,), generator=self.gen, device=self.centres.device
+            )
             pts, fixed_v, fixed_w = self._fixed_side(self.centres[sel])
         else:
             pts, fixed_v, fixed_w = self.points, self.fixed_values, self.fixed_weight
@@ -153,8 +162,9 @@ class PointLoss:
         of points with weight > 0.5, both scaled from the points to the whole fixed mask (exact with every voxel
         as a point, up to the jitter; an estimate for a fraction). Reads values back: not for iterations."""
         with torch.no_grad():
-            pts, _, fixed_w = ((self.points, None, self.fixed_weight) if not self.random_n
-                               else self._fixed_side(self.centres))
+            pts, _, fixed_w = (
+                (self.points, None, self.fixed_weight) if not self.random_n else self._fixed_side(self.centres)
+            )
             q = pts @ theta.detach().T
             s, ins = (_as_points(t) for t in grid_sample_inside(self.moving_stack[:, 1:2], _point_grid(q)))
             w = fixed_w * s * ins

@@ -64,7 +64,9 @@ def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.
             pad[axis] = len(kernel) // 2
             conv = F.conv3d if t.dim() == 5 else F.conv2d
             return conv(t, w, padding=tuple(pad), groups=t.shape[1])
-    if t.dim() in (4, 5) and cpu_kernels.enabled(t):  # one pass (3-channel 2 mm brain field, σ 1.5, 3 axes: 19-25 -> 10-14 ms)
+    if t.dim() in (4, 5) and cpu_kernels.enabled(
+        t
+    ):  # one pass (3-channel 2 mm brain field, σ 1.5, 3 axes: 19-25 -> 10-14 ms)
         return cpu_kernels.filter_axis(t, kernel, axis)
     ax = 2 + axis
     r = len(kernel) // 2
@@ -84,11 +86,11 @@ def gaussian_kernels(shape: tuple[int, ...], sigmas: tuple[float, ...]) -> tuple
     """:func:`gaussian_weights` per spatial axis of ``shape`` (tensor order; ``(1.0,)`` where sigma is 0), a
     kernel longer than its axis trimmed (the taps past both ends would add nothing)."""
     kernels = []
-    for n, s in zip(shape, sigmas):
+    for n, s in zip(shape, sigmas, strict=False):
         k = gaussian_weights(float(s)) if s > 0 else (1.0,)
         if len(k) > 2 * n - 1:
             c = len(k) // 2
-            k = k[c - (n - 1): c + n]
+            k = k[c - (n - 1) : c + n]
         kernels.append(k)
     return tuple(kernels)
 
@@ -102,8 +104,9 @@ def gaussian_blur(t: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
     return t
 
 
-def normalised_blur(image: torch.Tensor, mask: torch.Tensor, sigmas: tuple[float, ...],
-                    eps: float = 1e-6) -> torch.Tensor:
+def normalised_blur(
+    image: torch.Tensor, mask: torch.Tensor, sigmas: tuple[float, ...], eps: float = 1e-6
+) -> torch.Tensor:
     """``G*(I·m) / G*m``: smooth ``image`` using only voxels inside ``mask`` (weights in [0, 1]).
     Where no mask voxel is near, the result is 0; with no smoothing the image is returned unchanged."""
     if all(s <= 0 for s in sigmas):
@@ -134,8 +137,14 @@ def box_average(t: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-def resample(t: torch.Tensor, in_grid: Grid, out_grid: Grid, out_to_in: np.ndarray | None = None,
-             mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+def resample(
+    t: torch.Tensor,
+    in_grid: Grid,
+    out_grid: Grid,
+    out_to_in: np.ndarray | None = None,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
     """Sample tensor ``t`` (on ``in_grid``) at the voxel centres of ``out_grid`` through the physical map
     ``out_to_in`` (homogeneous; identity when None)."""
     dim = in_grid.dim
@@ -206,6 +215,7 @@ def decimate_axis(t: torch.Tensor, axis: int, factor: int, size: int, zero_paddi
         idx = [slice(None)] * t.dim()
         idx[ax] = slice(start, start + factor * (inside - 1) + 1, factor)
         return t[tuple(idx)]
+
     parts = []
     if inside > 0:
         parts.append(taps(lo) if lo == hi else 0.5 * (taps(lo) + taps(hi)))
@@ -214,13 +224,18 @@ def decimate_axis(t: torch.Tensor, axis: int, factor: int, size: int, zero_paddi
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, ax)
 
 
-def filter_decimate(t: torch.Tensor, kernels: tuple[tuple[float, ...] | None, ...], factors: tuple[int, ...],
-                    sizes: tuple[int, ...], zero_padding: bool = True) -> torch.Tensor:
+def filter_decimate(
+    t: torch.Tensor,
+    kernels: tuple[tuple[float, ...] | None, ...],
+    factors: tuple[int, ...],
+    sizes: tuple[int, ...],
+    zero_padding: bool = True,
+) -> torch.Tensor:
     """Filter every channel of ``t`` with a 1D kernel per spatial axis (tensor order; ``None`` = none, zero
     padding) and decimate it onto the shrunk grid (``factors``, ``sizes`` in tensor order), one axis at a
     time: each pass runs on the already decimated result of the one before (a factor 2 in 3D: 1 + ½ + ¼ of
     the full-size work of filtering all three axes first)."""
-    for axis, (k, f, m) in enumerate(zip(kernels, factors, sizes)):
+    for axis, (k, f, m) in enumerate(zip(kernels, factors, sizes, strict=False)):
         if k is not None and len(k) > 1:
             t = filter_axis(t, k, axis)
         t = decimate_axis(t, axis, f, m, zero_padding)
@@ -236,8 +251,9 @@ def _pad_low(t: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
 
 def downsample_mask(mask: torch.Tensor, grid: Grid, level_grid: Grid, factors: tuple[int, ...]) -> torch.Tensor:
     """Fraction of each coarse voxel's fine voxels inside ``mask`` (``factors`` x-first): the box average of
-    :func:`box_average`, sampled at the coarse voxel centres (``level_grid`` = ``grid.shrink(factors, grid.lattice_pads(factors))``,
-    as :func:`make_level` makes it; outside the image counts as outside the mask)."""
+    :func:`box_average`, sampled at the coarse voxel centres
+    (``level_grid`` = ``grid.shrink(factors, grid.lattice_pads(factors))``, as :func:`make_level` makes it;
+    outside the image counts as outside the mask)."""
     if level_grid == grid:
         return mask
     f_t = tuple(reversed(factors))
@@ -256,9 +272,15 @@ class Level:
     factors: tuple[int, ...]  # shrink factors, x-first (SimpleITK order)
 
 
-def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
-               sigma_vox: float | None = None, target_min_spacing: float | None = None,
-               smooth_within: torch.Tensor | None = None) -> Level:
+def make_level(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    grid: Grid,
+    scale: int,
+    sigma_vox: float | None = None,
+    target_min_spacing: float | None = None,
+    smooth_within: torch.Tensor | None = None,
+) -> Level:
     """Build the level at shrink ``scale`` (1 = full resolution): the image smoothed and decimated, ``mask``
     box-averaged onto the same grid.
 
@@ -273,8 +295,11 @@ def make_level(image: torch.Tensor, mask: torch.Tensor, grid: Grid, scale: int,
     """
     min_sp = min(grid.spacing)
     eff_scale = scale if target_min_spacing is None else max(target_min_spacing / min_sp, 1.0)
-    factors = shrink_factors(grid.spacing, 1) if eff_scale <= 1 else tuple(
-        max(1, int(round(eff_scale * min_sp / s))) for s in grid.spacing)
+    factors = (
+        shrink_factors(grid.spacing, 1)
+        if eff_scale <= 1
+        else tuple(max(1, int(round(eff_scale * min_sp / s))) for s in grid.spacing)
+    )
     if sigma_vox is None:
         sig = tuple(f / 2.0 if f > 1 else 0.0 for f in factors)
     else:

@@ -27,8 +27,9 @@ def _pieces(n_rows: int) -> int:
     return max(1, min(n_rows, PIECES_PER_THREAD * torch.get_num_threads()))
 
 
-def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
-                padding_mode: str = "zeros") -> torch.Tensor:
+def grid_sample(
+    input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
+) -> torch.Tensor:
     """``F.grid_sample(input, grid, mode, padding_mode, align_corners=True)``, the same values.
 
     ``input``: ``[N, C, *in_shape]``; ``grid``: ``[N, *out_shape, dim]`` normalised ``(x, y[, z])``; returns
@@ -39,7 +40,7 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     k = _pieces(grid.shape[1])
     if input.device.type != "cpu" or k < 2 or input.requires_grad or input.dim() != 5:
         return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    outs = [_split_call(input[i:i + 1], grid[i:i + 1], k, mode, padding_mode) for i in range(input.shape[0])]
+    outs = [_split_call(input[i : i + 1], grid[i : i + 1], k, mode, padding_mode) for i in range(input.shape[0])]
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
@@ -52,8 +53,9 @@ def _split_call(input: torch.Tensor, grid: torch.Tensor, k: int, mode: str, padd
     if pad:
         grid = torch.cat([grid, grid[:, -1:].expand(1, pad, *grid.shape[2:])], 1)
     g = grid.reshape(k, per, *grid.shape[2:])
-    out = F.grid_sample(input.expand(k, *input.shape[1:]), g, mode=mode, padding_mode=padding_mode,
-                        align_corners=True)  # [k, C, per, ...]
+    out = F.grid_sample(
+        input.expand(k, *input.shape[1:]), g, mode=mode, padding_mode=padding_mode, align_corners=True
+    )  # [k, C, per, ...]
     out = out.transpose(0, 1).reshape(1, input.shape[1], per * k, *out.shape[3:])
     return out[:, :, :rows] if pad else out
 

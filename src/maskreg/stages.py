@@ -16,7 +16,8 @@ import copy
 import difflib
 import math
 import numbers
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from maskreg.errors import ConfigError
 from maskreg.loss_names import NEEDS_DENSE, canonical
@@ -33,18 +34,38 @@ OPTIMIZERS = ("regular_step", "adam")
 # mean Dice 0.33 vs 0.23 with 16 bins / 0.1); with jittered points (maskreg.points) and regular steps, 32 bins
 # recover the known 2 mm brain affine of benchmarks/bench_linear.py to 0.04 mm (mean over the brain).
 LINEAR_DEFAULTS: dict[str, Any] = {
-    "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25], "learning_rate": 0.25,
-    "optimizer": "regular_step", "tolerance": 1e-5, "window": 5, "bins": 32, "smoothing_sigmas": None,
-    "use_mask": True, "masks": "both", "search": False,
+    "loss": "mi",
+    "scales": [4, 2, 1],
+    "iterations": [100, 50, 25],
+    "learning_rate": 0.25,
+    "optimizer": "regular_step",
+    "tolerance": 1e-5,
+    "window": 5,
+    "bins": 32,
+    "smoothing_sigmas": None,
+    "use_mask": True,
+    "masks": "both",
+    "search": False,
 }
 # the coarse global search of a linear stage (search: true, or a mapping overriding some of these): candidate
 # rotations up to angle_deg and translations up to translation_mm, the best `keep` refined
 SEARCH_DEFAULTS: dict[str, Any] = {"candidates": 200, "angle_deg": 30.0, "translation_mm": 20.0, "keep": 3}
 
 DEFORMABLE_DEFAULTS: dict[str, Any] = {
-    "loss": "cc", "scales": [4, 2, 1], "iterations": [80, 40, 20], "learning_rate": 0.5,
-    "fluid_sigma": 1.5, "elastic_sigma": 0.5, "tolerance": 1e-4, "window": 5, "bins": 16,
-    "smoothing_sigmas": None, "use_mask": True, "masks": "both", "bending_weight": 0.0, "gradient_weight": 0.0,
+    "loss": "cc",
+    "scales": [4, 2, 1],
+    "iterations": [80, 40, 20],
+    "learning_rate": 0.5,
+    "fluid_sigma": 1.5,
+    "elastic_sigma": 0.5,
+    "tolerance": 1e-4,
+    "window": 5,
+    "bins": 16,
+    "smoothing_sigmas": None,
+    "use_mask": True,
+    "masks": "both",
+    "bending_weight": 0.0,
+    "gradient_weight": 0.0,
     "label_weight": 0.0,
 }
 # per-type defaults over DEFORMABLE_DEFAULTS. SyN moves both images half-way, so a one-voxel step moves each image
@@ -58,8 +79,15 @@ TYPE_DEFAULTS: dict[str, dict[str, Any]] = {"syn": {"learning_rate": [1.5, 1.5, 
 
 # moments: what the engine assumes for a key left out (it scores candidate translations/rotations with the
 # stage's loss at the first of its scales). resolve_stage returns a moments stage as given.
-MOMENTS_DEFAULTS: dict[str, Any] = {"loss": "mi", "scales": [4], "window": 5, "bins": 32, "principal_axes": False,
-                                    "use_mask": True, "masks": "both"}
+MOMENTS_DEFAULTS: dict[str, Any] = {
+    "loss": "mi",
+    "scales": [4],
+    "window": 5,
+    "bins": 32,
+    "principal_axes": False,
+    "use_mask": True,
+    "masks": "both",
+}
 
 # maskreg.register's stages when none are given
 DEFAULT_STAGES: list[dict[str, Any]] = [
@@ -92,6 +120,7 @@ def defaults_for(kind: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- resolution
+
 
 def resolve_stage(stage: Mapping[str, Any]) -> dict[str, Any]:
     """A stage as the engine runs it: every setting, defaults filled in.
@@ -144,11 +173,16 @@ def _search(value: Any) -> dict[str, Any] | bool:
         return False
     given = {} if value is True else {k: v for k, v in value.items() if v is not None}
     out = {**SEARCH_DEFAULTS, **given}
-    return {"candidates": int(out["candidates"]), "angle_deg": float(out["angle_deg"]),
-            "translation_mm": float(out["translation_mm"]), "keep": int(out["keep"])}
+    return {
+        "candidates": int(out["candidates"]),
+        "angle_deg": float(out["angle_deg"]),
+        "translation_mm": float(out["translation_mm"]),
+        "keep": int(out["keep"]),
+    }
 
 
 # -------------------------------------------------------------------------------------------------- problems
+
 
 def _show(v: Any) -> str:
     """A value as YAML would write it (lists in brackets, true/false/null), for messages."""
@@ -195,8 +229,10 @@ def _list_of(ok, min_items: int = 1):
 _VALUE_RULES: dict[str, tuple[Any, str]] = {
     "scales": (_list_of(_int_at_least(1)), "a non-empty list of positive integers (shrink factors, e.g. [4, 2, 1])"),
     "iterations": (_list_of(_int_at_least(0)), "a non-empty list of integers >= 0 (one per scale)"),
-    "learning_rate": (lambda v: (_is_num(v) and v > 0) or _list_of(lambda x: _is_num(x) and x > 0)(v),
-                      "a number > 0 or a list of numbers > 0 (one per scale)"),
+    "learning_rate": (
+        lambda v: (_is_num(v) and v > 0) or _list_of(lambda x: _is_num(x) and x > 0)(v),
+        "a number > 0 or a list of numbers > 0 (one per scale)",
+    ),
     "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     "tolerance": (_num_at_least(0), "a number >= 0"),
     "window": (_int_at_least(3), "an integer >= 3 (voxels)"),
@@ -259,10 +295,17 @@ def _one_stage_problems(st: Mapping[str, Any], random_sampling: bool) -> list[st
             loss = None
     if "search" in given:
         out += _search_problems(given["search"])
-    if "use_mask" in given and "masks" in given and "use_mask" not in bad and "masks" not in bad and \
-            given["use_mask"] != (given["masks"] != "none"):
-        out.append(f"use_mask {_show(given['use_mask'])} and masks {_show(given['masks'])} disagree; give masks "
-                   f"alone (use_mask: false is masks: none)")
+    if (
+        "use_mask" in given
+        and "masks" in given
+        and "use_mask" not in bad
+        and "masks" not in bad
+        and given["use_mask"] != (given["masks"] != "none")
+    ):
+        out.append(
+            f"use_mask {_show(given['use_mask'])} and masks {_show(given['masks'])} disagree; give masks "
+            f"alone (use_mask: false is masks: none)"
+        )
     # per-level lists: one value per scale (strict: no level is dropped)
     if kind != MOMENTS:
         scales = given.get("scales", defaults_for(kind)["scales"])
@@ -278,12 +321,17 @@ def _one_stage_problems(st: Mapping[str, Any], random_sampling: bool) -> list[st
             rate = given.get("learning_rate")
             if _is_list(rate) and "learning_rate" not in bad and len(rate) != len(scales):
                 out.append(f"learning_rate {_show(rate)} must be one number or one value per scale {_show(scales)}")
-    elif "scales" in given and "scales" not in bad and any(
-            b > a for a, b in zip(given["scales"][:-1], given["scales"][1:], strict=True)):
+    elif (
+        "scales" in given
+        and "scales" not in bad
+        and any(b > a for a, b in zip(given["scales"][:-1], given["scales"][1:], strict=True))
+    ):
         out.append(f"scales {_show(given['scales'])} must not increase (coarse to fine, e.g. [4, 2, 1])")
     if random_sampling and kind in LINEAR_STAGES and loss in NEEDS_DENSE:
-        out.append(f"loss {_show(st.get('loss'))} needs dense sampling (it uses neighbourhoods); use mse, mi or nmi "
-                   f"with random sampling")
+        out.append(
+            f"loss {_show(st.get('loss'))} needs dense sampling (it uses neighbourhoods); use mse, mi or nmi "
+            f"with random sampling"
+        )
     return out
 
 
@@ -291,8 +339,7 @@ def _search_problems(value: Any) -> list[str]:
     if isinstance(value, bool):
         return []
     if not isinstance(value, Mapping):
-        return [f"search {_show(value)} must be true, false or a mapping with keys "
-                f"{', '.join(SEARCH_DEFAULTS)}"]
+        return [f"search {_show(value)} must be true, false or a mapping with keys {', '.join(SEARCH_DEFAULTS)}"]
     out = []
     for key, v in value.items():
         if key not in _SEARCH_RULES:
@@ -336,8 +383,9 @@ def stage_list_problems(stages: Iterable[Any] | None, sampling: Any = "dense", *
     return out
 
 
-def check_stages(stages: Iterable[Any] | None, sampling: Any = "dense", where: str = "", *,
-                 at: str = "stage {i}") -> None:
+def check_stages(
+    stages: Iterable[Any] | None, sampling: Any = "dense", where: str = "", *, at: str = "stage {i}"
+) -> None:
     """Raise :class:`~maskreg.errors.ConfigError` listing every problem of ``stages`` at once (see
     :func:`stage_list_problems`); ``where`` (e.g. ``"subject 's1'"``) says whose stage list it is."""
     problems = stage_list_problems(stages, sampling, at=at)

@@ -16,7 +16,7 @@ The same ``fn`` runs eagerly on the CPU, so both devices share one code path.
 from __future__ import annotations
 
 import os
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -26,10 +26,10 @@ def graphs_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("MASKREG_CUDA_GRAPHS", "1") not in ("0", "false", "no")
 
 
-_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
     """One capture stream per device for the whole process: a new stream per level would get its own cuBLAS
     handle and workspace each time."""
     key = torch.device(device)
@@ -45,8 +45,7 @@ class Stepper:
     number of squarings of an exponential) is captured once and replayed. Warm-up calls are real
     iterations: they update the state like replays do."""
 
-    def __init__(self, fn: Callable[[Hashable], None], device: torch.device, graphs: bool = True,
-                 warmup: int = 1):
+    def __init__(self, fn: Callable[[Hashable], None], device: torch.device, graphs: bool = True, warmup: int = 1):
         self.fn = fn
         self.graphed = graphs and graphs_enabled(device)
         self.warmup = warmup

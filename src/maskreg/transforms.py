@@ -14,8 +14,8 @@ A list of transform files in this module is always in that ``-t`` order.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,7 +39,7 @@ class LinearTransform:
         self.center = np.zeros(dim) if self.center is None else np.asarray(self.center, dtype=np.float64)
 
     @classmethod
-    def identity(cls, dim: int, center=None) -> "LinearTransform":
+    def identity(cls, dim: int, center=None) -> LinearTransform:
         return cls(np.eye(dim), np.zeros(dim), center)
 
     @property
@@ -57,7 +57,7 @@ class LinearTransform:
         """Map ``(N, dim)`` fixed-space points to moving space."""
         return (points - self.center) @ self.matrix.T + self.center + self.translation
 
-    def inverse(self) -> "LinearTransform":
+    def inverse(self) -> LinearTransform:
         inv = np.linalg.inv(self.matrix)
         # x = A^-1 (y - c - t) + c  ->  same centre, translation -A^-1 t
         return LinearTransform(inv, -inv @ self.translation, self.center.copy())
@@ -70,7 +70,7 @@ class LinearTransform:
         return tx
 
     @classmethod
-    def from_sitk(cls, tx: sitk.Transform) -> "LinearTransform":
+    def from_sitk(cls, tx: sitk.Transform) -> LinearTransform:
         """From any SimpleITK linear transform (Euler, Similarity, Affine, Translation, composite of them)."""
         dim = tx.GetDimension()
         if tx.GetName() == "CompositeTransform":
@@ -80,12 +80,26 @@ class LinearTransform:
             for i in range(comp.GetNumberOfTransforms()):
                 out = compose(out, cls.from_sitk(comp.GetNthTransform(i)))
             return out
-        if tx.GetName() not in ("AffineTransform", "Euler2DTransform", "Euler3DTransform", "VersorRigid3DTransform",
-                                "Similarity2DTransform", "Similarity3DTransform", "TranslationTransform",
-                                "ScaleTransform", "ScaleVersor3DTransform", "ScaleSkewVersor3DTransform",
-                                "AffineTransform_double_2_2", "AffineTransform_double_3_3", "IdentityTransform",
-                                "MatrixOffsetTransformBase", "VersorTransform", "QuaternionRigidTransform",
-                                "Rigid2DTransform", "Similarity2DTransform"):
+        if tx.GetName() not in (
+            "AffineTransform",
+            "Euler2DTransform",
+            "Euler3DTransform",
+            "VersorRigid3DTransform",
+            "Similarity2DTransform",
+            "Similarity3DTransform",
+            "TranslationTransform",
+            "ScaleTransform",
+            "ScaleVersor3DTransform",
+            "ScaleSkewVersor3DTransform",
+            "AffineTransform_double_2_2",
+            "AffineTransform_double_3_3",
+            "IdentityTransform",
+            "MatrixOffsetTransformBase",
+            "VersorTransform",
+            "QuaternionRigidTransform",
+            "Rigid2DTransform",
+            "Similarity2DTransform",
+        ):
             raise ValueError(f"not a linear transform: {tx.GetName()}")
         # probe the map at dim+1 points: exact for any affine map
         o = np.array(tx.TransformPoint([0.0] * dim))
@@ -108,8 +122,7 @@ def write_linear(tx: LinearTransform, path: str | os.PathLike) -> None:
         sitk.WriteTransform(tx.to_sitk(), str(tmp))
 
 
-def read_linear(path: str | os.PathLike, *, subject: str | None = None, role: str = "transform"
-                ) -> LinearTransform:
+def read_linear(path: str | os.PathLike, *, subject: str | None = None, role: str = "transform") -> LinearTransform:
     """Read an ITK/ANTs linear transform file (``.mat``, ``.txt``, ``.tfm``)."""
     p = str(path)
     if not os.path.exists(p):
@@ -117,8 +130,9 @@ def read_linear(path: str | os.PathLike, *, subject: str | None = None, role: st
     try:
         tx = sitk.ReadTransform(p)
     except RuntimeError as exc:
-        raise InputError(f"{where(subject, role, p)}is not an ITK transform file "
-                         f"({str(exc).strip().splitlines()[-1]}).") from None
+        raise InputError(
+            f"{where(subject, role, p)}is not an ITK transform file ({str(exc).strip().splitlines()[-1]})."
+        ) from None
     return LinearTransform.from_sitk(tx)
 
 
@@ -133,7 +147,7 @@ def chain(linear: LinearTransform, displacement: sitk.Image | None = None) -> si
     if displacement is None:
         return linear.to_sitk()
     comp = sitk.CompositeTransform(linear.dim)
-    comp.AddTransform(linear.to_sitk())          # applied last to points
+    comp.AddTransform(linear.to_sitk())  # applied last to points
     comp.AddTransform(displacement_transform(displacement))  # applied first
     return comp
 
@@ -153,13 +167,16 @@ def read_field(path: str | os.PathLike, *, subject: str | None = None, role: str
         raise InputError(f"{where(subject, role, p)}file not found.")
     img = sitk.ReadImage(p)
     if img.GetNumberOfComponentsPerPixel() != img.GetDimension():
-        raise InputError(f"{where(subject, role, p)}is not a displacement field: {img.GetDimension()}D image "
-                         f"with {img.GetNumberOfComponentsPerPixel()} component(s) per voxel.")
+        raise InputError(
+            f"{where(subject, role, p)}is not a displacement field: {img.GetDimension()}D image "
+            f"with {img.GetNumberOfComponentsPerPixel()} component(s) per voxel."
+        )
     return img
 
 
-def read_chain(linear_path: str | os.PathLike, warp_path: str | os.PathLike | None = None, *,
-               subject: str | None = None) -> tuple[LinearTransform, sitk.Image | None, sitk.Transform]:
+def read_chain(
+    linear_path: str | os.PathLike, warp_path: str | os.PathLike | None = None, *, subject: str | None = None
+) -> tuple[LinearTransform, sitk.Image | None, sitk.Transform]:
     """The files of one registration: linear part, optional field and the whole fixed → moving chain."""
     lin = read_linear(linear_path, subject=subject)
     field = read_field(warp_path, subject=subject) if warp_path else None
@@ -181,8 +198,12 @@ def may_be_nonlinear(value: str) -> bool:
     return any(not p.lower().endswith(LINEAR_SUFFIXES) for p in split_list(value))
 
 
-def read_transform(paths: str | os.PathLike | Sequence[str | os.PathLike], *, subject: str | None = None,
-                   role: str = "initial_transform") -> LinearTransform | sitk.Transform:
+def read_transform(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    subject: str | None = None,
+    role: str = "initial_transform",
+) -> LinearTransform | sitk.Transform:
     """Read one transform or an ANTs-ordered list of them (fixed → moving points; the first listed is applied
     first to points, as ``antsApplyTransforms -t a -t b``). Each file is an ITK transform file (``.mat``,
     ``.txt``, ``.tfm``, a composite ``.h5`` as ``antsRegistration --write-composite-transform`` writes) or a
@@ -199,17 +220,22 @@ def read_transform(paths: str | os.PathLike | Sequence[str | os.PathLike], *, su
             try:
                 parts.append(sitk.ReadTransform(p))
             except RuntimeError as exc:
-                raise InputError(f"{where(subject, role, p)}is not an ITK transform file "
-                                 f"({str(exc).strip().splitlines()[-1]}).") from None
+                raise InputError(
+                    f"{where(subject, role, p)}is not an ITK transform file ({str(exc).strip().splitlines()[-1]})."
+                ) from None
         else:
             try:
                 img = sitk.ReadImage(p)
             except RuntimeError as exc:
-                raise InputError(f"{where(subject, role, p)}is neither an ITK transform file nor a readable "
-                                 f"displacement-field image ({str(exc).strip().splitlines()[-1]}).") from None
+                raise InputError(
+                    f"{where(subject, role, p)}is neither an ITK transform file nor a readable "
+                    f"displacement-field image ({str(exc).strip().splitlines()[-1]})."
+                ) from None
             if img.GetNumberOfComponentsPerPixel() != img.GetDimension():
-                raise InputError(f"{where(subject, role, p)}is not a displacement field: {img.GetDimension()}D "
-                                 f"image with {img.GetNumberOfComponentsPerPixel()} component(s) per voxel.")
+                raise InputError(
+                    f"{where(subject, role, p)}is not a displacement field: {img.GetDimension()}D "
+                    f"image with {img.GetNumberOfComponentsPerPixel()} component(s) per voxel."
+                )
             parts.append(displacement_transform(img))
     if not parts:
         raise InputError(f"{where(subject, role)}no transform file given.")
@@ -266,5 +292,5 @@ def inverse_chain(linear: LinearTransform, inverse_displacement: sitk.Image | No
         return inv.to_sitk()
     comp = sitk.CompositeTransform(linear.dim)
     comp.AddTransform(displacement_transform(inverse_displacement))  # applied last
-    comp.AddTransform(inv.to_sitk())                                  # applied first
+    comp.AddTransform(inv.to_sitk())  # applied first
     return comp

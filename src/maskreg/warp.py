@@ -14,38 +14,61 @@ import SimpleITK as sitk
 from maskreg.errors import InputError, where
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "nearest": sitk.sitkNearestNeighbor}
-INTEGER_TYPES = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32,
-                 sitk.sitkUInt64, sitk.sitkInt64)
+INTEGER_TYPES = (
+    sitk.sitkUInt8,
+    sitk.sitkInt8,
+    sitk.sitkUInt16,
+    sitk.sitkInt16,
+    sitk.sitkUInt32,
+    sitk.sitkInt32,
+    sitk.sitkUInt64,
+    sitk.sitkInt64,
+)
 
 
-def warp_image(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
-               interpolation: str = "linear", default: float = 0.0) -> sitk.Image:
+def warp_image(
+    moving: sitk.Image,
+    reference: sitk.Image,
+    transform: sitk.Transform,
+    interpolation: str = "linear",
+    default: float = 0.0,
+) -> sitk.Image:
     """``moving(T(x))`` on ``reference``'s grid; float32 for linear/B-spline, the input type for nearest."""
     if interpolation not in INTERPOLATORS:
         raise ValueError(f"unknown interpolation '{interpolation}'; choose {', '.join(INTERPOLATORS)}")
     if interpolation == "nearest":
         return sitk.Resample(moving, reference, transform, sitk.sitkNearestNeighbor, default, moving.GetPixelID())
-    return sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), reference, transform, INTERPOLATORS[interpolation],
-                         default, sitk.sitkFloat32)
+    return sitk.Resample(
+        sitk.Cast(moving, sitk.sitkFloat32),
+        reference,
+        transform,
+        INTERPOLATORS[interpolation],
+        default,
+        sitk.sitkFloat32,
+    )
 
 
 def warp_mask(mask: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> sitk.Image:
     """A binary mask warped linearly then thresholded at 0.5 (uint8 {0, 1})."""
-    soft = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference, transform, sitk.sitkLinear, 0.0,
-                         sitk.sitkFloat32)
+    soft = sitk.Resample(
+        sitk.Cast(mask > 0, sitk.sitkFloat32), reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
     return sitk.Cast(soft >= 0.5, sitk.sitkUInt8)
 
 
-def check_labels(labels: sitk.Image, *, subject: str | None = None, role: str = "labels",
-                 path: str | None = None) -> None:
+def check_labels(
+    labels: sitk.Image, *, subject: str | None = None, role: str = "labels", path: str | None = None
+) -> None:
     """Label maps must hold integers: an integer pixel type, or floats that are all whole numbers."""
     if labels.GetPixelID() in INTEGER_TYPES:
         return
     arr = sitk.GetArrayViewFromImage(labels)
     if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-        raise InputError(f"{where(subject, role, path)}label map holds non-integer values (pixel type "
-                         f"{labels.GetPixelIDTypeAsString()}); label maps must be integer-valued. Was an image "
-                         f"given in the labels column?")
+        raise InputError(
+            f"{where(subject, role, path)}label map holds non-integer values (pixel type "
+            f"{labels.GetPixelIDTypeAsString()}); label maps must be integer-valued. Was an image "
+            f"given in the labels column?"
+        )
 
 
 def _label_set(labels: sitk.Image) -> set[int]:
@@ -57,8 +80,14 @@ def _fmt_labels(values: set[int], most: int = 12) -> str:
     return "{" + ", ".join(map(str, v[:most])) + (", ..." if len(v) > most else "") + "}" if v else "none"
 
 
-def common_labels(fixed_labels: sitk.Image, moving_labels: sitk.Image, *, subject: str | None = None,
-                  fixed_path: str | None = None, moving_path: str | None = None) -> list[int]:
+def common_labels(
+    fixed_labels: sitk.Image,
+    moving_labels: sitk.Image,
+    *,
+    subject: str | None = None,
+    fixed_path: str | None = None,
+    moving_path: str | None = None,
+) -> list[int]:
     """The nonzero label values present in both label maps (sorted), after :func:`check_labels` on each.
 
     Raises ``InputError`` naming the subject, both files and both label sets when there is none (Dice would
@@ -69,17 +98,27 @@ def common_labels(fixed_labels: sitk.Image, moving_labels: sitk.Image, *, subjec
     a, b = _label_set(fixed_labels), _label_set(moving_labels)
     common = sorted(a & b)
     if not common:
-        names = " and ".join(f"{r} '{p}'" if p else r for r, p in (("fixed_labels", fixed_path),
-                                                                   ("moving_labels", moving_path)))
-        raise InputError(f"{where(subject)}label maps have no label in common: {names}; fixed has "
-                         f"{_fmt_labels(a)}, moving has {_fmt_labels(b)} (background 0 not counted). Both maps "
-                         f"must use the same label numbering (the same atlas or lookup table); renumber one, "
-                         f"or leave the labels columns empty.")
+        names = " and ".join(
+            f"{r} '{p}'" if p else r for r, p in (("fixed_labels", fixed_path), ("moving_labels", moving_path))
+        )
+        raise InputError(
+            f"{where(subject)}label maps have no label in common: {names}; fixed has "
+            f"{_fmt_labels(a)}, moving has {_fmt_labels(b)} (background 0 not counted). Both maps "
+            f"must use the same label numbering (the same atlas or lookup table); renumber one, "
+            f"or leave the labels columns empty."
+        )
     return common
 
 
-def warp_labels(labels: sitk.Image, reference: sitk.Image, transform: sitk.Transform, method: str = "generic",
-                *, subject: str | None = None, role: str = "moving_labels") -> sitk.Image:
+def warp_labels(
+    labels: sitk.Image,
+    reference: sitk.Image,
+    transform: sitk.Transform,
+    method: str = "generic",
+    *,
+    subject: str | None = None,
+    role: str = "moving_labels",
+) -> sitk.Image:
     """Warp an integer label map; the label set and the pixel type are preserved.
 
     ``generic`` (ANTs' "genericLabel" idea): each label's indicator is interpolated linearly and every voxel
@@ -106,8 +145,9 @@ def warp_labels(labels: sitk.Image, reference: sitk.Image, transform: sitk.Trans
     for v in values:  # ascending, and only a strictly larger weight replaces: ties keep the smaller label
         if v == 0:
             # background everywhere, weight 1 where T(x) falls outside the moving image
-            w_img = sitk.Resample(sitk.Cast(labels == 0, sitk.sitkFloat32), reference, transform,
-                                  sitk.sitkLinear, 1.0, sitk.sitkFloat32)
+            w_img = sitk.Resample(
+                sitk.Cast(labels == 0, sitk.sitkFloat32), reference, transform, sitk.sitkLinear, 1.0, sitk.sitkFloat32
+            )
             region = tuple(slice(0, n) for n in shape)
         else:
             region = _region(reach, boxes[v], shape)
@@ -116,13 +156,21 @@ def warp_labels(labels: sitk.Image, reference: sitk.Image, transform: sitk.Trans
             # the label's box grown by 2 voxels (clipped): the indicator is 0 on the crop's rim, so linear
             # interpolation in the crop equals that in the whole image wherever the label has weight
             lo = [max(a - 2, 0) for a, _ in boxes[v]]
-            hi = [min(b + 2, n - 1) for (_, b), n in zip(boxes[v], arr.shape)]
-            crop = sitk.RegionOfInterest(labels, [b - a + 1 for a, b in zip(lo, hi)][::-1], lo[::-1])
+            hi = [min(b + 2, n - 1) for (_, b), n in zip(boxes[v], arr.shape, strict=False)]
+            crop = sitk.RegionOfInterest(labels, [b - a + 1 for a, b in zip(lo, hi, strict=False)][::-1], lo[::-1])
             start = [s.start for s in region][::-1]
             size = [s.stop - s.start for s in region][::-1]
-            w_img = sitk.Resample(sitk.Cast(crop == int(v), sitk.sitkFloat32), size, transform, sitk.sitkLinear,
-                                  reference.TransformIndexToPhysicalPoint(start),
-                                  reference.GetSpacing(), reference.GetDirection(), 0.0, sitk.sitkFloat32)
+            w_img = sitk.Resample(
+                sitk.Cast(crop == int(v), sitk.sitkFloat32),
+                size,
+                transform,
+                sitk.sitkLinear,
+                reference.TransformIndexToPhysicalPoint(start),
+                reference.GetSpacing(),
+                reference.GetDirection(),
+                0.0,
+                sitk.sitkFloat32,
+            )
         w = sitk.GetArrayViewFromImage(w_img)
         b_view, o_view = best[region], out[region]
         better = w > b_view
@@ -190,7 +238,7 @@ def _region(reach: list, box: tuple, shape: tuple) -> tuple[slice, ...] | None:
     """The reference-grid region (numpy slices) holding every voxel that can see the label in ``box``, or
     None when there is none."""
     hit = None
-    for (mn, mx), (lo, hi) in zip(reach, box):
+    for (mn, mx), (lo, hi) in zip(reach, box, strict=False):
         h = (mx >= lo - 1) & (mn <= hi + 1)
         hit = h if hit is None else hit & h
     if not hit.any():

@@ -20,12 +20,13 @@ RES = config["resources"]
 # a deformable stage, or an initial transform that may hold a displacement field (judged by file names),
 # adds the displacement fields to the outputs and to the warp and QC inputs
 DEFORMABLE = any(s["type"] in DEFORMABLE_STAGES for s in config["registration"]["stages"]) or any(
-    may_be_nonlinear(v) for v in COHORT["initial_transform"] if v)
+    may_be_nonlinear(v) for v in COHORT["initial_transform"] if v
+)
 
 # batched registration (resources.register.batch_size > 1): consecutive cohort rows, batch_size at a time, are
 # registered by one job (one process, one CUDA context); `register` then publishes each subject's files
 BATCH_SIZE = RES["register"]["batch_size"]
-BATCHES = {f"batch{i // BATCH_SIZE:04d}": SUBJECTS[i:i + BATCH_SIZE] for i in range(0, len(SUBJECTS), BATCH_SIZE)}
+BATCHES = {f"batch{i // BATCH_SIZE:04d}": SUBJECTS[i : i + BATCH_SIZE] for i in range(0, len(SUBJECTS), BATCH_SIZE)}
 SUBJECT_BATCH = {s: b for b, members in BATCHES.items() for s in members}
 
 
@@ -73,8 +74,7 @@ def register_resources(batched=False):
     r = RES["register"]
     mem_mb, runtime = r["mem_mb"], r["runtime"]
     n = (lambda wc: len(BATCHES[wc.batch])) if batched else (lambda wc: 1)
-    out = {"mem_mb": lambda wc, attempt: mem_mb * attempt,
-           "runtime": lambda wc, attempt: runtime * attempt * n(wc)}
+    out = {"mem_mb": lambda wc, attempt: mem_mb * attempt, "runtime": lambda wc, attempt: runtime * attempt * n(wc)}
     if config["device"] != "cpu" and r["gpu"] > 0:
         out["gpu"] = r["gpu"]
         if r.get("gpu_model"):
@@ -98,8 +98,31 @@ def register_label_inputs(wc):
     """Both label maps, when a stage uses the label term and the subject has them."""
     if not (LABEL_TERM and has_labels(wc.subject)):
         return {}
-    return {"fixed_labels": cohort_value(wc.subject, "fixed_labels"),
-            "moving_labels": cohort_value(wc.subject, "moving_labels")}
+    return {
+        "fixed_labels": cohort_value(wc.subject, "fixed_labels"),
+        "moving_labels": cohort_value(wc.subject, "moving_labels"),
+    }
+
+
+def qc_label_inputs(wc):
+    """The QC job's label inputs (both label maps and the warped one) when the subject has labels."""
+    if not has_labels(wc.subject):
+        return {}
+    return {
+        "fixed_labels": cohort_value(wc.subject, "fixed_labels"),
+        "moving_labels": cohort_value(wc.subject, "moving_labels"),
+        "warped_labels": f"results/{wc.subject}/warped/labels.nii.gz",
+    }
+
+
+def qc_landmark_inputs(wc):
+    """Both landmark files, when the subject has them (TRE in QC)."""
+    if not has(wc.subject, "fixed_landmarks"):
+        return {}
+    return {
+        "fixed_landmarks": cohort_value(wc.subject, "fixed_landmarks"),
+        "moving_landmarks": cohort_value(wc.subject, "moving_landmarks"),
+    }
 
 
 def mask_kinds(subject):
@@ -109,14 +132,18 @@ def mask_kinds(subject):
 
 def registration_job(subject):
     """What maskreg.jobs.register_subject needs for a subject (paths and mask kinds), for batch jobs."""
-    job = {"fixed": cohort_value(subject, "fixed"), "moving": cohort_value(subject, "moving"),
-           "fixed_mask": f"results/{subject}/masks/fixed_mask.nii.gz",
-           "moving_mask": f"results/{subject}/masks/moving_mask.nii.gz",
-           "initial": split_list(cohort_value(subject, "initial_transform")),
-           "kinds": mask_kinds(subject)}
+    job = {
+        "fixed": cohort_value(subject, "fixed"),
+        "moving": cohort_value(subject, "moving"),
+        "fixed_mask": f"results/{subject}/masks/fixed_mask.nii.gz",
+        "moving_mask": f"results/{subject}/masks/moving_mask.nii.gz",
+        "initial": split_list(cohort_value(subject, "initial_transform")),
+        "kinds": mask_kinds(subject),
+    }
     if LABEL_TERM and has_labels(subject):
-        job.update(fixed_labels=cohort_value(subject, "fixed_labels"),
-                   moving_labels=cohort_value(subject, "moving_labels"))
+        job.update(
+            fixed_labels=cohort_value(subject, "fixed_labels"), moving_labels=cohort_value(subject, "moving_labels")
+        )
     return job
 
 
@@ -174,6 +201,10 @@ def done_subjects():
 
 def all_outputs():
     out = [p for s in done_subjects() for p in subject_outputs(s)]
-    out += ["results/cohort/metrics.tsv", "results/cohort/dice.tsv", "results/cohort/summary.png",
-            "results/cohort/failures.png"]
+    out += [
+        "results/cohort/metrics.tsv",
+        "results/cohort/dice.tsv",
+        "results/cohort/summary.png",
+        "results/cohort/failures.png",
+    ]
     return out

@@ -8,8 +8,6 @@ rule prepare_mask:
         mask=lambda wc: cohort_value(wc.subject, f"{wc.role}_mask") or [],
     output:
         "results/{subject}/masks/{role}_mask.nii.gz",
-    params:
-        options=lambda wc: mask_options(wc.subject, wc.role),
     log:
         "logs/{subject}/prepare_mask_{role}.log",
     benchmark:
@@ -17,5 +15,7 @@ rule prepare_mask:
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
+    params:
+        options=lambda wc: mask_options(wc.subject, wc.role),
     script:
         "../scripts/prepare_mask.py"

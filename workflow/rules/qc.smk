@@ -2,25 +2,6 @@
 # and plots. Figures are registered with report() for `snakemake --report report.html`.
 
 
-def qc_label_inputs(wc):
-    if not has_labels(wc.subject):
-        return {}
-    return {
-        "fixed_labels": cohort_value(wc.subject, "fixed_labels"),
-        "moving_labels": cohort_value(wc.subject, "moving_labels"),
-        "warped_labels": f"results/{wc.subject}/warped/labels.nii.gz",
-    }
-
-
-def qc_landmark_inputs(wc):
-    if not has(wc.subject, "fixed_landmarks"):
-        return {}
-    return {
-        "fixed_landmarks": cohort_value(wc.subject, "fixed_landmarks"),
-        "moving_landmarks": cohort_value(wc.subject, "moving_landmarks"),
-    }
-
-
 rule qc_masks:
     input:
         fixed=lambda wc: cohort_value(wc.subject, "fixed"),
@@ -35,9 +16,6 @@ rule qc_masks:
             subcategory="{subject}",
             labels={"subject": "{subject}", "figure": "masks"},
         ),
-    params:
-        # not the flag thresholds: changing qc.flags reruns only qc_subject and cohort
-        qc={k: v for k, v in config["qc"].items() if k != "flags"},
     log:
         "logs/{subject}/qc_masks.log",
     benchmark:
@@ -45,6 +23,9 @@ rule qc_masks:
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
+    params:
+        # not the flag thresholds: changing qc.flags reruns only qc_subject and cohort
+        qc={k: v for k, v in config["qc"].items() if k != "flags"},
     script:
         "../scripts/qc_masks.py"
 
@@ -71,9 +52,6 @@ rule qc_subject:
             subcategory="{subject}",
             labels={"subject": "{subject}", "figure": "registration"},
         ),
-    params:
-        qc=config["qc"],
-        flags=config["qc"]["flags"],  # thresholds of the flags column (maskreg.qc.flags)
     log:
         "logs/{subject}/qc_subject.log",
     benchmark:
@@ -81,6 +59,9 @@ rule qc_subject:
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
+    params:
+        qc=config["qc"],
+        flags=config["qc"]["flags"],  # thresholds of the flags column (maskreg.qc.flags)
     script:
         "../scripts/qc_subject.py"
 
@@ -109,9 +90,9 @@ rule cohort:
             category="Cohort",
             labels={"figure": "failures"},
         ),
-    params:
-        subjects=SUBJECTS,
     log:
         "logs/cohort.log",
+    params:
+        subjects=SUBJECTS,
     script:
         "../scripts/cohort.py"

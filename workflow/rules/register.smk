@@ -19,18 +19,18 @@ if BATCH_SIZE == 1:
             initial=cohort_files("initial_transform"),
         output:
             **register_outputs(),
+        log:
+            "logs/{subject}/register.log",
+        benchmark:
+            "logs/{subject}/register.benchmark.tsv"
+        threads: RES["register"]["threads"]
+        resources:
+            **register_resources(),
         params:
             registration=config["registration"],
             kinds=lambda wc: mask_kinds(wc.subject),
             device=config["device"],
             seed=config["seed"],
-        threads: RES["register"]["threads"]
-        resources:
-            **register_resources(),
-        log:
-            "logs/{subject}/register.log",
-        benchmark:
-            "logs/{subject}/register.benchmark.tsv"
         script:
             "../scripts/register.py"
 
@@ -41,19 +41,19 @@ else:
             batch_inputs,
         output:
             directory("results/.batches/{batch}"),
+        log:
+            "logs/batches/{batch}.log",
+        benchmark:
+            "logs/batches/{batch}.benchmark.tsv"
+        threads: RES["register"]["threads"]
+        resources:
+            **register_resources(batched=True),
         params:
             jobs=lambda wc: {s: registration_job(s) for s in BATCHES[wc.batch]},
             with_fields=DEFORMABLE,
             registration=config["registration"],
             device=config["device"],
             seed=config["seed"],
-        threads: RES["register"]["threads"]
-        resources:
-            **register_resources(batched=True),
-        log:
-            "logs/batches/{batch}.log",
-        benchmark:
-            "logs/batches/{batch}.benchmark.tsv"
         script:
             "../scripts/register_batch.py"
 
@@ -62,14 +62,14 @@ else:
             batch=lambda wc: f"results/.batches/{SUBJECT_BATCH[wc.subject]}",
         output:
             **register_outputs(),
+        log:
+            "logs/{subject}/register.log",
+        localrule: True
         params:  # the batch's settings for this subject: a change reruns it (and so its batch)
             registration=config["registration"],
             kinds=lambda wc: mask_kinds(wc.subject),
             device=config["device"],
             seed=config["seed"],
-        log:
-            "logs/{subject}/register.log",
-        localrule: True
         # a shell job, not run: (Snakemake 9 runs a run: block by re-invoking itself, ~3 s a job); the
         # publisher imports the standard library only
         shell:

@@ -10,8 +10,6 @@ rule warp_image:
     output:
         image="results/{subject}/warped/image.nii.gz",
         mask="results/{subject}/warped/mask.nii.gz",
-    params:
-        interpolation=config["warp"]["image"],
     log:
         "logs/{subject}/warp_image.log",
     benchmark:
@@ -19,6 +17,8 @@ rule warp_image:
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
+    params:
+        interpolation=config["warp"]["image"],
     script:
         "../scripts/warp_image.py"
 
@@ -30,8 +30,6 @@ rule warp_labels:
         labels=lambda wc: cohort_value(wc.subject, "moving_labels"),
     output:
         "results/{subject}/warped/labels.nii.gz",
-    params:
-        method=config["warp"]["labels"],
     log:
         "logs/{subject}/warp_labels.log",
     benchmark:
@@ -39,5 +37,7 @@ rule warp_labels:
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
+    params:
+        method=config["warp"]["labels"],
     script:
         "../scripts/warp_labels.py"

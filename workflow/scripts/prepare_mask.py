@@ -1,4 +1,5 @@
 """Snakemake glue: prepare one image's mask (see maskreg.masks.prepare_mask)."""
+
 import SimpleITK as sitk
 
 from maskreg import io, logs, masks

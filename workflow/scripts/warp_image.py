@@ -1,4 +1,5 @@
 """Snakemake glue: warp the moving image and its mask onto the fixed grid."""
+
 from maskreg import io, logs, transforms, warp
 
 sm = snakemake  # noqa: F821

@@ -1,4 +1,5 @@
 """Snakemake glue: warp the moving label map onto the fixed grid (generic-label or nearest)."""
+
 from maskreg import io, logs, transforms, warp
 
 sm = snakemake  # noqa: F821

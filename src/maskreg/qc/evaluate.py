@@ -22,10 +22,28 @@ from maskreg.qc import flags as qc_flags
 from maskreg.qc.metrics import dice_per_label, jacobian_determinant, jacobian_stats, masked_ncc, mean_dice, tre
 from maskreg.warp import common_labels, warp_image, warp_labels, warp_mask, warp_points
 
-METRIC_COLUMNS = ["subject", "status", "device", "seconds", "overlap_voxels", "overlap_fraction", "ncc_before",
-                  "ncc_after", "dice_before", "dice_after", "jacobian_min", "jacobian_nonpositive_fraction",
-                  "displacement_max_mm", "fixed_mask_diagonal_mm", "tre_before_mm", "tre_after_mm",
-                  "tre_before_max_mm", "tre_after_max_mm", "flags", "error"]
+METRIC_COLUMNS = [
+    "subject",
+    "status",
+    "device",
+    "seconds",
+    "overlap_voxels",
+    "overlap_fraction",
+    "ncc_before",
+    "ncc_after",
+    "dice_before",
+    "dice_after",
+    "jacobian_min",
+    "jacobian_nonpositive_fraction",
+    "displacement_max_mm",
+    "fixed_mask_diagonal_mm",
+    "tre_before_mm",
+    "tre_after_mm",
+    "tre_before_max_mm",
+    "tre_after_max_mm",
+    "flags",
+    "error",
+]
 DICE_COLUMNS = ["subject", "label", "dice_before", "dice_after"]
 
 
@@ -40,8 +58,10 @@ def displacement_max_mm(field: sitk.Image, mask: sitk.Image | None = None) -> fl
     length = np.sqrt(np.square(u).sum(axis=-1)) if field.GetNumberOfComponentsPerPixel() > 1 else np.abs(u)
     if mask is not None:
         if tuple(mask.GetSize()) != tuple(field.GetSize()):
-            raise ValueError(f"displacement_max_mm: mask size {mask.GetSize()} differs from the field's "
-                             f"{field.GetSize()}; resample onto the fixed grid first.")
+            raise ValueError(
+                f"displacement_max_mm: mask size {mask.GetSize()} differs from the field's "
+                f"{field.GetSize()}; resample onto the fixed grid first."
+            )
         length = length[sitk.GetArrayViewFromImage(mask) > 0]
     return float(length.max()) if length.size else math.nan
 
@@ -62,13 +82,25 @@ def _float(value) -> float:
         return math.nan
 
 
-def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
-                    moving_mask: sitk.Image, warped: sitk.Image, warped_mask: sitk.Image,
-                    transform: sitk.Transform, linear_matrix: np.ndarray, report: dict,
-                    fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
-                    warped_labels: sitk.Image | None = None, fixed_points: np.ndarray | None = None,
-                    moving_points: np.ndarray | None = None, field: sitk.Image | None = None,
-                    flag_thresholds: dict | None = None) -> tuple[dict, pd.DataFrame, dict]:
+def subject_metrics(
+    subject: str,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: sitk.Image,
+    moving_mask: sitk.Image,
+    warped: sitk.Image,
+    warped_mask: sitk.Image,
+    transform: sitk.Transform,
+    linear_matrix: np.ndarray,
+    report: dict,
+    fixed_labels: sitk.Image | None = None,
+    moving_labels: sitk.Image | None = None,
+    warped_labels: sitk.Image | None = None,
+    fixed_points: np.ndarray | None = None,
+    moving_points: np.ndarray | None = None,
+    field: sitk.Image | None = None,
+    flag_thresholds: dict | None = None,
+) -> tuple[dict, pd.DataFrame, dict]:
     """One metrics row (``METRIC_COLUMNS``), the Dice table and the "before" images (and the Jacobian
     determinant map when ``field``, the displacement applied before the linear part, is given).
 
@@ -78,9 +110,15 @@ def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_m
     before = warp_image(moving, fixed, identity)
     before_mask = warp_mask(moving_mask, fixed, identity)
     row = {c: math.nan for c in METRIC_COLUMNS}
-    row.update(subject=subject, status="ok", device=report.get("device", ""), error="",
-               seconds=report.get("seconds", math.nan), overlap_voxels=report.get("overlap_voxels", math.nan),
-               overlap_fraction=_float(report.get("overlap_fraction")))
+    row.update(
+        subject=subject,
+        status="ok",
+        device=report.get("device", ""),
+        error="",
+        seconds=report.get("seconds", math.nan),
+        overlap_voxels=report.get("overlap_voxels", math.nan),
+        overlap_fraction=_float(report.get("overlap_fraction")),
+    )
     row["fixed_mask_diagonal_mm"] = mask_diagonal_mm(fixed_mask)
     row["ncc_before"] = masked_ncc(fixed, before, _weight(fixed_mask, before_mask))
     row["ncc_after"] = masked_ncc(fixed, warped, _weight(fixed_mask, warped_mask))
@@ -104,8 +142,14 @@ def subject_metrics(subject: str, fixed: sitk.Image, moving: sitk.Image, fixed_m
         extra["before_labels"] = before_labels
         d0 = dice_per_label(fixed_labels, before_labels, common)
         d1 = dice_per_label(fixed_labels, warped_labels, common)
-        dice_rows = pd.DataFrame({"subject": subject, "label": common,
-                                  "dice_before": [d0[k] for k in common], "dice_after": [d1[k] for k in common]})
+        dice_rows = pd.DataFrame(
+            {
+                "subject": subject,
+                "label": common,
+                "dice_before": [d0[k] for k in common],
+                "dice_after": [d1[k] for k in common],
+            }
+        )
         row["dice_before"], row["dice_after"] = mean_dice(d0), mean_dice(d1)
     if fixed_points is not None and moving_points is not None:
         # forward transform: fixed-space points -> moving space, compared with the moving landmarks
@@ -128,8 +172,9 @@ def failed_row(subject: str, error: str) -> dict:
     return row
 
 
-def cohort_tables(subjects: list[str], results_dir: str | os.PathLike = "results",
-                  logs_dir: str | os.PathLike = "logs") -> tuple[pd.DataFrame, pd.DataFrame]:
+def cohort_tables(
+    subjects: list[str], results_dir: str | os.PathLike = "results", logs_dir: str | os.PathLike = "logs"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Gather every subject's ``qc/metrics.tsv`` and ``qc/dice.tsv``; a subject without them is listed as
     failed with the ``ERROR:`` line of its first failed job's log (or 'not run')."""
     rows, dice = [], []
@@ -156,9 +201,15 @@ def cohort_tables(subjects: list[str], results_dir: str | os.PathLike = "results
     return metrics, dice_df
 
 
-def write_cohort(subjects: list[str], metrics_path: str | os.PathLike, dice_path: str | os.PathLike,
-                 summary_path: str | os.PathLike, failures_path: str | os.PathLike,
-                 results_dir: str | os.PathLike = "results", logs_dir: str | os.PathLike = "logs") -> pd.DataFrame:
+def write_cohort(
+    subjects: list[str],
+    metrics_path: str | os.PathLike,
+    dice_path: str | os.PathLike,
+    summary_path: str | os.PathLike,
+    failures_path: str | os.PathLike,
+    results_dir: str | os.PathLike = "results",
+    logs_dir: str | os.PathLike = "logs",
+) -> pd.DataFrame:
     """Write the cohort tables, the summary figure and the table of failed subjects with their one-line
     errors ("no failures" when none); return the metrics table. Used by the cohort rule and, after a failed
     run, by the workflow's error hook."""

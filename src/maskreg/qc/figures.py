@@ -54,15 +54,15 @@ PANEL_IN = 3.0  # width of one image panel in inches
 MAX_PNG_BYTES = 390_000
 
 # colours (chosen to stay distinguishable on grey images and for common colour-vision deficiencies)
-C_FIXED_MASK = "#00e5ff"      # cyan
-C_MOVING_MASK = "#ff9f1c"     # orange
-C_EDGE_BEFORE = "#ff9f1c"     # orange
-C_EDGE_AFTER = "#ff2bd6"      # magenta
-C_FIXED_LABEL = "#ffe600"     # yellow, solid
-C_WARPED_LABEL = "#ff2bd6"    # magenta, dashed
-C_FOLD = "#39ff14"            # neon green: Jacobian ≤ 0
-C_FAILED = "#d62728"          # red
-C_FLAGGED = "#e69f00"         # amber: finished, but flagged for a look (maskreg.qc.flags)
+C_FIXED_MASK = "#00e5ff"  # cyan
+C_MOVING_MASK = "#ff9f1c"  # orange
+C_EDGE_BEFORE = "#ff9f1c"  # orange
+C_EDGE_AFTER = "#ff2bd6"  # magenta
+C_FIXED_LABEL = "#ffe600"  # yellow, solid
+C_WARPED_LABEL = "#ff2bd6"  # magenta, dashed
+C_FOLD = "#39ff14"  # neon green: Jacobian ≤ 0
+C_FAILED = "#d62728"  # red
+C_FLAGGED = "#e69f00"  # amber: finished, but flagged for a look (maskreg.qc.flags)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,13 +98,13 @@ def slice_indices(mask: sitk.Image | None, size: tuple[int, ...] | None = None) 
 
 @dataclass
 class _View:
-    name: str            # "axial", "coronal", "sagittal" or "2D"
-    k: int               # slice index in the display grid (unused for 2D)
-    aspect: float        # row spacing / column spacing
+    name: str  # "axial", "coronal", "sagittal" or "2D"
+    k: int  # slice index in the display grid (unused for 2D)
+    aspect: float  # row spacing / column spacing
     extent_mm: tuple[float, float]  # (height, width) of the panel in mm
     row_mm: float
     col_mm: float
-    label: str           # row label shown at the left
+    label: str  # row label shown at the left
     letters: tuple[str, str, str, str] | None  # left, right, top, bottom orientation letters
 
 
@@ -124,16 +124,15 @@ class _Display:
         if self.dim == 2:
             sp, size = sp0, size0
             self.center = tuple(int(c) for c in center)
-            self.views = [_View("2D", 0, sp[1] / sp[0], (size[1] * sp[1], size[0] * sp[0]), sp[1], sp[0],
-                                "", None)]
+            self.views = [_View("2D", 0, sp[1] / sp[0], (size[1] * sp[1], size[0] * sp[0]), sp[1], sp[0], "", None)]
             return
         d = np.asarray(ref.GetDirection()).reshape(3, 3)
         src = [int(np.argmax(np.abs(d[a, :]))) for a in range(3)]  # display axis a <- index axis src[a]
         self.permute = sorted(src) == [0, 1, 2]
         if self.permute:
             flip = [bool(d[a, src[a]] < 0) for a in range(3)]
-            self.axes = tuple(2 - src[2 - j] for j in range(3))   # array-axis transpose
-            self.flips = tuple(flip[2 - j] for j in range(3))     # per display array axis
+            self.axes = tuple(2 - src[2 - j] for j in range(3))  # array-axis transpose
+            self.flips = tuple(flip[2 - j] for j in range(3))  # per display array axis
             sp = tuple(sp0[src[a]] for a in range(3))
             size = tuple(size0[src[a]] for a in range(3))
             c = [int(center[src[a]]) for a in range(3)]
@@ -145,7 +144,7 @@ class _Display:
             c = list(oriented.TransformPhysicalPointToIndex(pt))
             d_or = np.asarray(oriented.GetDirection()).reshape(3, 3)
             src = [int(np.argmax(np.abs(d[:, a] @ d_or))) for a in range(3)]  # approximate, for labels only
-        self.center = tuple(int(min(max(v, 0), n - 1)) for v, n in zip(c, size))
+        self.center = tuple(int(min(max(v, 0), n - 1)) for v, n in zip(c, size, strict=False))
         names = "xyz"
 
         def lab(view: str, a: int) -> str:
@@ -153,12 +152,36 @@ class _Display:
 
         cx, cy, cz = self.center
         self.views = [
-            _View("axial", cz, sp[1] / sp[0], (size[1] * sp[1], size[0] * sp[0]), sp[1], sp[0],
-                  lab("axial", 2), ("R", "L", "A", "P")),
-            _View("coronal", cy, sp[2] / sp[0], (size[2] * sp[2], size[0] * sp[0]), sp[2], sp[0],
-                  lab("coronal", 1), ("R", "L", "S", "I")),
-            _View("sagittal", cx, sp[2] / sp[1], (size[2] * sp[2], size[1] * sp[1]), sp[2], sp[1],
-                  lab("sagittal", 0), ("A", "P", "S", "I")),
+            _View(
+                "axial",
+                cz,
+                sp[1] / sp[0],
+                (size[1] * sp[1], size[0] * sp[0]),
+                sp[1],
+                sp[0],
+                lab("axial", 2),
+                ("R", "L", "A", "P"),
+            ),
+            _View(
+                "coronal",
+                cy,
+                sp[2] / sp[0],
+                (size[2] * sp[2], size[0] * sp[0]),
+                sp[2],
+                sp[0],
+                lab("coronal", 1),
+                ("R", "L", "S", "I"),
+            ),
+            _View(
+                "sagittal",
+                cx,
+                sp[2] / sp[1],
+                (size[2] * sp[2], size[1] * sp[1]),
+                sp[2],
+                sp[1],
+                lab("sagittal", 0),
+                ("A", "P", "S", "I"),
+            ),
         ]
 
     def array(self, img: sitk.Image | None) -> np.ndarray | None:
@@ -166,8 +189,10 @@ class _Display:
         if img is None:
             return None
         if tuple(img.GetSize()) != tuple(self.orig.GetSize()):
-            raise ValueError(f"image of size {img.GetSize()} is not on the reference grid "
-                             f"{self.orig.GetSize()}; resample it onto the fixed grid first")
+            raise ValueError(
+                f"image of size {img.GetSize()} is not on the reference grid "
+                f"{self.orig.GetSize()}; resample it onto the fixed grid first"
+            )
         if self.dim == 2:
             self._keep.append(img)
             return sitk.GetArrayViewFromImage(img)
@@ -264,8 +289,18 @@ def _edges(sl: np.ndarray, win: tuple[float, float], view: _View, panel_px: floa
     if f > 1:
         sp = (view.col_mm / f, view.row_mm / f)
         origin = (-0.5 * view.col_mm + 0.5 * sp[0], -0.5 * view.row_mm + 0.5 * sp[1])
-        im = sitk.Resample(im, (x.shape[1] * f, x.shape[0] * f), sitk.Transform(), sitk.sitkLinear, origin, sp,
-                           (1.0, 0.0, 0.0, 1.0), 0.0, sitk.sitkFloat32, True)
+        im = sitk.Resample(
+            im,
+            (x.shape[1] * f, x.shape[0] * f),
+            sitk.Transform(),
+            sitk.sitkLinear,
+            origin,
+            sp,
+            (1.0, 0.0, 0.0, 1.0),
+            0.0,
+            sitk.sitkFloat32,
+            True,
+        )
     sigma = max(view.col_mm, view.row_mm)
     gm = sitk.GetArrayFromImage(sitk.GradientMagnitudeRecursiveGaussian(im, sigma))
     strong = gm[gm > 0.02 * gm.max()]
@@ -331,8 +366,13 @@ def _letters(ax, view: _View) -> None:
     if view.letters is None:
         return
     left, right, top, bottom = view.letters
-    kw = dict(transform=ax.transAxes, color="white", fontsize=8, fontweight="bold",
-              bbox=dict(boxstyle="round,pad=0.1", fc="black", ec="none", alpha=0.5))
+    kw = dict(
+        transform=ax.transAxes,
+        color="white",
+        fontsize=8,
+        fontweight="bold",
+        bbox=dict(boxstyle="round,pad=0.1", fc="black", ec="none", alpha=0.5),
+    )
     ax.text(0.01, 0.5, left, ha="left", va="center", **kw)
     ax.text(0.99, 0.5, right, ha="right", va="center", **kw)
     ax.text(0.5, 0.99, top, ha="center", va="top", **kw)
@@ -386,11 +426,20 @@ def _save(fig: Figure, out_png: str | os.PathLike) -> Path:
 # public figures
 
 
-def registration_overlay(fixed: sitk.Image, moving_before: sitk.Image, warped: sitk.Image,
-                         out_png: str | os.PathLike, *, fixed_mask: sitk.Image | None = None,
-                         warped_mask: sitk.Image | None = None, fixed_labels: sitk.Image | None = None,
-                         warped_labels: sitk.Image | None = None, jacobian: sitk.Image | None = None,
-                         title: str = "", center: tuple[int, ...] | None = None) -> Path:
+def registration_overlay(
+    fixed: sitk.Image,
+    moving_before: sitk.Image,
+    warped: sitk.Image,
+    out_png: str | os.PathLike,
+    *,
+    fixed_mask: sitk.Image | None = None,
+    warped_mask: sitk.Image | None = None,
+    fixed_labels: sitk.Image | None = None,
+    warped_labels: sitk.Image | None = None,
+    jacobian: sitk.Image | None = None,
+    title: str = "",
+    center: tuple[int, ...] | None = None,
+) -> Path:
     """Write the per-subject registration overlay (one PNG) and return its path.
 
     All images are on the fixed grid. Rows are views (1 for 2D; axial, coronal, sagittal for 3D through
@@ -441,10 +490,8 @@ def registration_overlay(fixed: sitk.Image, moving_before: sitk.Image, warped: s
 
     ncols = len(cols)
     heights = _row_heights(disp.views, PANEL_IN)
-    fig = Figure(figsize=(PANEL_IN * ncols + 0.6 * (j_arr is not None), sum(heights) + 1.2),
-                 layout="constrained")
-    axes = np.asarray(fig.subplots(len(disp.views), ncols, squeeze=False,
-                                   gridspec_kw={"height_ratios": heights}))
+    fig = Figure(figsize=(PANEL_IN * ncols + 0.6 * (j_arr is not None), sum(heights) + 1.2), layout="constrained")
+    axes = np.asarray(fig.subplots(len(disp.views), ncols, squeeze=False, gridspec_kw={"height_ratios": heights}))
     panel_px = PANEL_IN * DPI
     used = set()
     for r, view in enumerate(disp.views):
@@ -459,12 +506,10 @@ def registration_overlay(fixed: sitk.Image, moving_before: sitk.Image, warped: s
                 ax.set_ylabel(view.label, fontsize=9)
             if col in ("before", "after"):
                 _grey(ax, f_sl, f_win, view)
-                src, win, colour = ((mb_arr, mb_win, C_EDGE_BEFORE) if col == "before"
-                                    else (w_arr, w_win, C_EDGE_AFTER))
+                src, win, colour = (mb_arr, mb_win, C_EDGE_BEFORE) if col == "before" else (w_arr, w_win, C_EDGE_AFTER)
                 e = _edges(disp.cut(src, view), win, view, panel_px)
                 if e.any():
-                    ax.imshow(_rgba(e, colour), aspect=view.aspect, interpolation="nearest",
-                              extent=_extent(f_sl))
+                    ax.imshow(_rgba(e, colour), aspect=view.aspect, interpolation="nearest", extent=_extent(f_sl))
                 used.add(col)
                 if _outline(ax, fm_sl, C_FIXED_MASK):
                     used.add("fixed_mask")
@@ -472,8 +517,7 @@ def registration_overlay(fixed: sitk.Image, moving_before: sitk.Image, warped: s
                     _letters(ax, view)
             elif col == "checker":
                 board = _checkerboard(_normalise(f_sl, f_win), _normalise(disp.cut(w_arr, view), w_win), view)
-                ax.imshow(board, cmap="gray", vmin=0, vmax=1, aspect=view.aspect,
-                          interpolation="antialiased")
+                ax.imshow(board, cmap="gray", vmin=0, vmax=1, aspect=view.aspect, interpolation="antialiased")
             elif col == "overlap":
                 _grey(ax, f_sl, f_win, view)
                 if has_labels:
@@ -488,12 +532,12 @@ def registration_overlay(fixed: sitk.Image, moving_before: sitk.Image, warped: s
                         used.add("warped_mask")
             elif col == "jacobian":
                 j_sl = disp.cut(j_arr, view)
-                im = ax.imshow(j_sl, cmap="RdBu_r", norm=j_norm, aspect=view.aspect,
-                               interpolation="nearest")
+                im = ax.imshow(j_sl, cmap="RdBu_r", norm=j_norm, aspect=view.aspect, interpolation="nearest")
                 folds = j_sl <= 0
                 if folds.any():
-                    ax.imshow(_rgba(ndimage.binary_dilation(folds), C_FOLD), aspect=view.aspect,
-                              interpolation="nearest")
+                    ax.imshow(
+                        _rgba(ndimage.binary_dilation(folds), C_FOLD), aspect=view.aspect, interpolation="nearest"
+                    )
                     used.add("folds")
                 _outline(ax, fm_sl, "black", lw=0.8)
                 cb = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02, extend="both")
@@ -515,8 +559,7 @@ def registration_overlay(fixed: sitk.Image, moving_before: sitk.Image, warped: s
         handles.append(Line2D([], [], color=C_WARPED_LABEL, lw=1.5, ls="--", label="warped mask outline"))
     if j_arr is not None:
         handles.append(Patch(color=C_FOLD, label="det J ≤ 0 (folding)"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=9,
-               frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False)
     if title:
         fig.suptitle(title, fontsize=12, fontweight="bold")
     return _save(fig, out_png)
@@ -530,8 +573,15 @@ def _mask_caption(name: str, mask: sitk.Image | None) -> str:
     return f"{name}\nmask: {n:,} voxels ({100.0 * n / arr.size:.1f}% of image)"
 
 
-def mask_overview(fixed: sitk.Image, fixed_mask: sitk.Image | None, moving: sitk.Image,
-                  moving_mask: sitk.Image | None, out_png: str | os.PathLike, *, title: str = "") -> Path:
+def mask_overview(
+    fixed: sitk.Image,
+    fixed_mask: sitk.Image | None,
+    moving: sitk.Image,
+    moving_mask: sitk.Image | None,
+    out_png: str | os.PathLike,
+    *,
+    title: str = "",
+) -> Path:
     """Write fixed and moving images with their prepared mask outlines (one PNG) and return its path.
 
     Each image is shown on its own grid (3D: axial, coronal, sagittal through its own mask's centroid);
@@ -547,11 +597,13 @@ def mask_overview(fixed: sitk.Image, fixed_mask: sitk.Image | None, moving: sitk
         m = d.array(msk)
         arrays.append((a, m, _window(a, m)))
     nrows = len(disps[0].views)
-    heights = [max(h1, h2) for h1, h2 in zip(_row_heights(disps[0].views, PANEL_IN),
-                                             _row_heights(disps[1].views, PANEL_IN))]
+    heights = [
+        max(h1, h2)
+        for h1, h2 in zip(_row_heights(disps[0].views, PANEL_IN), _row_heights(disps[1].views, PANEL_IN), strict=False)
+    ]
     fig = Figure(figsize=(2 * PANEL_IN + 0.4, sum(heights) + 1.3), layout="constrained")
     axes = np.asarray(fig.subplots(nrows, 2, squeeze=False, gridspec_kw={"height_ratios": heights}))
-    for c, ((name, _img, msk, colour), d, (a, m, win)) in enumerate(zip(items, disps, arrays)):
+    for c, ((name, _img, msk, colour), d, (a, m, win)) in enumerate(zip(items, disps, arrays, strict=False)):
         for r, view in enumerate(d.views):
             ax = axes[r, c]
             _clean(ax)
@@ -565,8 +617,10 @@ def mask_overview(fixed: sitk.Image, fixed_mask: sitk.Image | None, moving: sitk
                 ax.set_ylabel(view.label, fontsize=9)
             if r == 0:
                 ax.set_title(_mask_caption(name, msk), fontsize=9)
-    handles = [Line2D([], [], color=C_FIXED_MASK, lw=1.5, label="fixed mask outline"),
-               Line2D([], [], color=C_MOVING_MASK, lw=1.5, label="moving mask outline")]
+    handles = [
+        Line2D([], [], color=C_FIXED_MASK, lw=1.5, label="fixed mask outline"),
+        Line2D([], [], color=C_MOVING_MASK, lw=1.5, label="moving mask outline"),
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=9, frameon=False)
     if title:
         fig.suptitle(title, fontsize=12, fontweight="bold")
@@ -592,13 +646,13 @@ def cohort_summary(metrics: pd.DataFrame, out_png: str | os.PathLike) -> Path:
     """
     df = metrics.reset_index(drop=True)
     n = len(df)
-    subjects = (df["subject"].astype(str).tolist() if "subject" in df.columns
-                else [str(i) for i in range(n)])
-    status = (df["status"].astype(str).str.strip().str.lower() if "status" in df.columns
-              else pd.Series(["ok"] * n))
+    subjects = df["subject"].astype(str).tolist() if "subject" in df.columns else [str(i) for i in range(n)]
+    status = df["status"].astype(str).str.strip().str.lower() if "status" in df.columns else pd.Series(["ok"] * n)
     failed = (status == "failed").to_numpy()
-    flag_names = [[] if f else parse_flags(c)
-                  for f, c in zip(failed, df["flags"] if "flags" in df.columns else [None] * n)]
+    flag_names = [
+        [] if f else parse_flags(c)
+        for f, c in zip(failed, df["flags"] if "flags" in df.columns else [None] * n, strict=False)
+    ]
     flagged = np.array([bool(names) for names in flag_names], dtype=bool)
     x = np.arange(n)
 
@@ -612,7 +666,7 @@ def cohort_summary(metrics: pd.DataFrame, out_png: str | os.PathLike) -> Path:
     width = float(np.clip(2.0 + 0.35 * n, 6.0, 20.0))
     fig = Figure(figsize=(width, 1.9 * len(panels) + 1.6), layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (ylabel, before, after, from_zero) in zip(axes, panels):
+    for ax, (ylabel, before, after, from_zero) in zip(axes, panels, strict=False):
         for i in np.flatnonzero(failed):
             ax.axvspan(i - 0.45, i + 0.45, color=C_FAILED, alpha=0.12, lw=0)
         for i in np.flatnonzero(flagged):
@@ -625,51 +679,84 @@ def cohort_summary(metrics: pd.DataFrame, out_png: str | os.PathLike) -> Path:
                 ax.set_ylim(bottom=0)
             else:
                 ax.set_ylim(0, 1)
-                ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center",
-                        color="0.4", fontsize=10)
+                ax.text(
+                    0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center", color="0.4", fontsize=10
+                )
             ref = 0.0
         else:
             yb, ya = _col(df, before), _col(df, after)
             for i in range(n):
                 if np.isfinite(yb[i]) and np.isfinite(ya[i]):
-                    ax.annotate("", xy=(i, ya[i]), xytext=(i, yb[i]),
-                                arrowprops=dict(arrowstyle="-|>", color="0.45", lw=1, shrinkA=3, shrinkB=3))
+                    ax.annotate(
+                        "",
+                        xy=(i, ya[i]),
+                        xytext=(i, yb[i]),
+                        arrowprops=dict(arrowstyle="-|>", color="0.45", lw=1, shrinkA=3, shrinkB=3),
+                    )
             ax.plot(x, yb, "o", mfc="white", mec="0.35", ms=6, ls="none", label="before")
             ax.plot(x, ya, "o", color="#1f77b4", ms=6, ls="none", label="after")
             vals = np.concatenate([yb[np.isfinite(yb)], ya[np.isfinite(ya)]])
             if not vals.size:
-                ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center",
-                        color="0.4", fontsize=10)
+                ax.text(
+                    0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center", color="0.4", fontsize=10
+                )
                 ax.set_ylim(0, 1)
             elif from_zero:
                 ax.set_ylim(bottom=0, top=max(float(vals.max()) * 1.1, 1e-6))
             ref = ax.get_ylim()[0]
         ylo, yhi = ax.get_ylim()
         for i in np.flatnonzero(failed):
-            ax.plot([i], [ylo + 0.1 * (yhi - ylo) if after is not None else ref], marker="x",
-                    color=C_FAILED, ms=10, mew=2.5, ls="none", clip_on=False, zorder=5)
+            ax.plot(
+                [i],
+                [ylo + 0.1 * (yhi - ylo) if after is not None else ref],
+                marker="x",
+                color=C_FAILED,
+                ms=10,
+                mew=2.5,
+                ls="none",
+                clip_on=False,
+                zorder=5,
+            )
         if flagged.any():  # headroom above the values for the flag markers
             yhi = yhi + 0.18 * (yhi - ylo)
         for i in np.flatnonzero(flagged):
-            ax.plot([i], [ylo + 0.93 * (yhi - ylo)], marker="^", color=C_FLAGGED, mec="0.25", ms=9,
-                    ls="none", clip_on=False, zorder=5)
+            ax.plot(
+                [i],
+                [ylo + 0.93 * (yhi - ylo)],
+                marker="^",
+                color=C_FLAGGED,
+                mec="0.25",
+                ms=9,
+                ls="none",
+                clip_on=False,
+                zorder=5,
+            )
         ax.set_ylim(ylo, yhi)
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    handles = [Line2D([], [], marker="o", mfc="white", mec="0.35", ls="none", label="before"),
-               Line2D([], [], marker="o", color="#1f77b4", ls="none", label="after")]
+    handles = [
+        Line2D([], [], marker="o", mfc="white", mec="0.35", ls="none", label="before"),
+        Line2D([], [], marker="o", color="#1f77b4", ls="none", label="after"),
+    ]
     if failed.any():
         handles.append(Line2D([], [], marker="x", color=C_FAILED, mew=2.5, ls="none", label="failed subject"))
     if flagged.any():
-        handles.append(Line2D([], [], marker="^", color=C_FLAGGED, mec="0.25", ls="none",
-                              label="flagged subject [flags]"))
+        handles.append(
+            Line2D([], [], marker="^", color=C_FLAGGED, mec="0.25", ls="none", label="flagged subject [flags]")
+        )
     fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=9, frameon=False)
     axes[-1].set_xticks(x)
-    ticks = [f"{s} (failed)" if f else (f"{s} [{', '.join(names)}]" if names else s)
-             for s, f, names in zip(subjects, failed, flag_names)]
-    axes[-1].set_xticklabels(ticks, rotation=45 if n > 3 or flagged.any() else 0,
-                             ha="right" if n > 3 or flagged.any() else "center", fontsize=8)
-    for lab, f, g in zip(axes[-1].get_xticklabels(), failed, flagged):
+    ticks = [
+        f"{s} (failed)" if f else (f"{s} [{', '.join(names)}]" if names else s)
+        for s, f, names in zip(subjects, failed, flag_names, strict=False)
+    ]
+    axes[-1].set_xticklabels(
+        ticks,
+        rotation=45 if n > 3 or flagged.any() else 0,
+        ha="right" if n > 3 or flagged.any() else "center",
+        fontsize=8,
+    )
+    for lab, f, g in zip(axes[-1].get_xticklabels(), failed, flagged, strict=False):
         if f or g:
             lab.set_color(C_FAILED if f else C_FLAGGED)
             lab.set_fontweight("bold")
@@ -695,8 +782,16 @@ def failure_table(metrics: pd.DataFrame, out_png: str | os.PathLike) -> Path:
         failed = df.iloc[0:0]
     if failed.empty:
         fig = Figure(figsize=(6, 1.2))
-        fig.text(0.5, 0.5, f"no failures ({len(df)} subject{'s' if len(df) != 1 else ''})",
-                 ha="center", va="center", fontsize=14, color="#2ca02c", fontweight="bold")
+        fig.text(
+            0.5,
+            0.5,
+            f"no failures ({len(df)} subject{'s' if len(df) != 1 else ''})",
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="#2ca02c",
+            fontweight="bold",
+        )
         return _save(fig, out_png)
     rows = []
     for _, row in failed.iterrows():
@@ -713,10 +808,22 @@ def failure_table(metrics: pd.DataFrame, out_png: str | os.PathLike) -> Path:
     fig = Figure(figsize=(11, table_h + 0.75))
     ax = fig.add_axes((0.01, 0.2 / (table_h + 0.75), 0.98, table_h / (table_h + 0.75)))
     ax.axis("off")
-    fig.suptitle(f"{len(rows)} of {len(df)} subjects failed", fontsize=12, fontweight="bold",
-                 color=C_FAILED, y=1 - 0.08 / (table_h + 0.75), va="top")
-    table = ax.table(cellText=rows, colLabels=["subject", "error"], colWidths=[0.16, 0.84],
-                     bbox=(0.0, 0.0, 1.0, 1.0), cellLoc="left", colLoc="left")
+    fig.suptitle(
+        f"{len(rows)} of {len(df)} subjects failed",
+        fontsize=12,
+        fontweight="bold",
+        color=C_FAILED,
+        y=1 - 0.08 / (table_h + 0.75),
+        va="top",
+    )
+    table = ax.table(
+        cellText=rows,
+        colLabels=["subject", "error"],
+        colWidths=[0.16, 0.84],
+        bbox=(0.0, 0.0, 1.0, 1.0),
+        cellLoc="left",
+        colLoc="left",
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     for (r, c), cell in table.get_celld().items():

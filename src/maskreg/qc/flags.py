@@ -69,9 +69,21 @@ def subject_flags(row: Mapping[str, Any], config: Mapping[str, Any] | None = Non
     if str(row.get("status", "ok")).strip().lower() == "failed":
         return []
     t = thresholds(config)
-    v = {k: _num(row, k) for k in ("ncc_before", "ncc_after", "dice_before", "dice_after", "tre_before_mm",
-                                   "tre_after_mm", "jacobian_nonpositive_fraction", "overlap_fraction",
-                                   "displacement_max_mm", "fixed_mask_diagonal_mm")}
+    v = {
+        k: _num(row, k)
+        for k in (
+            "ncc_before",
+            "ncc_after",
+            "dice_before",
+            "dice_after",
+            "tre_before_mm",
+            "tre_after_mm",
+            "jacobian_nonpositive_fraction",
+            "overlap_fraction",
+            "displacement_max_mm",
+            "fixed_mask_diagonal_mm",
+        )
+    }
     # a comparison with nan is False: a rule without its values does not fire
     rules = {
         "ncc_worse": lambda x: v["ncc_after"] < v["ncc_before"] - x,

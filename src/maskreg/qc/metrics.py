@@ -6,7 +6,7 @@ array order (``[z, y, x]`` for 3D, ``[y, x]`` for 2D); points are ``(N, dim)`` a
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,17 +29,20 @@ def _array(img: sitk.Image | np.ndarray) -> np.ndarray:
     return np.asarray(img)
 
 
-def _check_same_grid(a: sitk.Image | np.ndarray, b: sitk.Image | np.ndarray, what: str,
-                     tol: float = 1e-3) -> None:
+def _check_same_grid(a: sitk.Image | np.ndarray, b: sitk.Image | np.ndarray, what: str, tol: float = 1e-3) -> None:
     sa, sb = np.shape(_array(a)), np.shape(_array(b))
     if sa != sb:
         raise ValueError(f"{what}: arrays differ in shape {sa} vs {sb}; resample onto the fixed grid first.")
     if isinstance(a, sitk.Image) and isinstance(b, sitk.Image):
-        if not (np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-                and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
-                and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)):
-            raise ValueError(f"{what}: images have the same size but different geometry (spacing, origin "
-                             f"or direction); resample onto the fixed grid first.")
+        if not (
+            np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+        ):
+            raise ValueError(
+                f"{what}: images have the same size but different geometry (spacing, origin "
+                f"or direction); resample onto the fixed grid first."
+            )
 
 
 def _integer_labels(arr: np.ndarray) -> np.ndarray:
@@ -50,8 +53,7 @@ def _integer_labels(arr: np.ndarray) -> np.ndarray:
     return np.rint(arr).astype(np.int64).ravel()
 
 
-def dice_per_label(reference: sitk.Image, test: sitk.Image,
-                   labels: Iterable[int] | None = None) -> dict[int, float]:
+def dice_per_label(reference: sitk.Image, test: sitk.Image, labels: Iterable[int] | None = None) -> dict[int, float]:
     """Dice coefficient ``2|A∩B| / (|A|+|B|)`` per label value.
 
     By default the labels evaluated are the nonzero values present in *both* images (empty dict if none).
@@ -143,8 +145,10 @@ def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
         raise TypeError("jacobian_determinant expects a SimpleITK vector image")
     dim = displacement.GetDimension()
     if displacement.GetNumberOfComponentsPerPixel() != dim:
-        raise ValueError(f"displacement field must have {dim} components per voxel (one per axis), "
-                         f"got {displacement.GetNumberOfComponentsPerPixel()}")
+        raise ValueError(
+            f"displacement field must have {dim} components per voxel (one per axis), "
+            f"got {displacement.GetNumberOfComponentsPerPixel()}"
+        )
     direction = np.asarray(displacement.GetDirection(), dtype=np.float64).reshape(dim, dim)
     if np.allclose(direction, np.eye(dim), atol=1e-12):
         field = sitk.Cast(displacement, sitk.sitkVectorFloat64)
@@ -177,8 +181,13 @@ def jacobian_stats(det: sitk.Image, mask: sitk.Image | None = None) -> dict:
     }
 
 
-def tre(points_a: np.ndarray, points_b: np.ndarray, *, subject: str | None = None,
-        names: tuple[str, str] = ("fixed_landmarks", "moving_landmarks")) -> dict:
+def tre(
+    points_a: np.ndarray,
+    points_b: np.ndarray,
+    *,
+    subject: str | None = None,
+    names: tuple[str, str] = ("fixed_landmarks", "moving_landmarks"),
+) -> dict:
     """Target registration error between corresponding rows of two ``(N, dim)`` point arrays (mm).
 
     Returns ``{"tre_mean_mm", "tre_max_mm"}``. Raises :class:`~maskreg.errors.InputError` (a ``ValueError``)
@@ -189,14 +198,20 @@ def tre(points_a: np.ndarray, points_b: np.ndarray, *, subject: str | None = Non
     b = np.asarray(points_b, dtype=np.float64)
     at = where(subject)
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] == 0 or b.shape[0] == 0:
-        raise InputError(f"{at}tre: expected (N, dim) point arrays with N ≥ 1, got shapes {a.shape} ({names[0]}) "
-                         f"and {b.shape} ({names[1]}).")
+        raise InputError(
+            f"{at}tre: expected (N, dim) point arrays with N ≥ 1, got shapes {a.shape} ({names[0]}) "
+            f"and {b.shape} ({names[1]})."
+        )
     if a.shape[0] != b.shape[0]:
-        raise InputError(f"{at}{names[0]} has {a.shape[0]} landmark row(s) but {names[1]} has {b.shape[0]}; "
-                         f"row i of one must be the same point as row i of the other, so give both the same "
-                         f"points in the same order.")
+        raise InputError(
+            f"{at}{names[0]} has {a.shape[0]} landmark row(s) but {names[1]} has {b.shape[0]}; "
+            f"row i of one must be the same point as row i of the other, so give both the same "
+            f"points in the same order."
+        )
     if a.shape[1] != b.shape[1]:
-        raise InputError(f"{at}{names[0]} has {a.shape[1]} coordinate(s) per point but {names[1]} has "
-                         f"{b.shape[1]}; both must have the image's dimension.")
+        raise InputError(
+            f"{at}{names[0]} has {a.shape[1]} coordinate(s) per point but {names[1]} has "
+            f"{b.shape[1]}; both must have the image's dimension."
+        )
     dist = np.linalg.norm(a - b, axis=1)
     return {"tre_mean_mm": float(dist.mean()), "tre_max_mm": float(dist.max())}
