@@ -6,7 +6,7 @@ Cells, data (``resources/demo``), the ANTsPy settings, the evaluation and the cr
 cells). A cell passes when maskreg raises nothing, its metric (mean Dice where labels exist, else the NCC inside
 the fixed mask) is at least ANTsPy's - 0.02 with cc, mi and moments, a deformable stage ends at or above its
 linear start, and nothing folds; a linear cc stage with random sampling must be refused with a ConfigError.
-Everything runs on one thread (about 60-90 s on 2 cores for the 25 cells, ANTsPy included).
+Everything runs on one thread (about 60-90 s on 2 cores for the 27 cells, ANTsPy included).
 """
 
 from __future__ import annotations
