@@ -393,15 +393,20 @@ def load_pair(name: str) -> Pair:
         d = "elastix_ct2d_head/"
         fm = sitk.Cast(read(d + "fixed_mask.nii.gz"), sitk.sitkUInt8)
         mm = sitk.Cast(read(d + "moving_mask.nii.gz"), sitk.sitkUInt8)
+        f, m = _float(read(d + "fixed.nii.gz")), _float(read(d + "moving.nii.gz"))
+        # labels: each image's own head (intensity > 20). The pair's masks are not that: the moving mask has the
+        # fixed head's bulge, which the moving image lacks (the masks' Dice is 0.979 as given, 0.996 after the
+        # affine), so a deformable stage that matches the anatomy lowered a mask "Dice" (0.996 -> 0.980) while
+        # it raised the heads' (0.945 -> 0.957)
         pair = Pair(
             name,
-            _float(read(d + "fixed.nii.gz")),
-            _float(read(d + "moving.nii.gz")),
+            f,
+            m,
             fm,
             mm,
-            fixed_labels=fm,
-            moving_labels=mm,
-            note="ITKElastix head pair, its masks; labels = head masks",
+            fixed_labels=sitk.Cast(f > 20, sitk.sitkUInt8),
+            moving_labels=sitk.Cast(m > 20, sitk.sitkUInt8),
+            note="ITKElastix head pair, its masks; labels = each image's head (intensity > 20)",
         )
     elif name == "brain3d":
         d = "brain3d/"
