@@ -212,6 +212,8 @@ def full_cells(cuda: bool | None = None) -> list[Cell]:
         Cell("head2d", "both", "syn", "mi"),
         Cell("abdomen", "both", "syn", "cc"),
         Cell("abdomen", "both", "affine", "mi"),
+        # local cc slid the overlap off a 13-slice slab until the loss counted the whole fixed mask
+        Cell("abdomen", "both", "affine", "cc"),
     ]
     for path in ("torch",) + (("cuda",) if cuda else ()):
         for c in subset:
@@ -253,6 +255,8 @@ def quick_cells(cuda: bool | None = None) -> list[Cell]:
         Cell("b2d_16_64", "both", "syn", "mi", path="torch"),
         Cell("abdomen", "both", "syn", "cc"),
         Cell("abdomen", "both", "affine", "mi"),
+        # local cc slid the overlap off a 13-slice slab until the loss counted the whole fixed mask
+        Cell("abdomen", "both", "affine", "cc"),
     ]
     if cuda:
         out += [

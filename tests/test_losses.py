@@ -62,3 +62,24 @@ def test_local_cc_gradient_matches_autograd(window):
     assert torch.allclose(l1, l2, atol=1e-12)
     assert g1.abs().max() > 0
     assert torch.allclose(g1, g2, atol=1e-10, rtol=1e-7)
+
+
+def test_local_cc_over_region_counts_what_leaves_the_overlap():
+    """The linear stages' cc: ``-Σ w cc² / region``. Its value is :func:`local_cc`'s times the overlap's share of
+    the region, and it has a gradient in the weight, so a voxel leaving the overlap (its weight falling) raises
+    the loss instead of being free."""
+    from maskreg.losses import local_cc_autograd, local_cc_over_region
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(1, 1, 24, 20, generator=g)
+    moving = fixed + 0.3 * torch.rand(1, 1, 24, 20, generator=g)
+    weight = torch.ones(1, 1, 24, 20)
+    weight[..., :, 15:] = 0.0  # a quarter of the region outside the overlap
+    region = 24 * 20.0
+    w = weight.clone().requires_grad_(True)
+    value = local_cc_over_region(fixed, moving, w, region, window=5)
+    expected = local_cc_autograd(fixed, moving, weight, window=5) * float(weight.sum()) / region
+    assert torch.allclose(value, expected, atol=1e-6)
+    (grad,) = torch.autograd.grad(value, [w])
+    inside = weight > 0
+    assert float(grad[inside].mean()) < 0  # more weight in the overlap lowers the loss

@@ -27,7 +27,7 @@ from maskreg import linear as lin
 from maskreg.errors import InputError, MaskregError, OverlapError, where
 from maskreg.grid import Grid
 from maskreg.loss_names import MOVING_GRADIENT_ONLY, NEEDS_DENSE
-from maskreg.losses import VALUE_AND_GRAD, get_loss, intensity_scale
+from maskreg.losses import VALUE_AND_GRAD, get_loss, intensity_scale, local_cc_over_region
 from maskreg.moments import weighted_moments
 from maskreg.points import PointLoss
 from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
@@ -898,6 +898,8 @@ def _pose_score(prob: _Problem, run: _LinearRun, level_key: tuple, tx: LinearTra
         fv, wv, w = dense(torch.as_tensor(tx.homogeneous(), dtype=torch.float32, device=prob.device))
         if float(w.sum()) < min_weight:
             return math.inf
+        if run.loss_name in NEEDS_DENSE:  # as the stage optimises it: over the whole fixed mask (overlap-aware)
+            return float(local_cc_over_region(fv, wv, w, float(fl.mask.sum()), int(run.stage["window"])))
         return float(run.loss_fn(fv, wv, w, window=int(run.stage["window"]), bins=int(run.stage["bins"])))
 
 
@@ -974,13 +976,14 @@ def _run_linear_level(
 ) -> LinearTransform:
     """One pyramid level of a linear stage from ``current``; appends its :class:`LevelReport` to ``report`` and
     returns the level's transform (fixed → moving points)."""
-    stage, loss_name, loss_fn, random_n = run.stage, run.loss_name, run.loss_fn, run.random_n
+    stage, loss_name, random_n = run.stage, run.loss_name, run.random_n
     fraction, seed, min_overlap, gen = run.fraction, run.seed, run.min_overlap, run.gen
     kind, scales = stage["type"], stage["scales"]
     scale, n_it = int(scales[li]), int(stage["iterations"][li])
     dev = prob.device
     t0 = time.perf_counter()
     level_key = run.level_key(li)
+    valid_moving = prob.kinds["moving"] == "valid" and level_key[2][1]
     fl, ml = prob.levels(*level_key)
     f_n, m_n = prob.normalised(level_key, loss_name, current)
     maps = _level_maps(fl.grid, ml.grid, dev)
@@ -1015,8 +1018,10 @@ def _run_linear_level(
             # chain through θ as a scalar: autograd.grad with grad_outputs imports sympy (0.7 s, once)
             (grad,) = torch.autograd.grad((theta * dtheta).sum(), [p])
         else:
-            fixed_v, warped_v, w = dense(h)
-            loss = loss_fn(fixed_v, warped_v, w, window=window, bins=bins)
+            fixed_v, warped_v, w = dense(h)  # cc, the one loss that runs densely here
+            if valid_moving:  # a field of view's edge is an artefact: it must not pull (only an ROI's may)
+                w = w.detach()
+            loss = local_cc_over_region(fixed_v, warped_v, w, fsum, window)
             (grad,) = torch.autograd.grad(loss, [p])
         trace.index_copy_(0, opt.t, loss.detach().reshape(1))
         opt.step(grad)
