@@ -23,8 +23,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import matrix_cells as mx  # noqa: E402
 
 # Quick cells that fail a criterion at the time of writing, with the numbers measured (benchmarks/README.md,
-# "bench_matrix.py"): they run and are reported as expected failures; strict, so a fix turns them into an
-# XPASS error and the entry must go. The criteria themselves are not relaxed for them.
+# "bench_matrix.py"): they run and are reported as expected failures (an XPASS is reported, not an error: the
+# one cell here passes when ANTsPy's own run goes worse, which it did in a clean-clone CI run, its CC metric
+# finding "no valid points"; maskreg's figure was the same). The criteria themselves are not relaxed for them.
 KNOWN_FAILURES: dict[str, str] = {
     # 2026-12-05, working tree on 121c868: mean Dice in the liver ROI 0.279 vs ANTsPy 0.306 (linear start 0.250);
     # liver 0.672 vs 0.618, stomach 0.02 vs 0.25; ANTsPy's own result spreads 0.13-0.37 over seeds 1-4
@@ -32,7 +33,7 @@ KNOWN_FAILURES: dict[str, str] = {
 }
 
 CELLS = [
-    pytest.param(c, id=c.id, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[c.id]))
+    pytest.param(c, id=c.id, marks=pytest.mark.xfail(strict=False, reason=KNOWN_FAILURES[c.id]))
     if c.id in KNOWN_FAILURES
     else pytest.param(c, id=c.id)
     for c in mx.quick_cells(cuda=True)
