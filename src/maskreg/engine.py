@@ -282,26 +282,21 @@ class _Problem:
             self._levels[key] = (fl, ml)
         return self._levels[key]
 
-    def normalised(
-        self, level_key: tuple, loss_name: str, linear: LinearTransform
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def normalised(self, level_key: tuple, linear: LinearTransform) -> tuple[torch.Tensor, torch.Tensor]:
         """The level's images with normalised intensities (:func:`_normalised_intensities`; the moving side's
         scale from what ``linear``, the fixed → moving transform when the level is first used, brings into the
         fixed mask), cached: the stages of a registration share them."""
-        key = (level_key, loss_name == "mse")
-        if key not in self._normalised:
-            self._normalised[key] = _normalised_intensities(*self.levels(*level_key), loss_name, linear)
-        return self._normalised[key]
+        if level_key not in self._normalised:
+            self._normalised[level_key] = _normalised_intensities(*self.levels(*level_key), linear)
+        return self._normalised[level_key]
 
-    def point_loss(
-        self, level_key: tuple, loss_name: str, fraction: float, seed: int, linear: LinearTransform
-    ) -> PointLoss:
+    def point_loss(self, level_key: tuple, fraction: float, seed: int, linear: LinearTransform) -> PointLoss:
         """The level's :class:`PointLoss` (jittered points drawn from ``seed``), cached: the linear stages of a
         registration evaluate their pointwise losses at the same points, and build the gradient images once."""
-        key = (level_key, loss_name == "mse", fraction, seed)
+        key = (level_key, fraction, seed)
         if key not in self._point_losses:
             fl, ml = self.levels(*level_key)
-            f_n, m_n = self.normalised(level_key, loss_name, linear)
+            f_n, m_n = self.normalised(level_key, linear)
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed)
             self._point_losses[key] = PointLoss(f_n, fl.mask, m_n, ml.mask, gen, fraction=fraction)
@@ -361,9 +356,7 @@ def _theta(h: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor], dim: int) -
     return (p_m @ h @ n_f)[None, :dim]
 
 
-def _normalised_intensities(
-    fl: Level, ml: Level, loss_name: str, linear: LinearTransform
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalised_intensities(fl: Level, ml: Level, linear: LinearTransform) -> tuple[torch.Tensor, torch.Tensor]:
     """Both level images mapped to about [0, 1] by robust percentiles (:func:`intensity_scale`) of the values the
     loss compares: the fixed image inside its mask, and the moving image where ``linear`` (fixed → moving
     points) takes the fixed mask, inside the moving mask and the moving image (:func:`_moving_sampled_values`).
@@ -374,7 +367,7 @@ def _normalised_intensities(
     contrast from two scanners or a template (the demo's MNI brain spans 0–235 where the T1 spans 0–159) differ by
     a gain and an offset that the fixed image's scale alone left in: SyN with mse then moved the brain out of
     its mask to lower the error (overlap 49 %, Dice 0.311 from an affine's 0.595, 0.5 % folded voxels; each
-    image's own scale: 0.619, none folded). ``loss_name`` is kept for the callers' cache keys."""
+    image's own scale: 0.619, none folded). The same for every loss, so the stages of a registration share it."""
     off, sc = intensity_scale(fl.image, fl.mask)
     f_n = (fl.image - off) / sc
     vals = _moving_sampled_values(fl, ml, linear)
@@ -518,7 +511,7 @@ def _moments(
             for cand in candidates:
                 # one scale for all favoured the candidate it was taken under; not cached (the next stage
                 # makes its own under the transform kept here)
-                dense = _Sampler(fl, ml, *_normalised_intensities(fl, ml, loss_name, cand))
+                dense = _Sampler(fl, ml, *_normalised_intensities(fl, ml, cand))
                 h = torch.as_tensor(cand.homogeneous(), dtype=torch.float32, device=prob.device)
                 fv, wv, w = dense(h)
                 ok = float(w.sum()) >= 0.25 * float(fl.mask.sum())  # a candidate must keep a fair overlap
@@ -532,7 +525,8 @@ def _moments(
     (com_f, cov_f), (com_m, cov_m) = pairs[0]
     if one_sided:
         names = ["masked centre against whole centre", "whole centres", "the start's"]
-        best, scores = best_of([translated(cf, cm) for (cf, _), (cm, _) in pairs] + [start])
+        translations = [translated(cf, cm) for (cf, _), (cm, _) in pairs] + [start]
+        best, scores = best_of(translations)
         log.info(
             "%sstage moments: a mask on one side only; translations scored by %s: %s; kept %s",
             where(prob.subject),
@@ -540,7 +534,6 @@ def _moments(
             ", ".join(f"{n} {v:.4g}" for n, v in zip(names, scores, strict=False)),
             names[best],
         )
-        translations = [translated(cf, cm) for (cf, _), (cm, _) in pairs] + [start]
         if alternatives is not None:  # the next linear stage refines these too and keeps the best optimum
             alternatives.extend(
                 translations[i] for i in np.argsort(scores, kind="stable") if i != best and np.isfinite(scores[i])
@@ -894,7 +887,7 @@ def _pose_score(prob: _Problem, run: _LinearRun, level_key: tuple, tx: LinearTra
     ``min_weight`` (a pose that keeps little of the fixed mask cannot win by what it leaves out)."""
     fl, ml = prob.levels(*level_key)
     with torch.no_grad():
-        dense = _Sampler(fl, ml, *_normalised_intensities(fl, ml, run.loss_name, tx))
+        dense = _Sampler(fl, ml, *_normalised_intensities(fl, ml, tx))
         fv, wv, w = dense(torch.as_tensor(tx.homogeneous(), dtype=torch.float32, device=prob.device))
         if float(w.sum()) < min_weight:
             return math.inf
@@ -985,7 +978,7 @@ def _run_linear_level(
     level_key = run.level_key(li)
     valid_moving = prob.kinds["moving"] == "valid" and level_key[2][1]
     fl, ml = prob.levels(*level_key)
-    f_n, m_n = prob.normalised(level_key, loss_name, current)
+    f_n, m_n = prob.normalised(level_key, current)
     maps = _level_maps(fl.grid, ml.grid, dev)
     fsum = float(fl.mask.sum())
     p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
@@ -999,7 +992,7 @@ def _run_linear_level(
         points = (
             PointLoss(f_n, fl.mask, m_n, ml.mask, gen, random_n)
             if random_n
-            else prob.point_loss(level_key, loss_name, fraction, seed, current)
+            else prob.point_loss(level_key, fraction, seed, current)
         )
         ow = points.overlap(_theta(h0, maps, prob.dim)[0])[0]
     level_name = f"stage {kind}, level {li + 1}/{len(scales)} (scale {scale})"
@@ -1347,7 +1340,7 @@ def _run_deformable_stage(
         t0 = time.perf_counter()
         level_key = (int(scale), sig, mask_use(stage))
         fl, ml = prob.levels(*level_key)
-        f_n, m_n = prob.normalised(level_key, loss_name, linear)  # shared with the linear stages at the same level
+        f_n, m_n = prob.normalised(level_key, linear)  # shared with the linear stages at the same level
         # the field lives on the fixed mask's box plus a margin (the ROI box), not on the whole level grid
         wgrid, box = roi_box(fl.grid, fl.mask, roi_margin(stage))
         ops = dfm.FieldOps(wgrid, dev, coarse_exp=kind == "syn")
