@@ -310,7 +310,7 @@ def _worker_maskreg(spec: dict) -> dict:
     fm, mm = sitk.ReadImage(p["fixed_mask"]), sitk.ReadImage(p["moving_mask"])
     stages = spec["stages"]
     register = maskreg.register  # loads the torch engine here, not inside the timed call (no imports timed)
-    from maskreg import cpu_kernels
+    from maskreg.engine import cpu_kernels
 
     cpu_kernels.warm_up()  # loads the compiled CPU kernels from numba's cache (~0.6 s once per process)
 

@@ -74,7 +74,7 @@ def main() -> int:
     import torch
 
     import maskreg
-    from maskreg import cpu_kernels
+    from maskreg.engine import cpu_kernels
 
     print(f"working tree: {working_tree()}")
     print(

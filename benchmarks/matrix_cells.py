@@ -604,7 +604,7 @@ def _as_sitk(tx):
 def code_path(path: str):
     """``kernels``: the compiled CPU kernels; ``torch`` and ``cuda``: ``MASKREG_CPU_KERNELS=0`` (torch's own
     operators); yields the device for ``maskreg.register``. The environment is restored afterwards."""
-    from maskreg import cpu_kernels
+    from maskreg.engine import cpu_kernels
 
     old = os.environ.get("MASKREG_CPU_KERNELS")
     os.environ["MASKREG_CPU_KERNELS"] = "1" if path == "kernels" else "0"
@@ -736,7 +736,7 @@ def run_cell(cell: Cell, threads: int = 1) -> dict:
         if cell.path == "cuda" and not cuda_available():
             return _finish(row, "SKIP", ["CUDA not available"], t_cell)
         if cell.path == "kernels":
-            from maskreg import cpu_kernels
+            from maskreg.engine import cpu_kernels
 
             with code_path("kernels"):
                 if cpu_kernels._module() is None:

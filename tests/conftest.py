@@ -48,9 +48,9 @@ def make_image(a, spacing=None, origin=None, direction=None):
 
 @pytest.fixture
 def torch_kernels(monkeypatch):
-    """Run the test on torch's own CPU operators: the compiled kernels of ``maskreg.cpu_kernels`` off (the
+    """Run the test on torch's own CPU operators: the compiled kernels of ``maskreg.engine.cpu_kernels`` off (the
     CUDA code path, and the fallback where numba is missing)."""
-    from maskreg import cpu_kernels
+    from maskreg.engine import cpu_kernels
 
     monkeypatch.setenv("MASKREG_CPU_KERNELS", "0")
     cpu_kernels._module.cache_clear()

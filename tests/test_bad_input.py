@@ -264,7 +264,7 @@ def test_a_small_roi_is_not_failed_at_coarse_levels_for_being_small():
 def test_overlap_too_small_after_a_good_level_names_that_level():
     from types import SimpleNamespace
 
-    from maskreg.engine import _check_start_overlap
+    from maskreg.engine.core import _check_start_overlap
 
     prob = SimpleNamespace(subject="sub-09", last_level=("stage rigid, level 2/3 (scale 2)", 0.62))
     with pytest.raises(OverlapError) as info:

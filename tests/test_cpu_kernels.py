@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (maskreg.cpu_kernels) compute what the torch operators they replace compute: on
+"""The compiled CPU kernels (maskreg.engine.cpu_kernels) compute what the torch operators they replace compute: on
 odd, anisotropic shapes, 2D and 3D, points outside the image, thin slabs, and whatever the thread count."""
 
 import os
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskreg import cpu_kernels, losses, pyramid
-from maskreg.deformable import FieldOps
-from maskreg.grid import Grid
-from maskreg.sampling import inside
+from maskreg.engine import cpu_kernels, losses, pyramid
+from maskreg.engine.fields import FieldOps
+from maskreg.engine.grid import Grid
+from maskreg.engine.sampling import inside
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.enabled(torch.zeros(1)), reason="numba kernels not available")
 
@@ -263,7 +263,7 @@ def test_kernels_off_by_environment(monkeypatch):
 
 
 def _oblique_grid():
-    from maskreg.grid import Grid
+    from maskreg.engine.grid import Grid
 
     c, s = np.cos(0.3), np.sin(0.3)
     direction = np.array([[c, -s, 0], [s * 0.9, c * 0.9, -0.43589], [s * 0.43589, c * 0.43589, 0.9]])
@@ -277,7 +277,7 @@ def _smooth_field(shape, amp, seed):
 
 
 def test_sample_mapped_equals_grid_sample_on_affine_grid_plus_field():
-    from maskreg import deformable as dfm
+    from maskreg.engine import fields as dfm
 
     grid = _oblique_grid()
     ops = dfm.FieldOps(grid, torch.device("cpu"))
@@ -310,7 +310,7 @@ def _index_to_normalised(grid) -> np.ndarray:
 
 
 def test_compose_matches_sampling_on_an_oblique_anisotropic_grid():
-    from maskreg import deformable as dfm
+    from maskreg.engine import fields as dfm
 
     grid = _oblique_grid()
     ops = dfm.FieldOps(grid, torch.device("cpu"))
@@ -322,7 +322,7 @@ def test_compose_matches_sampling_on_an_oblique_anisotropic_grid():
 
 
 def test_gradient_product_matches_torch_gradient_in_physical_space():
-    from maskreg import deformable as dfm
+    from maskreg.engine import fields as dfm
 
     grid = _oblique_grid()
     ops = dfm.FieldOps(grid, torch.device("cpu"))
@@ -337,7 +337,7 @@ def test_gradient_product_matches_torch_gradient_in_physical_space():
 def test_resample_between_oblique_grids_matches_the_affine_grid_path(padding, monkeypatch):
     """pyramid.resample's compiled path (no sampling grid stored) against affine_grid + grid_sample, two fields
     at once, between an oblique anisotropic grid and an axis-aligned one through a rigid map."""
-    from maskreg.grid import Grid
+    from maskreg.engine.grid import Grid
 
     src = _oblique_grid()
     dst = Grid((15, 12, 8), (1.0, 1.1, 1.7), (-2.0, -9.0, 9.0), tuple(np.eye(3).flatten()))
@@ -359,7 +359,7 @@ def test_resample_between_oblique_grids_matches_the_affine_grid_path(padding, mo
 
 
 def test_jacobian_determinant_kernel_matches_torch_on_an_oblique_grid(monkeypatch):
-    from maskreg import deformable as dfm
+    from maskreg.engine import fields as dfm
 
     grid = _oblique_grid()
     ops = dfm.FieldOps(grid, torch.device("cpu"))

@@ -143,8 +143,8 @@ def test_cuda_filters_match_cpu(shape):
     """On CUDA, Gaussian filters run as depthwise convolutions and local-CC box sums as average pooling; on
     the CPU both are sums of shifted views. They agree, also with a kernel longer than an axis (the 9-voxel
     axis) and a window shrunk on a thin axis."""
-    from maskreg.losses import _box
-    from maskreg.pyramid import gaussian_blur
+    from maskreg.engine.losses import _box
+    from maskreg.engine.pyramid import gaussian_blur
 
     t = torch.randn(*shape)
     sig = (1.5,) * (len(shape) - 2)
@@ -160,8 +160,8 @@ def test_cuda_filters_match_cpu(shape):
 def test_cuda_filter_weights_made_during_a_capture_fall_back():
     """A convolution weight cannot be copied to the GPU while a CUDA graph is captured: the filter then
     falls back to shifted views for that call, and the replay gives the eager result."""
-    from maskreg.pyramid import _CONV_WEIGHTS, gaussian_blur
-    from maskreg.stepper import Stepper
+    from maskreg.engine.pyramid import _CONV_WEIGHTS, gaussian_blur
+    from maskreg.engine.stepper import Stepper
 
     t = torch.randn(1, 3, 20, 21, 22, device="cuda")
     out = torch.empty_like(t)

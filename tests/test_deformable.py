@@ -10,9 +10,9 @@ import torch
 from scipy import ndimage
 
 import maskreg
-from maskreg.deformable import FieldOps, jacobian_determinant
 from maskreg.engine import field_image
-from maskreg.grid import Grid
+from maskreg.engine.fields import FieldOps, jacobian_determinant
+from maskreg.engine.grid import Grid
 from maskreg.qc.metrics import jacobian_determinant as sitk_jacobian
 
 
@@ -115,7 +115,7 @@ def test_learning_rate_per_level_applies_to_its_level_only():
 
 
 def test_default_rates_count_from_the_finest_level_and_a_given_list_must_fit():
-    from maskreg.engine import _deformable_config, _stage_config, resolved_stage
+    from maskreg.engine.core import _deformable_config, _stage_config, resolved_stage
 
     default = _deformable_config({"type": "syn"})["learning_rate"]
     assert default == [1.5, 1.5, 3.0]
@@ -165,8 +165,8 @@ def test_covering_crop_of_a_crop_is_itself_and_covers_a_coarser_box():
 
 
 def test_fields_of_a_box_extend_from_its_faces_as_border_resampling_does():
-    from maskreg.engine import _extend_from_faces
-    from maskreg.pyramid import resample
+    from maskreg.engine.core import _extend_from_faces
+    from maskreg.engine.pyramid import resample
 
     grid = oblique_grid()
     box = grid.crop((3, 2, 4), (9, 7, 5))
@@ -337,13 +337,13 @@ def test_small_roi_in_a_large_oblique_image_is_registered_on_its_box_only(monkey
     # changes nothing (measured mean 0.0001 mm, max 0.0013); the coarse grid's approximation moves the result a
     # small fraction of the 2.7 mm shift (measured mean 0.037 mm, max 0.079)
     whole = lambda grid, mask, margin: (grid, tuple(slice(0, n) for n in grid.shape))  # noqa: E731
-    monkeypatch.setattr(maskreg.engine, "roi_box", whole)
+    monkeypatch.setattr(maskreg.engine.core, "roi_box", whole)
     full = run()
     assert np.prod(full.stages[0].levels[-1].shape) == np.prod(grid.shape)
-    monkeypatch.setattr(maskreg.deformable, "COARSE_EXP_MIN_VOXELS", 1 << 40)
+    monkeypatch.setattr(maskreg.engine.fields, "COARSE_EXP_MIN_VOXELS", 1 << 40)
     full_exact = run()
     monkeypatch.undo()
-    monkeypatch.setattr(maskreg.deformable, "COARSE_EXP_MIN_VOXELS", 1 << 40)
+    monkeypatch.setattr(maskreg.engine.fields, "COARSE_EXP_MIN_VOXELS", 1 << 40)
     box_exact = run()
 
     def roi_diff(r1, r2):

@@ -11,8 +11,8 @@ import torch
 
 import maskreg
 from conftest import DEMO, make_image, shared
+from maskreg.engine.pyramid import erode_voxels, valid_mask_radii
 from maskreg.errors import InputError, OverlapError
-from maskreg.pyramid import erode_voxels, valid_mask_radii
 from maskreg.transforms import LinearTransform
 
 

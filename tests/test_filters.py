@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from maskreg.losses import _box
-from maskreg.pyramid import box_average, filter_axis, gaussian_blur, gaussian_weights
+from maskreg.engine.losses import _box
+from maskreg.engine.pyramid import box_average, filter_axis, gaussian_blur, gaussian_weights
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 12, 9), (3, 11, 5)], ids=["3d", "2d"])
@@ -56,8 +56,8 @@ def test_axis_by_axis_decimation_equals_trilinear_resampling_onto_the_shrunk_gri
     the end: zero or border padding), on an oblique, anisotropic grid."""
     import SimpleITK as sitk
 
-    from maskreg.grid import Grid
-    from maskreg.pyramid import decimate_axis, downsample_mask, filter_decimate, resample
+    from maskreg.engine.grid import Grid
+    from maskreg.engine.pyramid import decimate_axis, downsample_mask, filter_decimate, resample
 
     img = sitk.Image([11, 10, 13], sitk.sitkFloat32)
     img.SetSpacing([0.9, 1.4, 2.2])
@@ -88,8 +88,8 @@ def test_pyramid_levels_of_a_crop_are_the_whole_images_levels_where_they_overlap
     coarse voxels whose blur never reaches the crop's edge."""
     import SimpleITK as sitk
 
-    from maskreg.grid import Grid
-    from maskreg.pyramid import make_level
+    from maskreg.engine.grid import Grid
+    from maskreg.engine.pyramid import make_level
 
     img = sitk.Image([40, 36, 30], sitk.sitkFloat32)
     img.SetSpacing([0.9, 1.2, 1.8])

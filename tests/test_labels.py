@@ -22,9 +22,9 @@ import torch
 import maskreg
 from conftest import shared
 from maskreg import transforms, warp
-from maskreg.deformable import FieldOps
 from maskreg.engine import field_image
-from maskreg.grid import Grid
+from maskreg.engine.fields import FieldOps
+from maskreg.engine.grid import Grid
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskreg import losses
+from maskreg.engine import losses
 
 
 def _inputs(seed: int, shape=(1, 1, 9, 11, 13)):
@@ -68,7 +68,7 @@ def test_local_cc_over_region_counts_what_leaves_the_overlap():
     """The linear stages' cc: ``-Σ w cc² / region``. Its value is :func:`local_cc`'s times the overlap's share of
     the region, and it has a gradient in the weight, so a voxel leaving the overlap (its weight falling) raises
     the loss instead of being free."""
-    from maskreg.losses import local_cc_autograd, local_cc_over_region
+    from maskreg.engine.losses import local_cc_autograd, local_cc_over_region
 
     g = torch.Generator().manual_seed(0)
     fixed = torch.rand(1, 1, 24, 20, generator=g)

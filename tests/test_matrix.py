@@ -54,7 +54,7 @@ def one_thread():
     }
     saved_torch, saved_itk = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     mx.configure_threads(1)
-    from maskreg import cpu_kernels
+    from maskreg.engine import cpu_kernels
 
     cpu_kernels.warm_up()
     yield

@@ -1,4 +1,4 @@
-"""Weighted moments from marginal sums (maskreg.moments) against every voxel's physical point, on oblique,
+"""Weighted moments from marginal sums (maskreg.engine.moments) against every voxel's physical point, on oblique,
 anisotropic grids in 2D and 3D."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from maskreg.grid import Grid
-from maskreg.moments import weighted_moments
+from maskreg.engine.grid import Grid
+from maskreg.engine.moments import weighted_moments
 
 
 def _oblique_grid(dim: int) -> Grid:

@@ -1,4 +1,4 @@
-"""Jittered point sampling of pointwise losses (maskreg.points) and the regular-step optimiser of the linear stages."""
+"""Jittered point sampling of pointwise losses (maskreg.engine.points) and the linear stages' regular-step optimiser."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 
 import maskreg
 from conftest import shared
-from maskreg.engine import _RegularStep
-from maskreg.losses import VALUE_AND_GRAD, mattes_mi, mse
-from maskreg.points import PointLoss, gradient_images, jitter, voxel_points
-from maskreg.sampling import grid_sample
+from maskreg.engine.core import _RegularStep
+from maskreg.engine.losses import VALUE_AND_GRAD, mattes_mi, mse
+from maskreg.engine.points import PointLoss, gradient_images, jitter, voxel_points
+from maskreg.engine.sampling import grid_sample
 
 
 def _blob(shape, centre, sigma):

@@ -7,9 +7,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from maskreg import deformable as dfm
-from maskreg.grid import Grid
-from maskreg.sampling import grid_sample
+from maskreg.engine import fields as dfm
+from maskreg.engine.grid import Grid
+from maskreg.engine.sampling import grid_sample
 
 
 @pytest.mark.parametrize("padding", ["zeros", "border"])

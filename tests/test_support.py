@@ -1,4 +1,4 @@
-"""The rows a deformable iteration samples (maskreg.support): they cover the fixed mask grown by the reach and
+"""The rows a deformable iteration samples (maskreg.engine.support): they cover the fixed mask grown by the reach and
 the sampling margins, and sampling only there changes nothing in the result."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from scipy import ndimage
 
 import maskreg
-from maskreg import cpu_kernels
-from maskreg.support import WeightSupport
+from maskreg.engine import cpu_kernels
+from maskreg.engine.support import WeightSupport
 
 
 def _grown(mask: np.ndarray, radii: tuple[int, int, int]) -> np.ndarray:

@@ -31,7 +31,7 @@ MASK_USES = ("both", "fixed", "moving", "none")
 OPTIMIZERS = ("regular_step", "adam")
 
 # linear stages. 32 bins and learning rate 0.25 suit inter-subject, multi-contrast pairs best (demo abdomen:
-# mean Dice 0.33 vs 0.23 with 16 bins / 0.1); with jittered points (maskreg.points) and regular steps, 32 bins
+# mean Dice 0.33 vs 0.23 with 16 bins / 0.1); with jittered points (maskreg.engine.points) and regular steps, 32 bins
 # recover the known 2 mm brain affine of benchmarks/bench_linear.py to 0.04 mm (mean over the brain).
 LINEAR_DEFAULTS: dict[str, Any] = {
     "loss": "mi",

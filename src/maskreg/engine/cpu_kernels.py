@@ -1,5 +1,5 @@
 """Compiled CPU kernels for the engine's hot loops: trilinear sampling, the masked local CC with its gradient,
-separable filtering and the SyN update (numba, in :mod:`maskreg._numba_kernels`).
+separable filtering and the SyN update (numba, in :mod:`maskreg.engine._numba_kernels`).
 
 Why: on the CPU, torch runs each elementwise operation as its own pass over memory, and its 3D
 ``grid_sample`` computes the corner weights in double work per channel. A SyN iteration on the 2 mm brain
@@ -34,7 +34,7 @@ def _module() -> ModuleType | None:
     if os.environ.get("MASKREG_CPU_KERNELS", "1").lower() in ("0", "false", "no"):
         return None
     try:
-        from maskreg import _numba_kernels
+        from maskreg.engine import _numba_kernels
     except ImportError:  # numba missing: the torch path
         return None
     return _numba_kernels
@@ -91,7 +91,7 @@ def sample(
     """Trilinear ``F.grid_sample(input, grid, padding_mode=..., align_corners=True)`` of a 3D ``input``
     ``[N, C, D, H, W]`` at ``grid`` ``[N or 1, *out_shape, 3]`` (normalised ``x, y, z``) → ``[N, C, *out_shape]``,
     and with ``with_inside`` the ``[N, 1, *out_shape]`` indicator of points inside ``[-1, 1]³``
-    (:func:`maskreg.sampling.inside`) from the same pass."""
+    (:func:`maskreg.engine.sampling.inside`) from the same pass."""
     mod = _k()
     n = max(input.shape[0], grid.shape[0])
     out_shape = grid.shape[1:-1]
@@ -125,9 +125,9 @@ def sample_mapped(
     mm → normalised, ``u`` ``[1, 3, Z, Y, X]`` mm. Returns ``([1, C, Z, Y, X], weight [1, 1, Z, Y, X])``: what
     ``grid_sample`` gives on the grid ``affine_grid(a) + offsets(u)``, without storing it, and the weight
     ``sampled[1] · inside · prior`` (channel 1: the mask, as the engine stacks image and mask; ``inside``:
-    :func:`maskreg.sampling.inside`; ``prior``
+    :func:`maskreg.engine.sampling.inside`; ``prior``
     ``[1, 1, Z, Y, X]`` or none). ``rows``: ``(lo, hi)`` int ``[Z, Y]``, the x range ``[lo, hi)`` of each row to
-    sample; elsewhere both outputs are 0 (:class:`maskreg.support.WeightSupport`)."""
+    sample; elsewhere both outputs are 0 (:class:`maskreg.engine.support.WeightSupport`)."""
     mod = _k()
     shape = tuple(u.shape[2:])
     pts = int(np.prod(shape))
@@ -196,7 +196,7 @@ PARZEN_CHUNKS = 16
 
 
 def parzen_histogram(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, bins: int) -> torch.Tensor:
-    """``maskreg.losses``' unnormalised Parzen joint histogram (flat ``bins²``, float32) of points
+    """``maskreg.engine.losses``' unnormalised Parzen joint histogram (flat ``bins²``, float32) of points
     ``fixed, moving, weight`` (any shapes of ``N`` values, intensities in [0, 1]) in one pass."""
     mod = _k()
     f, m, w = (_np(t).reshape(-1) for t in (fixed, moving, weight))
@@ -247,7 +247,7 @@ def _as_czyx(t: torch.Tensor) -> np.ndarray:
 
 
 def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.Tensor:
-    """:func:`maskreg.pyramid.filter_axis` (zero padding, same size) for ``[B, C, *spatial]`` on the CPU."""
+    """:func:`maskreg.engine.pyramid.filter_axis` (zero padding, same size) for ``[B, C, *spatial]`` on the CPU."""
     mod = _k()
     a = _as_czyx(t)
     ax = axis + (3 - (t.dim() - 2))  # 2D: spatial axes are (y, x) = array axes 1, 2
@@ -346,7 +346,7 @@ def resize(
 
 
 class LocalCC:
-    """The masked local squared CC of ``maskreg.losses._LocalCC`` for one ``[1, 1, *spatial]`` pair: the
+    """The masked local squared CC of ``maskreg.engine.losses._LocalCC`` for one ``[1, 1, *spatial]`` pair: the
     loss now, both sides' gradients on request. ``sizes``: the (odd) window per spatial axis
     (``losses.window_sizes``); ``eps`` bounds the window weight, ``cc_eps`` the variance product, as in the torch
     code. Two streamed passes (:func:`_numba_kernels.cc_forward`, ``cc_backward``): no volume of products or

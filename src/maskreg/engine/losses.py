@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from maskreg import cpu_kernels
+from maskreg.engine import cpu_kernels
 from maskreg.loss_names import canonical
 
 EPS = 1e-6
@@ -119,7 +119,7 @@ class _LocalCC(torch.autograd.Function):
     def forward(ctx, fixed, moving, w, window):
         ctx.compiled = None
         if fixed.dim() in (4, 5) and cpu_kernels.enabled(fixed.detach(), moving.detach(), w):
-            # the same sums and formulas in streamed loops (maskreg.cpu_kernels), backward terms kept for backward
+            # the same sums and formulas in streamed loops (maskreg.engine.cpu_kernels), backward terms kept
             ctx.compiled = cpu_kernels.LocalCC(
                 fixed, moving, w, window_sizes(tuple(fixed.shape[2:]), window), EPS, CC_EPS
             )
@@ -314,7 +314,7 @@ def _histogram_terms(
     its sum ``S``, and ``gradient(cell, scale)``: ``scale · w · ∂mv/∂moving · Σ_j β₃'(mv − j) cell[f(x), j]`` per
     point, shaped as ``moving`` (``∂mv/∂moving`` is ``usable`` inside [0, 1], 0 where the clamp holds), with the
     binning of :func:`joint_histogram`. On the CPU two compiled passes over the points
-    (:func:`maskreg.cpu_kernels.parzen_histogram`, ``parzen_gradient``) instead of some twenty operators."""
+    (:func:`maskreg.engine.cpu_kernels.parzen_histogram`, ``parzen_gradient``) instead of some twenty operators."""
     if cpu_kernels.enabled(fixed, moving, weight):
         hist = cpu_kernels.parzen_histogram(fixed, moving, weight, bins)
         return (

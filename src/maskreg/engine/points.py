@@ -11,13 +11,13 @@ offset inside its voxel (both images interpolated, as ITK's REGULAR sampling doe
 line lies at the truth. ``tests/test_points.py`` starts an affine at the truth of a smaller known pair: it
 stays within 0.032 mm with jittered points and drifts 0.185 mm with the voxel centres. The offsets are drawn
 once per level (seeded), so the loss is a smooth, deterministic function of the transform within a level, and
-an iteration reads no random numbers (graph-safe, see :mod:`maskreg.stepper`).
+an iteration reads no random numbers (graph-safe, see :mod:`maskreg.engine.stepper`).
 
 **Why gradient images.** A pointwise loss ``L(f, m, w)`` over points ``x_n`` with ``m_n = M(q_n)``,
 ``q_n = θ x̃_n`` (normalised moving coordinates, ``x̃ = (x, 1)``) has ``∂L/∂θ = Σ_n (∂L/∂m_n) ∇M(q_n) x̃_nᵀ``.
 ``∇M`` is sampled from central-difference gradient images (ITK's default for its v4 metrics) in the same
 ``grid_sample`` call as ``M`` and the moving mask, so an iteration is one forward sampling, the loss and
-its gradient in the sampled values (closed form, :data:`maskreg.losses.VALUE_AND_GRAD`: no autograd), one
+its gradient in the sampled values (closed form, :data:`maskreg.engine.losses.VALUE_AND_GRAD`: no autograd), one
 ``(dim, N) @ (N, dim + 1)`` product, and the chain to the stage's parameters through ``θ`` (a graph of a few
 matrix operations). No ``grid_sample``
 backward runs (on the CPU, a full-resolution iteration over 252 k points went from 55-62 to 41-49 ms).
@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from maskreg.sampling import grid_sample, grid_sample_inside
+from maskreg.engine.sampling import grid_sample, grid_sample_inside
 
 
 def _as_points(t: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ class PointLoss:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, ∂loss/∂θ)`` at ``theta`` ``(dim, dim + 1)`` (its graph is not used: detach it or not).
         ``value_and_grad(fixed, moving, weight, **loss_kw) -> (loss, ∂loss/∂moving)`` is the loss in closed
-        form (:data:`maskreg.losses.VALUE_AND_GRAD`)."""
+        form (:data:`maskreg.engine.losses.VALUE_AND_GRAD`)."""
         if self.random_n:
             sel = torch.randint(
                 0, self.centres.shape[0], (self.random_n,), generator=self.gen, device=self.centres.device

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from maskreg import cpu_kernels
-from maskreg.grid import Grid
-from maskreg.pyramid import gaussian_blur, gaussian_kernels, resample
-from maskreg.sampling import grid_sample
+from maskreg.engine import cpu_kernels
+from maskreg.engine.grid import Grid
+from maskreg.engine.pyramid import gaussian_blur, gaussian_kernels, resample
+from maskreg.engine.sampling import grid_sample
 from maskreg.stages import DEFORMABLE_DEFAULTS, DEFORMABLE_STAGES, TYPE_DEFAULTS  # noqa: F401 (defined there)
 
 # scaling and squaring inside the SyN iterations runs on a grid of about half the resolution once a level has
@@ -61,7 +61,7 @@ class _AxisResampler:
     """Linear resampling of ``[N, C, *in_shape]`` tensors onto ``out_shape`` one spatial axis at a time:
     ``out[i] = t(i · ratio + offset)`` along each axis (tensor order), positions clamped to the ends (border). The
     compiled kernel on the CPU; elsewhere taps made once here, so a call is ``index_select`` and ``lerp`` only
-    (no host → device copy: graph-safe, see :mod:`maskreg.stepper`)."""
+    (no host → device copy: graph-safe, see :mod:`maskreg.engine.stepper`)."""
 
     def __init__(
         self,
@@ -276,7 +276,7 @@ class FieldOps:
         voxels (a 1-element tensor; none where ``d`` is 0), then ``field ← G_elastic * (field + d)`` (``additive``:
         SyN's velocity) or ``G_elastic * (field ∘ d)`` (greedy); ``vmax`` (0-dim) receives the new field's
         longest vector in voxels. Sigmas in voxels. 3D SyN on the CPU: two streamed compiled passes
-        (:func:`maskreg.cpu_kernels.smooth_step`; 2 mm brain box, 2 cores: 25 -> 15 ms); otherwise graph-safe
+        (:func:`maskreg.engine.cpu_kernels.smooth_step`; 2 mm brain box, 2 cores: 25 -> 15 ms); otherwise graph-safe
         torch."""
         if additive and self.dim == 3 and cpu_kernels.enabled(field, g):
             kernels = [gaussian_kernels(tuple(self.grid.shape), (s,) * 3) for s in (fluid, elastic)]

@@ -21,20 +21,20 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from maskreg import cpu_kernels
-from maskreg import deformable as dfm
-from maskreg import linear as lin
+from maskreg.engine import cpu_kernels
+from maskreg.engine import fields as dfm
+from maskreg.engine import linear as lin
+from maskreg.engine.grid import Grid
+from maskreg.engine.losses import VALUE_AND_GRAD, get_loss, intensity_scale, local_cc_over_region
+from maskreg.engine.moments import weighted_moments
+from maskreg.engine.points import PointLoss
+from maskreg.engine.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
+from maskreg.engine.sampling import grid_sample_inside
+from maskreg.engine.stepper import Stepper, graphs_enabled
+from maskreg.engine.support import WeightSupport
 from maskreg.errors import InputError, MaskregError, OverlapError, where
-from maskreg.grid import Grid
 from maskreg.loss_names import MOVING_GRADIENT_ONLY, NEEDS_DENSE
-from maskreg.losses import VALUE_AND_GRAD, get_loss, intensity_scale, local_cc_over_region
-from maskreg.moments import weighted_moments
-from maskreg.points import PointLoss
-from maskreg.pyramid import Level, downsample_mask, erode_voxels, make_level, valid_mask_radii
-from maskreg.sampling import grid_sample_inside
 from maskreg.stages import DEFAULT_STAGES, LINEAR_DEFAULTS, check_stages, resolve_stage
-from maskreg.stepper import Stepper, graphs_enabled
-from maskreg.support import WeightSupport
 from maskreg.transforms import LinearTransform, chain
 
 log = logging.getLogger("maskreg")
@@ -432,7 +432,7 @@ class _AffineGrid:
 class _Sampler:
     """Evaluates ``(fixed, warped moving, weight)`` on every voxel of the fixed level (dense: for losses with
     neighbourhoods, for overlap reports and for scoring candidate starts). Pointwise losses of the linear
-    stages use :class:`maskreg.points.PointLoss` instead."""
+    stages use :class:`maskreg.engine.points.PointLoss` instead."""
 
     def __init__(self, fl: Level, ml: Level, f_norm, m_norm):
         self.fl, self.ml = fl, ml
@@ -725,7 +725,7 @@ class _Adam:
     """Adam (Kingma & Ba 2015; torch.optim.Adam's update and defaults) for one parameter tensor, with the
     step sizes of every iteration given up front (``lrs``, one per iteration) and the step count kept on the
     parameter's device, so an iteration never reads a value back to the host (graph-safe, see
-    :mod:`maskreg.stepper`). Not ``torch.optim``: creating its first optimizer imports ``torch._dynamo`` and
+    :mod:`maskreg.engine.stepper`). Not ``torch.optim``: creating its first optimizer imports ``torch._dynamo`` and
     sympy, 1.6 s of every job."""
 
     def __init__(
@@ -754,7 +754,7 @@ class _Adam:
 class _RegularStep:
     """Regular-step gradient descent (ITK's ``RegularStepGradientDescentOptimizer``): each iteration moves the
     parameters by the current step length along the negative gradient direction (Euclidean norm of the
-    scaled parameters: mm at the fixed mask's radius, see :mod:`maskreg.linear`); the step length starts at
+    scaled parameters: mm at the fixed mask's radius, see :mod:`maskreg.engine.linear`); the step length starts at
     ``lrs[0]`` and is halved whenever the gradient turns by more than 90° (the last step overshot the
     optimum), so it converges to the optimum's precision in a few halvings. Adam, by contrast, keeps moving
     every parameter by about its step size until the schedule decays: on the known 2 mm brain pair of
@@ -984,7 +984,7 @@ def _run_linear_level(
     p = torch.zeros(lin.n_params(kind, prob.dim), device=dev, requires_grad=True)
     h0 = lin.homogeneous(kind, p.detach(), current, prob.radius)
     # pointwise losses: jittered fixed-mask points, gradient through the moving gradient image (see
-    # maskreg.points: no interpolation bias, no grid_sample backward); cc: every voxel, through autograd
+    # maskreg.engine.points: no interpolation bias, no grid_sample backward); cc: every voxel, through autograd
     if loss_name in NEEDS_DENSE:
         points, dense = None, _Sampler(fl, ml, f_n, m_n)
         ow = _overlap(dense, h0, fsum)[0]
@@ -1003,7 +1003,7 @@ def _run_linear_level(
     start_t = lin.start_tensors(current, dev)
     window, bins = int(stage["window"]), int(stage["bins"])
 
-    def iteration(_key) -> None:  # graph-safe: see maskreg.stepper
+    def iteration(_key) -> None:  # graph-safe: see maskreg.engine.stepper
         h = lin.homogeneous(kind, p, start_t, prob.radius)
         if points is not None:
             theta = _theta(h, maps, prob.dim)[0]
@@ -1097,7 +1097,7 @@ def register(
     ``moments``, ``translation``, ``rigid``, ``similarity``, ``affine``. ``sampling`` is ``"dense"`` or
     ``{"random": N}`` (N points drawn from the fixed mask's voxels at each iteration, seeded by ``seed``) or
     ``{"fraction": f}`` (a seeded subset of that fraction of the fixed-mask voxels per level); it applies to the
-    pointwise losses of linear stages, whose points are jittered within their voxels (:mod:`maskreg.points`).
+    pointwise losses of linear stages, whose points are jittered within their voxels (:mod:`maskreg.engine.points`).
     ``mask_kinds`` gives the (fixed, moving) mask kinds: ``roi`` masks weight the loss as they are; ``valid``
     masks are also eroded at every level by elastix's rule (``s+1`` voxels fixed, ``2s+1`` moving at shrink
     factor ``s``) so an artificial edge (field of view, ultrasound cone) cannot pull the registration.
@@ -1297,7 +1297,7 @@ def _recenter(tx: LinearTransform, center: np.ndarray) -> LinearTransform:
 
 
 # --------------------------------------------------------------------------------------------------------
-# deformable stages (see maskreg.deformable for the maths and conventions)
+# deformable stages (see maskreg.engine.fields for the maths and conventions)
 
 
 @dataclass
@@ -1361,7 +1361,7 @@ def _run_deformable_stage(
         fixed_stack = torch.cat([f_n, fl.mask] + ([f_lab] if f_lab is not None else []), 1)
         fixed_box = fixed_stack[(slice(None), slice(None)) + box]  # the fixed stack where it does not move
         # 3D on the CPU: sampling at "affine map of the voxel index + matrix @ field" in one compiled pass, no
-        # sampling grid stored (maskreg.cpu_kernels.sample_mapped); otherwise the two maps' affine grids
+        # sampling grid stored (maskreg.engine.cpu_kernels.sample_mapped); otherwise the two maps' affine grids
         fused = dim == 3 and cpu_kernels.enabled(moving_stack, fixed_stack)
         reach = [0.0]  # mm: a bound of the fixed side's displacement |exp(-v/2)| (0 for greedy)
 
@@ -1373,7 +1373,7 @@ def _run_deformable_stage(
 
         if fused:
             index_to_moving, index_to_fixed = ((m @ wgrid.index_to_physical())[:dim] for m in (moving_map, fixed_map))
-            # rows of the box where the weight can be nonzero for the current field (maskreg.support)
+            # rows of the box where the weight can be nonzero for the current field (maskreg.engine.support)
             support = WeightSupport(fixed_box[0, 1].numpy(), wgrid.spacing)
         else:
             g0, f_ident = (
@@ -1464,10 +1464,10 @@ def _run_deformable_stage(
         last_w: list[torch.Tensor | None] = [None]
         w_buffer = torch.zeros_like(fixed_box[:, 1:2]) if graphs_enabled(dev) else None
 
-        def iteration(squarings) -> None:  # graph-safe: see maskreg.stepper
+        def iteration(squarings) -> None:  # graph-safe: see maskreg.engine.stepper
             reg = None
             with torch.no_grad():
-                if first[0] is not None:  # the first call, eager on every device (maskreg.stepper)
+                if first[0] is not None:  # the first call, eager on every device (maskreg.engine.stepper)
                     fs, ms, w = first[0]
                     first[0] = None
                 elif kind == "syn":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maskreg.grid import Grid
+from maskreg.engine.grid import Grid
 
 
 def weighted_moments(weight: torch.Tensor, grid: Grid) -> tuple[float, np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Numba kernels behind :mod:`maskreg.cpu_kernels` (float32 numpy arrays, C order; see there for the contract).
+"""Numba kernels behind :mod:`maskreg.engine.cpu_kernels` (float32 numpy arrays, C order; see there for the contract).
 
 Loops over voxels with the work split across threads by ``prange`` over the outer axis (or fixed chunks of
 points), each output written by one thread in a fixed order, so results do not depend on the thread count.
@@ -196,7 +196,7 @@ def cc_forward(
     plane's window sums are added from the ring, and the statistics go straight into ``per_slice[z] =
     Σ_{y,x} w·cc`` and the channels of the backward window sums ``b`` (``[Z, C, Y, X]``): ``wa`` first, then for
     the fixed side (``need_f``) ``wa·m̄, wb·v_m, wb·v_m·f̄``, then for the moving side ``wa·f̄, wb·v_f, wb·v_f·m̄``
-    (see ``maskreg.losses._LocalCC``). Slabs of planes run in parallel; every output is computed the same way
+    (see ``maskreg.engine.losses._LocalCC``). Slabs of planes run in parallel; every output is computed the same way
     whatever their number. No volume of products or sums is stored."""
     Z, Y, X = f.shape
     rz = ones_z.shape[0] // 2
@@ -560,7 +560,7 @@ def jacobian_determinant(u, r, out):  # pragma: no cover
 
 @nb.njit(inline="always")
 def _parzen_bins(f, m, usable):  # pragma: no cover
-    """Mattes' binning of one point (``maskreg.losses._bin_coordinates``): the fixed bin (nearest, half to even),
+    """Mattes' binning of one point (``maskreg.engine.losses._bin_coordinates``): the fixed bin (nearest, half to even),
     the moving bin coordinate's floor and fractional part, and ``∂mv/∂m`` (0 where the clamp holds)."""
     fb = int(np.rint(min(max(f, 0.0), 1.0) * usable + 2.0))
     mv = min(max(m, 0.0), 1.0) * usable + 2.0

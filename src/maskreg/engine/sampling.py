@@ -1,4 +1,4 @@
-"""``grid_sample`` as every part of maskreg calls it: ``align_corners=True`` (see :mod:`maskreg.grid` for the
+"""``grid_sample`` as every part of maskreg calls it: ``align_corners=True`` (see :mod:`maskreg.engine.grid` for the
 normalised coordinates), and on the CPU split into batch items so that all cores work.
 
 PyTorch's CPU kernels for 3D ``grid_sample`` (forward and backward) run one thread per batch item, so the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from maskreg import cpu_kernels
+from maskreg.engine import cpu_kernels
 
 # pieces per call: measured best at about twice the thread count on 2 cores (1 → 2 → 4 → 8: 126, 48, 34, 38 ms)
 PIECES_PER_THREAD = 2
@@ -34,7 +34,7 @@ def grid_sample(
 
     ``input``: ``[N, C, *in_shape]``; ``grid``: ``[N, *out_shape, dim]`` normalised ``(x, y[, z])``; returns
     ``[N, C, *out_shape]``. Only 3D inputs are split: that is the kernel measured. 3D trilinear sampling on the
-    CPU runs the compiled kernel of :mod:`maskreg.cpu_kernels` when it is enabled (2.5x the split call)."""
+    CPU runs the compiled kernel of :mod:`maskreg.engine.cpu_kernels` when it is enabled (2.5x the split call)."""
     if input.dim() == 5 and mode == "bilinear" and cpu_kernels.enabled(input, grid):
         return cpu_kernels.sample(input, grid, padding_mode)[0]
     k = _pieces(grid.shape[1])

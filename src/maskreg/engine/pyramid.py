@@ -1,6 +1,6 @@
 """Multi-resolution pyramid on torch tensors, mask-aware.
 
-Tensors are ``[1, 1, (z,) y, x]`` float32 on the engine's device (see :mod:`maskreg.grid` for the axis order).
+Tensors are ``[1, 1, (z,) y, x]`` float32 on the engine's device (see :mod:`maskreg.engine.grid` for the axis order).
 Images are smoothed by *normalised convolution* ``G*(I·m) / G*m`` so intensities outside a mask never bleed
 into it; masks are box-averaged (the fraction of fine voxels inside the mask), never smoothed into images.
 """
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from maskreg import cpu_kernels
-from maskreg.grid import Grid, resampling_theta, shrink_factors
-from maskreg.sampling import grid_sample
+from maskreg.engine import cpu_kernels
+from maskreg.engine.grid import Grid, resampling_theta, shrink_factors
+from maskreg.engine.sampling import grid_sample
 
 
 @functools.lru_cache(maxsize=256)
@@ -56,7 +56,7 @@ def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.
     On the CPU a weighted sum of shifted views: memory-bound, and much faster there than a 3D convolution
     with a 1D kernel; the weights stay on the host. On CUDA a depthwise cuDNN convolution: the shifted views'
     strided elementwise kernels are not vectorised there (H100, a 3-channel 167x204x167 field, sigma 1.5:
-    2.8 → 1.3 ms for three axes). Both are graph-safe (see :mod:`maskreg.stepper`)."""
+    2.8 → 1.3 ms for three axes). Both are graph-safe (see :mod:`maskreg.engine.stepper`)."""
     if t.is_cuda and t.dim() in (4, 5):
         w = _conv_weight(tuple(kernel), axis, t.shape[1], t)
         if w is not None:

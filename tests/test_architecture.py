@@ -1,0 +1,55 @@
+"""The package's layering: ``maskreg.engine`` is the only package that imports torch, and the torch-free modules
+reach it through ``maskreg.register`` only (``maskreg/__init__.py``'s lazy attribute)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "maskreg"
+ENGINE = SRC / "engine"
+# the flat, torch-free modules and the qc package (everything under src/maskreg outside engine/)
+OUTSIDE = sorted(p for p in SRC.rglob("*.py") if ENGINE not in p.parents)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module an ``import`` or ``from ... import`` statement of ``path`` names, at any depth (lazy imports
+    inside functions included); ``from maskreg import engine`` counts as ``maskreg.engine``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+@pytest.mark.parametrize("path", OUTSIDE, ids=lambda p: str(p.relative_to(SRC)))
+def test_only_the_package_init_reaches_into_the_engine(path: Path) -> None:
+    names = _imported_modules(path)
+    engine = sorted(n for n in names if n == "maskreg.engine" or n.startswith("maskreg.engine."))
+    torch = sorted(n for n in names if n == "torch" or n.startswith("torch."))
+    assert not torch, f"{path.name} imports torch ({torch}); torch code belongs in maskreg/engine/"
+    if path == SRC / "__init__.py":
+        assert engine == ["maskreg.engine"], engine
+    else:
+        assert not engine, f"{path.name} imports {engine}; outside maskreg/engine/ only maskreg/__init__ may"
+
+
+def test_torch_free_modules_import_without_torch() -> None:
+    """The modules every non-registration job imports load neither torch nor the engine (checked in a fresh
+    interpreter, so nothing this test process imported hides it)."""
+    flat = [p.stem for p in SRC.glob("*.py") if p.stem != "__init__"]
+    code = "\n".join(
+        [f"import maskreg.{m}" for m in flat]
+        + ["import maskreg.qc.metrics, maskreg.qc.flags, maskreg.qc.evaluate, maskreg.qc.figures", "import sys"]
+        + ["print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('maskreg.engine')))"]
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
