@@ -602,21 +602,12 @@ def _as_sitk(tx):
 
 @contextlib.contextmanager
 def code_path(path: str):
-    """``kernels``: the compiled CPU kernels; ``torch`` and ``cuda``: ``MASKREG_CPU_KERNELS=0`` (torch's own
-    operators); yields the device for ``maskreg.register``. The environment is restored afterwards."""
+    """``kernels``: the compiled CPU kernels; ``torch`` and ``cuda``: torch's own operators
+    (:func:`maskreg.engine.cpu_kernels.switched`); yields the device for ``maskreg.register``."""
     from maskreg.engine import cpu_kernels
 
-    old = os.environ.get("MASKREG_CPU_KERNELS")
-    os.environ["MASKREG_CPU_KERNELS"] = "1" if path == "kernels" else "0"
-    cpu_kernels._module.cache_clear()
-    try:
+    with cpu_kernels.switched(path == "kernels"):
         yield "cuda" if path == "cuda" else "cpu"
-    finally:
-        if old is None:
-            os.environ.pop("MASKREG_CPU_KERNELS", None)
-        else:
-            os.environ["MASKREG_CPU_KERNELS"] = old
-        cpu_kernels._module.cache_clear()
 
 
 def run_maskreg(cell: Cell, stages: list[dict], threads: int = 1) -> tuple[Any, float]:
@@ -739,7 +730,7 @@ def run_cell(cell: Cell, threads: int = 1) -> dict:
             from maskreg.engine import cpu_kernels
 
             with code_path("kernels"):
-                if cpu_kernels._module() is None:
+                if not cpu_kernels.available():
                     return _finish(row, "SKIP", ["compiled CPU kernels not available (numba missing)"], t_cell)
         pair = load_pair(cell.pair)
         row["metric"] = pair.metric

@@ -47,13 +47,10 @@ def make_image(a, spacing=None, origin=None, direction=None):
 
 
 @pytest.fixture
-def torch_kernels(monkeypatch):
+def torch_kernels():
     """Run the test on torch's own CPU operators: the compiled kernels of ``maskreg.engine.cpu_kernels`` off (the
     CUDA code path, and the fallback where numba is missing)."""
     from maskreg.engine import cpu_kernels
 
-    monkeypatch.setenv("MASKREG_CPU_KERNELS", "0")
-    cpu_kernels._module.cache_clear()
-    yield
-    monkeypatch.delenv("MASKREG_CPU_KERNELS")
-    cpu_kernels._module.cache_clear()
+    with cpu_kernels.switched(False):
+        yield

@@ -18,10 +18,12 @@ is writable, else in the user's cache directory): ~10 s once per installation (`
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import threading
+from collections.abc import Iterator
 from functools import lru_cache
 from types import ModuleType
 
@@ -38,6 +40,29 @@ def _module() -> ModuleType | None:
     except ImportError:  # numba missing: the torch path
         return None
     return _numba_kernels
+
+
+def available() -> bool:
+    """Whether the compiled kernels are in use: numba importable and ``MASKREG_CPU_KERNELS`` not ``0``."""
+    return _module() is not None
+
+
+@contextlib.contextmanager
+def switched(on: bool) -> Iterator[None]:
+    """Within the block, the compiled kernels are on (where numba is importable) or off (torch's own operators,
+    the path CUDA runs), whatever ``MASKREG_CPU_KERNELS`` says; the variable and the choice are restored after.
+    The setting is read once and cached, so changing the variable alone has no effect mid-process."""
+    old = os.environ.get("MASKREG_CPU_KERNELS")
+    os.environ["MASKREG_CPU_KERNELS"] = "1" if on else "0"
+    _module.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MASKREG_CPU_KERNELS", None)
+        else:
+            os.environ["MASKREG_CPU_KERNELS"] = old
+        _module.cache_clear()
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
