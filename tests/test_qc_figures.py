@@ -155,22 +155,24 @@ def test_registration_overlay_3d_and_mask_overview(tmp_path):
 
 
 @needs_data
-def test_registration_overlay_default_centre_is_mask_centroid(tmp_path, monkeypatch):
+def test_registration_overlay_default_centre_is_mask_centroid(tmp_path):
     ct = sitk.ReadImage(str(CT_IMAGE), sitk.sitkFloat32)
     arr = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8)
     arr[20:25, 10:29, 80:99] = 1  # off-centre: x 80..98, y 10..28, z 20..24
     mask = sitk.GetImageFromArray(arr)
     mask.CopyInformation(ct)
-    seen = []
-    real = F._Display
+    assert F.slice_indices(mask) == (89, 19, 22)  # the mask's centroid, not the image centre (61, 50, 15)
 
-    def spy(ref, center):
-        seen.append(tuple(center))
-        return real(ref, center)
+    def render(name: str, **kw) -> np.ndarray:
+        return mpimg.imread(str(F.registration_overlay(ct, ct, ct, tmp_path / name, fixed_mask=mask, **kw)))
 
-    monkeypatch.setattr(F, "_Display", spy)
-    F.registration_overlay(ct, ct, ct, tmp_path / "o.png", fixed_mask=mask)
-    assert seen == [(89, 19, 22)]  # the mask's centroid, not the image centre (61, 50, 15)
+    default, at_mask, at_image = (
+        render("o.png"),
+        render("m.png", center=(89, 19, 22)),
+        render("i.png", center=(61, 50, 15)),
+    )
+    np.testing.assert_array_equal(default, at_mask)  # the default views go through the mask's centroid
+    assert default.shape != at_image.shape or not np.array_equal(default, at_image)
 
 
 @needs_data
