@@ -337,7 +337,7 @@ def test_small_roi_in_a_large_oblique_image_is_registered_on_its_box_only(monkey
     # changes nothing (measured mean 0.0001 mm, max 0.0013); the coarse grid's approximation moves the result a
     # small fraction of the 2.7 mm shift (measured mean 0.037 mm, max 0.079)
     whole = lambda grid, mask, margin: (grid, tuple(slice(0, n) for n in grid.shape))  # noqa: E731
-    monkeypatch.setattr(maskreg.engine.core, "roi_box", whole)
+    monkeypatch.setattr(maskreg.engine.deformable_stage, "roi_box", whole)
     full = run()
     assert np.prod(full.stages[0].levels[-1].shape) == np.prod(grid.shape)
     monkeypatch.setattr(maskreg.engine.fields, "COARSE_EXP_MIN_VOXELS", 1 << 40)

@@ -4,17 +4,9 @@
 the engine through ``maskreg.register`` only, so the jobs that never register never import torch.
 """
 
-from maskreg.engine.core import (
-    LevelReport,
-    RegistrationResult,
-    StageReport,
-    field_image,
-    pick_device,
-    register,
-    resolved_stage,
-    roi_box,
-    roi_margin,
-)
+from maskreg.engine.deformable_stage import roi_box, roi_margin
+from maskreg.engine.register import pick_device, register, resolved_stage
+from maskreg.engine.result import LevelReport, RegistrationResult, StageReport, field_image
 
 __all__ = [
     "LevelReport",

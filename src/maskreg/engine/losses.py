@@ -393,3 +393,11 @@ def get_loss(name: str) -> tuple[str, Callable[..., torch.Tensor]]:
     """Canonical name and function of a loss; accepts FireANTs' ``masked_*`` names."""
     key = canonical(name)
     return key, LOSSES[key]
+
+
+def soft_dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``1 - mean_k 2 Σ w f_k m_k / (Σ w f_k + Σ w m_k)`` over the label channels, weighted by the mask."""
+    dims = tuple(range(2, fixed_onehot.dim()))
+    inter = (w * fixed_onehot * warped_onehot).sum(dims)
+    total = (w * fixed_onehot).sum(dims) + (w * warped_onehot).sum(dims)
+    return 1.0 - (2 * inter / total.clamp_min(1e-6)).mean()
