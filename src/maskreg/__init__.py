@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 # iterations by default). torch and the CPU kernels both run on torch's libgomp, which reads this once, when
 # torch is imported: it takes effect when maskreg is imported first (the workflow's scripts and the CLI do).
 # Why: with one of 2 cores busy with another process, the spinning thread takes the time the straggling one
-# needs: the 2 mm brain registration took 1.7 s alone, 4.8 s spinning and 3.1 s sleeping beside a busy core
-# (ANTsPy SyN: 7.1 s, then 10.2-11.0 s). On an idle machine, sleeping costs 2-4 % (threads take a few
-# microseconds to wake). A value already set wins.
+# needs, and a registration beside a busy core slows down far more spinning than sleeping (benchmarks/HISTORY.md).
+# On an idle machine, sleeping costs a few percent (threads take a few microseconds to wake). A value already set
+# wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __all__ = ["register", "RegistrationResult", "__version__"]
@@ -23,7 +23,7 @@ __all__ = ["register", "RegistrationResult", "__version__"]
 def __getattr__(name: str):
     """``maskreg.register`` and ``maskreg.RegistrationResult`` load the torch engine on first use, so jobs that
     only prepare masks, warp or draw QC (``maskreg.io``, ``maskreg.masks``, ``maskreg.warp``, ``maskreg.qc``)
-    never import torch: about 1.5 s saved per job."""
+    never import torch, whose import is a large part of a short job's time."""
     if name in ("register", "RegistrationResult"):
         from maskreg import engine
 

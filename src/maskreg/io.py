@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from maskreg.errors import InputError, where
 
-if TYPE_CHECKING:  # pandas is imported where a table is read or written: 0.2 s of a warp job's start-up
+if TYPE_CHECKING:  # pandas is imported where a table is read or written: it slows a warp job's start-up
     import pandas as pd
 
 

@@ -1,7 +1,7 @@
 """One subject's registration from files to files, alone or as part of a batch in one warm process.
 
 The workflow's scripts call these; nothing here knows Snakemake. ``python -m maskreg.jobs publish ...`` runs
-:func:`publish` with the standard library alone (no torch, no SimpleITK: ~0.1 s a subject). A *batch*
+:func:`publish` with the standard library alone (no torch, no SimpleITK, so it starts fast). A *batch*
 registers several subjects in one process, so the interpreter, the imports and (on a GPU) the CUDA context
 are paid once per batch instead of once per subject. Each subject's results go to its own folder inside the
 batch folder with its own log and a status, so one failed subject does not lose the others: :func:`publish`

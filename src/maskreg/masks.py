@@ -1,4 +1,4 @@
-"""Mask preparation: binary masks on their image's exact grid (DESIGN.md §3).
+"""Mask preparation: binary masks on their image's exact grid.
 
 Conventions
 -----------

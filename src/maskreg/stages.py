@@ -30,9 +30,9 @@ STAGE_TYPES = (MOMENTS,) + LINEAR_STAGES + DEFORMABLE_STAGES
 MASK_USES = ("both", "fixed", "moving", "none")
 OPTIMIZERS = ("regular_step", "adam")
 
-# linear stages. 32 bins and learning rate 0.25 suit inter-subject, multi-contrast pairs best (demo abdomen:
-# mean Dice 0.33 vs 0.23 with 16 bins / 0.1); with jittered points (maskreg.engine.points) and regular steps, 32 bins
-# recover the known 2 mm brain affine of benchmarks/bench_linear.py to 0.04 mm (mean over the brain).
+# linear stages. 32 bins and learning rate 0.25 (voxels of each level) suit inter-subject, multi-contrast pairs
+# better than 16 bins and 0.1; with jittered points (maskreg.engine.points) and regular steps, 32 bins recover a
+# known affine to a small fraction of a voxel (figures: benchmarks/bench_linear.py).
 LINEAR_DEFAULTS: dict[str, Any] = {
     "loss": "mi",
     "scales": [4, 2, 1],
@@ -69,12 +69,11 @@ DEFORMABLE_DEFAULTS: dict[str, Any] = {
     "label_weight": 0.0,
 }
 # per-type defaults over DEFORMABLE_DEFAULTS. SyN moves both images half-way, so a one-voxel step moves each image
-# half a voxel: it takes larger rates. On the 2 mm brain pair of bench_deformable.py (mean Dice; AFIDs TRE in mm),
-# no folding in any: iterations [80, 40, 20] at rate 0.5: 0.682, at 1.0: 0.698 / 2.76; the coarse level needs no
-# more than 40 ([40, 40, 10]: 0.6975 / 2.758). The full-resolution level costs most (~0.15 s an iteration on
-# 2 CPUs) and its ten iterations do not converge at 1.5, so its rate alone is raised (3.0: 0.7006 / 2.761, 1 mm:
-# 0.7687 / 2.662; fluid_sigma 2.0 instead cost the 2 mm brain 0.005 Dice). A default list is counted from the
-# finest level (resolve_stage), so it suits any number of scales.
+# half a voxel: it takes larger rates. The coarsest level gains nothing from more than 40 iterations. The
+# full-resolution level costs most per iteration, and its few iterations do not converge at the coarser levels'
+# rate, so its rate alone is raised (a larger fluid_sigma instead lowers the accuracy). Figures:
+# benchmarks/bench_deformable.py. A default list is counted from the finest level (resolve_stage), so it suits any
+# number of scales.
 TYPE_DEFAULTS: dict[str, dict[str, Any]] = {"syn": {"learning_rate": [1.5, 1.5, 3.0], "iterations": [40, 40, 10]}}
 
 # moments: what the engine assumes for a key left out (it scores candidate translations/rotations with the

@@ -1,19 +1,20 @@
 """Compiled CPU kernels for the engine's hot loops: trilinear sampling, the masked local CC with its gradient,
-separable filtering and the SyN update (numba, in :mod:`maskreg.engine._numba_kernels`).
+separable filtering and the SyN update (numba, in :mod:`maskreg.engine._numba_kernels` and
+:mod:`maskreg.engine._numba_filters`).
 
 Why: on the CPU, torch runs each elementwise operation as its own pass over memory, and its 3D
-``grid_sample`` computes the corner weights in double work per channel. A SyN iteration on the 2 mm brain
-pair (0.9 M voxels) was ~30 such passes per loss evaluation; fused loops do each step in one or two. On 2
-cores, 88x112x93 voxels: local CC with both sides' gradients 130-200 → 33 ms, 2-channel sampling 35 → 14 ms
-(`benchmarks/profile_engine.py`).
+``grid_sample`` computes the corner weights in double work per channel. A SyN iteration in torch is some 30
+such passes per loss evaluation; fused loops do each step in one or two (timings:
+``benchmarks/profile_engine.py``).
 
 Every function here takes and returns torch tensors and computes what the torch code it replaces computes
 (tests compare them to float32 rounding), so CUDA keeps the torch path and the CPU can fall back to it:
 :func:`enabled` is False for CUDA tensors, when numba is not installed, or with ``MASKREG_CPU_KERNELS=0``.
 
 The kernels compile on first use and are cached on disk (numba's ``cache=True``: next to this file when it
-is writable, else in the user's cache directory): ~10 s once per installation (``make setup`` does it), then
-~0.3 s to load per process. They use as many threads as torch (``torch.get_num_threads()``).
+is writable, else in the user's cache directory): compiling takes a while, once per installation
+(``make setup`` does it); loading the cache is a small cost per process. They use as many threads as torch
+(``torch.get_num_threads()``).
 """
 
 from __future__ import annotations
@@ -91,8 +92,7 @@ _TOKENS = itertools.count()
 
 def _scratch(tag: str, shape: tuple[int, ...]) -> np.ndarray:
     """A float32 work array kept per thread, tag and shape, reused by the next call: fresh arrays of tens of
-    MB come from the system as untouched pages, and faulting them in cost as much as the loops (local CC at 2 mm
-    brain size: 95 ms with new arrays per call, 32 ms reusing them)."""
+    MB come from the system as untouched pages, and faulting them in costs as much as the loops."""
     store = getattr(_WORK, "arrays", None)
     if store is None:
         store = _WORK.arrays = {}
@@ -293,7 +293,7 @@ def _blur_combine(
     a: np.ndarray, b: np.ndarray, alpha: float, beta: float, kernels: tuple[tuple[float, ...], ...], out: np.ndarray
 ) -> float:
     """``out = G * (alpha·a + beta·b)`` for ``[C, Z, Y, X]`` arrays, ``kernels`` per axis (z, y, x); returns the
-    largest ``Σ_c out²`` (:func:`_numba_kernels.blur_combine`)."""
+    largest ``Σ_c out²`` (:func:`maskreg.engine._numba_filters.blur_combine`)."""
     mod = _k()  # first: it sets numba's thread count, which _slabs reads
     kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in kernels)
     n = _slabs(a.shape[1], len(kz))
@@ -326,7 +326,7 @@ def smooth_step(
     so its longest vector is ``step`` voxels (none where it is 0), then ``field = G_elastic * (field + d)``; the
     kernels per axis in tensor order (``pyramid.gaussian_kernels``). Returns the new field's longest vector in
     voxels (length in mm × ``inv_spacing``, the finest spacing's inverse). Two streamed passes
-    (:func:`_numba_kernels.blur_combine`) instead of two blurs and six elementwise passes."""
+    (:func:`maskreg.engine._numba_filters.blur_combine`) instead of two blurs and six elementwise passes."""
     buf = field[0].numpy()
     g = _np(gradient[0])
     d = _scratch("step_d", buf.shape)
@@ -374,9 +374,9 @@ class LocalCC:
     """The masked local squared CC of ``maskreg.engine.losses._LocalCC`` for one ``[1, 1, *spatial]`` pair: the
     loss now, both sides' gradients on request. ``sizes``: the (odd) window per spatial axis
     (``losses.window_sizes``); ``eps`` bounds the window weight, ``cc_eps`` the variance product, as in the torch
-    code. Two streamed passes (:func:`_numba_kernels.cc_forward`, ``cc_backward``): no volume of products or
-    window sums is stored, only the backward channels between the two (2 mm brain grid, 2 cores: products, box
-    sums, terms and gradients as separate passes 32-39 ms, streamed 20-27 ms)."""
+    code. Two streamed passes (:func:`maskreg.engine._numba_filters.cc_forward`, ``cc_backward``): no volume of
+    products or window sums is stored, only the backward channels between the two, which is faster than
+    products, box sums, terms and gradients as separate passes."""
 
     def __init__(
         self,

@@ -6,7 +6,8 @@ Each level works on the fixed mask's box plus a margin (:func:`roi_box`): a fiel
 displacements (LPS components x, y[, z]) at the box's voxels. An iteration samples both sides' stacks (image,
 mask[, one-hot labels]) at their displaced points, evaluates the loss with the weight ``w`` held constant, turns
 the loss's gradient in the sampled values into a displacement gradient by the chain rule (the sampled image's
-spatial gradient, as ANTs and greedy do), and takes a smoothed step (:meth:`FieldOps.update`).
+spatial gradient, as ANTs and greedy do), and takes a smoothed step
+(:meth:`maskreg.engine.fields.FieldOps.update`).
 """
 
 from __future__ import annotations
@@ -372,11 +373,10 @@ def run_deformable_stage(
 def roi_margin(stage: dict) -> int:
     """Voxels kept around the fixed mask's box: the fluid smoothing spreads each update over its 3-sigma kernel,
     and 3 more voxels let the field decay (elastic). The loss needs none: its weight is 0 outside the mask, so a
-    CC window reaching past the mask's edge adds nothing from there (a ``window // 2`` term cost 12 % more voxels
-    at full resolution on the 2 mm brain pair, with the same Dice and TRE). It is enough: with exact exponentials,
-    the box's field inside a 12 mm ROI matches the whole grid's to 0.0013 mm, and 8 or 12 more voxels change
-    nothing (tests/test_deformable.py). What still parts them, 0.037 mm, is that the whole grid is large enough
-    for the SyN iterations' coarse exponential and the box is not."""
+    CC window reaching past the mask's edge adds nothing from there (a ``window // 2`` term would only add
+    voxels). It is enough: with exact exponentials, the box's field inside the ROI matches the whole grid's, and
+    a wider margin changes nothing (tests/test_deformable.py). What still parts them is that the whole grid is
+    large enough for the SyN iterations' coarse exponential and the box is not."""
     return math.ceil(3 * float(stage["fluid_sigma"])) + 3
 
 
@@ -422,7 +422,7 @@ def full_resolution_fields(prob: Problem, state: FieldState) -> tuple[torch.Tens
     """Forward and inverse displacements (mm) on the full-resolution fixed grid. They are computed on the last
     level's ROI box at full resolution (``exp(±v)``, or greedy's inverse) and extended beyond it from its faces,
     as the levels extend their fields (:func:`roi_box`): the velocity there is the box's edge value anyway, and
-    the scaling and squaring costs in proportion to the grid (2 mm brain pair: 1.10 M voxels → 0.81 M)."""
+    the scaling and squaring costs in proportion to the grid."""
     ops = dfm.FieldOps(prob.fgrid, prob.device)
     box = dfm.FieldOps(prob.fgrid.covering_crop(state.ops.grid), prob.device)
     with torch.no_grad():

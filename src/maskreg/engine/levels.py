@@ -42,9 +42,9 @@ def level_min_overlap(min_overlap: int, fixed_mask_sum: float, per_voxel: float 
     (``per_voxel`` of them in one voxel of the level, so the same volume at every level), or half the level's
     fixed mask (sum of weights) where that is smaller. A small ROI has few voxels at a coarse level (a 15 mm
     ball: ~30 at 8 mm), and failing it for "too little overlap" while 90 % of it overlaps would be wrong; losing
-    half of the mask is still an error. Counted in coarse voxels, 100 voxels at shrink 4 in 3D were 6,400 at full
-    resolution: masks of different extents (a brain mask eroded through open sulci on one side, 1/3 of the
-    other's volume) failed the coarsest level with 82 while ANTs registered them."""
+    half of the mask is still an error. Counted in coarse voxels instead, 100 voxels at shrink 4 in 3D would be
+    6,400 at full resolution, and masks of different extents (a brain mask eroded through open sulci on one
+    side) would fail the coarsest level where ANTs registers them."""
     return min(float(min_overlap) / per_voxel, 0.5 * fixed_mask_sum)
 
 

@@ -82,8 +82,9 @@ def run_linear_stage(
 
 def pose_score(prob: Problem, run: LinearRun, level_key: tuple, tx: LinearTransform, min_weight: float) -> float:
     """The stage's loss of ``tx`` on every fixed-mask voxel of the level (dense), with the moving image scaled
-    by what ``tx`` samples (as :func:`moments_stage` scores its candidates); ``inf`` when the weight sum is below
-    ``min_weight`` (a pose that keeps little of the fixed mask cannot win by what it leaves out)."""
+    by what ``tx`` samples (as :func:`maskreg.engine.initial.moments_stage` scores its candidates); ``inf`` when
+    the weight sum is below ``min_weight`` (a pose that keeps little of the fixed mask cannot win by what it
+    leaves out)."""
     fl, ml = prob.levels(*level_key)
     with torch.no_grad():
         dense = DenseSampler(fl, ml, *normalised_intensities(fl, ml, tx))
@@ -206,7 +207,7 @@ class LinearLevel:
         if self.points is not None:
             theta = level_theta(h, self.maps, self.prob.dim)[0]
             loss, dtheta = self.points(theta, VALUE_AND_GRAD[run.loss_name], bins=int(run.stage["bins"]))
-            # chain through θ as a scalar: autograd.grad with grad_outputs imports sympy (0.7 s, once)
+            # chain through θ as a scalar: autograd.grad with grad_outputs imports sympy on first use (a slow start)
             (grad,) = torch.autograd.grad((theta * dtheta).sum(), [self.p])
         else:
             fixed_v, warped_v, w = self.dense(h)  # cc, the one loss that runs densely here
@@ -264,6 +265,7 @@ class LinearLevel:
 def run_linear_level(
     prob: Problem, run: LinearRun, li: int, current: LinearTransform, report: StageReport
 ) -> LinearTransform:
-    """One pyramid level of a linear stage from ``current``; appends its :class:`LevelReport` to ``report`` and
-    returns the level's transform (fixed → moving points)."""
+    """One pyramid level of a linear stage from ``current``; appends its
+    :class:`~maskreg.engine.result.LevelReport` to ``report`` and returns the level's transform (fixed → moving
+    points)."""
     return LinearLevel(prob, run, li, current).run(report)

@@ -3,8 +3,8 @@
 The centre of mass and the second central moments of a weight image ``w`` (``[1, 1, (z,) y, x]``, e.g. a mask
 or mask × intensity) need only sums of ``w`` against 1, ``i_a`` and ``i_a i_b`` (voxel indices), so each is a
 sum over a 1D or 2D marginal of ``w``: three reductions of the full image in 3D (one per pair of axes) instead
-of listing every voxel's physical point (a 2 mm brain: 2-3 ms against 20 ms). The index moments map to
-physical space through the grid's affine ``p = M i + o``: ``com = M μ + o``, ``cov = M C Mᵀ``.
+of listing every voxel's physical point, which is several times slower. The index moments map to physical
+space through the grid's affine ``p = M i + o``: ``com = M μ + o``, ``cov = M C Mᵀ``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ class Adam:
     step sizes of every iteration given up front (``lrs``, one per iteration) and the step count kept on the
     parameter's device, so an iteration never reads a value back to the host (graph-safe, see
     :mod:`maskreg.engine.stepper`). Not ``torch.optim``: creating its first optimizer imports ``torch._dynamo`` and
-    sympy, 1.6 s of every job."""
+    sympy, a large part of a short job's start-up."""
 
     def __init__(
         self, p: torch.Tensor, lrs: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
@@ -50,16 +50,15 @@ class RegularStep:
     scaled parameters: mm at the fixed mask's radius, see :mod:`maskreg.engine.linear`); the step length starts at
     ``lrs[0]`` and is halved whenever the gradient turns by more than 90° (the last step overshot the
     optimum), so it converges to the optimum's precision in a few halvings. Adam, by contrast, keeps moving
-    every parameter by about its step size until the schedule decays: on the known 2 mm brain pair of
-    ``benchmarks/bench_linear.py`` it needed 100 full-resolution iterations for the accuracy this reaches in
-    10. The schedule ``lrs`` caps the step length too. Graph-safe like :class:`Adam`."""
+    every parameter by about its step size until the schedule decays, so it needs many more full-resolution
+    iterations for the same accuracy (see ``benchmarks/bench_linear.py``). The schedule ``lrs`` caps the step
+    length too. Graph-safe like :class:`Adam`."""
 
     RELAXATION = 0.5
     # a level has converged once its step is below 2⁻⁵ of the first (five halvings; the cosine cap alone never
-    # gets there, it ends at 5 %): the optimum is then known to 1/128 voxel at learning_rate 0.25 voxel. On the
-    # 2 mm brain pairs of bench_linear.py 4, 5 and 6 halvings gave the same accuracy (known pair 0.015-0.018 mm,
-    # Dice within 0.003) and 5 took 0.6-0.8 s where
-    # the plateau test alone took 0.9-1.2 s
+    # gets there, it ends at 5 %): the optimum is then known to 1/128 voxel at learning_rate 0.25 voxel. 4 or 6
+    # halvings give the same accuracy on the pairs of benchmarks/bench_linear.py, and stopping here ends a level
+    # sooner than the plateau test alone
     MIN_STEP_HALVINGS = 5
 
     def __init__(self, p: torch.Tensor, lrs: torch.Tensor):

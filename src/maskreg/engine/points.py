@@ -4,23 +4,20 @@ the moving image's gradient image instead of autograd through ``grid_sample``.
 **Why jittered points.** Sampling the fixed image on its own voxel centres compares exact fixed values with
 interpolated moving ones. Linear interpolation blurs the moving image (and its noise) by an amount that
 depends on where each point falls between voxels, and the loss rewards transforms that change that blur:
-on the known 2 mm brain pair of ``benchmarks/bench_linear.py`` (2 % noise), masked Mattes MI with 32 bins,
-started at the true affine, drifted to a 0.11 mm mean error while its loss fell from -1.8297 to -1.8475; its
-minimum along the line truth → drift lay at the drifted end. With every point moved by a uniform random
-offset inside its voxel (both images interpolated, as ITK's REGULAR sampling does) the minimum along the same
-line lies at the truth. ``tests/test_points.py`` starts an affine at the truth of a smaller known pair: it
-stays within 0.032 mm with jittered points and drifts 0.185 mm with the voxel centres. The offsets are drawn
-once per level (seeded), so the loss is a smooth, deterministic function of the transform within a level, and
-an iteration reads no random numbers (graph-safe, see :mod:`maskreg.engine.stepper`).
+masked Mattes MI started at a known true affine drifts away from it while its loss falls. With every point
+moved by a uniform random offset inside its voxel (both images interpolated, as ITK's REGULAR sampling does)
+the loss's minimum lies at the truth (``tests/test_points.py`` starts an affine at the truth of a known pair
+and checks that it stays there). The offsets are drawn once per level (seeded), so the loss is a smooth,
+deterministic function of the transform within a level, and an iteration reads no random numbers
+(graph-safe, see :mod:`maskreg.engine.stepper`).
 
 **Why gradient images.** A pointwise loss ``L(f, m, w)`` over points ``x_n`` with ``m_n = M(q_n)``,
 ``q_n = θ x̃_n`` (normalised moving coordinates, ``x̃ = (x, 1)``) has ``∂L/∂θ = Σ_n (∂L/∂m_n) ∇M(q_n) x̃_nᵀ``.
 ``∇M`` is sampled from central-difference gradient images (ITK's default for its v4 metrics) in the same
 ``grid_sample`` call as ``M`` and the moving mask, so an iteration is one forward sampling, the loss and
-its gradient in the sampled values (closed form, :data:`maskreg.engine.losses.VALUE_AND_GRAD`: no autograd), one
-``(dim, N) @ (N, dim + 1)`` product, and the chain to the stage's parameters through ``θ`` (a graph of a few
-matrix operations). No ``grid_sample``
-backward runs (on the CPU, a full-resolution iteration over 252 k points went from 55-62 to 41-49 ms).
+its gradient in the sampled values (closed form, :data:`maskreg.engine.losses.VALUE_AND_GRAD`: no autograd),
+one ``(dim, N) @ (N, dim + 1)`` product, and the chain to the stage's parameters through ``θ`` (a graph of a
+few matrix operations). No ``grid_sample`` backward runs, a sizeable part of an iteration's time on the CPU.
 
 Conventions: fixed-side points are in the fixed level's normalised coordinates (``grid_sample``,
 ``align_corners=True``, ``(x, y[, z])``), ``θ`` ``(dim, dim + 1)`` maps them to the moving level's. The

@@ -108,11 +108,11 @@ class Problem:
         How a level's image is smoothed depends on the mask's kind. Outside an ``roi`` mask lies real anatomy,
         which the other image's level (without a mask, or with a mask that does not end at the same place)
         has smoothed in: the image is smoothed whole, as ANTs and elastix do, and the mask only weighs the loss.
-        Smoothing within the ROI instead (normalised convolution) made the fixed level's values at the mask's
-        edge averages of the inside alone against the moving level's averages of both sides, and the linear
-        stages followed that difference (a brain mask eroded through the cortex: rigid rotated 28°, Dice
-        0.58 -> 0.42). Outside a ``valid`` mask lies nothing: the image is smoothed within it (normalised
-        convolution) and the mask is eroded through the pyramid (elastix's rule)."""
+        Smoothing within the ROI instead (normalised convolution) would make the fixed level's values at the
+        mask's edge averages of the inside alone against the moving level's averages of both sides, and the
+        linear stages would follow that difference (with a brain mask eroded through the cortex they rotate the
+        brain). Outside a ``valid`` mask lies nothing: the image is smoothed within it (normalised convolution)
+        and the mask is eroded through the pyramid (elastix's rule)."""
         key = (scale, sigma, tuple(use))
         if key not in self._levels:
             masks = (self.fm if use[0] else self.ones_f, self.mm if use[1] else self.ones_m)
@@ -190,13 +190,12 @@ def normalised_intensities(fl: Level, ml: Level, linear: LinearTransform) -> tup
     loss compares: the fixed image inside its mask, and the moving image where ``linear`` (fixed → moving
     points) takes the fixed mask, inside the moving mask and the moving image (:func:`moving_sampled_values`).
     The moving mask alone would not do: without one (a fixed ROI only) or with a valid-pixel mask, it is the
-    whole image, whose percentiles depend on how much background the scan holds: a 24 mm ROI in a 96 x 80 x 40
-    image scaled the moving image by its 99.5th percentile, 1/6 of the ROI's intensities, and MI's bins clamped
-    the ROI to one bin. ``mse`` too: it compares values, so both images need one scale, and scans of the same
-    contrast from two scanners or a template (the demo's MNI brain spans 0–235 where the T1 spans 0–159) differ by
-    a gain and an offset that the fixed image's scale alone left in: SyN with mse then moved the brain out of
-    its mask to lower the error (overlap 49 %, Dice 0.311 from an affine's 0.595, 0.5 % folded voxels; each
-    image's own scale: 0.619, none folded). The same for every loss, so the stages of a registration share it."""
+    whole image, whose percentiles depend on how much background the scan holds: for a small ROI in a large
+    image, the 99.5th percentile can lie far below the ROI's intensities, and MI's bins then clamp the ROI to one
+    bin. Each image gets its own scale, for ``mse`` too: it compares values, and scans of the same contrast from
+    two scanners or a template differ by a gain and an offset that the fixed image's scale alone would leave in,
+    which mse can lower by moving the image out of its mask. The same for every loss, so the stages of a
+    registration share it."""
     off, sc = intensity_scale(fl.image, fl.mask)
     f_n = (fl.image - off) / sc
     vals = moving_sampled_values(fl, ml, linear)

@@ -55,8 +55,8 @@ def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.
 
     On the CPU a weighted sum of shifted views: memory-bound, and much faster there than a 3D convolution
     with a 1D kernel; the weights stay on the host. On CUDA a depthwise cuDNN convolution: the shifted views'
-    strided elementwise kernels are not vectorised there (H100, a 3-channel 167x204x167 field, sigma 1.5:
-    2.8 → 1.3 ms for three axes). Both are graph-safe (see :mod:`maskreg.engine.stepper`)."""
+    strided elementwise kernels are not vectorised there, and the convolution is faster. Both are graph-safe
+    (see :mod:`maskreg.engine.stepper`)."""
     if t.is_cuda and t.dim() in (4, 5):
         w = _conv_weight(tuple(kernel), axis, t.shape[1], t)
         if w is not None:
@@ -64,16 +64,14 @@ def filter_axis(t: torch.Tensor, kernel: tuple[float, ...], axis: int) -> torch.
             pad[axis] = len(kernel) // 2
             conv = F.conv3d if t.dim() == 5 else F.conv2d
             return conv(t, w, padding=tuple(pad), groups=t.shape[1])
-    if t.dim() in (4, 5) and cpu_kernels.enabled(
-        t
-    ):  # one pass (3-channel 2 mm brain field, σ 1.5, 3 axes: 19-25 -> 10-14 ms)
+    if t.dim() in (4, 5) and cpu_kernels.enabled(t):  # one compiled pass over every channel
         return cpu_kernels.filter_axis(t, kernel, axis)
     ax = 2 + axis
     r = len(kernel) // 2
     n = t.shape[ax]
     # out[i] = Σ_s kernel[r + s] t[i + s]: the centre tap, then each shift's two overlapping slices added in
-    # place; taps reaching past the ends add nothing (zero padding) and no padded copy is made (3 axes of a
-    # 3-channel 0.9 M-voxel field, sigma 1.5, 2 CPUs: 50 -> 29 ms against padding first)
+    # place; taps reaching past the ends add nothing (zero padding) and no padded copy is made (faster than
+    # padding first: the work is memory-bound)
     out = t * kernel[r]
     for s in range(1, min(r, n - 1) + 1):
         out.narrow(ax, s, n - s).add_(t.narrow(ax, 0, n - s), alpha=kernel[r - s])

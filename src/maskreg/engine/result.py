@@ -71,8 +71,7 @@ class RegistrationResult:
     def displacement(self) -> sitk.Image | None:
         """The forward displacement field (fixed → moving points before the linear part) as an ITK
         displacement-field image, ``None`` without a deformable stage. Made from the engine's tensor on first
-        read (a device → host copy and a new image buffer: 0.29–0.39 s for both fields of the 1 mm brain pair on
-        an H100 machine, mostly the new buffers' page faults), so a caller
+        read (a device → host copy and a new image buffer, whose page faults cost most of the time), so a caller
         that only needs the report or the linear part never pays for it."""
         images = self._field_images()
         return None if images is None else images[0]
@@ -128,7 +127,7 @@ def field_image(u: torch.Tensor, grid: Grid) -> sitk.Image:
     :func:`maskreg.transforms.displacement_transform` casts to the float64 that ITK's transform needs."""
     v = u[0].detach()
     perm = v.permute(*range(1, v.dim()), 0).to(torch.float32).contiguous()  # [*shape, dim], one copy
-    if perm.is_cuda:  # through page-locked memory: ~10x the bandwidth of a pageable copy
+    if perm.is_cuda:  # through page-locked memory: much faster to copy into than pageable memory
         host = torch.empty(perm.shape, dtype=perm.dtype, pin_memory=True)
         host.copy_(perm, non_blocking=True)
         torch.cuda.current_stream(perm.device).synchronize()

@@ -5,11 +5,9 @@ PyTorch's CPU kernels for 3D ``grid_sample`` (forward and backward) run one thre
 usual call, one image (``N = 1``), uses one core whatever ``torch.get_num_threads()`` says. Cutting the
 sampling grid along its first spatial axis into ``k`` pieces, stacked as a batch over the same input
 (``expand``: a view, no copy), gives the kernel ``k`` items to share among its threads and smaller working
-sets per item. On a 2-core machine, at 2 mm brain size (1.1 M voxels, 2 channels, ``k = 4``), forward 55 → 29
-ms, forward + backward 130 → 55 ms; for 200 k scattered points, 126 → 34 ms (`benchmarks/README.md`). The
-result is the same to the bit: every output point is interpolated by the same arithmetic, only by another
-thread. On CUDA, and where the input needs its own gradient (the expanded input's backward would add ``k``
-full-size copies), the call is passed through unchanged.
+sets per item. The result is the same to the bit: every output point is interpolated by the same arithmetic,
+only by another thread. On CUDA, and where the input needs its own gradient (the expanded input's backward
+would add ``k`` full-size copies), the call is passed through unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 
 from maskreg.engine import cpu_kernels
 
-# pieces per call: measured best at about twice the thread count on 2 cores (1 → 2 → 4 → 8: 126, 48, 34, 38 ms)
+# pieces per call: about twice the thread count (fewer leave threads idle on uneven pieces, more add calls)
 PIECES_PER_THREAD = 2
 
 
@@ -33,8 +31,9 @@ def grid_sample(
     """``F.grid_sample(input, grid, mode, padding_mode, align_corners=True)``, the same values.
 
     ``input``: ``[N, C, *in_shape]``; ``grid``: ``[N, *out_shape, dim]`` normalised ``(x, y[, z])``; returns
-    ``[N, C, *out_shape]``. Only 3D inputs are split: that is the kernel measured. 3D trilinear sampling on the
-    CPU runs the compiled kernel of :mod:`maskreg.engine.cpu_kernels` when it is enabled (2.5x the split call)."""
+    ``[N, C, *out_shape]``. Only 3D inputs are split (the case the split was made and checked for). 3D trilinear
+    sampling on the CPU runs the compiled kernel of :mod:`maskreg.engine.cpu_kernels` when it is enabled (faster
+    than the split call)."""
     if input.dim() == 5 and mode == "bilinear" and cpu_kernels.enabled(input, grid):
         return cpu_kernels.sample(input, grid, padding_mode)[0]
     k = _pieces(grid.shape[1])

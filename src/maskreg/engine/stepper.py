@@ -2,8 +2,8 @@
 
 An iteration of a stage is a few hundred small torch operations (sampling, the loss and its gradient, the
 update). On a GPU, launching them one by one from Python costs more than running them at the coarse pyramid
-levels: the 1 mm brain pair spent 4.3 s in the engine with the GPU busy for 1.3 s (H100, torch 2.11). A
-CUDA graph records the iteration once and replays it with one launch.
+levels, where the GPU then mostly waits for the launches. A CUDA graph records the iteration once and replays
+it with one launch.
 
 The iteration ``fn`` must be *graph-safe*: it reads and updates only tensors that outlive it (parameters,
 optimiser moments, a device-side iteration counter, output buffers), in place, and never reads a value on
@@ -69,7 +69,7 @@ class Stepper:
                     self.fn(key)
                 else:
                     # capture_begin/end rather than ``with torch.cuda.graph(...)``, whose entry runs a
-                    # garbage collection and empties the allocator's cache (tens of ms) at every capture.
+                    # garbage collection and empties the allocator's cache at every capture (slow).
                     # The capture records without running: the replay below does this iteration's work.
                     graph = torch.cuda.CUDAGraph()
                     graph.capture_begin(pool=self.pool)
@@ -91,7 +91,7 @@ class Stepper:
         self.pool = None
         if self.graphed:
             # a capture gives cuBLAS a workspace of its own (in the graph's pool); torch keeps it in a map
-            # until told to drop it: without this, every level leaked tens of MB (H100, torch 2.11)
+            # until told to drop it: without this, every level would leak one
             clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
             if clear is not None:
                 clear()

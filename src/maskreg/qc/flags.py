@@ -17,8 +17,8 @@ get no flags: their ``error`` says what happened.
 | ``large_displacement`` | ``displacement_max_mm > t · fixed_mask_diagonal_mm`` (deformable field) | 0.1 |
 
 ``low_overlap`` is lenient by default because a fixed image without a mask counts its whole field of view: the
-demo's abdominal CT pair, registered well, ends with 38 % of the fixed scan overlapping the smaller moving
-scan. With an ROI fixed mask, 0.8 is a stricter choice.
+demo's abdominal CT pair, registered well, ends with well under half of the fixed scan overlapping the smaller
+moving scan. With an ROI fixed mask, 0.8 is a stricter choice.
 
 Torch-free and pandas-free (the QC jobs import it).
 """
