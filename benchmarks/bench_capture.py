@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, machine_note, set_threads  # noqa: E402
+import common  # noqa: E402
 
 METHODS = ("maskreg", "maskreg-search", "maskreg-unmasked-first", "ants")
 RIGID = {"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]}
@@ -43,14 +42,22 @@ STAGES = {
     "maskreg-search": [{"type": "moments"}, {**RIGID, "search": True}],
     "maskreg-unmasked-first": [{"type": "moments"}, {**RIGID, "masks": "none"}, RIGID],
 }
+COLUMNS = [
+    ("scenario", "scenario"),
+    ("method", "method"),
+    ("recovered", "recovered"),
+    ("median", "median error mm"),
+    ("p90", "90th pct error mm"),
+    ("time", "mean time s"),
+]
 
 
 def scenarios() -> dict[str, tuple]:
     """name -> (fixed image, ROI disc centre (index x, y), radius px) on real 2D scans."""
     import SimpleITK as sitk
 
-    head = sitk.ReadImage(str(DATA / "elastix_ct2d_head" / "fixed" / "image.nii.gz"), sitk.sitkFloat32)
-    brain = sitk.ReadImage(str(DATA / "antspy_brain2d" / "r16" / "image.nii.gz"), sitk.sitkFloat32)
+    head = sitk.ReadImage(str(common.DATA / "elastix_ct2d_head" / "fixed" / "image.nii.gz"), sitk.sitkFloat32)
+    brain = sitk.ReadImage(str(common.DATA / "antspy_brain2d" / "r16" / "image.nii.gz"), sitk.sitkFloat32)
     r = int(round(math.sqrt(0.15 * 256 * 256 / math.pi)))  # 15 % of a 256 x 256 image
     return {"head CT": (head, (110, 150), r), "brain MR": (brain, (150, 110), r)}
 
@@ -105,31 +112,22 @@ def sitk_array(img) -> np.ndarray:
 
 
 def run_maskreg(method, fixed, moving, roi, threads):
-    import maskreg
-
-    res = maskreg.register(fixed, moving, roi, None, stages=STAGES[method], device="cpu", threads=threads)
-    return res.transform()
+    """maskreg's fixed -> moving map for one case (the ROI as the fixed mask, no moving mask)."""
+    run = common.maskreg_call(fixed, moving, roi, None, STAGES[method], device="cpu", warm=False, threads=threads)
+    return run().transform()
 
 
 def run_ants(fixed, moving, roi, tmp: Path):
-    import ants
+    """ANTsPy ``Rigid`` with the ROI as its ``mask``: its fixed -> moving map as a SimpleITK transform."""
     import SimpleITK as sitk
 
-    from maskreg.transforms import read_transform
-
     paths = {}
-    for name, img in (("fixed", fixed), ("moving", moving), ("roi", roi)):
+    for name, img in (("fixed", fixed), ("moving", moving), ("fixed_mask", roi)):
         paths[name] = str(tmp / f"{name}.nii.gz")
         sitk.WriteImage(img, paths[name])
-    out = ants.registration(
-        ants.image_read(paths["fixed"]),
-        ants.image_read(paths["moving"]),
-        "Rigid",
-        mask=ants.image_read(paths["roi"]),
-        random_seed=0,
-    )
-    tx = read_transform(out["fwdtransforms"])
-    return tx.to_sitk() if hasattr(tx, "to_sitk") else tx
+    f, m, fm, _ = common.ants_pair(paths)
+    out = common.ants_call(f, m, tmp, type_of_transform="Rigid", mask=fm, random_seed=1)()
+    return common.read_transform_files(out["fwdtransforms"])
 
 
 def main() -> None:
@@ -140,15 +138,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = ap.parse_args()
-    set_threads(args.threads)
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
-    print(machine_note())
+    common.set_threads(args.threads)
+    print(common.machine_note())
     print(
         f"offsets: {args.offsets} per scenario, up to {args.max_mm} mm and {args.max_deg}°; recovered: mean "
         f"error over the ROI < 1 mm\n"
     )
-    print("| scenario | method | recovered | median error mm | 90th pct error mm | mean time s |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         for name, (image, centre, radius) in scenarios().items():
             roi = disc(image, centre, radius)
@@ -157,26 +153,33 @@ def main() -> None:
                 for k, (a, t) in enumerate(offsets(args.offsets, args.max_mm, args.max_deg))
             ]
             for method in args.methods:
+                print(f"running {method} on {name} ...", flush=True)
                 errors, seconds = [], []
                 for moving, truth in cases:
-                    t0 = time.perf_counter()
+                    if method == "ants":
+                        run = partial(run_ants, image, moving, roi, Path(tmpdir))
+                    else:
+                        run = partial(run_maskreg, method, image, moving, roi, args.threads)
                     try:
-                        tx = (
-                            run_ants(image, moving, roi, Path(tmpdir))
-                            if method == "ants"
-                            else run_maskreg(method, image, moving, roi, args.threads)
-                        )
+                        tx, secs = common.timed(run)
                         errors.append(error_mm(tx, truth, roi))
+                        seconds.append(secs)
                     except Exception as exc:  # a failed case is not recovered; the table still prints
                         print(f"  {name} {method}: {type(exc).__name__}: {exc}", file=sys.stderr)
                         errors.append(math.inf)
-                    seconds.append(time.perf_counter() - t0)
                 e = np.array(errors)
-                print(
-                    f"| {name} | {method} | {int((e < 1.0).sum())}/{len(e)} | {np.median(e):.2f} | "
-                    f"{np.percentile(e, 90):.2f} | {np.mean(seconds):.2f} |",
-                    flush=True,
+                rows.append(
+                    {
+                        "scenario": name,
+                        "method": method,
+                        "recovered": f"{int((e < 1.0).sum())}/{len(e)}",
+                        "median": f"{np.median(e):.2f}",
+                        "p90": f"{np.percentile(e, 90):.2f}",
+                        "time": f"{np.mean(seconds):.2f}" if seconds else None,
+                    }
                 )
+    print()
+    print(common.format_table(rows, COLUMNS, markdown=True))
 
 
 if __name__ == "__main__":

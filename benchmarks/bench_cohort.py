@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import common
@@ -30,12 +29,8 @@ REPO = common.HERE.parent
 
 def import_floor(repeats: int = 3) -> float:
     """Best wall time (s) of a fresh interpreter importing what a register job imports."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import maskreg.engine, SimpleITK, torch"], check=True)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    cmd = [sys.executable, "-c", "import maskreg.engine, SimpleITK, torch"]
+    return common.measure(lambda: subprocess.run(cmd, check=True), repeats)["best_s"]
 
 
 def job_seconds(workdir: Path) -> dict[tuple[str, str], float]:
@@ -94,10 +89,10 @@ def main() -> None:
         "--quiet",
         "rules",
     ]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    print(f"workflow: {wall:.1f} s wall with --cores {args.cores} (exit {proc.returncode}) in {work}")
+    proc, wall = common.timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
+    print(
+        f"workflow: {wall:.1f} s wall with --cores {args.cores} (exit {proc.returncode}) in {common.shown_path(work)}"
+    )
     if proc.returncode:
         print(proc.stderr[-2000:])
     jobs = job_seconds(work)

@@ -42,7 +42,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,6 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 ROOT = common.OUT / "deformable"
-CONFIG = HERE.parent / "config" / "config.yaml"
 METHODS = ["maskreg", "maskreg-fast", "ants-syn", "ants-synquick", "fireants"]
 PAIRS = ["brain", "afids", "brain2d"]
 BRAIN2D = HERE.parent / "resources" / "demo" / "antspy_brain2d"  # ANTsPy's r16/r64 slices (licence beside)
@@ -89,19 +87,12 @@ def quick_iterations(its, quick: bool) -> list[int]:
 # ------------------------------------------------------------------------------------------- stage lists
 
 
-def default_stages() -> list[dict]:
-    """The project's default stage list: ``registration.stages`` of ``config/config.yaml``."""
-    import yaml
-
-    return yaml.safe_load(CONFIG.read_text())["registration"]["stages"]
-
-
 def fast_stages(spec: str | None) -> list[dict]:
     """``--maskreg-fast``: a YAML/JSON stage list replaces the default list; a mapping updates its deformable
     stage(s); nothing gives the default list with the deformable stage at iterations [40, 20, 10]."""
     import yaml
 
-    stages = copy.deepcopy(default_stages())
+    stages = copy.deepcopy(common.default_stages())
     value = yaml.safe_load(spec) if spec else {"iterations": [40, 20, 10]}
     if isinstance(value, list):
         return value
@@ -119,21 +110,6 @@ def quick_stages(stages: list[dict], quick: bool) -> list[dict]:
         if "iterations" in s:
             s["iterations"] = quick_iterations(s["iterations"], quick)
     return out
-
-
-def _stages_text(stages: list[dict]) -> str:
-    """The stages as maskreg runs them: the given settings, then under ``defaults`` the ones they leave out
-    (settings that are off, 0 or None, omitted)."""
-    from maskreg.engine import resolved_stage
-
-    parts = []
-    for s in stages:
-        extra = {k: v for k, v in s.items() if k != "type"}
-        defaults = {k: v for k, v in resolved_stage(s).items() if k not in s and v not in (None, 0.0, False)}
-        if defaults:
-            extra["defaults"] = defaults
-        parts.append(s["type"] + (" " + json.dumps(extra, separators=(",", ":")) if extra else ""))
-    return " → ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -198,13 +174,6 @@ def afids_landmarks() -> dict:
     }
 
 
-def _write(img, path: Path) -> None:
-    sitk = _sitk()
-    tmp = path.with_name(".tmp_" + path.name)
-    sitk.WriteImage(img, str(tmp), useCompression=True)
-    os.replace(tmp, path)
-
-
 def _prepare_1mm() -> dict:
     """The 1 mm sources of both pairs (float32 images, uint8 masks and labels), written once under ROOT."""
     sitk = _sitk()
@@ -221,22 +190,20 @@ def _prepare_1mm() -> dict:
     }
     b = p["brain"]
     if not all(v.exists() for v in b.values()):
-        from bench_linear import mni_brain, voxelmorph_gm_wm
-
-        img, mask, labels = mni_brain()
-        _write(img, b["fixed"])
-        _write(mask, b["fixed_mask"])
-        _write(labels, b["fixed_labels"])
-        ml = voxelmorph_gm_wm()
-        _write(sitk.Cast(sitk.ReadImage(str(vxm / "image.nii.gz")), sitk.sitkFloat32), b["moving"])
-        _write(sitk.Cast(sitk.ReadImage(str(vxm / "mask.nii.gz")) > 0, sitk.sitkUInt8), b["moving_mask"])
-        _write(ml, b["moving_labels"])
+        img, mask, labels = common.mni_brain()
+        common.write_image(img, b["fixed"])
+        common.write_image(mask, b["fixed_mask"])
+        common.write_image(labels, b["fixed_labels"])
+        ml = common.voxelmorph_gm_wm()
+        common.write_image(sitk.Cast(sitk.ReadImage(str(vxm / "image.nii.gz")), sitk.sitkFloat32), b["moving"])
+        common.write_image(sitk.Cast(sitk.ReadImage(str(vxm / "mask.nii.gz")) > 0, sitk.sitkUInt8), b["moving_mask"])
+        common.write_image(ml, b["moving_labels"])
     a = p["afids"]
     if not all(v.exists() for v in a.values()):
         for role, name in (("fixed", "mni152nlin6asym"), ("moving", "colin27")):
             img = sitk.Cast(sitk.ReadImage(str(afd / name / "image.nii.gz")), sitk.sitkFloat32)
-            _write(img, a[role])
-            _write(auto_mask(img), a[f"{role}_mask"])
+            common.write_image(img, a[role])
+            common.write_image(auto_mask(img), a[f"{role}_mask"])
     lm = ROOT / "afids_landmarks.json"
     if not lm.exists():
         lm.write_text(json.dumps(afids_landmarks(), indent=1))
@@ -245,8 +212,6 @@ def _prepare_1mm() -> dict:
 
 def prepare(res_list: list[int], pairs: list[str]) -> dict:
     """Every pair at every resolution under ``OUT/deformable`` (cached); return their paths."""
-    from bench_linear import _mask_resample, _smooth_resample
-
     sitk = _sitk()
     ROOT.mkdir(parents=True, exist_ok=True)
     src = _prepare_1mm()
@@ -267,14 +232,13 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
                     img = sitk.ReadImage(v)
                     if k.endswith("labels"):
                         r = sitk.Cast(
-                            _smooth_resample(img, float(res), interp=sitk.sitkNearestNeighbor), sitk.sitkUInt8
+                            common.smooth_resample(img, float(res), interp=sitk.sitkNearestNeighbor), sitk.sitkUInt8
                         )
                     elif k.endswith("mask"):
-                        r = _mask_resample(img, float(res))
+                        r = common.mask_resample(img, float(res))
                     else:
-                        s = min(img.GetSpacing())
-                        r = _smooth_resample(img, float(res), sigma_mm=0.5 * math.sqrt(max(res**2 - s**2, 0.0)))
-                    _write(r, p)
+                        r = common.image_resample(img, float(res))
+                    common.write_image(r, p)
                 out[k] = str(p)
             paths[(pair, res)] = out
     return paths
@@ -289,8 +253,8 @@ def _prepare_2d() -> dict:
     if not all(v.exists() for v in p.values()):
         for role, name in (("fixed", "r16"), ("moving", "r64")):
             img = sitk.Cast(sitk.ReadImage(str(BRAIN2D / f"{name}.nii.gz")), sitk.sitkFloat32)
-            _write(img, p[role])
-            _write(auto_mask(img), p[f"{role}_mask"])
+            common.write_image(img, p[role])
+            common.write_image(auto_mask(img), p[f"{role}_mask"])
     out = {k: str(v) for k, v in p.items()}
     return out | {"fixed_labels": out["fixed_mask"], "moving_labels": out["moving_mask"]}
 
@@ -301,38 +265,18 @@ def _prepare_2d() -> dict:
 
 
 def _worker_maskreg(spec: dict) -> dict:
-    sitk = _sitk()
     import maskreg
     from maskreg.transforms import write_field, write_linear
 
-    p = spec["paths"]
-    fixed, moving = sitk.ReadImage(p["fixed"]), sitk.ReadImage(p["moving"])
-    fm, mm = sitk.ReadImage(p["fixed_mask"]), sitk.ReadImage(p["moving_mask"])
-    stages = spec["stages"]
-    register = maskreg.register  # loads the torch engine here, not inside the timed call (no imports timed)
-    from maskreg.engine import cpu_kernels
-
-    cpu_kernels.warm_up()  # loads the compiled CPU kernels from numba's cache (~0.6 s once per process)
-
-    def run():
-        return register(
-            fixed,
-            moving,
-            fm,
-            mm,
-            stages=stages,
-            device=spec.get("device", "cpu"),
-            threads=spec["threads"],
-            seed=0,
-        )
-
-    meas = _measure(run, spec)
+    device = spec.get("device", "cpu")
+    run = common.maskreg_call(
+        *common.read_pair(spec["paths"]), spec["stages"], device=device, threads=spec["threads"], seed=0
+    )
+    meas = common.measure(run, spec["repeats"], device)
     res = meas.pop("result")
     # register() returns with the fields as tensors (FireANTs' optimize() likewise); making them SimpleITK
     # images is timed on its own and reported beside the stages
-    t0 = time.perf_counter()
-    res.displacement, res.inverse_displacement  # noqa: B018 (first read makes both images)
-    meas["fields_s"] = time.perf_counter() - t0
+    _, meas["fields_s"] = common.timed(lambda: (res.displacement, res.inverse_displacement))
     out = Path(spec["out"])
     files = []
     if res.displacement is not None:
@@ -340,13 +284,10 @@ def _worker_maskreg(spec: dict) -> dict:
         files.append(str(out / "warp.nii.gz"))
     write_linear(res.linear, out / "affine.mat")
     files.append(str(out / "affine.mat"))  # T(x) = L(x + u(x)): the field first, then the linear part
-    stages_out = [
-        {"type": s.type, "seconds": s.seconds, "iterations": [lv.iterations for lv in s.levels]} for s in res.stages
-    ]
     return {
         **meas,
         "transform": files,
-        "stages": stages_out,
+        "stages": common.stage_report(res),
         "own_jac_nonpos": res.jacobian_nonpositive_fraction,
         "version": getattr(maskreg, "__version__", "dev"),
     }
@@ -355,24 +296,15 @@ def _worker_maskreg(spec: dict) -> dict:
 def _worker_ants(spec: dict) -> dict:
     import ants
 
-    p = spec["paths"]
     # float images for antsRegistration (masks as they are)
-    fixed, moving = ants.image_read(p["fixed"], pixeltype="float"), ants.image_read(p["moving"], pixeltype="float")
-    fm, mm = ants.image_read(p["fixed_mask"]), ants.image_read(p["moving_mask"])
+    fixed, moving, fm, mm = common.ants_pair(spec["paths"], pixeltype="float")
     kw = {"mask": fm, "moving_mask": mm, "mask_all_stages": bool(spec.get("mask_all_stages"))}
     if spec["method"] == "ants-syn":
         kw["type_of_transform"] = "SyN"
         kw["reg_iterations"] = tuple(quick_iterations(ANTS_SYN_REG_ITERATIONS, spec["quick"]))
     else:
         kw["type_of_transform"] = "antsRegistrationSyNQuick[s]"
-    out = Path(spec["out"])
-    counter = {"n": 0}
-
-    def run():
-        counter["n"] += 1
-        return ants.registration(fixed, moving, outprefix=str(out / f"r{counter['n']}_"), **kw)
-
-    meas = common.measure(run, spec["repeats"])
+    meas = common.measure(common.ants_call(fixed, moving, spec["out"], **kw), spec["repeats"])
     res = meas.pop("result")
     return {
         **meas,
@@ -390,13 +322,11 @@ def _worker_fireants(spec: dict) -> dict:
     from fireants.registration.greedy import GreedyRegistration
     from fireants.registration.moments import MomentsRegistration
 
-    from bench_linear import fireants_images
-
-    torch.set_num_threads(spec["threads"])
+    common.set_threads(spec["threads"], libraries=True)
     p = spec["paths"]
     dev = spec.get("device", "cpu")
-    fixed_b, fixed_prod = fireants_images(p["fixed"], p["fixed_mask"], dev)
-    moving_b, moving_prod = fireants_images(p["moving"], p["moving_mask"], dev)
+    fixed_b, fixed_prod = common.fireants_images(p["fixed"], p["fixed_mask"], dev)
+    moving_b, moving_prod = common.fireants_images(p["moving"], p["moving_mask"], dev)
     q = spec["quick"]
     g = FIREANTS_GREEDY
 
@@ -429,13 +359,11 @@ def _worker_fireants(spec: dict) -> dict:
             progress_bar=False,
         )
         reg.optimize()
-        if str(spec.get("device", "cpu")).startswith("cuda"):
-            import torch
-
+        if dev.startswith("cuda"):
             torch.cuda.synchronize()
         return reg
 
-    meas = _measure(run, spec)
+    meas = common.measure(run, spec["repeats"], dev)
     reg = meas.pop("result")
     # one displacement field on the fixed grid, LPS mm, affine included: T(x) = x + d(x)
     path = Path(spec["out"]) / "warp.nii.gz"
@@ -455,19 +383,6 @@ def _worker_fireants(spec: dict) -> dict:
     return {**meas, "transform": [str(path)], "version": md.version("fireants")}
 
 
-def _measure(run, spec: dict) -> dict:
-    """common.measure, plus the peak GPU memory (MB, torch's allocator) when the method runs on CUDA."""
-    cuda = str(spec.get("device", "cpu")).startswith("cuda")
-    if cuda:
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-    meas = common.measure(run, spec["repeats"])
-    if cuda:
-        meas["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return meas
-
-
 WORKERS = {
     "maskreg": _worker_maskreg,
     "maskreg-fast": _worker_maskreg,
@@ -475,24 +390,7 @@ WORKERS = {
     "ants-synquick": _worker_ants,
     "fireants": _worker_fireants,
 }
-
-
-def worker_main(spec: dict) -> None:
-    common.set_threads(spec["threads"])
-    import logging
-
-    logging.disable(logging.WARNING)
-    t0 = time.perf_counter()
-    try:
-        Path(spec["out"]).mkdir(parents=True, exist_ok=True)
-        out = WORKERS[spec["method"]](spec)
-    except Exception as exc:  # report, do not crash the table
-        import traceback
-
-        traceback.print_exc()
-        out = {"error": f"{type(exc).__name__}: {exc}"}
-    out["worker_s"] = time.perf_counter() - t0
-    common.emit_result(out)
+PEER_OF = {"ants-syn": "ants", "ants-synquick": "ants", "fireants": "fireants"}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -531,17 +429,13 @@ class Evaluator:
     def __call__(self, tx) -> dict:
         import numpy as np
 
-        sitk = _sitk()
         from maskreg.warp import warp_labels, warp_points
 
         out = {}
         if self.flabels is not None:
             w = warp_labels(self.mlabels, self.flabels, tx, "nearest")
-            a, b = sitk.GetArrayViewFromImage(self.flabels), sitk.GetArrayViewFromImage(w)
-            dice = []
-            for lab in (1,) if self.pair == "brain2d" else (1, 2):
-                x, y = a == lab, b == lab
-                dice.append(2.0 * float((x & y).sum()) / max(float(x.sum() + y.sum()), 1.0))
+            d = common.dice(self.flabels, w, (1,) if self.pair == "brain2d" else (1, 2))
+            dice = list(d.values())
             if self.pair == "brain2d":
                 from maskreg.qc.metrics import masked_ncc
                 from maskreg.warp import warp_image
@@ -559,17 +453,6 @@ class Evaluator:
 
 
 # ------------------------------------------------------------------------------------------------ main
-
-
-def _fmt(v, nd=2):
-    return None if v is None else f"{v:.{nd}f}"
-
-
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join("-" if r.get(k) in (None, "") else str(r[k]) for k, _ in columns) + " |")
-    return "\n".join(lines)
 
 
 def run_rounds(specs: dict[str, dict], rounds: int, what: str, timeout: float | None) -> dict[str, dict]:
@@ -630,10 +513,10 @@ def main() -> None:
         action="store_true",
         help=f"divide every exposed iteration count by {QUICK_DIVISOR} (smoke test, not for figures)",
     )
-    args = common.standard_main(ap, worker_main, timeout=7200)
+    args = common.standard_main(ap, WORKERS, timeout=7200)
     if args is None:
         return
-    stages = quick_stages(default_stages(), args.quick)
+    stages = quick_stages(common.default_stages(), args.quick)
     stages_fast = quick_stages(fast_stages(args.maskreg_fast), args.quick)
     ants_its = quick_iterations(ANTS_SYN_REG_ITERATIONS, args.quick)
     print(
@@ -641,9 +524,9 @@ def main() -> None:
         + (f" calls in each of {args.rounds} rounds (methods in turn)" if args.rounds > 1 else "")
         + (f"; QUICK: iteration counts / {QUICK_DIVISOR} (not for figures)" if args.quick else "")
     )
-    print(f"maskreg stages ({CONFIG.relative_to(HERE.parent)}): {_stages_text(stages)}")
+    print(f"maskreg stages ({common.CONFIG.relative_to(common.REPO)}): {common.stages_text(stages)}")
     if "maskreg-fast" in args.methods:
-        print(f"maskreg-fast stages: {_stages_text(stages_fast)}")
+        print(f"maskreg-fast stages: {common.stages_text(stages_fast)}")
     print(
         f"ants-syn: type_of_transform='SyN' (affine 2100x1200x1200x0 at shrink 4/2/2/1, fixed in ANTsPy; SyN "
         f"Mattes MI, reg_iterations {tuple(ants_its)}), mask_all_stages={args.ants_mask_all_stages}; "
@@ -656,19 +539,12 @@ def main() -> None:
         f"{FIREANTS_GREEDY['scales']} {quick_iterations(FIREANTS_GREEDY['iterations'], args.quick)}, "
         + ", ".join(f"{k} {v}" for k, v in FIREANTS_GREEDY.items() if k not in ("scales", "iterations"))
     )
-    available = {}
-    for m in args.methods:
-        mod = {"ants-syn": "ants", "ants-synquick": "ants", "fireants": "fireants"}.get(m)
-        available[m] = common.peer_status(mod) if mod else (True, "")
-        if mod:
-            print(f"peer {m}: {available[m][1]}")
+    available = common.check_peers(args.methods, PEER_OF)
     t0 = time.perf_counter()
     res_list = sorted(args.res, reverse=True)
     paths = prepare(res_list, args.pairs)
     landmarks = json.loads(Path(paths["landmarks"]).read_text())
-    print(f"data prepared in {time.perf_counter() - t0:.1f} s under {ROOT}")
-
-    from maskreg.transforms import read_transform
+    print(f"data prepared in {time.perf_counter() - t0:.1f} s under {common.shown_path(ROOT)}")
 
     sitk = _sitk()
     tables: dict[str, list[dict]] = {p: [] for p in args.pairs}
@@ -700,21 +576,15 @@ def main() -> None:
                 if m == "identity":
                     out = {"tx": sitk.Transform(ev.fixed.GetDimension(), sitk.sitkIdentity)}
                 elif not available[m][0]:
-                    row["note"] = available[m][1][:120]
+                    row["note"] = common.pip_hint(PEER_OF[m])
                     continue
                 else:
                     out = results[m]
                     if "error" in out:
                         row["note"] = out["error"][:200]
                         continue
-                    out["tx"] = read_transform(out["transform"])
-                    row["_t"] = out["best_s"]
-                    row["time_s"] = _fmt(out["best_s"], 1)
-                    row["runs_s"] = "/".join(f"{t:.1f}" for t in out["times_s"])
-                    if out.get("peak_rss_mb") is not None:
-                        row["peak_mb"] = f"{out['peak_rss_mb']:.0f} ({out['base_rss_mb']:.0f})"
-                    if out.get("gpu_peak_mb") is not None:
-                        row["gpu_mb"] = f"{out['gpu_peak_mb']:.0f}"
+                    out["tx"] = common.read_transform_files(out["transform"])
+                    row.update(common.timing_cells(out, 1))
                     if out.get("own_jac_nonpos") is not None:
                         row["own_jac"] = f"{100 * out['own_jac_nonpos']:.3f}"
                     if "stages" in out:
@@ -734,16 +604,16 @@ def main() -> None:
                 t1 = time.perf_counter()
                 acc = ev(out["tx"])
                 row.update(
-                    dice_mask=_fmt(acc.get("dice_mask"), 3),
-                    ncc=_fmt(acc.get("ncc"), 3),
-                    dice_gm=_fmt(acc.get("dice_gm"), 3),
-                    dice_wm=_fmt(acc.get("dice_wm"), 3),
-                    dice_mean=_fmt(acc.get("dice_mean"), 3),
-                    tre_mean=_fmt(acc.get("tre_mean")),
-                    tre_max=_fmt(acc.get("tre_max")),
-                    tre_reliable=_fmt(acc.get("tre_reliable")),
+                    dice_mask=common.fmt(acc.get("dice_mask"), 3),
+                    ncc=common.fmt(acc.get("ncc"), 3),
+                    dice_gm=common.fmt(acc.get("dice_gm"), 3),
+                    dice_wm=common.fmt(acc.get("dice_wm"), 3),
+                    dice_mean=common.fmt(acc.get("dice_mean"), 3),
+                    tre_mean=common.fmt(acc.get("tre_mean")),
+                    tre_max=common.fmt(acc.get("tre_max")),
+                    tre_reliable=common.fmt(acc.get("tre_reliable")),
                     jac=f"{100 * acc['jac_nonpos']:.3f}",
-                    jac_min=_fmt(acc["jac_min"], 3),
+                    jac_min=common.fmt(acc["jac_min"], 3),
                 )
                 print(
                     f"  {m}: evaluated in {time.perf_counter() - t1:.1f} s: "
@@ -751,9 +621,7 @@ def main() -> None:
                     flush=True,
                 )
             ref = next((r["_t"] for r in rows if r["method"] == "maskreg" and "_t" in r), None)
-            for r in rows:
-                if ref and "_t" in r:
-                    r["x_maskreg"] = f"{r['_t'] / ref:.2f}"
+            common.add_ratio(rows, ref, "x_maskreg")
             tables[pair] += rows
 
     n_reliable = sum(v <= RATER_SPREAD_MM for v in landmarks["colin27_rms_mm"])
@@ -788,11 +656,11 @@ def main() -> None:
             "brain2d": "2D: ANTsPy r16 ← r64",
         }[pair]
         print(f"\n**{pair}** ({what})\n")
-        print(markdown_table(tables[pair], head + acc_cols[pair] + tail))
+        print(common.format_table(tables[pair], head + acc_cols[pair] + tail, markdown=True))
     if details:
         print("\nmaskreg per-stage wall times (last run):")
         print("\n".join("  " + d for d in details))
-    print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"\nload average at the end: {common.load_average()}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -69,36 +68,6 @@ def _sitk():
     return sitk
 
 
-def _smooth_resample(img, spacing: float, interp=None, sigma_mm: float | None = None):
-    """``img`` on a grid of isotropic ``spacing`` over the same physical box (same direction); Gaussian
-    anti-alias first for intensity images."""
-    import numpy as np
-
-    sitk = _sitk()
-    sp = np.array(img.GetSpacing())
-    size = np.array(img.GetSize())
-    new_size = [int(math.ceil(n * s / spacing)) for n, s in zip(size, sp, strict=False)]
-    d = np.array(img.GetDirection()).reshape(3, 3)
-    # keep the box's corner: first voxel's outer edge
-    corner = np.array(img.GetOrigin()) - d @ (sp / 2)
-    origin = corner + d @ (np.full(3, spacing) / 2)
-    if sigma_mm:
-        img = sitk.SmoothingRecursiveGaussian(sitk.Cast(img, sitk.sitkFloat32), sigma_mm)
-    ref = sitk.Image(new_size, sitk.sitkUInt8)
-    ref.SetSpacing([spacing] * 3)
-    ref.SetOrigin(origin.tolist())
-    ref.SetDirection(img.GetDirection())
-    return sitk.Resample(
-        img, ref, sitk.Transform(), interp if interp is not None else sitk.sitkLinear, 0.0, sitk.sitkFloat32
-    )
-
-
-def _mask_resample(mask, spacing: float):
-    sitk = _sitk()
-    m = _smooth_resample(sitk.Cast(mask, sitk.sitkFloat32), spacing)
-    return sitk.Cast(m > 0.5, sitk.sitkUInt8)
-
-
 def true_affine(center) -> np.ndarray:
     """Homogeneous 4x4 of the true fixed → moving map of the ``known`` pair."""
     import numpy as np
@@ -136,44 +105,6 @@ def _mask_points(mask):
     return ijk @ d.T + np.array(mask.GetOrigin())
 
 
-def mni_brain():
-    """MNI ICBM152 2009a at 1 mm: the float32 T1, its brain mask (gm_prob + wm_prob > 0) and GM/WM labels
-    (gm_prob > 0.5 -> 1, wm_prob > 0.5 -> 2, WM winning where both are), uint8."""
-    import numpy as np
-
-    sitk = _sitk()
-    mni = common.DATA / "mni_icbm152_2009a" / "template"
-    img = sitk.Cast(sitk.ReadImage(str(mni / "image.nii.gz")), sitk.sitkFloat32)
-    gm = sitk.GetArrayFromImage(sitk.ReadImage(str(mni / "gm_prob.nii.gz"))).astype(np.float32)
-    wm = sitk.GetArrayFromImage(sitk.ReadImage(str(mni / "wm_prob.nii.gz"))).astype(np.float32)
-    scale = 255.0 if max(gm.max(), wm.max()) > 1.5 else 1.0
-    gm, wm = gm / scale, wm / scale
-    mask = sitk.GetImageFromArray(((gm + wm) > 0).astype(np.uint8))
-    mask.CopyInformation(img)
-    lab = np.zeros(gm.shape, np.uint8)
-    lab[gm > 0.5] = 1
-    lab[wm > 0.5] = 2
-    labels = sitk.GetImageFromArray(lab)
-    labels.CopyInformation(img)
-    return img, mask, labels
-
-
-def voxelmorph_gm_wm():
-    """The voxelmorph test scan's FreeSurfer labels as GM/WM: cortex 3, 42 -> 1; cerebral white matter 2, 41
-    -> 2 (uint8, the label map's grid)."""
-    import numpy as np
-
-    sitk = _sitk()
-    src = sitk.ReadImage(str(common.DATA / "voxelmorph_brain_t1" / "test_scan" / "labels.nii.gz"))
-    fs = sitk.GetArrayFromImage(src)
-    out = np.zeros(fs.shape, np.uint8)
-    out[np.isin(fs, (3, 42))] = 1
-    out[np.isin(fs, (2, 41))] = 2
-    img = sitk.GetImageFromArray(out)
-    img.CopyInformation(src)
-    return img
-
-
 def prepare(res_list: list[int], pairs: list[str]) -> dict:
     """Write every pair at every resolution under ``OUT/linear`` once (cached); return their paths."""
     import numpy as np
@@ -187,7 +118,7 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
     fm1 = root / "fixed_mask_1mm.nii.gz"
     fl1 = root / "fixed_labels_1mm.nii.gz"
     if not (f1.exists() and fm1.exists() and fl1.exists()):
-        img, mask, labels = mni_brain()
+        img, mask, labels = common.mni_brain()
         sitk.WriteImage(img, str(f1))
         sitk.WriteImage(mask, str(fm1))
         sitk.WriteImage(labels, str(fl1))
@@ -229,7 +160,7 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
     if "subject" in pairs:
         sl = root / "subject_moving_labels_1mm.nii.gz"
         if not sl.exists():
-            sitk.WriteImage(voxelmorph_gm_wm(), str(sl))
+            sitk.WriteImage(common.voxelmorph_gm_wm(), str(sl))
         paths["subject_moving_labels_1mm"] = str(sl)
 
     for res in res_list:
@@ -256,12 +187,7 @@ def prepare(res_list: list[int], pairs: list[str]) -> dict:
                 p = root / f"{pair}_{k}_{res}mm.nii.gz"
                 if not p.exists():
                     img = sitk.ReadImage(str(v))
-                    if "mask" in k:
-                        r = _mask_resample(img, float(res))
-                    else:
-                        s = min(img.GetSpacing())
-                        sigma = 0.5 * math.sqrt(max(res**2 - s**2, 0.0))
-                        r = _smooth_resample(img, float(res), sigma_mm=sigma)
+                    r = common.mask_resample(img, float(res)) if "mask" in k else common.image_resample(img, float(res))
                     sitk.WriteImage(r, str(p))
                 out[k] = str(p)
             paths[(pair, res)] = out
@@ -284,12 +210,8 @@ def _probe_matrix(tx) -> list[list[float]]:
 
 
 def _worker_maskreg(spec: dict) -> dict:
-    sitk = _sitk()
     import maskreg
 
-    p = spec["paths"]
-    fixed, moving = sitk.ReadImage(p["fixed"]), sitk.ReadImage(p["moving"])
-    fm, mm = sitk.ReadImage(p["fixed_mask"]), sitk.ReadImage(p["moving_mask"])
     extra = spec.get("stage_extra") or {}
     stages = [
         {"type": "moments"},
@@ -297,111 +219,56 @@ def _worker_maskreg(spec: dict) -> dict:
         {"type": "affine", "loss": spec["loss"], **MASKREG_AFFINE, **extra},
     ]
     sampling = {"random": int(spec["random"])} if spec.get("random") else spec.get("sampling") or MASKREG_SAMPLING
-    register = maskreg.register  # loads the torch engine here, not inside the timed call (no imports timed)
-    from maskreg.engine import cpu_kernels
-
-    cpu_kernels.warm_up()  # loads the compiled CPU kernels from numba's cache (~0.6 s once per process)
-
-    def run():
-        return register(
-            fixed,
-            moving,
-            fm,
-            mm,
-            stages,
-            device="cpu",
-            threads=spec["threads"],
-            seed=0,
-            sampling=sampling,
-        )
-
+    run = common.maskreg_call(
+        *common.read_pair(spec["paths"]), stages, device="cpu", threads=spec["threads"], seed=0, sampling=sampling
+    )
     meas = common.measure(run, spec["repeats"])
     res = meas.pop("result")
-    stages_out = []
-    for s in res.stages:
-        stages_out.append(
-            {
-                "type": s.type,
-                "seconds": s.seconds,
-                "iterations": [lv.iterations for lv in s.levels],
-                "level_seconds": [lv.seconds for lv in s.levels],
-            }
-        )
     return {
         **meas,
         "matrix": _probe_matrix(res.transform()),
-        "stages": stages_out,
-        "version": maskreg.__version__ if hasattr(maskreg, "__version__") else "dev",
+        "stages": common.stage_report(res),
+        "version": getattr(maskreg, "__version__", "dev"),
     }
 
 
 def _worker_ants(spec: dict) -> dict:
     import tempfile
 
-    sitk = _sitk()
     import ants
 
-    p = spec["paths"]
-    fixed, moving = ants.image_read(p["fixed"]), ants.image_read(p["moving"])
-    fm, mm = ants.image_read(p["fixed_mask"]), ants.image_read(p["moving_mask"])
-    tmp = tempfile.mkdtemp(prefix="bench_ants_")
-    counter = {"n": 0}
-
-    def run():
-        counter["n"] += 1
-        return ants.registration(
-            fixed,
-            moving,
-            type_of_transform="Affine",
-            mask=fm,
-            moving_mask=mm,
-            aff_sampling=int(spec.get("bins") or 32),
-            outprefix=os.path.join(tmp, f"r{counter['n']}_"),
-        )
-
+    fixed, moving, fm, mm = common.ants_pair(spec["paths"])
+    run = common.ants_call(
+        fixed,
+        moving,
+        tempfile.mkdtemp(prefix="bench_ants_"),
+        type_of_transform="Affine",
+        mask=fm,
+        moving_mask=mm,
+        aff_sampling=int(spec.get("bins") or 32),
+    )
     meas = common.measure(run, spec["repeats"])
     out = meas.pop("result")
-    fwd = out["fwdtransforms"]
-    tx = sitk.ReadTransform(fwd[0]) if len(fwd) == 1 else sitk.CompositeTransform([sitk.ReadTransform(f) for f in fwd])
-    return {**meas, "matrix": _probe_matrix(tx), "version": ants.__version__}
-
-
-def fireants_images(img_path: str, mask_path: str, device: str = "cpu"):
-    """One image for FireANTs' masked mode: ``(BatchedImages of [image, mask] channels, BatchedImages of
-    image × mask)`` (the second for its moments). Intensities are scaled to [0, 1] by the 0.5/99.5
-    percentiles inside the mask, as FireANTs' MI bins expect (maskreg does the same; CC does not care)."""
-    import numpy as np
-
-    sitk = _sitk()
-    from fireants.io.image import BatchedImages, Image
-
-    img = sitk.Cast(sitk.ReadImage(img_path), sitk.sitkFloat32)
-    msk = sitk.Cast(sitk.ReadImage(mask_path) > 0, sitk.sitkFloat32)
-    a, m = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk)
-    lo, hi = np.percentile(a[m > 0], [0.5, 99.5])
-    a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
-    norm = sitk.GetImageFromArray(a)
-    norm.CopyInformation(img)
-    prod = sitk.GetImageFromArray(a * m)
-    prod.CopyInformation(img)
-    im_masked = Image(norm, device=device).concatenate(Image(msk, device=device))  # last channel = mask
-    return BatchedImages([im_masked]), BatchedImages([Image(prod, device=device)])
+    return {
+        **meas,
+        "matrix": _probe_matrix(common.read_transform_files(out["fwdtransforms"])),
+        "version": ants.__version__,
+    }
 
 
 def _worker_fireants(spec: dict) -> dict:
     import importlib.metadata as md
 
     import numpy as np
-    import torch
     from fireants.registration.affine import AffineRegistration
     from fireants.registration.moments import MomentsRegistration
     from fireants.registration.rigid import RigidRegistration
 
-    torch.set_num_threads(spec["threads"])
+    common.set_threads(spec["threads"], libraries=True)
     p = spec["paths"]
 
-    fixed_b, fixed_prod = fireants_images(p["fixed"], p["fixed_mask"])
-    moving_b, moving_prod = fireants_images(p["moving"], p["moving_mask"])
+    fixed_b, fixed_prod = common.fireants_images(p["fixed"], p["fixed_mask"])
+    moving_b, moving_prod = common.fireants_images(p["moving"], p["moving_mask"])
     loss = "masked_" + spec["loss"]
     scales, iters = FIREANTS_ITERS["scales"], FIREANTS_ITERS["iterations"]
 
@@ -437,23 +304,7 @@ def _worker_fireants(spec: dict) -> dict:
 
 
 WORKERS = {"maskreg": _worker_maskreg, "ants": _worker_ants, "fireants": _worker_fireants}
-
-
-def worker_main(spec: dict) -> None:
-    common.set_threads(spec["threads"])
-    import logging
-
-    logging.disable(logging.WARNING)
-    t0 = time.perf_counter()
-    try:
-        out = WORKERS[spec["method"]](spec)
-    except Exception as exc:  # report, do not crash the table
-        import traceback
-
-        traceback.print_exc()
-        out = {"error": f"{type(exc).__name__}: {exc}"}
-    out["worker_s"] = time.perf_counter() - t0
-    common.emit_result(out)
+PEER_OF = {"ants": "ants", "fireants": "fireants"}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -482,19 +333,19 @@ class Evaluator:
         return float(e.mean()), float(e.max())
 
     def dice(self, h) -> tuple[float, float]:
+        """Dice of GM and WM: the moving labels warped with nearest neighbour through ``h``."""
         import numpy as np
 
         sitk = _sitk()
         w = sitk.Resample(self.mlabels, self.flabels, _affine_to_sitk(np.asarray(h)), sitk.sitkNearestNeighbor, 0)
-        a, b = sitk.GetArrayViewFromImage(self.flabels), sitk.GetArrayViewFromImage(w)
-        out = []
-        for lab in (1, 2):
-            x, y = a == lab, b == lab
-            out.append(2.0 * float((x & y).sum()) / max(float(x.sum() + y.sum()), 1.0))
-        return out[0], out[1]
+        d = common.dice(self.flabels, w, (1, 2))
+        return d[1], d[2]
 
     def ncc(self, pair: str, res: int, h) -> float:
+        """``maskreg.qc.metrics.masked_ncc`` of fixed and warped moving inside the fixed mask, at ``res``."""
         import numpy as np
+
+        from maskreg.qc.metrics import masked_ncc
 
         sitk = _sitk()
         key = (pair, res)
@@ -507,14 +358,7 @@ class Evaluator:
             )
         f, m, fm = self._imgs[key]
         w = sitk.Resample(m, f, _affine_to_sitk(np.asarray(h)), sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
-        a, b = sitk.GetArrayFromImage(f), sitk.GetArrayFromImage(w)
-        sel = fm & np.isfinite(b)
-        a, b = a[sel] - a[sel].mean(), b[sel] - b[sel].mean()
-        return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum()) + 1e-12))
-
-
-def _fmt(v, nd=2):
-    return None if v is None else f"{v:.{nd}f}"
+        return masked_ncc(f, w, fm)
 
 
 def main() -> None:
@@ -558,7 +402,7 @@ def main() -> None:
         metavar="N",
         help="also run maskreg (mi, mse) with random sampling of N fixed-mask points per iteration",
     )
-    args = common.standard_main(ap, worker_main, timeout=3600)
+    args = common.standard_main(ap, WORKERS, timeout=3600)
     if args is None:
         return
     print(
@@ -567,20 +411,12 @@ def main() -> None:
         + (f", extra {args.maskreg_extra}" if args.maskreg_extra else "")
         + f"; FireANTs moments → rigid → affine, each {FIREANTS_ITERS}"
     )
-    available = {}
-    for m in args.methods:
-        if m == "maskreg":
-            available[m] = (True, "")
-            continue
-        mod = {"ants": "ants", "fireants": "fireants"}[m]
-        ok, info = common.peer_status(mod)
-        available[m] = (ok, info)
-        print(f"peer {m}: {info}")
+    available = common.check_peers(args.methods, PEER_OF)
     t0 = time.perf_counter()
     paths = prepare(sorted(args.res, reverse=True), args.pairs)
     print(
-        f"data prepared in {time.perf_counter() - t0:.1f} s under {common.OUT / 'linear'} (2 mm = fixed, moving "
-        f"and masks resampled to 2 mm with a Gaussian anti-alias first)"
+        f"data prepared in {time.perf_counter() - t0:.1f} s under {common.shown_path(common.OUT / 'linear')} (2 mm = "
+        f"fixed, moving and masks resampled to 2 mm with a Gaussian anti-alias first)"
     )
     ev = Evaluator(paths)
 
@@ -625,7 +461,7 @@ def main() -> None:
                 if spec is None:
                     out = {"matrix": ident}
                 elif not available[m][0]:
-                    row["note"] = "not installed: " + common.PEERS[{"ants": "ants", "fireants": "fireants"}[m]][1]
+                    row["note"] = common.pip_hint(PEER_OF[m])
                     rows.append(row)
                     continue
                 else:
@@ -637,20 +473,16 @@ def main() -> None:
                     continue
                 h = out["matrix"]
                 if "best_s" in out:
-                    row["time_s"] = _fmt(out["best_s"], 1)
-                    row["runs_s"] = "/".join(f"{t:.1f}" for t in out["times_s"])
+                    row.update(common.timing_cells(out, 1))
                     if m == "maskreg" and loss == "mi" and not spec.get("random"):
                         ref_time = out["best_s"]
-                    row["_t"] = out["best_s"]
-                    if out.get("peak_rss_mb") is not None:
-                        row["peak_mb"] = f"{out['peak_rss_mb']:.0f} ({out['base_rss_mb']:.0f})"
                 if pair == "known":
                     mean, mx = ev.errors(h)
-                    row["mean_err_mm"], row["max_err_mm"] = _fmt(mean, 3), _fmt(mx, 3)
+                    row["mean_err_mm"], row["max_err_mm"] = common.fmt(mean, 3), common.fmt(mx, 3)
                 else:
                     g, w = ev.dice(h)
-                    row["dice_gm"], row["dice_wm"], row["dice_mean"] = _fmt(g, 3), _fmt(w, 3), _fmt((g + w) / 2, 3)
-                row["ncc"] = _fmt(ev.ncc(pair, res, h), 4)
+                    row.update(dice_gm=common.fmt(g, 3), dice_wm=common.fmt(w, 3), dice_mean=common.fmt((g + w) / 2, 3))
+                row["ncc"] = common.fmt(ev.ncc(pair, res, h), 4)
                 if "stages" in out:
                     details.append(
                         f"{pair} {res} mm {name}: "
@@ -665,9 +497,7 @@ def main() -> None:
                         )
                     )
                 rows.append(row)
-            for r in rows:
-                if r["pair"] == pair and r["res"] == f"{res} mm" and "_t" in r and ref_time:
-                    r["x_maskreg"] = f"{r['_t'] / ref_time:.2f}"
+            common.add_ratio([r for r in rows if r["pair"] == pair and r["res"] == f"{res} mm"], ref_time, "x_maskreg")
 
     cols = [
         ("pair", "pair"),
@@ -689,7 +519,7 @@ def main() -> None:
     if details:
         print("maskreg per-stage wall times (last run):")
         print("\n".join("  " + d for d in details))
-    print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"\nload average at the end: {common.load_average()}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,7 @@ voxel counts, next to the plain reference (``scipy.ndimage.distance_transform_ed
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,20 +17,11 @@ from scipy import ndimage
 
 from maskreg import masks
 
-MNI = (
-    Path(os.environ.get("MASKREG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    / "mni_icbm152_2009a"
-    / "template"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
-
-def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+MNI = common.DATA / "mni_icbm152_2009a" / "template"
+COLUMNS = [("method", "method"), ("time", "time s"), ("voxels", "voxels"), ("differ", "voxels that differ")]
 
 
 def scipy_dilate(a: np.ndarray, spacing_zyx: tuple[float, ...], r: float) -> np.ndarray:
@@ -51,13 +39,13 @@ def main() -> None:
     args = ap.parse_args()
     r, n = args.radius, args.repeats
 
+    print(common.machine_note())
     print(
-        f"python {platform.python_version()}, SimpleITK {sitk.Version.VersionString()}, "
-        f"{os.cpu_count()} CPU(s), ITK threads {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}"
+        f"SimpleITK {sitk.Version.VersionString()}, ITK threads {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}"
     )
     sources = {}
     template = sitk.ReadImage(str(MNI / "image.nii.gz"))
-    t_auto, auto = best_of(lambda: masks.auto_mask(template), 1)
+    auto, t_auto = common.timed(lambda: masks.auto_mask(template))
     sources[f"auto_mask(template) [{t_auto:.2f} s to build]"] = auto
     gm = sitk.GetArrayFromImage(sitk.ReadImage(str(MNI / "gm_prob.nii.gz")))
     wm = sitk.GetArrayFromImage(sitk.ReadImage(str(MNI / "wm_prob.nii.gz")))
@@ -70,18 +58,26 @@ def main() -> None:
         sp = tuple(reversed(m.GetSpacing()))
         print(
             f"\nmask: {name}; grid {m.GetSize()} at {m.GetSpacing()} mm; {int(a.sum())} voxels "
-            f"({a.mean():.1%} of the image); radius {r:g} mm; best of {n}"
+            f"({a.mean():.1%} of the image); radius {r:g} mm; best of {n}\n"
         )
-        # the loop's values bound as defaults (B023); best_of calls each lambda before the next iteration anyway
-        t_d, dil = best_of(lambda m=m: masks.dilate_mm(m, r), n)
-        t_e, ero = best_of(lambda m=m: masks.erode_mm(m, r), n)
-        t_sd, sdil = best_of(lambda a=a, sp=sp: scipy_dilate(a, sp, r), n)
-        t_se, sero = best_of(lambda a=a, sp=sp: scipy_erode(a, sp, r), n)
-        d, e = sitk.GetArrayFromImage(dil).astype(bool), sitk.GetArrayFromImage(ero).astype(bool)
-        print(f"  maskreg dilate_mm : {t_d:6.3f} s -> {int(d.sum()):>9d} voxels")
-        print(f"  maskreg erode_mm  : {t_e:6.3f} s -> {int(e.sum()):>9d} voxels")
-        print(f"  scipy EDT dilate  : {t_sd:6.3f} s -> {int(sdil.sum()):>9d} voxels ({int((sdil != d).sum())} differ)")
-        print(f"  scipy EDT erode   : {t_se:6.3f} s -> {int(sero.sum()):>9d} voxels ({int((sero != e).sum())} differ)")
+        # the loop's values bound as defaults (B023); measure calls each lambda before the next iteration anyway
+        runs = {
+            "maskreg dilate_mm": lambda m=m: masks.dilate_mm(m, r),
+            "maskreg erode_mm": lambda m=m: masks.erode_mm(m, r),
+            "scipy EDT dilate": lambda a=a, sp=sp: scipy_dilate(a, sp, r),
+            "scipy EDT erode": lambda a=a, sp=sp: scipy_erode(a, sp, r),
+        }
+        same = {"scipy EDT dilate": "maskreg dilate_mm", "scipy EDT erode": "maskreg erode_mm"}
+        out, rows = {}, []
+        for method, fn in runs.items():
+            meas = common.measure(fn, n)
+            res = meas["result"]
+            out[method] = sitk.GetArrayFromImage(res).astype(bool) if isinstance(res, sitk.Image) else res
+            row = {"method": method, "time": f"{meas['best_s']:.3f}", "voxels": int(out[method].sum())}
+            if method in same:
+                row["differ"] = int((out[method] != out[same[method]]).sum())
+            rows.append(row)
+        print(common.format_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

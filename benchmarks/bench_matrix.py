@@ -14,6 +14,7 @@ the totals. A cell's exception is a FAIL row with the error; the table always pr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,23 +23,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
-
-
-def working_tree() -> str:
-    """The commit and the source files that differ from it (the engine is edited while benchmarks run)."""
-    import subprocess
-
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent, capture_output=True, text=True, check=True
-        ).stdout.split("\n")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    changed = [ln[3:] for ln in dirty if ln.strip()]
-    return f"commit {head}" + (f", {len(changed)} source file(s) changed: {' '.join(changed)}" if changed else "")
 
 
 def main() -> int:
@@ -64,9 +48,10 @@ def main() -> int:
     if args.only:
         cells = [c for c in cells if all(s in c.id for s in args.only)]
     if args.list:
-        for c in cells:
-            print(c.id)
-        print(f"{len(cells)} cells")
+        try:  # one write: `--list | head` reads it whole
+            print("\n".join([c.id for c in cells] + [f"{len(cells)} cells"]), flush=True)
+        except BrokenPipeError:  # the reader left early: nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
     ok, ants_version = common.peer_status("ants")
@@ -76,7 +61,7 @@ def main() -> int:
     import maskreg
     from maskreg.engine import cpu_kernels
 
-    print(f"working tree: {working_tree()}")
+    print(f"working tree: commit {common.commit(changed_sources=True)}")
     print(
         f"maskreg {maskreg.__version__}, torch {torch.__version__}, ANTsPy {ants_version}; "
         f"{args.threads} thread(s); CUDA {'yes: ' + torch.cuda.get_device_name(0) if cuda else 'no (cells left out)'}; "

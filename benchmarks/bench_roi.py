@@ -9,23 +9,60 @@ is one SyN stage (CC, window 5, scales [4, 2, 1], iterations [80, 40, 20]) whose
 brain mask (a 15 mm ball has ~30 voxels at the 8 mm level: a level needs at most half its fixed mask to
 overlap, so the default ``min_overlap_voxels`` does not stop it). ``box`` is maskreg as it is (deformable
 levels on the mask's box plus a margin); ``whole grid`` forces the box to the whole level grid
-(``maskreg.engine.roi_box`` replaced in this process), which is what the engine did before. It prints, per
-radius: the voxels of the finest level, the SyN time of each, their ratio, and how far the two fields differ
-inside the ROI (mean and max, mm).
+(``maskreg.engine.roi_box`` replaced in this process, in the engine modules that call it), which is what the
+engine did before. It prints, per radius: the voxels of the finest level, the SyN time of each, their ratio,
+and how far the two fields differ inside the ROI (mean and max, mm).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import common  # noqa: E402
+
 HIPPOCAMPUS_LPS = (26.0, 22.0, -14.0)
 SYN = {"type": "syn", "loss": "cc", "window": 5, "scales": [4, 2, 1], "iterations": [80, 40, 20]}
+COLUMNS = [
+    ("radius", "ROI radius mm"),
+    ("voxels", "ROI voxels"),
+    ("box_shape", "finest level, box"),
+    ("whole_shape", "finest level, whole grid"),
+    ("box_s", "SyN s, box"),
+    ("whole_s", "SyN s, whole grid"),
+    ("ratio", "whole / box"),
+    ("diff", "field difference in the ROI, mean / max mm"),
+]
+
+
+@contextlib.contextmanager
+def whole_grid():
+    """Deformable levels on the whole level grid: ``maskreg.engine.roi_box`` replaced, for this block, in every
+    engine module that uses it (the package exports it from the module that calls it)."""
+    import maskreg.engine as engine
+
+    box = engine.roi_box
+    modules = [
+        m
+        for name, m in list(sys.modules.items())
+        if name.startswith("maskreg.engine") and getattr(m, "roi_box", None) is box
+    ]
+
+    def whole(grid, mask, margin):
+        return grid, tuple(slice(0, n) for n in grid.shape)
+
+    for m in modules:
+        m.roi_box = whole
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.roi_box = box
 
 
 def main() -> None:
@@ -38,19 +75,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
 
+    common.set_threads(args.threads, libraries=True)
     import numpy as np
     import SimpleITK as sitk
-    import torch
 
     import bench_deformable as bd
     import maskreg
-    import maskreg.engine as engine
 
-    torch.set_num_threads(args.threads)
     paths = bd.prepare([args.res], ["brain"])[("brain", args.res)]
-    f, m = sitk.ReadImage(paths["fixed"]), sitk.ReadImage(paths["moving"])
-    fm, mm = sitk.ReadImage(paths["fixed_mask"]), sitk.ReadImage(paths["moving_mask"])
-    linear = [s for s in bd.default_stages() if s["type"] not in ("syn", "greedy")]
+    f, m, fm, mm = common.read_pair(paths)
+    linear = [s for s in common.default_stages() if s["type"] not in ("syn", "greedy")]
     affine = maskreg.register(f, m, fm, mm, stages=linear, device="cpu", threads=args.threads).linear
     print(
         f"brain pair at {args.res} mm: fixed {f.GetSize()} ({np.prod(f.GetSize()) / 1e6:.2f} M voxels), "
@@ -62,38 +96,35 @@ def main() -> None:
     mat = np.asarray(f.GetDirection()).reshape(3, 3) @ np.diag(f.GetSpacing())
     pts = idx @ mat.T + np.asarray(f.GetOrigin())
     dist = np.linalg.norm(pts - np.asarray(HIPPOCAMPUS_LPS), axis=1).reshape(f.GetSize()).transpose(2, 1, 0)
-    whole = lambda grid, mask, margin: (grid, tuple(slice(0, n) for n in grid.shape))  # noqa: E731
-    box_fn = engine.roi_box
 
-    print(
-        "\n| ROI radius mm | ROI voxels | finest level, box | finest level, whole grid | SyN s, box | "
-        "SyN s, whole grid | whole / box | field difference in the ROI, mean / max mm |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for r in args.radius:
         roi = (dist < r) & brain
         roi_img = sitk.GetImageFromArray(roi.astype(np.uint8))
         roi_img.CopyInformation(fm)
+        run = common.maskreg_call(f, m, roi_img, mm, [SYN], initial=affine, device="cpu", threads=args.threads)
         out = {}
-        for name, fn in (("box", box_fn), ("whole", whole)):
-            engine.roi_box = fn
-            best = None
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                res = maskreg.register(
-                    f, m, roi_img, mm, stages=[SYN], initial=affine, device="cpu", threads=args.threads
-                )
-                dt = time.perf_counter() - t0
-                best = dt if best is None else min(best, dt)
-            out[name] = (best, res.stages[0].levels[-1].shape, sitk.GetArrayFromImage(res.displacement))
-        engine.roi_box = box_fn
+        for name, where in (("box", contextlib.nullcontext), ("whole", whole_grid)):
+            print(f"running radius {r:g} mm, {name} ...", flush=True)
+            with where():
+                meas = common.measure(run, args.repeats)
+            res = meas["result"]
+            out[name] = (meas["best_s"], res.stages[0].levels[-1].shape, sitk.GetArrayFromImage(res.displacement))
         diff = np.linalg.norm(out["box"][2][roi] - out["whole"][2][roi], axis=1)
-        shape = lambda s: "×".join(map(str, s))  # noqa: E731
-        print(
-            f"| {r:g} | {int(roi.sum())} | {shape(out['box'][1])} | {shape(out['whole'][1])} | "
-            f"{out['box'][0]:.1f} | {out['whole'][0]:.1f} | {out['whole'][0] / out['box'][0]:.1f} | "
-            f"{diff.mean():.3f} / {diff.max():.3f} |"
+        rows.append(
+            {
+                "radius": f"{r:g}",
+                "voxels": int(roi.sum()),
+                "box_shape": "×".join(map(str, out["box"][1])),
+                "whole_shape": "×".join(map(str, out["whole"][1])),
+                "box_s": f"{out['box'][0]:.1f}",
+                "whole_s": f"{out['whole'][0]:.1f}",
+                "ratio": f"{out['whole'][0] / out['box'][0]:.1f}",
+                "diff": f"{diff.mean():.3f} / {diff.max():.3f}",
+            }
         )
+    print()
+    print(common.format_table(rows, COLUMNS, markdown=True))
 
 
 if __name__ == "__main__":

@@ -34,9 +34,7 @@ output (background excluded). ANTsPy is optional: when missing, its rows say how
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -154,39 +152,17 @@ def _worker_ants(spec: dict) -> dict:
     return {**meas, "version": f"antspyx {ants.__version__}"}
 
 
-def worker_main(spec: dict) -> None:
-    common.set_threads(spec["threads"])
-    t0 = time.perf_counter()
-    try:
-        out = (_worker_ants if spec["method"].startswith("ants") else _worker_maskreg)(spec)
-    except Exception as exc:  # report, do not crash the table
-        import traceback
-
-        traceback.print_exc()
-        out = {"error": f"{type(exc).__name__}: {exc}"}
-    out["worker_s"] = time.perf_counter() - t0
-    common.emit_result(out)
+WORKERS = {m: _worker_ants if m.startswith("ants") else _worker_maskreg for m in METHODS}
+PEER_OF = {m: "ants" for m in METHODS if m.startswith("ants")}
 
 
 # ------------------------------------------------------------------------------------------- agreement
 def dice_table(a, b) -> tuple[float, float]:
-    """Mean and min Dice over the nonzero label values present in either integer array."""
-    import numpy as np
-
-    values = np.union1d(np.unique(a), np.unique(b))
-    values = values[values != 0]
-    if values.size == 0:
+    """Mean and min Dice (:func:`common.dice`) over the nonzero label values present in either label map."""
+    d = common.dice(a, b)
+    if not d:
         return 1.0, 1.0
-    ia = np.searchsorted(values, a.ravel()).astype(np.int64)
-    ib = np.searchsorted(values, b.ravel()).astype(np.int64)
-    ia[~np.isin(a.ravel(), values)] = values.size  # background (and anything else) -> an extra bin
-    ib[~np.isin(b.ravel(), values)] = values.size
-    n = values.size + 1
-    joint = np.bincount(ia * n + ib, minlength=n * n).reshape(n, n)
-    inter = np.diag(joint)[:-1].astype(np.float64)
-    sizes = joint.sum(1)[:-1] + joint.sum(0)[:-1]
-    d = 2.0 * inter / np.maximum(sizes, 1)
-    return float(d.mean()), float(d.min())
+    return common.mean_dice(d), min(d.values())
 
 
 def main() -> None:
@@ -195,7 +171,7 @@ def main() -> None:
     )
     ap.add_argument("--maps", nargs="+", default=list(MAPS), choices=list(MAPS))
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    args = common.standard_main(ap, worker_main, timeout=1800)
+    args = common.standard_main(ap, WORKERS, timeout=1800)
     if args is None:
         return
     import numpy as np
@@ -204,10 +180,9 @@ def main() -> None:
     print(
         f"threads per method: {args.threads}; repeats: best of {args.repeats}; SimpleITK {sitk.Version.VersionString()}"
     )
-    ants_ok, ants_info = common.peer_status("ants")
-    print(f"peer ants: {ants_info}")
     if "maskreg-generic" not in args.methods:
         args.methods.insert(0, "maskreg-generic")  # the reference of every ratio
+    available = common.check_peers(args.methods, PEER_OF)
 
     rows = []
     for name in args.maps:
@@ -216,7 +191,8 @@ def main() -> None:
         src = sitk.GetArrayViewFromImage(lab)
         n_src = int((np.unique(src) != 0).sum())
         print(
-            f"\n{name}: {paths['labels']}\n  {lab.GetSize()} at {tuple(round(s, 3) for s in lab.GetSpacing())} mm, "
+            f"\n{name}: {common.shown_path(paths['labels'])}\n"
+            f"  {lab.GetSize()} at {tuple(round(s, 3) for s in lab.GetSpacing())} mm, "
             f"{lab.GetPixelIDTypeAsString()}, {n_src} labels + background -> target {target.GetSize()} at 1 mm "
             f"({np.prod(target.GetSize()) / 1e6:.1f} M voxels)",
             flush=True,
@@ -225,8 +201,8 @@ def main() -> None:
         for m in args.methods:
             row = {"map": name, "method": m}
             rows.append(row)
-            if m.startswith("ants") and not ants_ok:
-                row["note"] = f"not installed: {common.PEERS['ants'][1]}"
+            if not available[m][0]:
+                row["note"] = common.pip_hint(PEER_OF[m])
                 continue
             out_path = str(Path(paths["dir"]) / f"{m}.nii.gz")
             spec = {"method": m, "paths": paths, "repeats": args.repeats, "threads": args.threads, "output": out_path}
@@ -237,20 +213,18 @@ def main() -> None:
                 continue
             results[m] = res
             outputs[m] = sitk.GetArrayFromImage(sitk.ReadImage(out_path)).astype(np.int64)
-            row["time_s"] = f"{res['best_s']:.2f}"
-            row["runs_s"] = "/".join(f"{t:.2f}" for t in res["times_s"])
+            row.update(common.timing_cells(res, 2))
             if res.get("peak_rss_mb") is not None:
-                row["peak_mb"] = f"{res['peak_rss_mb']:.0f} ({res['base_rss_mb']:.0f})"
                 row["_d"] = res["peak_rss_mb"] - res["base_rss_mb"]
                 row["delta_mb"] = f"{row['_d']:.0f}"
             row["labels"] = f"{int((np.unique(outputs[m]) != 0).sum())}/{n_src}"
         ref = results.get("maskreg-generic")
+        common.add_ratio([r for r in rows if r["map"] == name], ref and ref["best_s"], "x_time")
         for row in rows:
             if row["map"] != name or row["method"] not in results:
                 continue
-            m, res = row["method"], results[row["method"]]
+            m = row["method"]
             if ref:
-                row["x_time"] = f"{res['best_s'] / ref['best_s']:.2f}"
                 if "_d" in row and ref.get("peak_rss_mb") is not None:
                     row["x_mem"] = f"{row['_d'] / max(ref['peak_rss_mb'] - ref['base_rss_mb'], 1e-9):.2f}"
             if "maskreg-generic" in outputs:
@@ -277,7 +251,7 @@ def main() -> None:
     ]
     print()
     print(common.format_table(rows, cols))
-    print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"\nload average at the end: {common.load_average()}")
 
 
 if __name__ == "__main__":

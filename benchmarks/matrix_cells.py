@@ -55,7 +55,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -72,6 +71,8 @@ REPO = HERE.parent
 DEMO = REPO / "resources" / "demo"
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
 
 PAIRS = ("b2d_16_64", "b2d_27_30", "head2d", "brain3d", "abdomen")
 SITUATIONS = ("none", "fixed", "both", "threshold", "ellipse", "eroded", "roi", "valid")
@@ -280,14 +281,9 @@ def cuda_available() -> bool:
 
 
 def configure_threads(n: int = 1) -> None:
-    """Limit torch, SimpleITK/ITK (also ANTs' ITK, when set before it is first used) and OpenMP to ``n``."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
-        os.environ[var] = str(n)
-    import SimpleITK as sitk
-    import torch
-
-    torch.set_num_threads(n)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    """Limit torch, SimpleITK/ITK (also ANTs' ITK, when set before it is first used) and OpenMP to ``n``
+    (:func:`common.set_threads`)."""
+    common.set_threads(n, libraries=True)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -578,7 +574,7 @@ def evaluate(pair_name: str, masks: str, transform) -> dict[str, float]:
     """NCC inside the situation's fixed mask (whole image without one) and, where labels exist, the mean
     Dice inside it; of the pair's original images and labels, for a fixed -> moving SimpleITK transform."""
     sitk = _sitk()
-    from maskreg.qc.metrics import dice_per_label, masked_ncc, mean_dice
+    from maskreg.qc.metrics import masked_ncc
     from maskreg.warp import warp_labels
 
     p, sit = load_pair(pair_name), load_situation(pair_name, masks)
@@ -589,12 +585,8 @@ def evaluate(pair_name: str, masks: str, transform) -> dict[str, float]:
         fl = _arr(p.fixed_labels)
         if sit.region is not None:
             fl, wl = np.where(sit.region, fl, 0), np.where(sit.region, wl, 0)
-        out["dice"] = mean_dice(dice_per_label(fl, wl, sit.eval_labels)) if sit.eval_labels else float("nan")
+        out["dice"] = common.mean_dice(common.dice(fl, wl, sit.eval_labels)) if sit.eval_labels else float("nan")
     return out
-
-
-def _as_sitk(tx):
-    return tx.to_sitk() if hasattr(tx, "to_sitk") else tx
 
 
 # ---------------------------------------------------------------------------------------------- runners
@@ -611,30 +603,24 @@ def code_path(path: str):
 
 
 def run_maskreg(cell: Cell, stages: list[dict], threads: int = 1) -> tuple[Any, float]:
-    import maskreg
-
+    """maskreg on the cell's images and masks, on its code path: the result and the call's wall time."""
     sit = load_situation(cell.pair, cell.masks)
-    register = maskreg.register
     with code_path(cell.path) as device:
-        t0 = time.perf_counter()
-        res = register(
+        run = common.maskreg_call(
             sit.fixed,
             sit.moving,
             sit.fixed_mask,
             sit.moving_mask,
-            stages=stages,
+            stages,
             device=device,
+            warm=False,  # bench_matrix.py and tests/test_matrix.py load the kernels once, before the first cell
             sampling=cell.sampling_arg(),
             mask_kinds=sit.kinds,
             threads=threads,
             seed=0,
             subject=cell.id,
         )
-        if device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-        return res, time.perf_counter() - t0
+        return common.timed(run)
 
 
 def ants_settings(cell: Cell) -> dict[str, Any]:
@@ -668,25 +654,14 @@ def run_ants(cell: Cell) -> dict:
     if key in _ANTS:
         return _ANTS[key]
     try:
-        import ants
-
-        from maskreg.transforms import read_transform
-
         files = _situation_files(cell.pair, cell.masks)
-        fixed = ants.image_read(files["fixed"], pixeltype="float")
-        moving = ants.image_read(files["moving"], pixeltype="float")
-        fm = ants.image_read(files["fixed_mask"]) if "fixed_mask" in files else None
-        mm = ants.image_read(files["moving_mask"]) if "moving_mask" in files else None
+        fixed, moving, fm, mm = common.ants_pair(files, pixeltype="float")
         if cell.stage != "moments":  # the same centre-of-mass start as maskreg's moments stage
             kw = {**kw, "initial_transform": [f"[{files['fixed_com']},{files['moving_com']},1]"]}
-        prefix = _tmpdir() / "ants" / f"{len(_ANTS):04d}_"
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        reg = ants.registration(
-            fixed, moving, mask=fm, moving_mask=mm, mask_all_stages=True, outprefix=str(prefix), **kw
-        )
-        seconds = time.perf_counter() - t0
-        tx = _as_sitk(read_transform(list(reg["fwdtransforms"])))
+        outdir = _tmpdir() / "ants" / f"{len(_ANTS):04d}"
+        run = common.ants_call(fixed, moving, outdir, mask=fm, moving_mask=mm, mask_all_stages=True, **kw)
+        reg, seconds = common.timed(run)
+        tx = common.read_transform_files(reg["fwdtransforms"])
         out = {"metrics": evaluate(cell.pair, cell.masks, tx), "seconds": seconds, "error": None}
     except Exception as exc:  # noqa: BLE001 (a peer's failure is recorded, not raised)
         out = {"metrics": None, "seconds": None, "error": f"{type(exc).__name__}: {exc}"}
@@ -700,7 +675,7 @@ def _linear_only(cell: Cell, threads: int) -> dict:
         try:
             res, secs = run_maskreg(cell, cell.stages(linear_only=True), threads)
             _LINEAR[key] = {
-                "metrics": evaluate(cell.pair, cell.masks, _as_sitk(res.transform())),
+                "metrics": evaluate(cell.pair, cell.masks, common.as_sitk(res.transform())),
                 "seconds": secs,
                 "error": None,
             }
@@ -743,7 +718,7 @@ def run_cell(cell: Cell, threads: int = 1) -> dict:
             _reference(cell, row, pair)  # still shown: what ANTsPy makes of the same cell
             return _finish(row, "FAIL", [f"maskreg raised {type(exc).__name__}: {exc}"], t_cell)
         row["mr_s"] = secs
-        mr = evaluate(cell.pair, cell.masks, _as_sitk(res.transform()))
+        mr = evaluate(cell.pair, cell.masks, common.as_sitk(res.transform()))
         row["mr"], row["mr_ncc"] = mr.get(pair.metric), mr["ncc"]
         if cell.deformable:
             row["fold"] = res.jacobian_nonpositive_fraction
@@ -866,39 +841,31 @@ COLUMNS = [
 ]
 
 
-def _f(v, nd=3, sign=False) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and not np.isfinite(v):
-        return "nan"
-    return f"{v:+.{nd}f}" if sign else f"{v:.{nd}f}"
-
-
 def format_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         r = dict(r)
-        r["mr_f"] = r.get("mr_text") or _f(r.get("mr"))
-        r["ants_f"] = _f(r.get("ants_v"))
+        r["mr_f"] = r.get("mr_text") or common.fmt(r.get("mr"), 3)
+        r["ants_f"] = common.fmt(r.get("ants_v"), 3)
         r["diff_f"] = (
-            _f(r["mr"] - r["ants_v"], sign=True) if not _bad(r.get("mr")) and not _bad(r.get("ants_v")) else "-"
+            common.fmt(r["mr"] - r["ants_v"], 3, sign=True)
+            if not _bad(r.get("mr")) and not _bad(r.get("ants_v"))
+            else "-"
         )
-        r["lin_f"] = _f(r.get("lin"))
-        r["fold_f"] = _f(None if r.get("fold") is None else 100 * r["fold"], 3)
+        r["lin_f"] = common.fmt(r.get("lin"), 3)
+        r["fold_f"] = common.fmt(None if r.get("fold") is None else 100 * r["fold"], 3)
         r["ncc_f"] = (
-            f"{_f(r.get('mr_ncc'))}/{_f(r.get('ants_ncc'))}"
+            f"{common.fmt(r.get('mr_ncc'), 3)}/{common.fmt(r.get('ants_ncc'), 3)}"
             if r.get("metric") == "dice" and r.get("mr_ncc") is not None
             else "-"
         )
-        r["mr_s_f"] = _f(r.get("mr_s"), 2)
-        r["ants_s_f"] = _f(r.get("ants_s"), 2)
+        r["mr_s_f"] = common.fmt(r.get("mr_s"), 2)
+        r["ants_s_f"] = common.fmt(r.get("ants_s"), 2)
         out.append(r)
     return out
 
 
 def table(rows: list[dict]) -> str:
-    import common
-
     return common.format_table(format_rows(rows), COLUMNS)
 
 

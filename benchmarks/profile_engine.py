@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,45 +34,33 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
 
-    import SimpleITK as sitk
     import torch
     import yaml
 
     import bench_deformable as bd
-    import maskreg
+    import common
 
-    stages = yaml.safe_load(args.stages) if args.stages else bd.default_stages()
+    stages = yaml.safe_load(args.stages) if args.stages else common.default_stages()
     paths = bd.prepare([args.res], [args.pair])[(args.pair, args.res)]
-    f, m = sitk.ReadImage(paths["fixed"]), sitk.ReadImage(paths["moving"])
-    fm, mm = sitk.ReadImage(paths["fixed_mask"]), sitk.ReadImage(paths["moving_mask"])
+    f, m, fm, mm = common.read_pair(paths)
     cuda = args.device.startswith("cuda")
     print(
         f"{args.pair} at {args.res} mm, fixed {f.GetSize()}, moving {m.GetSize()}, device {args.device}, "
         f"torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}"
     )
-    print("stages: " + bd._stages_text(stages))
+    print("stages: " + common.stages_text(stages))
 
-    def run():
-        r = maskreg.register(f, m, fm, mm, stages=stages, device=args.device, threads=args.threads, seed=0)
-        if cuda:
-            torch.cuda.synchronize()
-        return r
-
-    t0 = time.perf_counter()
-    res = run()
-    print(f"warm-up call: {time.perf_counter() - t0:.2f} s")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        res = run()
-        times.append(time.perf_counter() - t0)
+    # the first call warms up (the engine's import, the kernels, CUDA's context and handles): timed on its own
+    run = common.maskreg_call(f, m, fm, mm, stages, device=args.device, warm=False, threads=args.threads, seed=0)
+    res, seconds = common.timed(run)
+    print(f"warm-up call: {seconds:.2f} s")
+    meas = common.measure(run, args.repeats, args.device)
+    res = meas["result"]
     print(
         "timed calls: "
-        + ", ".join(f"{t:.3f}" for t in times)
+        + ", ".join(f"{t:.3f}" for t in meas["times_s"])
         + " s"
-        + (f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if cuda else "")
+        + (f"; peak GPU memory {meas['gpu_peak_mb']:.0f} MB" if cuda else "")
     )
     n_it = 0
     for s in res.stages:
@@ -85,9 +72,8 @@ def main() -> None:
         + ", ".join(f"{k} {v:.3f} s" for k, v in res.phase_seconds.items())
         + f"; whole call {res.seconds:.3f} s"
     )
-    t0 = time.perf_counter()
-    res.displacement  # noqa: B018 (the first read makes both fields' SimpleITK images)
-    print(f"  then both fields to SimpleITK images on first read: {time.perf_counter() - t0:.3f} s")
+    _, seconds = common.timed(lambda: res.displacement)  # the first read makes both fields' SimpleITK images
+    print(f"  then both fields to SimpleITK images on first read: {seconds:.3f} s")
     if args.no_profile:
         return
     from torch.profiler import ProfilerActivity, profile

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
 
 SUITES: dict[str, list[list[str]]] = {
     "cpu": [
@@ -48,34 +50,6 @@ SUITES: dict[str, list[list[str]]] = {
 }
 
 
-def _describe_device() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
-        return f"CPU only, torch {torch.__version__}"
-    except Exception as exc:  # torch missing or broken: say so, the scripts will too
-        return f"unknown ({exc})"
-
-
-def _commit() -> str:
-    """The checkout's commit; ``$MASKREG_COMMIT`` where the tree travelled without its .git (a GPU machine)."""
-    if os.environ.get("MASKREG_COMMIT"):
-        return os.environ["MASKREG_COMMIT"]
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
-        ).stdout.strip()
-        return rev + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,8 +63,8 @@ def main() -> None:
         print("\n".join(" ".join(c) for c in cmds))
         return
     head = (
-        f"\n## suite {args.suite}: {datetime.date.today().isoformat()}, commit {_commit()}\n\n"
-        f"device: {_describe_device()}\n"
+        f"\n## suite {args.suite}: {datetime.date.today().isoformat()}, commit {common.commit()}\n\n"
+        f"device: {common.device_note()}\n"
     )
     print(head)
     chunks = [head]
