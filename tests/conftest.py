@@ -1,42 +1,76 @@
-"""Shared test fixtures: paths to the repository, its demo data and the team's shared real scans."""
+"""Shared test fixtures: paths to the repository, its demo data and the team's shared real scans, the one builder of
+SimpleITK test images, and the decoder of Snakemake reports.
+
+Tests take these as fixture arguments (``def test_x(repo, make_image): ...``); nothing is imported from here. Code
+that runs at import time (``pytest.mark.parametrize`` lists, module constants) computes a path from its own
+``Path(__file__)`` instead.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "resources" / "demo"
-# shared/ lies beside the repository (CI clones main with shared/ next to it); MASKREG_DATA overrides
-SHARED_DATA = Path(os.environ.get("MASKREG_DATA", REPO.parent / "shared" / "data"))
+_REPO = Path(__file__).resolve().parents[1]
 
 
-def shared(*parts: str) -> Path:
-    """A file of the shared data folder, or skip the test with the reason when it is not there."""
-    p = SHARED_DATA.joinpath(*parts)
-    if not p.exists():
-        pytest.skip(f"shared data not found: {p} (set MASKREG_DATA to the shared/data folder)")
-    return p
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    """The repository's root folder."""
+    return _REPO
 
 
-def report_files(html: str) -> dict[str, bytes]:
-    """The files embedded in a Snakemake report (``data:...;filename=NAME;base64,...`` URIs), decoded."""
+@pytest.fixture(scope="session")
+def demo(repo: Path) -> Path:
+    """The demo data shipped with the repository (``resources/demo``)."""
+    return repo / "resources" / "demo"
+
+
+@pytest.fixture(scope="session")
+def shared_data(repo: Path) -> Callable[..., Path]:
+    """``shared_data(*parts)``: a file (or, without parts, the folder) of the team's shared real scans, or skip the
+    test with the reason when it is not there. shared/ lies beside the repository (CI clones main with shared/
+    next to it); ``MASKREG_DATA`` overrides."""
+    root = Path(os.environ.get("MASKREG_DATA", repo.parent / "shared" / "data"))
+
+    def shared(*parts: str) -> Path:
+        p = root.joinpath(*parts)
+        if not p.exists():
+            pytest.skip(f"shared data not found: {p} (set MASKREG_DATA to the shared/data folder)")
+        return p
+
+    return shared
+
+
+@pytest.fixture(scope="session")
+def report_files() -> Callable[[str], dict[str, bytes]]:
+    """``report_files(html)``: the files embedded in a Snakemake report (``data:...;filename=NAME;base64,...``
+    URIs), decoded, by name."""
     import base64
     import re
 
-    out = {}
-    for name, data in re.findall(r'data:[^"\s]*?;filename=([^;"]+);base64,([A-Za-z0-9+/=]+)', html):
-        out[name] = base64.b64decode(data)
-    return out
+    def decode(html: str) -> dict[str, bytes]:
+        out = {}
+        for name, data in re.findall(r'data:[^"\s]*?;filename=([^;"]+);base64,([A-Za-z0-9+/=]+)', html):
+            out[name] = base64.b64decode(data)
+        return out
+
+    return decode
 
 
-def make_image(a, spacing=None, origin=None, direction=None):
-    """A SimpleITK image from an array (``[z,] y, x``) with optional geometry."""
+def _build_image(a, spacing=None, origin=None, direction=None, *, dtype=None, like=None, vector: bool = False):
+    import numpy as np
     import SimpleITK as sitk
 
-    img = sitk.GetImageFromArray(a)
+    arr = np.ascontiguousarray(a if dtype is None else np.asarray(a).astype(dtype))
+    img = sitk.GetImageFromArray(arr, isVector=vector)
+    if like is not None:
+        img.SetSpacing(like.GetSpacing())
+        img.SetOrigin(like.GetOrigin())
+        img.SetDirection(like.GetDirection())
     if spacing is not None:
         img.SetSpacing(spacing)
     if origin is not None:
@@ -44,6 +78,15 @@ def make_image(a, spacing=None, origin=None, direction=None):
     if direction is not None:
         img.SetDirection(direction)
     return img
+
+
+@pytest.fixture(scope="session")
+def make_image() -> Callable[..., object]:
+    """``make_image(a, spacing=None, origin=None, direction=None, *, dtype=None, like=None, vector=False)``: a
+    SimpleITK image from an array (``[z,] y, x``; with ``vector``, ``[z,] y, x, components``), its values cast to
+    the numpy ``dtype`` first when given, and its geometry copied from the image ``like`` and/or set from
+    ``spacing``, ``origin`` and ``direction`` (x first, as SimpleITK takes them)."""
+    return _build_image
 
 
 @pytest.fixture

@@ -78,3 +78,35 @@ def test_modules_and_functions_stay_short() -> None:
     ]
     long_functions = [f for p in sorted(SRC.rglob("*.py")) for f in _long_functions(p)]
     assert not long_modules and not long_functions, "\n".join(long_modules + long_functions)
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Names beginning with ``_`` that ``path`` imports from maskreg or reads as attributes of a maskreg module
+    it imported (``module._name``); dunder names excepted."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    modules: set[str] = set()  # local names bound to maskreg modules
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "maskreg":
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    out.append(f"{path.name}:{node.lineno} from {node.module} import {alias.name}")
+                modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "maskreg":
+                    modules.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in modules:
+                out.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    return out
+
+
+def test_tests_use_public_names_only() -> None:
+    """Tests check behaviour through public names: no ``_private`` import from maskreg, no ``module._name``."""
+    found = [u for p in sorted((SRC.parents[1] / "tests").glob("*.py")) for u in _private_uses(p)]
+    assert not found, "\n".join(found)

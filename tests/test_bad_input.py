@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import maskreg
-from conftest import REPO
 from maskreg import io, masks
 from maskreg.config import load_and_validate, load_yaml
 from maskreg.engine import pick_device
@@ -33,21 +32,14 @@ from maskreg.qc.metrics import tre
 from maskreg.transforms import LinearTransform
 from maskreg.warp import check_labels, common_labels, warp_labels
 
-CONFIG_SCHEMA = load_yaml(REPO / "workflow/schemas/config.schema.yaml")
-COHORT_SCHEMA = load_yaml(REPO / "workflow/schemas/cohort.schema.yaml")
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the schemas and the config are read at import
+CONFIG_SCHEMA = load_yaml(ROOT / "workflow/schemas/config.schema.yaml")
+COHORT_SCHEMA = load_yaml(ROOT / "workflow/schemas/cohort.schema.yaml")
+BASE_CONFIG = load_yaml(ROOT / "config/config.yaml")
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def img(arr, spacing=None, origin=None) -> sitk.Image:
-    out = sitk.GetImageFromArray(np.asarray(arr), isVector=False)
-    if spacing is not None:
-        out.SetSpacing(spacing)
-    if origin is not None:
-        out.SetOrigin(origin)
-    return out
 
 
 def blob(shape=(24, 24), seed=0) -> np.ndarray:
@@ -57,9 +49,8 @@ def blob(shape=(24, 24), seed=0) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(a, 2.0)) * 100 + 50
 
 
-def write(arr_or_img, path: Path, compress: bool = True) -> Path:
-    im = arr_or_img if isinstance(arr_or_img, sitk.Image) else img(arr_or_img)
-    sitk.WriteImage(im, str(path), useCompression=compress)
+def write(image: sitk.Image, path: Path, compress: bool = True) -> Path:
+    sitk.WriteImage(image, str(path), useCompression=compress)
     return path
 
 
@@ -70,7 +61,7 @@ def says(msg: str, *parts: str) -> None:
 
 
 def cfg_with(cohort: Path) -> dict:
-    cfg = load_yaml(REPO / "config/config.yaml")
+    cfg = copy.deepcopy(BASE_CONFIG)
     cfg["cohort"] = str(cohort)
     return cfg
 
@@ -118,9 +109,9 @@ def test_unreadable_image(tmp_path, content):
 @pytest.mark.parametrize(
     "suffix, keep", [(".nii", 0.5), (".nii", 0.999), (".nii.gz", 0.5), (".nii.gz", 0.01), (".nrrd", 0.5)]
 )
-def test_truncated_image(tmp_path, suffix, keep):
+def test_truncated_image(tmp_path, suffix, keep, make_image):
     """SimpleITK reads a truncated NIfTI without complaint (filling the missing voxels): read_image does not."""
-    full = write(blob((8, 20, 20)), tmp_path / f"full{suffix}", compress=suffix.endswith(".gz"))
+    full = write(make_image(blob((8, 20, 20))), tmp_path / f"full{suffix}", compress=suffix.endswith(".gz"))
     io.read_image(full)  # the complete file is fine
     data = full.read_bytes()
     cut = tmp_path / f"cut{suffix}"
@@ -133,8 +124,8 @@ def test_truncated_image(tmp_path, suffix, keep):
     assert "\n" not in msg
 
 
-def test_4d_image(tmp_path):
-    p = write(np.zeros((3, 4, 8, 8), np.float32) + np.arange(8), tmp_path / "dwi.nii.gz")
+def test_4d_image(tmp_path, make_image):
+    p = write(make_image(np.zeros((3, 4, 8, 8), np.float32) + np.arange(8)), tmp_path / "dwi.nii.gz")
     with pytest.raises(InputError) as info:
         io.read_image(p, subject="sub-03", role="moving")
     says(
@@ -146,16 +137,16 @@ def test_4d_image(tmp_path):
         "extract the one volume",
     )
     # a 4D file with a single volume is a 3D image
-    one = write(np.zeros((1, 4, 8, 8), np.float32) + np.arange(8), tmp_path / "one.nii.gz")
+    one = write(make_image(np.zeros((1, 4, 8, 8), np.float32) + np.arange(8)), tmp_path / "one.nii.gz")
     assert io.read_image(one).GetDimension() == 3
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_voxels(tmp_path, bad):
+def test_non_finite_voxels(tmp_path, bad, make_image):
     a = blob()
     a[3, 4] = bad
     a[5, 6] = bad
-    p = write(a, tmp_path / "nan.nii.gz")
+    p = write(make_image(a), tmp_path / "nan.nii.gz")
     with pytest.raises(InputError) as info:
         io.read_image(p, subject="sub-04", role="fixed")
     says(str(info.value), "subject 'sub-04'", f"fixed '{p}'", "2 NaN or infinite voxel(s)", "replace them")
@@ -165,8 +156,8 @@ def test_non_finite_voxels(tmp_path, bad):
 
 
 @pytest.mark.parametrize("role", ["fixed", "moving"])
-def test_constant_image(role):
-    good, flat = img(blob()), img(np.full((24, 24), 7.0, np.float32))
+def test_constant_image(role, make_image):
+    good, flat = make_image(blob()), make_image(np.full((24, 24), 7.0, np.float32))
     pair = (flat, good) if role == "fixed" else (good, flat)
     with pytest.raises(InputError) as info:
         maskreg.register(*pair, stages=LINEAR, device="cpu", subject="sub-05")
@@ -178,8 +169,8 @@ def test_constant_image(role):
 
 
 @pytest.mark.parametrize("dims", [("3D", "2D"), ("2D", "3D")])
-def test_2d_image_with_3d_image(dims):
-    two, three = img(blob()), img(blob((6, 24, 24)))
+def test_2d_image_with_3d_image(dims, make_image):
+    two, three = make_image(blob()), make_image(blob((6, 24, 24)))
     pair = (three, two) if dims[0] == "3D" else (two, three)
     with pytest.raises(InputError) as info:
         maskreg.register(*pair, stages=LINEAR, device="cpu", subject="sub-06")
@@ -191,10 +182,10 @@ def test_2d_image_with_3d_image(dims):
     )
 
 
-def test_no_physical_overlap_after_initialisation():
+def test_no_physical_overlap_after_initialisation(make_image):
     """The images overlap as given, but the initial transform maps the fixed mask far outside the moving image:
     the one hard failure, with subject, stage, level, counts and what to check."""
-    a = img(blob((32, 32)))
+    a = make_image(blob((32, 32)))
     far = LinearTransform(np.eye(2), np.array([500.0, 0.0]))
     with pytest.raises(OverlapError) as info:
         maskreg.register(a, a, stages=LINEAR, device="cpu", subject="sub-07", initial=far, min_overlap_voxels=50)
@@ -208,7 +199,7 @@ def test_no_physical_overlap_after_initialisation():
     )
 
 
-def test_overlap_lost_during_optimisation_is_not_blamed_on_the_input():
+def test_overlap_lost_during_optimisation_is_not_blamed_on_the_input(make_image):
     """Masked MSE can lower its weighted mean by sliding the fixed mask off the moving mask (here: a bright
     moving region outside the moving mask pulls the fixed mask out of it). The overlap was fine at the start,
     so the error must say that the optimisation lost it, not "check the initial alignment"."""
@@ -224,10 +215,10 @@ def test_overlap_lost_during_optimisation_is_not_blamed_on_the_input():
     stages = [{"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [60, 30], "learning_rate": 1.0}]
     with pytest.raises(OverlapError) as info:
         maskreg.register(
-            img(fixed),
-            img(moving),
-            img(fixed_mask),
-            img(moving_mask),
+            make_image(fixed),
+            make_image(moving),
+            make_image(fixed_mask),
+            make_image(moving_mask),
             stages=stages,
             device="cpu",
             subject="sub-08",
@@ -246,7 +237,7 @@ def test_overlap_lost_during_optimisation_is_not_blamed_on_the_input():
     assert "Check the initial alignment" not in str(info.value)
 
 
-def test_a_small_roi_is_not_failed_at_coarse_levels_for_being_small():
+def test_a_small_roi_is_not_failed_at_coarse_levels_for_being_small(make_image):
     """A 10 × 10 voxel ROI has ~6 voxels at scale 4: fewer than min_overlap_voxels (100) however well it
     overlaps. A level needs at most half its fixed mask, so the registration runs, and still aligns."""
     n = 96
@@ -255,32 +246,53 @@ def test_a_small_roi_is_not_failed_at_coarse_levels_for_being_small():
     roi = np.zeros((n, n), np.uint8)
     roi[40:50, 44:54] = 1
     stages = [{"type": "translation", "loss": "mse", "scales": [4, 2, 1], "iterations": [40, 40, 40]}]
-    res = maskreg.register(img(fixed), img(moving), img(roi), None, stages=stages, device="cpu", subject="sub-10")
+    res = maskreg.register(
+        make_image(fixed), make_image(moving), make_image(roi), None, stages=stages, device="cpu", subject="sub-10"
+    )
     first = res.stages[0].levels[0]
     assert first.overlap_weight < 100 and first.overlap_fraction > 0.9
     np.testing.assert_allclose(res.linear.translation, [-1.0, 2.0], atol=0.3)
 
 
-def test_overlap_too_small_after_a_good_level_names_that_level():
-    from types import SimpleNamespace
-
-    from maskreg.engine.core import _check_start_overlap
-
-    prob = SimpleNamespace(subject="sub-09", last_level=("stage rigid, level 2/3 (scale 2)", 0.62))
+def test_overlap_too_small_after_a_good_level_names_that_level(make_image):
+    """A level that starts with too little overlap after an earlier level ended with enough: the error names that
+    level and its overlap, and blames the optimisation, not the input. Here the first stage weighs the loss by the
+    fixed mask only (full overlap), and the second by both masks, which overlap in a 4 x 4 voxel corner."""
+    n = 48
+    image = make_image(blob((n, n), seed=4))
+    fixed_mask, moving_mask = np.zeros((n, n), np.uint8), np.zeros((n, n), np.uint8)
+    fixed_mask[10:30, 10:30] = 1
+    moving_mask[26:46, 26:46] = 1
+    stages = [
+        {"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [5, 5], "masks": "fixed"},
+        {"type": "rigid", "loss": "mse", "scales": [2, 1], "iterations": [5, 5]},
+    ]
     with pytest.raises(OverlapError) as info:
-        _check_start_overlap(prob, "stage affine, level 1/3 (scale 4)", 12.0, 400.0, 50)
+        maskreg.register(
+            image,
+            image,
+            make_image(fixed_mask),
+            make_image(moving_mask),
+            stages=stages,
+            device="cpu",
+            subject="sub-09",
+            min_overlap_voxels=50,
+        )
+    msg = str(info.value)
     says(
-        str(info.value),
+        msg,
         "subject 'sub-09'",
-        "stage affine, level 1/3",
-        "only 12 effective voxels",
-        "3.0%",
-        "was 62.0% of the fixed mask at the end of stage rigid, level 2/3",
+        "stage rigid, level 1/2",
+        "The overlap was 100.0% of the fixed mask at the end of stage translation, level 2/2",
         "shrinking the overlap",
     )
+    # the corner: 16 voxels at full resolution, 4 at scale 2; 10 % at most of the fixed mask
+    start = re.search(r"only (\d+) effective voxels .* \(([\d.]+)% of the fixed mask\)", msg)
+    assert start and int(start.group(1)) <= 6 and float(start.group(2)) <= 10.0, msg
+    assert "Check the initial alignment" not in msg
 
 
-def test_device_cuda_without_cuda():
+def test_device_cuda_without_cuda(make_image):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     for requested in ("cuda", "cuda:0"):
@@ -288,41 +300,41 @@ def test_device_cuda_without_cuda():
             pick_device(requested)
         says(str(info.value), "device 'cuda' was requested", "no usable CUDA device", "device: auto or cpu")
     with pytest.raises(MaskregError, match="no usable CUDA device"):
-        maskreg.register(img(blob()), img(blob(seed=1)), stages=LINEAR, device="cuda", subject="sub-08")
+        maskreg.register(make_image(blob()), make_image(blob(seed=1)), stages=LINEAR, device="cuda", subject="sub-08")
 
 
 # ---------------------------------------------------------------------------------------------- masks
 
 
-def test_mask_all_zeros():
-    image = img(blob())
-    empty = img(np.zeros((24, 24), np.uint8))
+def test_mask_all_zeros(make_image):
+    image = make_image(blob())
+    empty = make_image(np.zeros((24, 24), np.uint8))
     with pytest.raises(MaskError) as info:
         masks.prepare_mask(image, empty, subject="sub-09", role="fixed_mask")
     says(str(info.value), "subject 'sub-09', fixed_mask: mask is empty", "Check the mask file")
 
 
 @pytest.mark.parametrize("values", [(0.0, 0.3), (0.0, np.nan)])
-def test_mask_non_binary_values(values):
+def test_mask_non_binary_values(values, make_image):
     a = np.zeros((24, 24), np.float32)
     a[5:15, 5:15] = 1.0
     a[6, 6] = values[1]
     with pytest.raises(MaskError) as info:
-        masks.prepare_mask(img(blob()), img(a), subject="sub-10", role="moving_mask")
+        masks.prepare_mask(make_image(blob()), make_image(a), subject="sub-10", role="moving_mask")
     msg = str(info.value)
     says(msg, "subject 'sub-10', moving_mask", "threshold")
     assert re.search(r"1 non-integer voxel value|1 NaN or infinite voxel", msg), msg
     # integer labels other than 0/1 are a binary mask (nonzero = inside), not an error
     lab = np.zeros((24, 24), np.uint8)
     lab[5:15, 5:15] = 7
-    assert np.array_equal(sitk.GetArrayFromImage(masks.prepare_mask(img(blob()), img(lab))), lab > 0)
+    assert np.array_equal(sitk.GetArrayFromImage(masks.prepare_mask(make_image(blob()), make_image(lab))), lab > 0)
 
 
-def test_mask_on_another_grid_warns_or_fails():
-    image = img(blob((40, 40)))
+def test_mask_on_another_grid_warns_or_fails(make_image):
+    image = make_image(blob((40, 40)))
     m = np.zeros((20, 20), np.uint8)
     m[5:15, 5:15] = 1
-    near = img(m, spacing=(2.0, 2.0), origin=(3.0, 0.0))
+    near = make_image(m, spacing=(2.0, 2.0), origin=(3.0, 0.0))
     with pytest.warns(UserWarning) as rec:
         out = masks.prepare_mask(image, near, subject="sub-11", role="fixed_mask")
     says(
@@ -333,7 +345,7 @@ def test_mask_on_another_grid_warns_or_fails():
         "resampling the mask onto the image grid",
     )
     assert out.GetSize() == image.GetSize() and sitk.GetArrayFromImage(out).any()
-    far = img(m, spacing=(2.0, 2.0), origin=(900.0, 0.0))
+    far = make_image(m, spacing=(2.0, 2.0), origin=(900.0, 0.0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(MaskError) as info:
@@ -344,11 +356,11 @@ def test_mask_on_another_grid_warns_or_fails():
 # --------------------------------------------------------------------------------------------- labels
 
 
-def test_float_label_map():
+def test_float_label_map(make_image):
     lab = np.zeros((24, 24), np.float32)
     lab[4:10, 4:10] = 1.5
     with pytest.raises(InputError) as info:
-        check_labels(img(lab), subject="sub-12", role="fixed_labels", path="lab.nii.gz")
+        check_labels(make_image(lab), subject="sub-12", role="fixed_labels", path="lab.nii.gz")
     says(
         str(info.value),
         "subject 'sub-12', fixed_labels 'lab.nii.gz'",
@@ -357,18 +369,20 @@ def test_float_label_map():
         "integer-valued",
     )
     with pytest.raises(InputError, match="subject 'sub-12', moving_labels: label map holds non-integer"):
-        warp_labels(img(lab), img(blob()), sitk.Transform(2, sitk.sitkIdentity), subject="sub-12")
+        warp_labels(make_image(lab), make_image(blob()), sitk.Transform(2, sitk.sitkIdentity), subject="sub-12")
     # a float map holding whole numbers is a label map
-    assert common_labels(img(np.round(lab)), img(np.round(lab))) == [2]
+    assert common_labels(make_image(np.round(lab)), make_image(np.round(lab))) == [2]
 
 
-def test_label_maps_with_no_label_in_common():
+def test_label_maps_with_no_label_in_common(make_image):
     a = np.zeros((24, 24), np.uint8)
     a[2:8, 2:8], a[10:20, 10:20] = 1, 2
     b = np.zeros((24, 24), np.uint8)
     b[2:8, 2:8], b[10:20, 10:20] = 11, 12
     with pytest.raises(InputError) as info:
-        common_labels(img(a), img(b), subject="sub-13", fixed_path="f_lab.nii.gz", moving_path="m_lab.nii.gz")
+        common_labels(
+            make_image(a), make_image(b), subject="sub-13", fixed_path="f_lab.nii.gz", moving_path="m_lab.nii.gz"
+        )
     says(
         str(info.value),
         "subject 'sub-13'",
@@ -379,9 +393,9 @@ def test_label_maps_with_no_label_in_common():
         "same label numbering",
     )
     with pytest.raises(InputError, match=r"fixed has \{1, 2\}, moving has none"):
-        common_labels(img(a), img(np.zeros_like(b)), subject="sub-13")
+        common_labels(make_image(a), make_image(np.zeros_like(b)), subject="sub-13")
     b[10:20, 10:20] = 2
-    assert common_labels(img(a), img(b)) == [2]
+    assert common_labels(make_image(a), make_image(b)) == [2]
 
 
 # ------------------------------------------------------------------------------------------ landmarks
@@ -535,8 +549,8 @@ def _stage(cfg, i):
         (lambda c: c.update(device="gpu"), "config device: 'gpu' does not match"),
     ],
 )
-def test_bad_config_key(mutate, expected):
-    cfg = cfg_with(REPO / "config/cohort.tsv")
+def test_bad_config_key(mutate, expected, repo):
+    cfg = cfg_with(repo / "config/cohort.tsv")
     mutate(cfg)
     ps = problems(cfg)
     assert any(p.startswith(expected) for p in ps), ps
@@ -673,7 +687,6 @@ def _key_paths(node, prefix=()):
             yield from _key_paths(v, prefix + (i,))
 
 
-BASE_CONFIG = load_yaml(REPO / "config/config.yaml")
 PATHS = [p for p in _key_paths(BASE_CONFIG) if p and p != ("cohort",)]
 JUNK = st.one_of(
     st.none(),

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import DEMO
-
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "maskreg.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
-def test_register_apply_and_mask(tmp_path):
-    fixed, moving = DEMO / "antspy_brain2d" / "r64.nii.gz", DEMO / "antspy_brain2d" / "r16.nii.gz"
+def test_register_apply_and_mask(tmp_path, demo):
+    fixed, moving = demo / "antspy_brain2d" / "r64.nii.gz", demo / "antspy_brain2d" / "r16.nii.gz"
     mask = tmp_path / "mask.nii.gz"
     p = run("mask", str(fixed), "--missing", "auto", "--dilate-mm", "2", "--output", str(mask))
     assert p.returncode == 0, p.stderr
@@ -107,11 +105,11 @@ def test_register_apply_and_mask(tmp_path):
     assert np.abs(back - [[100, 120], [30.5, 200]]).max() < 0.1
 
 
-def test_bad_input_is_one_clear_line(tmp_path):
+def test_bad_input_is_one_clear_line(tmp_path, demo):
     p = run(
         "register",
         str(tmp_path / "nope.nii.gz"),
-        str(DEMO / "antspy_brain2d" / "r16.nii.gz"),
+        str(demo / "antspy_brain2d" / "r16.nii.gz"),
         "--out",
         str(tmp_path / "o"),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import sys
@@ -10,24 +11,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DEMO, REPO
 from maskreg.config import load_and_validate, load_yaml
 from maskreg.errors import ConfigError
 
-CONFIG_SCHEMA = load_yaml(REPO / "workflow/schemas/config.schema.yaml")
-COHORT_SCHEMA = load_yaml(REPO / "workflow/schemas/cohort.schema.yaml")
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the schemas and the config are read at import
+CONFIG_SCHEMA = load_yaml(ROOT / "workflow/schemas/config.schema.yaml")
+COHORT_SCHEMA = load_yaml(ROOT / "workflow/schemas/cohort.schema.yaml")
+BASE_CONFIG = load_yaml(ROOT / "config/config.yaml")
 
 
 def demo_config(cohort: Path) -> dict:
-    cfg = load_yaml(REPO / "config/config.yaml")
+    cfg = copy.deepcopy(BASE_CONFIG)
     cfg["cohort"] = str(cohort)
     return cfg
 
 
-def write_bad_cohort(tmp: Path) -> Path:
-    """A cohort with four problems: no 'moving' column, a missing file, a duplicate id, an unsafe id."""
-    img = DEMO / "antspy_brain2d" / "r64.nii.gz"
-    shutil.copy(img, tmp / "a.nii.gz")
+def write_bad_cohort(tmp: Path, image: Path) -> Path:
+    """A cohort with four problems: no 'moving' column, a missing file, a duplicate id, an unsafe id (``image``
+    copied in as its one image file)."""
+    shutil.copy(image, tmp / "a.nii.gz")
     rows = [
         "subject\tfixed\tfixed_mask",
         "s1\ta.nii.gz\t",
@@ -39,17 +41,18 @@ def write_bad_cohort(tmp: Path) -> Path:
     return tmp / "bad.tsv"
 
 
-def test_demo_config_and_cohort_are_valid():
-    table = load_and_validate(demo_config(REPO / "config/cohort.tsv"), CONFIG_SCHEMA, COHORT_SCHEMA)
+def test_demo_config_and_cohort_are_valid(repo):
+    table = load_and_validate(demo_config(repo / "config/cohort.tsv"), CONFIG_SCHEMA, COHORT_SCHEMA)
     assert list(table.index) == ["brain2d_r16", "brain2d_r27", "brain2d_r30", "headct2d", "abdomen3d", "brain3d"]
     # paths are resolved relative to the table's folder and exist
     assert all(Path(p).is_file() for p in table["fixed"])
     assert table.loc["brain2d_r16", "fixed_mask"] == ""
 
 
-def test_bad_cohort_lists_every_problem_at_once(tmp_path):
+def test_bad_cohort_lists_every_problem_at_once(tmp_path, demo):
+    cohort = write_bad_cohort(tmp_path, demo / "antspy_brain2d" / "r64.nii.gz")
     with pytest.raises(ConfigError) as info:
-        load_and_validate(demo_config(write_bad_cohort(tmp_path)), CONFIG_SCHEMA, COHORT_SCHEMA)
+        load_and_validate(demo_config(cohort), CONFIG_SCHEMA, COHORT_SCHEMA)
     text = str(info.value)
     assert "column 'moving' is missing" in text
     assert "row 2 (subject 's1'), column 'subject': duplicate of row 1" in text
@@ -58,9 +61,9 @@ def test_bad_cohort_lists_every_problem_at_once(tmp_path):
     assert len(info.value.problems) == 4
 
 
-def test_a_folder_is_not_an_image(tmp_path):
+def test_a_folder_is_not_an_image(tmp_path, demo):
     """'..' or a folder name in an image column exists but is no file (found by the validator's fuzz test)."""
-    shutil.copy(DEMO / "antspy_brain2d" / "r64.nii.gz", tmp_path / "a.nii.gz")
+    shutil.copy(demo / "antspy_brain2d" / "r64.nii.gz", tmp_path / "a.nii.gz")
     (tmp_path / "scans").mkdir()
     (tmp_path / "c.tsv").write_text("subject\tfixed\tmoving\ns0\ta.nii.gz\t..\ns1\ta.nii.gz\tscans\n")
     with pytest.raises(ConfigError) as info:
@@ -70,8 +73,8 @@ def test_a_folder_is_not_an_image(tmp_path):
     assert len(info.value.problems) == 2
 
 
-def test_bad_config_lists_every_problem_at_once():
-    cfg = demo_config(REPO / "config/cohort.tsv")
+def test_bad_config_lists_every_problem_at_once(repo):
+    cfg = demo_config(repo / "config/cohort.tsv")
     cfg["colour"] = "blue"
     cfg["masks"]["fixed"]["dilate_mm"] = -2
     cfg["registration"]["stages"][1].update(scales=[1, 2, 4])
@@ -93,8 +96,8 @@ def test_bad_config_lists_every_problem_at_once():
     assert len(info.value.problems) == 7  # the rigid scales also mismatch its iterations
 
 
-def test_snakemake_refuses_bad_cohort_before_any_job(tmp_path):
-    cohort = write_bad_cohort(tmp_path)
+def test_snakemake_refuses_bad_cohort_before_any_job(tmp_path, repo, demo):
+    cohort = write_bad_cohort(tmp_path, demo / "antspy_brain2d" / "r64.nii.gz")
     cfg = demo_config(cohort)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
@@ -103,7 +106,7 @@ def test_snakemake_refuses_bad_cohort_before_any_job(tmp_path):
             "-m",
             "snakemake",
             "-s",
-            str(REPO / "Snakefile"),
+            str(repo / "Snakefile"),
             "--directory",
             str(tmp_path),
             "--configfile",

@@ -55,7 +55,7 @@ def test_sample_exact_at_voxel_centres_and_zero_beyond_one_voxel():
 
 @pytest.mark.parametrize("shape", [(1, 2, 11, 8, 13), (1, 3, 17, 9), (2, 1, 1, 6, 7)])
 @pytest.mark.parametrize("sigma", [0.5, 1.5, 4.0])
-def test_filter_axis_matches_shifted_sums(shape, sigma, monkeypatch):
+def test_filter_axis_matches_shifted_sums(shape, sigma):
     torch.manual_seed(1)
     x = torch.randn(shape)
     k = pyramid.gaussian_weights(sigma)
@@ -65,11 +65,8 @@ def test_filter_axis_matches_shifted_sums(shape, sigma, monkeypatch):
             r, c = shape[2 + axis] - 1, len(kk) // 2
             kk = kk[c - r : c + r + 1]
         got = cpu_kernels.filter_axis(x, kk, axis)
-        with monkeypatch.context() as m:
-            m.setenv("MASKREG_CPU_KERNELS", "0")
-            cpu_kernels._module.cache_clear()
+        with cpu_kernels.switched(False):
             ref = pyramid.filter_axis(x, kk, axis)
-        cpu_kernels._module.cache_clear()
         _close(got, ref)
 
 
@@ -78,38 +75,43 @@ def test_filter_axis_matches_shifted_sums(shape, sigma, monkeypatch):
     [
         ((1, 3, 20, 17, 15), (1.5, 1.5, 1.5)),
         ((1, 2, 3, 17, 15), (0.5, 2.0, 1.0)),
-        ((1, 1, 9, 30), (1.5, 0.0)),
+        ((1, 1, 1, 9, 30), (0.0, 1.5, 0.0)),
         ((1, 3, 40, 6, 2), (4.0, 4.0, 4.0)),
-        ((2, 1, 12, 11, 10), (0.0, 1.5, 0.0)),
+        ((1, 2, 12, 11, 10), (0.0, 1.5, 0.0)),
     ],
+    ids=["3 channels", "thin slab", "one plane", "kernels trimmed", "2 channels, one axis"],
 )
 def test_streamed_filter_matches_one_axis_at_a_time(shape, sigmas):
     """The streamed filter under the SyN step (all axes in one pass, channels together, with the longest
-    vector) against pyramid.gaussian_blur's axis-by-axis filters: zero padding, kernels longer than an axis
-    trimmed, a sigma of 0 leaving its axis alone, 2D as one plane; whatever the thread count."""
+    vector), through cpu_kernels.smooth_step with an identity elastic kernel on a zero field, so the step is
+    ``step · G * (-gradient) / max|G * (-gradient)|``: against pyramid.gaussian_blur's axis-by-axis filters, zero
+    padding, kernels longer than an axis trimmed, a sigma of 0 leaving its axis alone, one plane; the longest
+    vector it returns and scales by is right; whatever the thread count."""
     torch.manual_seed(5)
     x = torch.randn(shape)
     ref = pyramid.gaussian_blur(x, sigmas)
-    a = cpu_kernels._as_czyx(x)
+    longest = float(ref.pow(2).sum(1).max().sqrt())
     kernels = pyramid.gaussian_kernels(shape[2:], sigmas)
-    kernels = ((1.0,),) * (3 - len(kernels)) + kernels
+    identity = ((1.0,),) * 3
+    step, inv_spacing = 1.7, 0.8
     before = torch.get_num_threads()
     got = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            out = np.empty_like(a)
-            maxsq = cpu_kernels._blur_combine(a, a, 1.0, 0.0, kernels, out)
-            got.append(torch.from_numpy(out).reshape(shape))
-            assert maxsq == pytest.approx(float(got[-1].reshape(-1, *a.shape[1:]).pow(2).sum(0).max()), rel=1e-5)
+            field = torch.zeros(shape)
+            vmax = cpu_kernels.smooth_step(field, -x, kernels, identity, step, inv_spacing)
+            got.append(field)
+            # the new field's longest vector: ``step`` voxels, in mm (the field's unit) over ``inv_spacing``
+            assert vmax == pytest.approx(float(field.pow(2).sum(1).max().sqrt()) * inv_spacing, rel=1e-5)
     finally:
         torch.set_num_threads(before)
-    _close(got[0], ref)
+    _close(got[0] * (longest * inv_spacing / step), ref)
     assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
 
 
 @pytest.mark.parametrize("fluid,elastic", [(1.5, 0.5), (0.0, 1.0), (2.0, 0.0)])
-def test_smooth_step_is_the_syn_update(fluid, elastic, monkeypatch):
+def test_smooth_step_is_the_syn_update(fluid, elastic):
     """FieldOps.update's compiled SyN path (cpu_kernels.smooth_step) against its torch path and the formula:
     d = G_fluid * (-g) scaled to a longest vector of ``step`` voxels, field = G_elastic * (field + d), and the new
     longest vector in voxels of the finest spacing; on an oblique, anisotropic grid, whatever the thread count."""
@@ -120,15 +122,12 @@ def test_smooth_step_is_the_syn_update(fluid, elastic, monkeypatch):
     grid = Grid((15, 18, 23), (1.2, 0.8, 2.0), (4.0, -2.0, 9.0), (c, -s_, 0.0, s_, c, 0.0, 0.0, 0.0, 1.0))
     ops = FieldOps(grid, torch.device("cpu"))
     step = torch.tensor([1.5])
-    with monkeypatch.context() as m:
-        m.setenv("MASKREG_CPU_KERNELS", "0")
-        cpu_kernels._module.cache_clear()
+    with cpu_kernels.switched(False):
         d = pyramid.gaussian_blur(-g, (fluid,) * 3)
         d = d * (1.5 / float(d.pow(2).sum(1).max().sqrt() / 0.8))
         formula = pyramid.gaussian_blur(field + d, (elastic,) * 3)
         ref, ref_max = field.clone(), torch.zeros(())
         ops.update(ref, g, step, fluid, elastic, True, ref_max)
-    cpu_kernels._module.cache_clear()
     _close(ref, formula)
     assert float(ref_max) == pytest.approx(float(formula.pow(2).sum(1).max().sqrt() / 0.8), rel=1e-5)
     before = torch.get_num_threads()
@@ -250,16 +249,23 @@ def test_a_newer_local_cc_invalidates_the_older_ones_statistics():
     assert second.gradients()[1] is not None
 
 
-def test_kernels_off_by_environment(monkeypatch):
-    monkeypatch.setenv("MASKREG_CPU_KERNELS", "0")
-    cpu_kernels._module.cache_clear()
-    try:
+def test_kernels_off_by_environment_or_switch():
+    """MASKREG_CPU_KERNELS=0 turns the kernels off for a process (read once, at first use); ``switched`` turns
+    them off or on within a block, whatever the variable says, and restores the choice after."""
+    code = "from maskreg.engine import cpu_kernels; print(cpu_kernels.available())"
+    for value, expect in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "MASKREG_CPU_KERNELS": value}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == expect, (value, proc.stdout)
+    with cpu_kernels.switched(False):
+        assert not cpu_kernels.available() and not cpu_kernels.enabled(torch.zeros(1))
+        with cpu_kernels.switched(True):
+            assert cpu_kernels.enabled(torch.zeros(1))
         assert not cpu_kernels.enabled(torch.zeros(1))
-    finally:
-        monkeypatch.delenv("MASKREG_CPU_KERNELS")
-        cpu_kernels._module.cache_clear()
-    assert cpu_kernels.enabled(torch.zeros(1))
+    assert cpu_kernels.available() and cpu_kernels.enabled(torch.zeros(1))
     assert not cpu_kernels.enabled(torch.zeros(1, requires_grad=True))
+    assert not cpu_kernels.enabled(torch.zeros(1, dtype=torch.float64))
 
 
 def _oblique_grid():
@@ -334,7 +340,7 @@ def test_gradient_product_matches_torch_gradient_in_physical_space():
 
 
 @pytest.mark.parametrize("padding", ["zeros", "border"])
-def test_resample_between_oblique_grids_matches_the_affine_grid_path(padding, monkeypatch):
+def test_resample_between_oblique_grids_matches_the_affine_grid_path(padding):
     """pyramid.resample's compiled path (no sampling grid stored) against affine_grid + grid_sample, two fields
     at once, between an oblique anisotropic grid and an axis-aligned one through a rigid map."""
     from maskreg.engine.grid import Grid
@@ -346,12 +352,8 @@ def test_resample_between_oblique_grids_matches_the_affine_grid_path(padding, mo
     m[:3, :3], m[:3, 3] = rot, (2.0, -3.0, 1.0)
     t = torch.cat([_smooth_field(src.shape, 9.0, 11), _smooth_field(src.shape, 9.0, 12)])
     got = pyramid.resample(t, src, dst, m, padding_mode=padding)
-    monkeypatch.setenv("MASKREG_CPU_KERNELS", "0")
-    cpu_kernels._module.cache_clear()
-    try:
+    with cpu_kernels.switched(False):
         ref = pyramid.resample(t, src, dst, m, padding_mode=padding)
-    finally:
-        cpu_kernels._module.cache_clear()
     _close(got, ref, 1e-5)
     assert got.shape == (2, 3, *dst.shape) and not torch.equal(got[0], got[1])
     zeros = (got == 0).all(1).float().mean()  # part of dst lies outside src: zero padding leaves it 0
@@ -388,6 +390,8 @@ def test_compiled_parzen_histogram_losses_match_the_torch_path(name, bins):
     assert float(got_v) == pytest.approx(float(ref_v), abs=2e-6)
     _close(got_g, ref_g.float(), 1e-4)
     assert float((got_g == 0).float().mean()) > 0.1  # the clamped values have no gradient
-    h_ref = losses._histogram_terms(fixed, moving, weight, bins)[0]
+    # the compiled histogram: unnormalised (each point adds its weight), otherwise the torch path's joint histogram
     h_got = cpu_kernels.parzen_histogram(fixed.float(), moving.float(), weight.float(), bins)
-    _close(h_got, h_ref.float(), 1e-5)
+    assert float(h_got.sum()) == pytest.approx(float(weight.sum()), rel=1e-5)
+    h_ref = losses.joint_histogram(fixed, moving, weight, bins)
+    _close((h_got / h_got.sum()).reshape(bins, bins), h_ref.float(), 1e-5)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 SPACING = (1.5, 1.1, 2.0)  # x, y, z mm
 
 
-def oblique_pair(seed: int = 0, shape=(40, 56, 48)):
+def oblique_pair(make_image, seed: int = 0, shape=(40, 56, 48)):
     """Smooth random blobs on an oblique, anisotropic grid (z, y, x = ``shape``); the moving image is the fixed
     one resampled through a known affine. Mask: an ellipsoid inside the field of view."""
     rng = np.random.default_rng(seed)
@@ -36,19 +36,15 @@ def oblique_pair(seed: int = 0, shape=(40, 56, 48)):
         + ((yy - c[1]) / (0.4 * shape[1])) ** 2
         + ((xx - c[2]) / (0.4 * shape[2])) ** 2
     ) < 1
-    fixed = sitk.GetImageFromArray((a * (0.3 + 0.7 * roi)).astype(np.float32))
-    fixed.SetSpacing(SPACING)
-    fixed.SetOrigin((-30.0, 12.0, 5.0))
     rot = sitk.VersorTransform((0.2, -0.4, 1.0), 0.35)  # oblique direction cosines
-    fixed.SetDirection(rot.GetMatrix())
+    fixed = make_image(a * (0.3 + 0.7 * roi), SPACING, (-30.0, 12.0, 5.0), rot.GetMatrix(), dtype=np.float32)
     centre = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
     truth = sitk.AffineTransform(3)
     truth.SetCenter(centre)
     truth.SetMatrix((1.04, 0.03, 0.0, -0.02, 0.97, 0.04, 0.01, 0.0, 1.02))
     truth.SetTranslation((2.5, -1.8, 1.2))
     moving = sitk.Resample(fixed, fixed, truth, sitk.sitkLinear, 0.0)  # moving(x) = fixed(truth(x))
-    mask = sitk.GetImageFromArray(roi.astype(np.uint8))
-    mask.CopyInformation(fixed)
+    mask = make_image(roi, dtype=np.uint8, like=fixed)
     return fixed, moving, mask
 
 
@@ -75,8 +71,8 @@ def test_auto_picks_cuda():
     assert pick_device("auto").type == "cuda"
 
 
-def test_linear_cuda_matches_cpu():
-    fixed, moving, mask = oblique_pair()
+def test_linear_cuda_matches_cpu(make_image):
+    fixed, moving, mask = oblique_pair(make_image)
     cpu = maskreg.register(fixed, moving, mask, mask, stages=LINEAR, device="cpu")
     gpu = maskreg.register(fixed, moving, mask, mask, stages=LINEAR, device="cuda")
     assert gpu.device.startswith("cuda") and cpu.device == "cpu"
@@ -87,8 +83,8 @@ def test_linear_cuda_matches_cpu():
     assert diff.max() < 0.1, diff.max()
 
 
-def test_syn_cuda_matches_cpu_and_stays_invertible():
-    fixed, moving, mask = oblique_pair(seed=1)
+def test_syn_cuda_matches_cpu_and_stays_invertible(make_image):
+    fixed, moving, mask = oblique_pair(make_image, seed=1)
     cpu = maskreg.register(fixed, moving, mask, mask, stages=SYN, device="cpu")
     gpu = maskreg.register(fixed, moving, mask, mask, stages=SYN, device="cuda")
     pts = mask_points(mask)
@@ -108,10 +104,10 @@ def test_syn_cuda_matches_cpu_and_stays_invertible():
     assert np.linalg.norm(back - pts, axis=1).mean() < 0.1
 
 
-def test_cuda_keeps_no_tensors_after_a_registration():
+def test_cuda_keeps_no_tensors_after_a_registration(make_image):
     """A cohort job registers subject after subject in one process (batched mode): nothing of one pair may
     stay on the GPU."""
-    fixed, moving, mask = oblique_pair(seed=2)
+    fixed, moving, mask = oblique_pair(make_image, seed=2)
     maskreg.register(fixed, moving, mask, mask, stages=SYN, device="cuda")  # warm-up: cuDNN/cuFFT handles
     gc.collect()
     before = torch.cuda.memory_allocated()
@@ -122,9 +118,9 @@ def test_cuda_keeps_no_tensors_after_a_registration():
 
 
 @pytest.mark.parametrize("stages", [LINEAR, SYN], ids=["linear", "syn"])
-def test_graph_replay_matches_eager_cuda(stages, monkeypatch):
+def test_graph_replay_matches_eager_cuda(stages, monkeypatch, make_image):
     """Iterations replayed as CUDA graphs (the default on CUDA) compute what eager CUDA computes."""
-    fixed, moving, mask = oblique_pair(seed=3)
+    fixed, moving, mask = oblique_pair(make_image, seed=3)
     graphed = maskreg.register(fixed, moving, mask, mask, stages=stages, device="cuda")
     monkeypatch.setenv("MASKREG_CUDA_GRAPHS", "0")
     eager = maskreg.register(fixed, moving, mask, mask, stages=stages, device="cuda")
@@ -142,8 +138,9 @@ def test_graph_replay_matches_eager_cuda(stages, monkeypatch):
 def test_cuda_filters_match_cpu(shape):
     """On CUDA, Gaussian filters run as depthwise convolutions and local-CC box sums as average pooling; on
     the CPU both are sums of shifted views. They agree, also with a kernel longer than an axis (the 9-voxel
-    axis) and a window shrunk on a thin axis."""
-    from maskreg.engine.losses import _box
+    axis) and a window shrunk on a thin axis (local CC's value and its gradient, which hold the box sums of every
+    voxel; float64 on the CPU: the torch path, as on CUDA)."""
+    from maskreg.engine.losses import local_cc
     from maskreg.engine.pyramid import gaussian_blur
 
     t = torch.randn(*shape)
@@ -151,31 +148,44 @@ def test_cuda_filters_match_cpu(shape):
     for cpu, gpu in (
         (gaussian_blur(t, sig), gaussian_blur(t.cuda(), sig)),
         (gaussian_blur(t, (4.0,) * len(sig)), gaussian_blur(t.cuda(), (4.0,) * len(sig))),
-        (_box(t, 5), _box(t.cuda(), 5)),
-        (_box(t, 11), _box(t.cuda(), 11)),
     ):
         assert torch.allclose(cpu, gpu.cpu(), atol=1e-5), float((cpu - gpu.cpu()).abs().max())
+    f, m = t[:, :1].double(), (0.6 * t[:, :1] + 0.4 * t[:, 1:2]).double()
+    w = (torch.rand_like(f) > 0.3).double()
+    for window in (5, 11):
+        got = []
+        for dev in ("cpu", "cuda"):
+            mm = m.to(dev).requires_grad_(True)
+            loss = local_cc(f.to(dev), mm, w.to(dev), window)
+            got.append((float(loss.detach()), torch.autograd.grad(loss, [mm])[0].cpu()))
+        (v_cpu, g_cpu), (v_gpu, g_gpu) = got
+        assert v_cpu == pytest.approx(v_gpu, rel=1e-9), (window, v_cpu, v_gpu)
+        assert g_cpu.abs().max() > 0
+        assert torch.allclose(g_cpu, g_gpu, atol=1e-9 * float(g_cpu.abs().max())), window
 
 
 def test_cuda_filter_weights_made_during_a_capture_fall_back():
     """A convolution weight cannot be copied to the GPU while a CUDA graph is captured: the filter then
-    falls back to shifted views for that call, and the replay gives the eager result."""
-    from maskreg.engine.pyramid import _CONV_WEIGHTS, gaussian_blur
+    falls back to shifted views for that call, so the capture succeeds, and the replays give the eager result
+    (a copy attempted during the capture would have failed it)."""
+    from maskreg.engine.pyramid import gaussian_blur
     from maskreg.engine.stepper import Stepper
 
     t = torch.randn(1, 3, 20, 21, 22, device="cuda")
     out = torch.empty_like(t)
-    sig = (0.9137, 0.9137, 0.9137)  # a kernel no other test uses: not cached yet
-    _CONV_WEIGHTS.clear()
+    sig = (0.9137, 0.9137, 0.9137)  # a kernel no other test uses: its weights are not made yet
 
     def step(_key):
         out.copy_(gaussian_blur(t, sig))
 
-    stepper = Stepper(step, torch.device("cuda"), warmup=0)  # the first call is captured
+    stepper = Stepper(step, torch.device("cuda"), warmup=0)  # the first call is captured, then replayed
     stepper()
     torch.cuda.synchronize()
-    assert not _CONV_WEIGHTS and len(stepper.graphs) == 1
-    ref = gaussian_blur(t, sig)  # eager: makes and caches the weights
-    assert _CONV_WEIGHTS
-    assert torch.allclose(out, ref, atol=1e-5)
+    assert len(stepper.graphs) == 1
+    assert torch.allclose(out, gaussian_blur(t, sig), atol=1e-5)  # eager: makes the weights
+    t.copy_(torch.randn_like(t))  # the replay reads the new values
+    stepper()
+    torch.cuda.synchronize()
+    assert len(stepper.graphs) == 1
+    assert torch.allclose(out, gaussian_blur(t, sig), atol=1e-5)
     stepper.close()

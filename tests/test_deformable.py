@@ -10,14 +10,11 @@ import torch
 from scipy import ndimage
 
 import maskreg
-from maskreg.engine import field_image
+from maskreg.engine import field_image, resolved_stage, roi_box, roi_margin
 from maskreg.engine.fields import FieldOps, jacobian_determinant
 from maskreg.engine.grid import Grid
+from maskreg.errors import MaskregError
 from maskreg.qc.metrics import jacobian_determinant as sitk_jacobian
-
-
-def img(a: np.ndarray) -> sitk.Image:
-    return sitk.GetImageFromArray(a.astype(np.float32))
 
 
 def squares(n: int = 128):
@@ -34,14 +31,13 @@ def squares(n: int = 128):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,loss", [("syn", "cc"), ("syn", "mse"), ("greedy", "masked_cc")])
-def test_masked_loss_matches_inside_roi_only(kind, loss):
+def test_masked_loss_matches_inside_roi_only(kind, loss, make_image):
     f, m, roi = squares()
+    fi, mi = make_image(f, dtype=np.float32), make_image(m, dtype=np.float32)
     stages = [{"type": kind, "loss": loss, "scales": [2, 1], "iterations": [100, 50]}]
-    masked = maskreg.register(
-        img(f), img(m), sitk.GetImageFromArray(roi.astype(np.uint8)), None, stages=stages, device="cpu"
-    )
-    plain = maskreg.register(img(f), img(m), None, None, stages=stages, device="cpu")
-    warp = lambda r: sitk.GetArrayFromImage(sitk.Resample(img(m), img(f), r.transform(), sitk.sitkLinear))  # noqa
+    masked = maskreg.register(fi, mi, make_image(roi, dtype=np.uint8), None, stages=stages, device="cpu")
+    plain = maskreg.register(fi, mi, None, None, stages=stages, device="cpu")
+    warp = lambda r: sitk.GetArrayFromImage(sitk.Resample(mi, fi, r.transform(), sitk.sitkLinear))  # noqa
     wm, wu = warp(masked), warp(plain)
     start = np.abs(m - f)
 
@@ -60,15 +56,16 @@ def test_masked_loss_matches_inside_roi_only(kind, loss):
 
 
 @pytest.mark.slow
-def test_syn_forward_inverse_and_determinism():
+def test_syn_forward_inverse_and_determinism(make_image):
     f, m, _ = squares(96)
+    fi, mi = make_image(f, dtype=np.float32), make_image(m, dtype=np.float32)
     stages = [{"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [60, 30]}]
-    r1 = maskreg.register(img(f), img(m), stages=stages, device="cpu", seed=5)
-    r2 = maskreg.register(img(f), img(m), stages=stages, device="cpu", seed=5)
-    # the fields stay tensors until read as images (the report does not need them)
-    assert r1.summary()["deformable"] and r1._images is None
+    r1 = maskreg.register(fi, mi, stages=stages, device="cpu", seed=5)
+    r2 = maskreg.register(fi, mi, stages=stages, device="cpu", seed=5)
+    # the report knows of the fields before they are read as images; once made, the images are kept
+    assert r1.has_fields and r1.summary()["deformable"]
     a1, a2 = (sitk.GetArrayFromImage(r.displacement) for r in (r1, r2))
-    assert r1._images is not None and r1._fields is None
+    assert r1.displacement is r1.displacement and r1.inverse_displacement is r1.inverse_displacement
     assert np.array_equal(a1, a2)
     assert np.abs(a1).max() > 3  # a real deformation, not the identity
     # fields come back as computed (float32), with the phases of the call timed and reported
@@ -86,7 +83,7 @@ def test_syn_forward_inverse_and_determinism():
 
 
 @pytest.mark.slow
-def test_learning_rate_per_level_applies_to_its_level_only():
+def test_learning_rate_per_level_applies_to_its_level_only(make_image):
     """A list of rates gives each level its own step: [r, r] is the number r bit for bit, and raising only the
     finest level's rate leaves the first level's losses as they were and changes the second's."""
     f, m, _ = squares(64)
@@ -102,7 +99,9 @@ def test_learning_rate_per_level_applies_to_its_level_only():
                 "tolerance": 0,
             }
         ]
-        r = maskreg.register(img(f), img(m), stages=stages, device="cpu")
+        r = maskreg.register(
+            make_image(f, dtype=np.float32), make_image(m, dtype=np.float32), stages=stages, device="cpu"
+        )
         return r, sitk.GetArrayFromImage(r.displacement)
 
     (r_num, d_num), (_r_list, d_list), (r_fine, d_fine) = run(1.5), run([1.5, 1.5]), run([1.5, 3.0])
@@ -115,32 +114,29 @@ def test_learning_rate_per_level_applies_to_its_level_only():
 
 
 def test_default_rates_count_from_the_finest_level_and_a_given_list_must_fit():
-    from maskreg.engine.core import _deformable_config, _stage_config, resolved_stage
-
-    default = _deformable_config({"type": "syn"})["learning_rate"]
+    default = resolved_stage({"type": "syn"})["learning_rate"]
     assert default == [1.5, 1.5, 3.0]
-    assert _deformable_config({"type": "syn", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == [1.5, 3.0]
+    assert resolved_stage({"type": "syn", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == [1.5, 3.0]
     # what reports print: every setting the engine runs with, by stage kind
     syn = resolved_stage({"type": "syn", "scales": [2, 1], "iterations": [5, 5], "fluid_sigma": 2.0})
     assert syn["learning_rate"] == [1.5, 3.0] and syn["fluid_sigma"] == 2.0 and syn["elastic_sigma"] == 0.5
     assert resolved_stage({"type": "affine", "scales": [4, 2], "iterations": [9, 9]})["learning_rate"] == [0.25, 0.25]
     assert resolved_stage({"type": "moments"}) == {"type": "moments"}
-    assert _deformable_config({"type": "syn", "scales": [8, 4, 2, 1], "iterations": [5] * 4})["learning_rate"] == [
+    assert resolved_stage({"type": "syn", "scales": [8, 4, 2, 1], "iterations": [5] * 4})["learning_rate"] == [
         1.5,
         1.5,
         1.5,
         3.0,
     ]
-    assert _deformable_config({"type": "greedy", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == [0.5, 0.5]
-    assert _stage_config({"type": "rigid", "learning_rate": [0.5, 0.25, 0.125]})["learning_rate"] == [0.5, 0.25, 0.125]
-    from maskreg.errors import MaskregError
-
+    assert resolved_stage({"type": "greedy", "scales": [2, 1], "iterations": [5, 5]})["learning_rate"] == [0.5, 0.5]
+    rates = [0.5, 0.25, 0.125]
+    assert resolved_stage({"type": "rigid", "learning_rate": rates})["learning_rate"] == rates
     with pytest.raises(
         MaskregError,
         match=r"learning_rate \[1.0, 2.0\] must be one number or one value "
         r"per scale \[4, 2, 1\]",
     ):
-        _deformable_config({"type": "syn", "learning_rate": [1.0, 2.0]})
+        resolved_stage({"type": "syn", "learning_rate": [1.0, 2.0]})
 
 
 def oblique_grid() -> Grid:
@@ -164,19 +160,38 @@ def test_covering_crop_of_a_crop_is_itself_and_covers_a_coarser_box():
     assert grid.covering_crop(Grid((40, 2, 2), grid.spacing, grid.origin, grid.direction)).size == (20, 2, 2)
 
 
-def test_fields_of_a_box_extend_from_its_faces_as_border_resampling_does():
-    from maskreg.engine.core import _extend_from_faces
-    from maskreg.engine.pyramid import resample
-
-    grid = oblique_grid()
-    box = grid.crop((3, 2, 4), (9, 7, 5))
-    torch.manual_seed(3)
-    t = torch.randn(2, 3, *box.shape)
-    got = _extend_from_faces(t, box, grid)
-    assert got.shape == (2, 3, *grid.shape)
-    assert torch.equal(got[:, :, 4:9, 2:9, 3:12], t)  # the box in place, untouched
-    assert torch.allclose(got, resample(t, box, grid, padding_mode="border"), atol=1e-5)
-    assert _extend_from_faces(t, box, box) is t
+@pytest.mark.parametrize("kind", ["syn", "greedy"])
+def test_fields_beyond_the_roi_box_extend_from_its_faces(kind, make_image):
+    """A small ROI: the deformable stage works on the ROI's box (``roi_box``, ``roi_margin``), and the returned
+    fields, forward and inverse, cover the whole oblique grid, each face's values repeated outward (border
+    padding, exactly)."""
+    d = sitk.Euler3DTransform((0, 0, 0), 0.3, -0.2, 0.5).GetMatrix()
+    grid = Grid((40, 36, 30), (1.2, 0.9, 2.5), (5.0, -3.0, 7.0), tuple(d))
+    ref = make_image(np.zeros(grid.shape, np.float32), grid.spacing, grid.origin, grid.direction)
+    zz, yy, xx = np.mgrid[: grid.shape[0], : grid.shape[1], : grid.shape[2]].astype(float)
+    r2 = (zz - 15) ** 2 + (yy - 18) ** 2 + (xx - 20) ** 2
+    fixed = np.exp(-r2 / (2 * 3.0**2)) + 0.3 * np.exp(-((xx - 22) ** 2 + (yy - 16) ** 2) / 8.0)
+    moving = np.exp(-((zz - 15.5) ** 2 + (yy - 18.6) ** 2 + (xx - 19.2) ** 2) / (2 * 3.3**2))
+    roi = r2 < 3.5**2
+    stage = {"type": kind, "loss": "cc", "scales": [1], "iterations": [10]}
+    res = maskreg.register(
+        make_image(fixed, dtype=np.float32, like=ref),
+        make_image(moving, dtype=np.float32, like=ref),
+        make_image(roi, dtype=np.uint8, like=ref),
+        None,
+        stages=[stage],
+        device="cpu",
+    )
+    _, box = roi_box(grid, torch.from_numpy(roi.astype(np.float32))[None, None], roi_margin(resolved_stage(stage)))
+    assert np.prod([b.stop - b.start for b in box]) < 0.5 * np.prod(grid.shape)  # a box, not the grid
+    assert res.stages[0].levels[0].shape == [b.stop - b.start for b in box]
+    for field in (res.displacement, res.inverse_displacement):
+        assert field.GetSize() == grid.size
+        u = sitk.GetArrayFromImage(field)  # [z, y, x, 3]
+        inner = u[box]
+        assert np.abs(inner).max() > 0.05  # the field moved
+        pads = [(b.start, n - b.stop) for b, n in zip(box, grid.shape, strict=True)] + [(0, 0)]
+        np.testing.assert_array_equal(u, np.pad(inner, pads, mode="edge"))
 
 
 def test_jacobian_of_a_linear_field_on_an_oblique_grid():
@@ -234,14 +249,24 @@ def test_iterations_coarse_exponential_sits_on_the_anchored_lattice_and_stays_cl
     g = torch.Generator().manual_seed(1)
     v = ops.smooth(torch.randn(1, 3, *grid.shape, generator=g), 3.0)
     v = v * (4.0 / ops.max_voxels(v))  # the longest velocity vector 4 voxels: exp(v/2) moves up to ~2
-    down = ops._to_coarse(v)
+    n = ops.iteration_squarings(ops.max_voxels(v) * 0.5)
+    um, up = ops.exp_pair_in_iteration(v, n, 0.5)
+    # the iterations' exponential is the coarse grid's of the velocity at the coarse points (fine voxels 2j - p,
+    # the nearest fine voxel where that lies beyond the grid), read exactly at the fine voxels on the lattice
     idx = [
         torch.clamp(torch.arange(n) * 2 - p, 0, m - 1)
         for n, p, m in zip(ops.coarse.grid.shape, reversed(pads), grid.shape, strict=False)
     ]
-    torch.testing.assert_close(down, v[:, :, idx[0]][:, :, :, idx[1]][..., idx[2]], atol=1e-6, rtol=0)
-    n = ops.iteration_squarings(ops.max_voxels(v) * 0.5)
-    um, up = ops.exp_pair_in_iteration(v, n, 0.5)
+    cm, cp = ops.coarse.exp_pair(v[:, :, idx[0]][:, :, :, idx[1]][..., idx[2]], n, 0.5)
+    on = [torch.arange(p, m, 2) for p, m in zip(reversed(pads), grid.shape, strict=False)]  # fine 2j - p inside
+    at = [(i + p) // 2 for i, p in zip(on, reversed(pads), strict=False)]  # their coarse j
+    for fine, coarse in ((um, cm), (up, cp)):
+        torch.testing.assert_close(
+            fine[:, :, on[0]][:, :, :, on[1]][..., on[2]],
+            coarse[:, :, at[0]][:, :, :, at[1]][..., at[2]],
+            atol=1e-5,
+            rtol=0,
+        )
     em, ep = ops.exp_pair(v, None, 0.5)
     assert float(ops.max_voxels(ep)) > 1.0
     err = (up - ep).pow(2).sum(1).sqrt()[..., 2:-2, 2:-2, 2:-2]
@@ -250,12 +275,10 @@ def test_iterations_coarse_exponential_sits_on_the_anchored_lattice_and_stays_cl
 
 
 @pytest.mark.slow
-def test_label_term_raises_dice_on_the_brain_pair():
+def test_label_term_raises_dice_on_the_brain_pair(demo):
     """The optional soft-Dice term (label_weight) pulls the labels together beyond the image term alone, more
     with a larger weight (measured mean Dice 0.6254, 0.6287, 0.6326 at weights 0, 1, 2)."""
-    from conftest import DEMO
-
-    d = DEMO / "brain3d"
+    d = demo / "brain3d"
     read = lambda n, t=sitk.sitkFloat32: sitk.ReadImage(str(d / n), t)  # noqa: E731
     fixed, moving = read("mni_image.nii.gz"), read("vxm_image.nii.gz")
     fm, mm = read("mni_mask.nii.gz", sitk.sitkUInt8), read("vxm_mask.nii.gz", sitk.sitkUInt8)
@@ -284,7 +307,7 @@ def test_label_term_raises_dice_on_the_brain_pair():
 
 
 @pytest.mark.slow
-def test_small_roi_in_a_large_oblique_image_is_registered_on_its_box_only(monkeypatch):
+def test_small_roi_in_a_large_oblique_image_is_registered_on_its_box_only(monkeypatch, make_image):
     """A 12 mm ROI in a 3D oblique, anisotropic image: the deformable levels work on the mask's box (plus a
     margin), the fields still cover the whole fixed grid, nothing folds anywhere, and inside the ROI the
     result is the one computed on the whole grid."""
@@ -306,19 +329,15 @@ def test_small_roi_in_a_large_oblique_image_is_registered_on_its_box_only(monkey
         )
         return v.reshape(size).transpose(2, 1, 0)
 
-    def image(a, pixel=sitk.sitkFloat32):
-        out = sitk.Cast(sitk.GetImageFromArray(a.astype(np.float32)), pixel)
-        out.CopyInformation(ref)
-        return out
+    def image(a, dtype=np.float32):
+        return make_image(a, dtype=dtype, like=ref)
 
     f_arr, m_arr = blobs(np.zeros(3)), blobs(np.array([2.0, -1.5, 1.0]))  # moving: the blobs moved 2.7 mm
     roi = (np.linalg.norm(pts - centre, axis=1) < 12.0).reshape(size).transpose(2, 1, 0)
     stages = [{"type": "syn", "loss": "cc", "scales": [2, 1], "iterations": [60, 40], "learning_rate": 1.5}]
 
     def run():
-        return maskreg.register(
-            image(f_arr), image(m_arr), image(roi, sitk.sitkUInt8), None, stages=stages, device="cpu"
-        )
+        return maskreg.register(image(f_arr), image(m_arr), image(roi, np.uint8), None, stages=stages, device="cpu")
 
     res = run()
     finest = res.stages[0].levels[-1]

@@ -10,17 +10,12 @@ import SimpleITK as sitk
 import torch
 
 import maskreg
-from conftest import DEMO, make_image, shared
 from maskreg.engine.pyramid import erode_voxels, valid_mask_radii
 from maskreg.errors import InputError, OverlapError
 from maskreg.transforms import LinearTransform
 
 
-def image(arr: np.ndarray, spacing=None, origin=None, direction=None) -> sitk.Image:
-    return make_image(arr.astype(np.float32), spacing, origin, direction)
-
-
-def rectangle_pair(h: int, w: int):
+def rectangle_pair(h: int, w: int, make_image):
     """ITK discourse 'Fixed Mask Not Working as Expected': a 30x20 px rectangle at x=40, y=20 on 0, the
     moving one shifted by dy=5, the fixed mask = the rectangle grown by 5 px."""
     f = np.zeros((h, w))
@@ -29,23 +24,23 @@ def rectangle_pair(h: int, w: int):
     m[25:45, 40:70] = 1
     fm = np.zeros((h, w))
     fm[15:45, 35:75] = 1
-    return image(f), image(m), sitk.Cast(image(fm), sitk.sitkUInt8)
+    return make_image(f, dtype=np.float32), make_image(m, dtype=np.float32), make_image(fm, dtype=np.uint8)
 
 
 TRANSLATION = [{"type": "translation", "loss": "mse", "scales": [1], "iterations": [200], "learning_rate": 0.5}]
 
 
 @pytest.mark.parametrize("h,w", [(64, 128), (128, 256), (512, 1024)])
-def test_extent_independence_dense(h, w):
-    f, m, fm = rectangle_pair(h, w)
+def test_extent_independence_dense(h, w, make_image):
+    f, m, fm = rectangle_pair(h, w, make_image)
     res = maskreg.register(f, m, fm, None, stages=TRANSLATION, device="cpu")
     # fixed -> moving points: the moving rectangle lies 5 px further along y
     assert np.abs(res.linear.translation - [0.0, 5.0]).max() < 0.05
 
 
 @pytest.mark.parametrize("h,w", [(64, 128), (512, 1024)])
-def test_extent_independence_random_sampling_from_the_mask(h, w):
-    f, m, fm = rectangle_pair(h, w)
+def test_extent_independence_random_sampling_from_the_mask(h, w, make_image):
+    f, m, fm = rectangle_pair(h, w, make_image)
     errors = []
     for seed in range(20):
         res = maskreg.register(f, m, fm, None, stages=TRANSLATION, device="cpu", sampling={"random": 256}, seed=seed)
@@ -53,7 +48,7 @@ def test_extent_independence_random_sampling_from_the_mask(h, w):
     assert max(errors) < 0.05, errors
 
 
-def blob_scene(pad: int):
+def blob_scene(pad: int, make_image):
     """An oblique, anisotropic 3D scene (spacing 1 x 1.25 x 2.5 mm) on a 96 x 80 x 40 field of view grown by
     ``pad`` voxels on every side (the same voxels, more background): three blobs inside a 12 mm ROI (the fixed
     mask; no moving mask), a faint wide blob outside it, the moving scene shifted by (2, -1.5, 1) mm.
@@ -77,12 +72,14 @@ def blob_scene(pad: int):
 
     roi = np.linalg.norm(pts - centre, axis=1) < 12.0
     geometry = dict(spacing=tuple(spacing), origin=tuple(origin), direction=tuple(direction.ravel()))
-    fixed, moving = (image(scene(np.array(s)), **geometry) for s in ([0.0, 0, 0], [2.0, -1.5, 1.0]))
-    mask = sitk.Cast(image(roi.reshape(tuple(size)).transpose(2, 1, 0), **geometry), sitk.sitkUInt8)
+    fixed, moving = (
+        make_image(scene(np.array(s)), dtype=np.float32, **geometry) for s in ([0.0, 0, 0], [2.0, -1.5, 1.0])
+    )
+    mask = make_image(roi.reshape(tuple(size)).transpose(2, 1, 0), dtype=np.uint8, **geometry)
     return fixed, moving, mask, pts[roi], centre
 
 
-def test_a_fixed_roi_registers_alike_whatever_background_the_scans_hold():
+def test_a_fixed_roi_registers_alike_whatever_background_the_scans_hold(make_image):
     """A fixed ROI and no moving mask, rigid → affine (MI) → SyN (CC): the same scene on a field of view 12 voxels
     larger on every side (a multiple of every pyramid factor, so the levels' voxels coincide) gives the same map
     inside the ROI. When the moving intensities were scaled by the whole moving image's percentiles (which the
@@ -94,7 +91,7 @@ def test_a_fixed_roi_registers_alike_whatever_background_the_scans_hold():
     ]
     maps = []
     for pad in (0, 12):
-        fixed, moving, mask, roi_pts, centre = blob_scene(pad)
+        fixed, moving, mask, roi_pts, centre = blob_scene(pad, make_image)
         res = maskreg.register(fixed, moving, mask, None, stages=stages, device="cpu")
         t = res.transform()
         maps.append(np.array([t.TransformPoint(p) for p in roi_pts[::7]]))
@@ -105,14 +102,14 @@ def test_a_fixed_roi_registers_alike_whatever_background_the_scans_hold():
 
 
 @pytest.mark.parametrize("all_ones", [False, True], ids=["no moving mask", "all-ones moving mask"])
-def test_moments_with_a_mask_on_one_side_keep_the_translation_the_loss_prefers(caplog, all_ones):
+def test_moments_with_a_mask_on_one_side_keep_the_translation_the_loss_prefers(caplog, all_ones, make_image):
     """Only the fixed image has a mask (an ROI): its masked centre and the moving image's whole centre are not
     the same thing, so the moments stage scores three translations and keeps the loss's choice. On the same
     field of view the whole centres win (the masked one against the whole one was 11.8 mm off, all of it the
     faint blob outside the ROI); against a crop of the moving scene around the ROI whose origin lies 100 mm
     away, the masked centre against the crop's whole centre wins, and rigid finishes the job. An all-ones
     moving mask (what the workflow makes of an empty cell, ``missing: allones``) is no mask."""
-    fixed, moving, mask, _, centre = blob_scene(12)
+    fixed, moving, mask, _, centre = blob_scene(12, make_image)
     truth = np.array([2.0, -1.5, 1.0])
     moments = [{"type": "moments"}]
 
@@ -138,25 +135,24 @@ def test_moments_with_a_mask_on_one_side_keep_the_translation_the_loss_prefers(c
     assert np.linalg.norm(np.array(t.TransformPoint(centre)) - centre - truth) < 0.2  # measured 0.06
 
 
-def organ_dice_with_a_fixed_roi_only(organ: int, stages: list[dict]) -> float:
+def organ_dice_with_a_fixed_roi_only(organ: int, stages: list[dict], demo, make_image) -> float:
     """The demo's abdominal CT pair (3 mm; the fixed scan covers 13 slices, the moving one 30) registered with
     one organ of the fixed labels, grown by 2 voxels, as the only mask; the organ's Dice after warping the
     moving labels."""
     from scipy import ndimage
 
-    ct = DEMO / "totalseg_ct"
+    ct = demo / "totalseg_ct"
     fixed, moving = (sitk.ReadImage(str(ct / f"{n}_image.nii.gz"), sitk.sitkFloat32) for n in ("ct_b", "ct_a"))
     fixed_labels, moving_labels = (sitk.ReadImage(str(ct / f"{n}_labels.nii.gz")) for n in ("ct_b", "ct_a"))
     fa = sitk.GetArrayFromImage(fixed_labels)
-    roi = sitk.GetImageFromArray(ndimage.binary_dilation(fa == organ, iterations=2).astype(np.uint8))
-    roi.CopyInformation(fixed)
+    roi = make_image(ndimage.binary_dilation(fa == organ, iterations=2), dtype=np.uint8, like=fixed)
     res = maskreg.register(fixed, moving, roi, None, stages=stages, device="cpu")
     warped = sitk.GetArrayFromImage(sitk.Resample(moving_labels, fixed, res.transform(), sitk.sitkNearestNeighbor))
     a, b = fa == organ, warped == organ
     return 2 * (a & b).sum() / (a.sum() + b.sum())
 
 
-def test_a_fixed_organ_roi_on_real_ct_registers_without_a_moving_mask():
+def test_a_fixed_organ_roi_on_real_ct_registers_without_a_moving_mask(demo, make_image):
     """Real scans, a fixed ROI only: the liver (label 5). Rigid → affine (MI): the moving image scaled by what the
     loss samples gives Dice 0.585 (0.516 scaled by the whole moving scan; ANTsPy Affine with the same mask:
     0.476). With moments first, their three translations score within 5 % of each other at the coarse level
@@ -168,11 +164,11 @@ def test_a_fixed_organ_roi_on_real_ct_registers_without_a_moving_mask():
         {"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
         {"type": "affine", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]},
     ]
-    assert organ_dice_with_a_fixed_roi_only(5, linear) > 0.55
-    assert organ_dice_with_a_fixed_roi_only(5, [{"type": "moments"}] + linear) > 0.5
+    assert organ_dice_with_a_fixed_roi_only(5, linear, demo, make_image) > 0.55
+    assert organ_dice_with_a_fixed_roi_only(5, [{"type": "moments"}] + linear, demo, make_image) > 0.5
 
 
-def test_cropping_either_scan_outside_its_mask_leaves_the_registration_as_it_was():
+def test_cropping_either_scan_outside_its_mask_leaves_the_registration_as_it_was(demo, repo):
     """The demo's 3D brain pair (3 mm, masks on both sides), the default stages, then both scans cropped by a
     few voxels (1 to 3 per side, never into a mask): the map inside the fixed mask stays (measured mean 0.050 mm,
     max 0.83). The pyramid levels and the SyN iterations' coarse exponential sit on lattices anchored at the
@@ -182,10 +178,10 @@ def test_cropping_either_scan_outside_its_mask_leaves_the_registration_as_it_was
     moved the map 0.019 mm)."""
     import yaml
 
-    brain = DEMO / "brain3d"
+    brain = demo / "brain3d"
     fixed, moving = (sitk.ReadImage(str(brain / f"{n}_image.nii.gz"), sitk.sitkFloat32) for n in ("mni", "vxm"))
     fixed_mask, moving_mask = (sitk.ReadImage(str(brain / f"{n}_mask.nii.gz")) for n in ("mni", "vxm"))
-    stages = yaml.safe_load((DEMO.parents[1] / "config" / "config.yaml").read_text())["registration"]["stages"]
+    stages = yaml.safe_load((repo / "config" / "config.yaml").read_text())["registration"]["stages"]
 
     def crop(img, lo, hi):
         return sitk.RegionOfInterest(img, [n - a - b for n, a, b in zip(img.GetSize(), lo, hi, strict=False)], lo)
@@ -210,8 +206,8 @@ def test_cropping_either_scan_outside_its_mask_leaves_the_registration_as_it_was
     assert diff.mean() < 0.1 and diff.max() < 1.0, (diff.mean(), diff.max())
 
 
-def mni_2mm():
-    img = sitk.ReadImage(str(shared("mni_icbm152_2009a", "template", "image.nii.gz")), sitk.sitkFloat32)
+def mni_2mm(shared_data):
+    img = sitk.ReadImage(str(shared_data("mni_icbm152_2009a", "template", "image.nii.gz")), sitk.sitkFloat32)
     return sitk.Resample(
         img,
         [s // 2 for s in img.GetSize()],
@@ -223,12 +219,12 @@ def mni_2mm():
     )
 
 
-def test_masked_mi_rigid_ignores_bright_squares():
+def test_masked_mi_rigid_ignores_bright_squares(shared_data, make_image):
     """DIPY's masked example: rotation 0.1 rad about z and translation (4, 12, 0) voxels, bright squares in
     different corners of fixed and moving, masks excluding them: rigid + masked MI recovers the motion."""
-    base = sitk.GetArrayFromImage(mni_2mm())
+    base = sitk.GetArrayFromImage(mni_2mm(shared_data))
     base = np.pad(base, ((0, 0), (10, 10), (10, 10)))  # 10 voxels in x and y
-    ref = image(base, spacing=(2.0, 2.0, 2.0))
+    ref = make_image(base, spacing=(2.0, 2.0, 2.0), dtype=np.float32)
     nz, ny, nx = base.shape
     centre = ref.TransformContinuousIndexToPhysicalPoint([(nx - 1) / 2, (ny - 1) / 2, (nz - 1) / 2])
     truth = sitk.Euler3DTransform(centre, 0.0, 0.0, 0.1, (8.0, 24.0, 0.0))  # fixed -> moving points, mm
@@ -241,13 +237,13 @@ def test_masked_mi_rigid_ignores_bright_squares():
     fmask[:, :18, :18] = 0
     moving_arr[:, -15:, -15:] = bright
     mmask[:, -18:, -18:] = 0
-    fixed, moving = image(fixed_arr, spacing=(2.0,) * 3), image(moving_arr, spacing=(2.0,) * 3)
+    fixed, moving = (make_image(a, spacing=(2.0,) * 3, dtype=np.float32) for a in (fixed_arr, moving_arr))
     stages = [{"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 60, 30]}]
     res = maskreg.register(
         fixed,
         moving,
-        sitk.Cast(image(fmask), sitk.sitkUInt8) + 0,
-        sitk.Cast(image(mmask), sitk.sitkUInt8),
+        make_image(fmask),
+        make_image(mmask),
         stages=stages,
         device="cpu",
     )
@@ -261,26 +257,24 @@ def test_masked_mi_rigid_ignores_bright_squares():
     assert abs(angle - np.degrees(0.1)) < 0.5
 
 
-def test_small_mask_partial_overlap_completes_and_logs_overlap(caplog):
+def test_small_mask_partial_overlap_completes_and_logs_overlap(caplog, demo, make_image):
     """elastix 'Too many samples map outside moving image buffer': a fixed mask < 2 % of a large image and
     a moving field of view covering only part of the fixed one."""
     rng = np.random.default_rng(0)
-    big = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32))
+    big = sitk.GetArrayFromImage(sitk.ReadImage(str(demo / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32))
     canvas = np.zeros((512, 512), np.float32)
     canvas[128:384, 128:384] = big
     canvas += rng.normal(0, 1, canvas.shape).astype(np.float32)
-    fixed = image(canvas)
+    fixed = make_image(canvas)
     # the moving image: a 200x200 window of the canvas on its own grid and origin, such that
     # moving(p) = canvas(p + (-3, 4)); so T(x) = x + (3, -4) maps fixed points to moving points
-    moving = image(canvas[150 + 4 : 350 + 4, 180 - 3 : 380 - 3], origin=(180.0, 150.0))
+    moving = make_image(canvas[150 + 4 : 350 + 4, 180 - 3 : 380 - 3], origin=(180.0, 150.0))
     fm = np.zeros((512, 512), np.uint8)
     fm[230:290, 240:300] = 1  # 3600 px = 1.4 % of the image, near the moving window's edge
     assert fm.mean() < 0.02
     stages = [{"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [100, 100], "learning_rate": 0.5}]
     with caplog.at_level(logging.INFO, logger="maskreg"):
-        res = maskreg.register(
-            fixed, moving, sitk.GetImageFromArray(fm), None, stages=stages, device="cpu", subject="small"
-        )
+        res = maskreg.register(fixed, moving, make_image(fm), None, stages=stages, device="cpu", subject="small")
     assert np.abs(res.linear.translation - [3.0, -4.0]).max() < 0.1
     lines = [r.getMessage() for r in caplog.records if "overlap" in r.getMessage()]
     assert len(lines) == 2 and all("% of the fixed mask" in ln for ln in lines)
@@ -288,8 +282,8 @@ def test_small_mask_partial_overlap_completes_and_logs_overlap(caplog):
     assert 0 < level.overlap_voxels <= fm.sum()
 
 
-def test_too_little_overlap_is_the_one_failure_and_says_everything():
-    f, m, fm = rectangle_pair(64, 128)
+def test_too_little_overlap_is_the_one_failure_and_says_everything(make_image):
+    f, m, fm = rectangle_pair(64, 128, make_image)
     far = sitk.Image(m)
     far.SetOrigin((500.0, 500.0))  # no physical overlap at all
     with pytest.raises(OverlapError) as info:
@@ -305,10 +299,10 @@ def test_too_little_overlap_is_the_one_failure_and_says_everything():
         assert part in msg
 
 
-def test_oblique_anisotropic_geometry_recovers_known_rigid():
+def test_oblique_anisotropic_geometry_recovers_known_rigid(shared_data):
     """dipy's oblique 4x4x5 mm volume vs a copy resampled through a known rigid transform onto a grid with
     another spacing, origin and direction."""
-    fixed = sitk.ReadImage(str(shared("dipy_oblique", "aniso_vox", "image.nii.gz")), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(shared_data("dipy_oblique", "aniso_vox", "image.nii.gz")), sitk.sitkFloat32)
     centre = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
     truth = sitk.Euler3DTransform(centre, 0.05, -0.04, 0.08, (3.0, -5.0, 2.5))  # fixed -> moving
     grid = sitk.Image([70, 70, 40], sitk.sitkFloat32)
@@ -335,11 +329,11 @@ def test_oblique_anisotropic_geometry_recovers_known_rigid():
 
 
 @pytest.mark.parametrize("principal_axes", [True, False])
-def test_principal_axes_undo_a_large_rotation(principal_axes):
+def test_principal_axes_undo_a_large_rotation(principal_axes, shared_data):
     """A rotation of 110° about one axis and 25° about another (oblique, anisotropic dipy volume, moving on
     another grid): moments with principal axes, then rigid, recover it to 0.5 voxel; without the axes the
     rigid stage starts too far away and cannot."""
-    fixed = sitk.ReadImage(str(shared("dipy_oblique", "aniso_vox", "image.nii.gz")), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(shared_data("dipy_oblique", "aniso_vox", "image.nii.gz")), sitk.sitkFloat32)
     centre = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
     truth = sitk.Euler3DTransform(centre, np.radians(25), 0.0, np.radians(110), (4.0, -6.0, 3.0))
     grid = sitk.Image([80, 80, 70], sitk.sitkFloat32)
@@ -367,7 +361,7 @@ def test_principal_axes_undo_a_large_rotation(principal_axes):
         assert err > 5 * min(fixed.GetSpacing()), err
 
 
-def test_principal_axes_of_a_round_object_leave_the_rotation_alone(caplog):
+def test_principal_axes_of_a_round_object_leave_the_rotation_alone(caplog, make_image):
     """A round blob has no principal directions: the axes step must keep the moments translation, not pick an
     arbitrary rotation that scores the same."""
     z, y, x = np.mgrid[0:40, 0:40, 0:40].astype(np.float32)
@@ -380,8 +374,8 @@ def test_principal_axes_of_a_round_object_leave_the_rotation_alone(caplog):
     assert "principal axes not distinct" in caplog.text
 
 
-def test_same_seed_same_transform_on_cpu():
-    f, m, fm = rectangle_pair(64, 128)
+def test_same_seed_same_transform_on_cpu(make_image):
+    f, m, fm = rectangle_pair(64, 128, make_image)
     runs = [
         maskreg.register(
             f, m, fm, None, stages=TRANSLATION, device="cpu", sampling={"random": 128}, seed=3
@@ -405,32 +399,40 @@ def test_valid_mask_erosion_follows_elastix_rule():
     assert erode_voxels(torch.ones(1, 1, 8, 8), (2, 2)).min() == 1
 
 
-def test_valid_mask_keeps_an_artificial_edge_out():
+def test_valid_mask_keeps_an_artificial_edge_out(demo, make_image):
     """An ultrasound-like sector: content shifted by (0, 4) px inside a fixed field of view whose border
     is identical in both images (an artificial edge). With kind 'valid' the shift is recovered."""
-    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32))
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(demo / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32))
     yy, xx = np.mgrid[:256, :256]
     cone = ((xx - 128) ** 2 + (yy + 40) ** 2 < 250**2) & (np.abs(xx - 128) < (yy + 40) * 0.9)
     f = np.where(cone, arr + 40, 0)
     m = np.where(cone, np.roll(arr, 4, axis=0) + 40, 0)
-    mask = sitk.GetImageFromArray(cone.astype(np.uint8))
+    mask = make_image(cone, dtype=np.uint8)
     stages = [{"type": "translation", "loss": "mse", "scales": [4, 2, 1], "iterations": [100, 60, 60]}]
-    res = maskreg.register(image(f), image(m), mask, mask, stages=stages, device="cpu", mask_kinds=("valid", "valid"))
+    res = maskreg.register(
+        make_image(f, dtype=np.float32),
+        make_image(m, dtype=np.float32),
+        mask,
+        mask,
+        stages=stages,
+        device="cpu",
+        mask_kinds=("valid", "valid"),
+    )
     assert np.abs(res.linear.translation - [0.0, 4.0]).max() < 0.2, res.linear.translation
 
 
-def test_bad_pairs_fail_clearly():
-    f, m, fm = rectangle_pair(64, 128)
-    vol = image(np.zeros((4, 64, 128)) + np.arange(128))
+def test_bad_pairs_fail_clearly(make_image):
+    f, m, fm = rectangle_pair(64, 128, make_image)
+    vol = make_image(np.zeros((4, 64, 128)) + np.arange(128), dtype=np.float32)
     with pytest.raises(InputError, match="fixed image is 2D but the moving image is 3D"):
         maskreg.register(f, vol, subject="s1", device="cpu")
     with pytest.raises(InputError, match="moving: image is constant"):
-        maskreg.register(f, image(np.ones((64, 128))), subject="s1", device="cpu")
+        maskreg.register(f, make_image(np.ones((64, 128)), dtype=np.float32), subject="s1", device="cpu")
 
 
-def test_result_chain_matches_simpleitk_resample():
-    fixed = sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32)
-    moving = sitk.ReadImage(str(DEMO / "antspy_brain2d" / "r16.nii.gz"), sitk.sitkFloat32)
+def test_result_chain_matches_simpleitk_resample(demo):
+    fixed = sitk.ReadImage(str(demo / "antspy_brain2d" / "r64.nii.gz"), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(demo / "antspy_brain2d" / "r16.nii.gz"), sitk.sitkFloat32)
     res = maskreg.register(
         fixed,
         moving,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from maskreg.engine.losses import _box
+from maskreg.engine import losses
 from maskreg.engine.pyramid import box_average, filter_axis, gaussian_blur, gaussian_weights
 
 
@@ -34,19 +34,48 @@ def test_gaussian_blur_and_box_means_match_scipy():
     for axis, s in enumerate(sig):
         want = ndimage.correlate1d(want, np.asarray(gaussian_weights(s)), axis=axis, mode="constant", cval=0.0)
     np.testing.assert_allclose(gaussian_blur(t, sig)[0, 0].numpy(), want, atol=1e-5)
-    # local CC's box mean: window 5; window 7 shrinks to 5 on the 6-voxel axis
-    np.testing.assert_allclose(
-        _box(t, 5)[0, 0].numpy(), ndimage.uniform_filter(a, 5, mode="constant", cval=0.0), atol=1e-5
-    )
-    np.testing.assert_allclose(
-        _box(t, 7)[0, 0].numpy(), ndimage.uniform_filter(a, (7, 7, 5), mode="constant", cval=0.0), atol=1e-5
-    )
     # the pyramid's box average: an even factor averages f + 1 voxels with half weights at both ends
     k2 = np.array([0.5, 1.0, 0.5]) / 2
     want = ndimage.correlate1d(
         ndimage.correlate1d(a, np.ones(3) / 3, axis=0, mode="constant"), k2, axis=1, mode="constant"
     )
     np.testing.assert_allclose(box_average(t, (3, 2, 1))[0, 0].numpy(), want, atol=1e-5)
+
+
+def scipy_local_cc(f: np.ndarray, m: np.ndarray, w: np.ndarray, sizes: tuple[int, ...]) -> float:
+    """Local CC's loss by the textbook formula, its window statistics from scipy's box means (zero padding):
+    ``-Σ w cc / Σ w``, ``cc = cov² / (v_f v_m + ε)``, means, variances and covariance weighted by ``w``."""
+
+    def box(a):
+        return ndimage.uniform_filter(a, sizes, mode="constant", cval=0.0)
+
+    sw = np.maximum(box(w), losses.EPS)
+    mf, mm = box(w * f) / sw, box(w * m) / sw
+    vf = np.maximum(box(w * f * f) / sw - mf * mf, 0.0)
+    vm = np.maximum(box(w * m * m) / sw - mm * mm, 0.0)
+    cov = box(w * f * m) / sw - mf * mm
+    return float(-(w * cov * cov / (vf * vm + losses.CC_EPS)).sum() / w.sum())
+
+
+@pytest.mark.parametrize(
+    "window,sizes",
+    [(5, (5, 5, 5)), (7, (7, 7, 5)), (11, (9, 11, 5))],
+    ids=["5", "7 shrunk on the 6-voxel axis", "11 shrunk on two axes"],
+)
+def test_local_cc_windows_are_box_means_shrunk_on_short_axes(window, sizes):
+    """Local CC's window statistics are box means over ``window`` voxels (zero padding), the window shrunk to the
+    largest odd size that fits on an axis shorter than it (thin slabs): the loss equals the scipy formula's, and
+    would not with the window unshrunk."""
+    rng = np.random.default_rng(2)
+    f = rng.normal(size=(9, 14, 6))
+    m = 0.6 * f + 0.4 * rng.normal(size=f.shape)
+    w = (rng.random(f.shape) > 0.3) * rng.random(f.shape)  # soft weights with holes
+    want = scipy_local_cc(f, m, w, sizes)
+    tf, tm, tw = (torch.from_numpy(x)[None, None] for x in (f, m, w))
+    assert float(losses.local_cc(tf, tm, tw, window)) == pytest.approx(want, rel=1e-10)
+    assert float(losses.local_cc_autograd(tf, tm, tw, window)) == pytest.approx(want, rel=1e-10)
+    if sizes != (window,) * 3:  # the shrinking matters
+        assert scipy_local_cc(f, m, w, (window,) * 3) != pytest.approx(want, rel=1e-3)
 
 
 @pytest.mark.parametrize("zero_padding", [True, False], ids=["zeros", "border"])

@@ -12,11 +12,9 @@ import SimpleITK as sitk
 import yaml
 
 import maskreg
-from conftest import DEMO, REPO
 from maskreg import transforms as tfm
 from maskreg.errors import InputError
 
-BRAIN = DEMO / "antspy_brain2d"
 TRANSLATION = [{"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [50, 30]}]
 
 
@@ -25,15 +23,19 @@ def _points(tx: sitk.Transform, pts: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def initial(tmp_path_factory):
+def brain(demo):
+    """The demo's 2D brain scans."""
+    return demo / "antspy_brain2d"
+
+
+@pytest.fixture(scope="module")
+def initial(tmp_path_factory, make_image):
     """``T0 = A0 ∘ (id + u0)`` as ANTs writes a SyN result: a smooth field on its own coarse, shifted grid
     (not the fixed grid) and an affine with a centre; written as files, read back as a list."""
     d = tmp_path_factory.mktemp("initial")
     yy, xx = np.mgrid[0:70, 0:66]
     u = np.stack([3 * np.sin(xx / 10.0), 2 * np.cos(yy / 12.0)], -1)
-    field = sitk.GetImageFromArray(u, isVector=True)
-    field.SetSpacing([4.0, 4.0])
-    field.SetOrigin([-6.0, -10.0])
+    field = make_image(u, spacing=[4.0, 4.0], origin=[-6.0, -10.0], vector=True)
     a0 = tfm.LinearTransform(np.array([[1.05, 0.05], [-0.03, 0.97]]), np.array([3.0, -2.0]), np.array([128.0, 120.0]))
     tfm.write_field(field, d / "1Warp.nii.gz")
     tfm.write_linear(a0, d / "0GenericAffine.mat")
@@ -71,11 +73,11 @@ def test_bad_initial_files_name_the_subject_and_file(tmp_path, initial):
         tfm.read_transform(str(junk))
 
 
-def test_refining_after_a_nonlinear_start_recovers_the_whole_chain(initial):
+def test_refining_after_a_nonlinear_start_recovers_the_whole_chain(initial, brain):
     """moving(T(x)) = fixed(x) with T = T0 ∘ shift: starting from T0, a translation stage finds the shift and the
     result (affine.mat + warp.nii.gz form) maps points like T, forward and back."""
     d, a0, _ = initial
-    moving = sitk.ReadImage(str(BRAIN / "r16.nii.gz"), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(brain / "r16.nii.gz"), sitk.sitkFloat32)
     t0 = tfm.read_transform([d / "1Warp.nii.gz", d / "0GenericAffine.mat"])
     truth = tfm.compose_sitk([sitk.TranslationTransform(2, (2.0, -1.5)), *tfm.flatten(t0)])
     fixed = sitk.Resample(moving, moving, truth, sitk.sitkLinear, 0.0)
@@ -92,10 +94,10 @@ def test_refining_after_a_nonlinear_start_recovers_the_whole_chain(initial):
     assert np.abs(back - pts).max() < 0.1
 
 
-def test_no_stages_reproduce_the_initial_transform_and_files_round_trip(initial, tmp_path):
+def test_no_stages_reproduce_the_initial_transform_and_files_round_trip(initial, tmp_path, brain):
     d, _, _ = initial
-    fixed = sitk.ReadImage(str(BRAIN / "r64.nii.gz"), sitk.sitkFloat32)
-    moving = sitk.ReadImage(str(BRAIN / "r16.nii.gz"), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(brain / "r64.nii.gz"), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(brain / "r16.nii.gz"), sitk.sitkFloat32)
     t0 = tfm.read_transform([d / "1Warp.nii.gz", d / "0GenericAffine.mat"])
     res = maskreg.register(fixed, moving, stages=[], initial=t0, device="cpu")
     tfm.write_linear(res.linear, tmp_path / "affine.mat")
@@ -107,7 +109,7 @@ def test_no_stages_reproduce_the_initial_transform_and_files_round_trip(initial,
     assert np.abs(_points(chain, pts) - _points(t0, pts)).max() < 1e-3
 
 
-def test_cli_register_accepts_an_ants_ordered_list(initial, tmp_path):
+def test_cli_register_accepts_an_ants_ordered_list(initial, tmp_path, brain):
     d, _, _ = initial
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -116,8 +118,8 @@ def test_cli_register_accepts_an_ants_ordered_list(initial, tmp_path):
             "-m",
             "maskreg.cli",
             "register",
-            str(BRAIN / "r64.nii.gz"),
-            str(BRAIN / "r16.nii.gz"),
+            str(brain / "r64.nii.gz"),
+            str(brain / "r16.nii.gz"),
             "--out",
             str(out),
             "--device",
@@ -134,7 +136,7 @@ def test_cli_register_accepts_an_ants_ordered_list(initial, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     field = sitk.ReadImage(str(out / "warp.nii.gz"))
-    assert field.GetSize() == sitk.ReadImage(str(BRAIN / "r64.nii.gz")).GetSize()
+    assert field.GetSize() == sitk.ReadImage(str(brain / "r64.nii.gz")).GetSize()
     assert np.abs(sitk.GetArrayFromImage(field)).max() > 1.0  # the initial field is in the written chain
 
 
@@ -145,17 +147,17 @@ def _stages_file(tmp_path):
 
 
 @pytest.mark.workflow
-def test_workflow_writes_fields_when_a_subject_starts_from_a_field(initial, tmp_path):
+def test_workflow_writes_fields_when_a_subject_starts_from_a_field(initial, tmp_path, brain, repo):
     """Linear stages only, one subject starting from ANTs-style files, one from nothing: both get
     warp.nii.gz (the second a zero field) and warped images that use the whole chain."""
     d, _, _ = initial
     (tmp_path / "cohort.tsv").write_text(
         "subject\tfixed\tmoving\tinitial_transform\n"
-        f"from_ants\t{BRAIN / 'r64.nii.gz'}\t{BRAIN / 'r16.nii.gz'}\t"
+        f"from_ants\t{brain / 'r64.nii.gz'}\t{brain / 'r16.nii.gz'}\t"
         f"{d / '1Warp.nii.gz'};{d / '0GenericAffine.mat'}\n"
-        f"plain\t{BRAIN / 'r64.nii.gz'}\t{BRAIN / 'r27.nii.gz'}\t\n"
+        f"plain\t{brain / 'r64.nii.gz'}\t{brain / 'r27.nii.gz'}\t\n"
     )
-    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
     cfg["cohort"] = str(tmp_path / "cohort.tsv")
     cfg["registration"]["stages"] = TRANSLATION
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -170,7 +172,7 @@ def test_workflow_writes_fields_when_a_subject_starts_from_a_field(initial, tmp_
             "-m",
             "snakemake",
             "-s",
-            str(REPO / "Snakefile"),
+            str(repo / "Snakefile"),
             "--directory",
             str(tmp_path),
             "--configfile",
@@ -188,8 +190,8 @@ def test_workflow_writes_fields_when_a_subject_starts_from_a_field(initial, tmp_
     assert np.abs(arr("from_ants", "transforms/warp.nii.gz")).max() > 1.0
     assert np.abs(arr("plain", "transforms/warp.nii.gz")).max() == 0.0
     # the warped moving image is the moving image through the written chain, initial field included
-    fixed = sitk.ReadImage(str(BRAIN / "r64.nii.gz"), sitk.sitkFloat32)
-    moving = sitk.ReadImage(str(BRAIN / "r16.nii.gz"), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(brain / "r64.nii.gz"), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(brain / "r16.nii.gz"), sitk.sitkFloat32)
     _, _, chain = tfm.read_chain(
         tmp_path / "results/from_ants/transforms/affine.mat", tmp_path / "results/from_ants/transforms/warp.nii.gz"
     )

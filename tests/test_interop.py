@@ -7,7 +7,6 @@ import pytest
 import SimpleITK as sitk
 
 import maskreg
-from conftest import DEMO
 from maskreg import transforms, warp
 
 ants = pytest.importorskip("ants", reason="antspyx is not installed (pip install -e '.[test]' installs it)")
@@ -20,12 +19,12 @@ STAGES = [
 
 
 @pytest.fixture(scope="module", params=["2d", "3d"])
-def result(request, tmp_path_factory):
+def result(request, tmp_path_factory, demo):
     out = tmp_path_factory.mktemp(f"interop{request.param}")
     if request.param == "2d":
-        f, m = DEMO / "antspy_brain2d" / "r64.nii.gz", DEMO / "antspy_brain2d" / "r16.nii.gz"
+        f, m = demo / "antspy_brain2d" / "r64.nii.gz", demo / "antspy_brain2d" / "r16.nii.gz"
     else:  # oblique directions, different grids (LIA moving vs LPS-flipped fixed)
-        f, m = DEMO / "brain3d" / "mni_image.nii.gz", DEMO / "brain3d" / "vxm_image.nii.gz"
+        f, m = demo / "brain3d" / "mni_image.nii.gz", demo / "brain3d" / "vxm_image.nii.gz"
     fixed, moving = sitk.ReadImage(str(f), sitk.sitkFloat32), sitk.ReadImage(str(m), sitk.sitkFloat32)
     res = maskreg.register(fixed, moving, stages=STAGES, device="cpu")
     transforms.write_linear(res.linear, out / "affine.mat")
@@ -81,11 +80,11 @@ def test_landmarks_forward_then_inverse_return_home(result):
     assert np.linalg.norm(back - pts, axis=1).mean() < 0.1 * min(g.spacing)
 
 
-def test_starting_from_ants_syn_output(tmp_path):
+def test_starting_from_ants_syn_output(tmp_path, demo):
     """ANTs' own SyN result ([1Warp.nii.gz, 0GenericAffine.mat]) as the initial transform: with no stages the
     written chain warps like ``ants.apply_transforms``; a short masked greedy refinement improves the
     match (NCC inside the brain)."""
-    f, m = DEMO / "antspy_brain2d" / "r64.nii.gz", DEMO / "antspy_brain2d" / "r16.nii.gz"
+    f, m = demo / "antspy_brain2d" / "r64.nii.gz", demo / "antspy_brain2d" / "r16.nii.gz"
     af, am = ants.image_read(str(f)), ants.image_read(str(m))
     reg = ants.registration(
         af, am, type_of_transform="SyN", reg_iterations=(20, 10, 0), outprefix=str(tmp_path / "ants_")

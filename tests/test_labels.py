@@ -20,7 +20,6 @@ import SimpleITK as sitk
 import torch
 
 import maskreg
-from conftest import shared
 from maskreg import transforms, warp
 from maskreg.engine import field_image
 from maskreg.engine.fields import FieldOps
@@ -70,13 +69,12 @@ def _covering_grid(image: sitk.Image, spacing, direction: np.ndarray, margin_mm:
     return out
 
 
-def _svf_pair(grid_image: sitk.Image, max_mm: float, seed: int = 0):
+def _svf_pair(grid_image: sitk.Image, make_image, max_mm: float, seed: int = 0):
     """exp(v) and exp(-v) of a smooth random velocity on ``grid_image``'s grid, as displacement-field
     transforms: an exact pair of inverses up to the field's discretisation."""
     grid = Grid.of(grid_image)
     rng = np.random.default_rng(seed)
-    noise = sitk.GetImageFromArray(rng.standard_normal((*grid.shape, 3)), isVector=True)
-    noise.CopyInformation(grid_image)
+    noise = make_image(rng.standard_normal((*grid.shape, 3)), like=grid_image, vector=True)
     smooth = sitk.SmoothingRecursiveGaussian(noise, 12.0)  # sigma in mm: a smooth, organ-scale field
     v = np.moveaxis(sitk.GetArrayFromImage(smooth), -1, 0)[None]
     v *= max_mm / np.sqrt((v**2).sum(1)).max()
@@ -144,8 +142,8 @@ def _assert_equal_to_plain(labels, reference, transform):
 
 # ------------------------------------------------------------------------------------ generic vs nearest
 @pytest.fixture(scope="module")
-def ct_labels() -> sitk.Image:
-    return sitk.ReadImage(str(shared("totalseg_ct", "ct_a", "labels.nii.gz")))  # uint8, 122×101×30, 3 mm
+def ct_labels(shared_data) -> sitk.Image:
+    return sitk.ReadImage(str(shared_data("totalseg_ct", "ct_a", "labels.nii.gz")))  # uint8, 122×101×30, 3 mm
 
 
 def _oblique_ref(labels: sitk.Image, spacing_mm: float) -> sitk.Image:
@@ -160,12 +158,12 @@ def oblique_ref(ct_labels) -> sitk.Image:
 
 
 @pytest.fixture(scope="module", params=["rigid", "svf"])
-def round_trip(request, ct_labels, oblique_ref):
+def round_trip(request, ct_labels, oblique_ref, make_image):
     """(forward, inverse) transforms: forward maps the oblique grid's points to the label map's points."""
     if request.param == "rigid":  # exact inverse
         fwd = _rigid(ct_labels, (0.3, -1, 0.5), 4.0, (1.1, -0.7, 1.6))
         return fwd, fwd.GetInverse()
-    return _svf_pair(oblique_ref, max_mm=4.5)
+    return _svf_pair(oblique_ref, make_image, max_mm=4.5)
 
 
 def test_generic_round_trip_beats_nearest(ct_labels, oblique_ref, round_trip):
@@ -188,10 +186,10 @@ def test_generic_round_trip_beats_nearest(ct_labels, oblique_ref, round_trip):
 
 
 @pytest.mark.slow
-def test_region_restricted_generic_equals_plain_on_real_map(ct_labels):
+def test_region_restricted_generic_equals_plain_on_real_map(ct_labels, make_image):
     """Composite rigid ∘ smooth field onto an oblique 3 mm grid that sticks out of the map."""
     ref = _oblique_ref(ct_labels, 3.0)
-    fwd_field, _ = _svf_pair(ref, max_mm=4.5, seed=3)
+    fwd_field, _ = _svf_pair(ref, make_image, max_mm=4.5, seed=3)
     chain = sitk.CompositeTransform(3)
     chain.AddTransform(_rigid(ct_labels, (1, 0, 1), 6.0, (9.0, -4.0, 5.5)))
     chain.AddTransform(fwd_field)
@@ -199,16 +197,14 @@ def test_region_restricted_generic_equals_plain_on_real_map(ct_labels):
     assert (fast != 0).any() and len(np.unique(fast)) > 30
 
 
-def test_region_restricted_generic_equals_plain_odd_labels():
+def test_region_restricted_generic_equals_plain_odd_labels(make_image):
     """2D float-typed map with negative labels and no background 0, half of the grid outside the map."""
     rng = np.random.default_rng(5)
     arr = np.full((60, 80), 7.0, np.float32)
     for v in (-3.0, 2.0, 300.0, 41.0):
         y, x = rng.integers(5, 45), rng.integers(5, 60)
         arr[y : y + rng.integers(4, 15), x : x + rng.integers(4, 20)] = v
-    labels = sitk.GetImageFromArray(arr)
-    labels.SetSpacing((1.5, 2.0))
-    labels.SetOrigin((-10.0, 4.0))
+    labels = make_image(arr, spacing=(1.5, 2.0), origin=(-10.0, 4.0))
     ref = sitk.Image([90, 70], sitk.sitkUInt8)
     ref.SetSpacing((1.1, 1.3))
     ref.SetOrigin((15.0, 10.0))
@@ -224,7 +220,7 @@ def test_region_restricted_generic_equals_plain_odd_labels():
     assert np.all(fast[~inside] == 0) and np.all(fast[inside] != 0)
 
 
-def test_generic_equals_ants_generic_label(ct_labels, tmp_path):
+def test_generic_equals_ants_generic_label(ct_labels, tmp_path, shared_data):
     """ANTs' genericLabel (linear per label, argmax) through the same rigid file onto an oblique grid."""
     ants = pytest.importorskip("ants", reason="antspyx is not installed (pip install -e '.[test]' installs it)")
     ref = _oblique_ref(ct_labels, 2.5)
@@ -234,7 +230,7 @@ def test_generic_equals_ants_generic_label(ct_labels, tmp_path):
     ours = sitk.GetArrayFromImage(warp.warp_labels(ct_labels, ref, tx, "generic"))
     theirs = ants.apply_transforms(
         ants.image_read(str(tmp_path / "ref.nii.gz")),
-        ants.image_read(str(shared("totalseg_ct", "ct_a", "labels.nii.gz"))),
+        ants.image_read(str(shared_data("totalseg_ct", "ct_a", "labels.nii.gz"))),
         [str(tmp_path / "rigid.mat")],
         interpolator="genericLabel",
     )
@@ -250,10 +246,10 @@ STAGES = [
 ]
 
 
-def _dipy_pair():
+def _dipy_pair(shared_data):
     """Fixed: dipy's oblique 4×4×5 mm scan; moving: the same scan moved by a known rigid transform onto a
     3 mm grid with identity direction cosines."""
-    fixed = sitk.ReadImage(str(shared("dipy_oblique", "aniso_vox", "image.nii.gz")), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(shared_data("dipy_oblique", "aniso_vox", "image.nii.gz")), sitk.sitkFloat32)
     grid = _covering_grid(fixed, (3.0, 3.0, 3.0), np.eye(3), margin_mm=-6.0)
     moved = sitk.Resample(
         fixed, grid, _rigid(fixed, (1, 1, 0), 5.0, (4.0, -6.0, 3.0)), sitk.sitkLinear, 0.0, sitk.sitkFloat32
@@ -261,21 +257,21 @@ def _dipy_pair():
     return fixed, moved
 
 
-def _pyradiomics_pair():
+def _pyradiomics_pair(shared_data):
     """brain1 → brain2 (0.78×0.78×6.5 mm, different fields of view), downsampled ×3 in-plane for speed
     (2.34×2.34×6.5 mm)."""
 
     def load(name):
-        img = sitk.ReadImage(str(shared("pyradiomics_brain_mr", name, "image.nii.gz")), sitk.sitkFloat32)
+        img = sitk.ReadImage(str(shared_data("pyradiomics_brain_mr", name, "image.nii.gz")), sitk.sitkFloat32)
         return sitk.Shrink(sitk.SmoothingRecursiveGaussian(img, [1.2, 1.2, 0.01]), [3, 3, 1])
 
     return load("brain2"), load("brain1")
 
 
 @pytest.fixture(scope="module", params=["dipy_oblique", "pyradiomics"])
-def interop(request, tmp_path_factory):
+def interop(request, tmp_path_factory, shared_data):
     out = tmp_path_factory.mktemp(f"labels_interop_{request.param}")
-    fixed, moving = (_dipy_pair if request.param == "dipy_oblique" else _pyradiomics_pair)()
+    fixed, moving = (_dipy_pair if request.param == "dipy_oblique" else _pyradiomics_pair)(shared_data)
     sitk.WriteImage(fixed, str(out / "fixed.nii.gz"))
     sitk.WriteImage(moving, str(out / "moving.nii.gz"))
     res = maskreg.register(fixed, moving, stages=STAGES, device="cpu")

@@ -13,21 +13,18 @@ import pytest
 import SimpleITK as sitk
 
 import maskreg
-from conftest import DEMO, REPO
 from maskreg.qc.metrics import dice_per_label, masked_ncc, mean_dice
 
-BRAIN2D = DEMO / "antspy_brain2d"
-BRAIN3D = DEMO / "brain3d"
 
-
-def brain_slices():
+def brain_slices(demo):
     """ANTs' classic 2D pair (r16 fixed, r64 moving) and a fixed mask whose edge is the brain's outline."""
-    fixed, moving = (sitk.ReadImage(str(BRAIN2D / f"{n}.nii.gz"), sitk.sitkFloat32) for n in ("r16", "r64"))
+    d = demo / "antspy_brain2d"
+    fixed, moving = (sitk.ReadImage(str(d / f"{n}.nii.gz"), sitk.sitkFloat32) for n in ("r16", "r64"))
     return fixed, moving, sitk.Cast(fixed > 20, sitk.sitkUInt8)
 
 
-def brain_volumes():
-    read = lambda n, t=sitk.sitkFloat32: sitk.ReadImage(str(BRAIN3D / n), t)  # noqa: E731
+def brain_volumes(demo):
+    read = lambda n, t=sitk.sitkFloat32: sitk.ReadImage(str(demo / "brain3d" / n), t)  # noqa: E731
     return (
         read("mni_image.nii.gz"),
         read("vxm_image.nii.gz"),
@@ -74,13 +71,13 @@ def antspy(fixed, moving, kind: str, tmp_path, fixed_mask=None, moving_mask=None
 
 @pytest.mark.parametrize("kernels", ["compiled", "torch"])
 @pytest.mark.parametrize("loss", ["mi", "nmi"])
-def test_syn_with_a_histogram_loss_moves_both_images(loss, kernels, request):
+def test_syn_with_a_histogram_loss_moves_both_images(loss, kernels, request, demo):
     """SyN with mi or nmi raised "differentiated Tensor ... not used in the graph": those losses bin the fixed
     image without a gradient, and SyN asks for one on the fixed side. Its gradient now comes from the loss with
     the roles swapped. 2D slices with a fixed mask: masked NCC from the affine's 0.65 to 0.95 (mi)."""
     if kernels == "torch":
         request.getfixturevalue("torch_kernels")
-    fixed, moving, mask = brain_slices()
+    fixed, moving, mask = brain_slices(demo)
     linear = [{"type": "moments"}, {"type": "affine", "loss": "mi"}]
     start = maskreg.register(fixed, moving, mask, None, stages=linear, device="cpu")
     res = maskreg.register(
@@ -98,7 +95,7 @@ def test_syn_with_a_histogram_loss_moves_both_images(loss, kernels, request):
 
 
 @pytest.mark.parametrize("kernels", ["compiled", "torch"])
-def test_syn_with_mi_in_3d_does_as_well_as_antspy_syn_with_mi(kernels, request, tmp_path):
+def test_syn_with_mi_in_3d_does_as_well_as_antspy_syn_with_mi(kernels, request, tmp_path, demo, repo):
     """The 3D iteration samples through its own path on the CPU (compiled, fused) and on torch (as on CUDA).
     The demo brain pair with both masks, the default stages with ``syn`` on mi, against ANTsPy SyN (Mattes MI
     in its SyN stage, as by default) with the same masks."""
@@ -106,8 +103,8 @@ def test_syn_with_mi_in_3d_does_as_well_as_antspy_syn_with_mi(kernels, request, 
 
     if kernels == "torch":
         request.getfixturevalue("torch_kernels")
-    fixed, moving, fm, mm, fl, ml = brain_volumes()
-    stages = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["registration"]["stages"]
+    fixed, moving, fm, mm, fl, ml = brain_volumes(demo)
+    stages = yaml.safe_load((repo / "config" / "config.yaml").read_text())["registration"]["stages"]
     stages = [s if s["type"] != "syn" else {**s, "loss": "mi"} for s in stages]
     res = maskreg.register(fixed, moving, fm, mm, device="cpu", stages=stages)
     linear = maskreg.register(fixed, moving, fm, mm, device="cpu", stages=stages[:-1])
@@ -117,7 +114,7 @@ def test_syn_with_mi_in_3d_does_as_well_as_antspy_syn_with_mi(kernels, request, 
     assert res.jacobian_nonpositive_fraction == 0.0
 
 
-def test_a_roi_mask_cutting_through_the_cortex_does_as_well_as_antspy_with_it(tmp_path):
+def test_a_roi_mask_cutting_through_the_cortex_does_as_well_as_antspy_with_it(tmp_path, demo, repo):
     """A brain mask eroded by 9 mm (its edge runs through the cortex) as the only mask, default stages: the
     coarse levels used to smooth the fixed image within the mask while the moving image (no mask) was smoothed
     whole, so at the mask's edge the two levels averaged different things; the rigid stage followed that
@@ -125,20 +122,20 @@ def test_a_roi_mask_cutting_through_the_cortex_does_as_well_as_antspy_with_it(tm
     same mask. ROI images are now smoothed whole, as ANTs does: Dice 0.639."""
     import yaml
 
-    fixed, moving, fm, _, fl, ml = brain_volumes()
+    fixed, moving, fm, _, fl, ml = brain_volumes(demo)
     cut = sitk.BinaryErode(fm, [3, 3, 3])
-    stages = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["registration"]["stages"]
+    stages = yaml.safe_load((repo / "config" / "config.yaml").read_text())["registration"]["stages"]
     ours = label_dice(fl, ml, maskreg.register(fixed, moving, cut, None, stages=stages, device="cpu").transform())
     theirs = label_dice(fl, ml, antspy(fixed, moving, "SyN", tmp_path, cut))
     assert ours >= theirs - 0.02, (ours, theirs)
 
 
-def test_search_finds_what_a_masked_affine_alone_cannot_reach(tmp_path):
+def test_search_finds_what_a_masked_affine_alone_cannot_reach(tmp_path, demo):
     """The issue's collapse: affine (masked MI) with no moments stage first, on a pair 31 mm apart, fixed mask =
     the brain. The brain's outline, which gives an unmasked loss its reach, is the mask's edge, and the masked
     affine stops 24 mm short (NCC in the mask 0.13). A syn stage after it then pulled 21 mm displacements to
     NCC 0.18. With ``search`` it reaches what ANTsPy Affine (which starts from the centres of mass) reaches."""
-    fixed, moving, mask = brain_slices()
+    fixed, moving, mask = brain_slices(demo)
     affine = {"type": "affine", "loss": "mi"}
     plain = maskreg.register(fixed, moving, mask, None, stages=[affine], device="cpu")
     searched = maskreg.register(fixed, moving, mask, None, stages=[{**affine, "search": True}], device="cpu")
@@ -147,10 +144,10 @@ def test_search_finds_what_a_masked_affine_alone_cannot_reach(tmp_path):
     assert ncc_in(fixed, moving, mask, searched.transform()) >= reference - 0.02
 
 
-def test_search_widens_the_capture_range_of_a_small_roi():
+def test_search_widens_the_capture_range_of_a_small_roi(repo):
     """bench_capture.py's head CT scenario (15 % ROI on the fixed image only, known rigid offsets): an offset of
     28° and 17 mm that the rigid stage alone does not recover, recovered with the search (< 1 mm mean error)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(repo / "benchmarks"))
     import bench_capture as bc
 
     image, centre, radius = bc.scenarios()["head CT"]
@@ -164,12 +161,12 @@ def test_search_widens_the_capture_range_of_a_small_roi():
 
 
 @pytest.mark.parametrize("use", ["none", "fixed", "moving"])
-def test_a_stage_that_leaves_a_mask_out_registers_as_without_it(use):
+def test_a_stage_that_leaves_a_mask_out_registers_as_without_it(use, demo):
     """``masks: fixed | moving | none`` per stage, as ANTs sets masks per stage: a rigid → syn registration of
     the 2D head CT pair with both masks given and one side left out by every stage ends where the same
     registration without that mask ends (the centre of rotation, the fixed mask's centroid, is the only
     difference: well under a tenth of a millimetre)."""
-    head = DEMO / "elastix_ct2d_head"
+    head = demo / "elastix_ct2d_head"
     fixed, moving = (sitk.ReadImage(str(head / f"{n}.nii.gz"), sitk.sitkFloat32) for n in ("fixed", "moving"))
     fm, mm = (sitk.ReadImage(str(head / f"{n}_mask.nii.gz")) for n in ("fixed", "moving"))
     stages = [
@@ -193,12 +190,12 @@ def test_a_stage_that_leaves_a_mask_out_registers_as_without_it(use):
     assert gap(per_stage, left_out) < 0.1 < gap(per_stage, both), (gap(per_stage, left_out), gap(per_stage, both))
 
 
-def test_syn_with_mse_between_scans_of_two_intensity_scales_neither_folds_nor_loses_the_brain():
+def test_syn_with_mse_between_scans_of_two_intensity_scales_neither_folds_nor_loses_the_brain(demo):
     """mse compared the moving image on the fixed image's intensity scale; the demo's MNI brain spans 0–235
     where the moving T1 spans 0–159, so SyN moved the brain out of its mask to lower the error (matrix cell at 4
     mm: overlap 49 %, Dice 0.311 from the affine's 0.595, 0.5 % of voxels folded). Each image now gets its own
     robust scale, as for the other losses: Dice above the affine start, no folding."""
-    fixed, moving, fm, mm, fl, ml = brain_volumes()
+    fixed, moving, fm, mm, fl, ml = brain_volumes(demo)
     linear = [{"type": "moments"}, {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [60, 30]}]
     start = maskreg.register(fixed, moving, fm, mm, device="cpu", stages=linear)
     res = maskreg.register(fixed, moving, fm, mm, device="cpu", stages=linear + [{"type": "syn", "loss": "mse"}])
@@ -208,14 +205,14 @@ def test_syn_with_mse_between_scans_of_two_intensity_scales_neither_folds_nor_lo
     assert res.stages[-1].levels[-1].overlap_fraction > start.stages[-1].levels[-1].overlap_fraction - 0.05
 
 
-def test_masks_of_different_extents_register_as_with_antspy(tmp_path):
+def test_masks_of_different_extents_register_as_with_antspy(tmp_path, demo):
     """Both brain masks eroded by 8 mm: the moving one keeps 26 % of its voxels (its sulci are open), so the
     masks overlap on about a third of the fixed mask. min_overlap_voxels was counted in coarse voxels (100 at
     shrink 4 in 3D: 6,400 at full resolution) and the affine's coarsest level failed with 82, where ANTsPy SyN
     registers the same masks. It is now counted at full resolution."""
     from maskreg.masks import erode_mm
 
-    fixed, moving, fm, mm, fl, ml = brain_volumes()
+    fixed, moving, fm, mm, fl, ml = brain_volumes(demo)
     fe, me = erode_mm(fm, 8.0), erode_mm(mm, 8.0)
     stages = [{"type": "moments"}, {"type": "affine", "loss": "mi"}, {"type": "syn", "loss": "cc"}]
     ours = label_dice(fl, ml, maskreg.register(fixed, moving, fe, me, stages=stages, device="cpu").transform())

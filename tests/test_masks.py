@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,22 +10,15 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from conftest import SHARED_DATA as DATA
-from conftest import make_image
 from maskreg import masks
 from maskreg.errors import MaskError
 
-BRAIN1 = DATA / "pyradiomics_brain_mr" / "brain1"
-OBLIQUE = DATA / "dipy_oblique" / "aniso_vox" / "image.nii.gz"
-BRAIN2D = DATA / "antspy_brain2d" / "r16" / "image.nii.gz"
-CT = DATA / "totalseg_ct" / "ct_a" / "image.nii.gz"
-CT_TABLE = DATA / "totalseg_ct" / "ct_b" / "image.nii.gz"
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"test data {path} not available")
-    return path
+# files of the shared data folder (the ``shared_data`` fixture skips a test whose file is not there)
+BRAIN1_LABELS = ("pyradiomics_brain_mr", "brain1", "labels.nii.gz")
+OBLIQUE = ("dipy_oblique", "aniso_vox", "image.nii.gz")
+BRAIN2D = ("antspy_brain2d", "r16", "image.nii.gz")
+CT = ("totalseg_ct", "ct_a", "image.nii.gz")
+CT_TABLE = ("totalseg_ct", "ct_b", "image.nii.gz")
 
 
 def arr(img: sitk.Image) -> np.ndarray:
@@ -69,9 +61,9 @@ def check_against_truth(result: np.ndarray, truth: np.ndarray, dist: np.ndarray,
 
 
 @pytest.fixture(scope="module")
-def lesion_crop() -> sitk.Image:
+def lesion_crop(shared_data) -> sitk.Image:
     """The brain1 lesion (0.78x0.78x6.5 mm) in a crop with room for a 7.3 mm ball on every side."""
-    lab = sitk.ReadImage(str(need(BRAIN1 / "labels.nii.gz")))
+    lab = sitk.ReadImage(str(shared_data(*BRAIN1_LABELS)))
     crop = lab[150:221, 72:166, 9:20]  # slicing keeps physical geometry (origin moves)
     a = arr(crop)
     assert a.sum() == arr(lab).sum(), "crop must contain the whole lesion"
@@ -79,8 +71,8 @@ def lesion_crop() -> sitk.Image:
 
 
 @pytest.fixture(scope="module")
-def oblique_mask() -> sitk.Image:
-    img = sitk.ReadImage(str(need(OBLIQUE)))
+def oblique_mask(shared_data) -> sitk.Image:
+    img = sitk.ReadImage(str(shared_data(*OBLIQUE)))
     m = sitk.Cast(img > 300, sitk.sitkUInt8)
     assert np.max(np.abs(np.asarray(img.GetDirection()) - np.eye(3).ravel())) > 0.1, "image should be oblique"
     return m
@@ -144,7 +136,7 @@ def test_dilate_and_erode_exact_on_oblique_grid(oblique_mask: sitk.Image, r: flo
     check_against_truth(arr(ero) != 0, src & (d_out > r), d_out, r, spacing)
 
 
-def test_dilate_2d_exact_and_radius_zero() -> None:
+def test_dilate_2d_exact_and_radius_zero(make_image) -> None:
     a = np.zeros((40, 50), np.uint8)
     a[10:14, 20:23] = 1
     a[30, 5] = 1
@@ -157,7 +149,7 @@ def test_dilate_2d_exact_and_radius_zero() -> None:
     np.testing.assert_array_equal(arr(masks.erode_mm(img, 0)), a)
 
 
-def test_erode_allones_stays_allones_and_border_not_eaten() -> None:
+def test_erode_allones_stays_allones_and_border_not_eaten(make_image) -> None:
     img = make_image(np.zeros((6, 20, 20), np.int16), spacing=(1.0, 1.0, 2.0))
     ones = masks.allones_like(img)
     assert arr(masks.erode_mm(ones, 4.0)).all()
@@ -181,7 +173,7 @@ def test_erosion_that_empties_names_radius_subject_and_inscribed_radius(lesion_c
         masks.erode_mm(lesion_crop, inscribed * 1.01)
 
 
-def test_negative_radius_rejected() -> None:
+def test_negative_radius_rejected(make_image) -> None:
     img = make_image(np.ones((5, 5), np.uint8))
     with pytest.raises(MaskError, match="radius"):
         masks.dilate_mm(img, -1.0)
@@ -190,16 +182,16 @@ def test_negative_radius_rejected() -> None:
 # ------------------------------------------------------------------------------------- sources and geometry
 
 
-def test_allones_like_exact_geometry(oblique_mask: sitk.Image) -> None:
-    img = sitk.ReadImage(str(OBLIQUE))
+def test_allones_like_exact_geometry(oblique_mask: sitk.Image, shared_data) -> None:
+    img = sitk.ReadImage(str(shared_data(*OBLIQUE)))
     m = masks.allones_like(img)
     assert_same_geometry(m, img)
     assert m.GetPixelID() == sitk.sitkUInt8
     assert arr(m).min() == 1 and arr(m).max() == 1
 
 
-def test_auto_mask_brain2d() -> None:
-    img = sitk.ReadImage(str(need(BRAIN2D)))
+def test_auto_mask_brain2d(shared_data) -> None:
+    img = sitk.ReadImage(str(shared_data(*BRAIN2D)))
     m = masks.auto_mask(img)
     assert_same_geometry(m, img)
     assert m.GetPixelID() == sitk.sitkUInt8
@@ -217,8 +209,8 @@ def test_auto_mask_brain2d() -> None:
     assert a[im == 0].mean() < 0.05
 
 
-def test_auto_mask_ct_body_not_air() -> None:
-    img = sitk.ReadImage(str(need(CT)))
+def test_auto_mask_ct_body_not_air(shared_data) -> None:
+    img = sitk.ReadImage(str(shared_data(*CT)))
     m = masks.auto_mask(img)
     assert_same_geometry(m, img)
     a, hu = arr(m).astype(bool), arr(img)
@@ -231,8 +223,8 @@ def test_auto_mask_ct_body_not_air() -> None:
         assert n >= 1 and np.bincount(lab.ravel())[1:].max() >= 0.99 * a[k].sum()
 
 
-def test_auto_mask_ct_excludes_table() -> None:
-    img = sitk.ReadImage(str(need(CT_TABLE)))
+def test_auto_mask_ct_excludes_table(shared_data) -> None:
+    img = sitk.ReadImage(str(shared_data(*CT_TABLE)))
     a, hu = arr(masks.auto_mask(img)).astype(bool), arr(img)
     assert a[hu > 0].mean() > 0.8
     # The patient table lies in rows y >= 425 of the axial slices, below the body: dense, yet not in the mask.
@@ -243,7 +235,7 @@ def test_auto_mask_ct_excludes_table() -> None:
 # ------------------------------------------------------------------------------------------ resampling
 
 
-def test_same_grid_mask_is_cast_and_keeps_geometry() -> None:
+def test_same_grid_mask_is_cast_and_keeps_geometry(make_image) -> None:
     a = np.zeros((4, 5, 6), np.int16)
     a[1:3, 2:4, 2:5] = 1
     img = make_image(np.zeros((4, 5, 6), np.float32), spacing=(1, 2, 3), origin=(1, 2, 3))
@@ -256,7 +248,7 @@ def test_same_grid_mask_is_cast_and_keeps_geometry() -> None:
     np.testing.assert_array_equal(arr(out), a)
 
 
-def test_2d_mask_for_3d_image_fails_clearly() -> None:
+def test_2d_mask_for_3d_image_fails_clearly(make_image) -> None:
     img = make_image(np.zeros((4, 8, 8), np.float32))
     m2 = make_image(np.ones((8, 8), np.uint8))
     with pytest.raises(MaskError, match="2D mask for a 3D image") as info:
@@ -266,7 +258,7 @@ def test_2d_mask_for_3d_image_fails_clearly() -> None:
         masks.prepare_mask(img, m2, subject="s1", role="moving_mask")
 
 
-def test_overlapping_mask_on_other_grid_is_resampled_with_warning() -> None:
+def test_overlapping_mask_on_other_grid_is_resampled_with_warning(make_image) -> None:
     img = make_image(np.zeros((10, 40, 40), np.float32), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0))
     # Mask on a grid with half the resolution, shifted by 3 mm in x; physical box x in [10, 30) mm.
     a = np.zeros((10, 20, 20), np.uint8)
@@ -288,8 +280,8 @@ def test_overlapping_mask_on_other_grid_is_resampled_with_warning() -> None:
     np.testing.assert_array_equal(arr(prepared), o)
 
 
-def test_resample_oblique_label_map_is_binary_on_image_grid(oblique_mask: sitk.Image) -> None:
-    img = sitk.ReadImage(str(OBLIQUE))
+def test_resample_oblique_label_map_is_binary_on_image_grid(oblique_mask: sitk.Image, shared_data) -> None:
+    img = sitk.ReadImage(str(shared_data(*OBLIQUE)))
     lab = sitk.Cast(oblique_mask, sitk.sitkUInt16) * 7  # values {0, 7}
     # Axis-aligned 3 mm grid covering the oblique image.
     ref = sitk.Image([85, 95, 85], sitk.sitkFloat32)
@@ -305,7 +297,7 @@ def test_resample_oblique_label_map_is_binary_on_image_grid(oblique_mask: sitk.I
     assert abs(v_out - v_src) / v_src < 0.1
 
 
-def test_non_overlapping_mask_raises() -> None:
+def test_non_overlapping_mask_raises(make_image) -> None:
     img = make_image(np.zeros((10, 20, 20), np.float32))
     m = make_image(np.ones((10, 20, 20), np.uint8), origin=(500.0, 0.0, 0.0))
     with pytest.warns(UserWarning):
@@ -317,7 +309,7 @@ def test_non_overlapping_mask_raises() -> None:
 # ----------------------------------------------------------------------------------------------- binarise
 
 
-def test_binarise_float_mask() -> None:
+def test_binarise_float_mask(make_image) -> None:
     a = np.array([[0.0, 0.2, 0.7], [1.0, 0.5, 0.0]], np.float32)
     m = make_image(a, spacing=(0.5, 2.0), origin=(1.0, 2.0))
     with pytest.raises(MaskError, match="threshold") as info:
@@ -346,7 +338,7 @@ def test_binarise_float_mask() -> None:
 # ----------------------------------------------------------------------------------- components and holes
 
 
-def test_keep_largest_component() -> None:
+def test_keep_largest_component(make_image) -> None:
     a = np.zeros((20, 20), np.uint8)
     a[2:5, 2:5] = 1  # 9 voxels
     a[10:16, 10:15] = 3  # 30 voxels (label value 3: nonzero counts)
@@ -359,7 +351,7 @@ def test_keep_largest_component() -> None:
     assert out.GetSpacing() == (2.0, 0.5)
 
 
-def test_fill_holes() -> None:
+def test_fill_holes(make_image) -> None:
     a = np.zeros((5, 12, 12), np.uint8)
     a[1:4, 2:9, 2:9] = 1
     a[2, 4:6, 4:6] = 0  # enclosed 3D cavity
@@ -390,8 +382,8 @@ def test_prepare_mask_dilation_grows_and_keeps(lesion_crop: sitk.Image) -> None:
     assert np.all(closed[plain]) and not np.any(closed & ~grown)
 
 
-def test_prepare_mask_sources_and_errors() -> None:
-    img = sitk.ReadImage(str(need(BRAIN2D)))
+def test_prepare_mask_sources_and_errors(shared_data, make_image) -> None:
+    img = sitk.ReadImage(str(shared_data(*BRAIN2D)))
     ones = masks.prepare_mask(img)
     assert arr(ones).all()
     assert_same_geometry(ones, img)
@@ -418,7 +410,7 @@ def test_prepare_mask_sources_and_errors() -> None:
     assert out.sum() == 15 * 15 and out[5:20, 5:20].all()
 
 
-def test_check_mask_and_centroid() -> None:
+def test_check_mask_and_centroid(make_image) -> None:
     a = np.zeros((7, 9, 11), np.uint8)
     a[1:4, 2:5, 6:9] = 1  # centroid z=2, y=3, x=7
     m = make_image(a)

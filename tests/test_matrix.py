@@ -12,17 +12,16 @@ Everything runs on one thread (about 60-90 s on 2 cores for the 27 cells, ANTsPy
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
 pytest.importorskip("ants", reason="antspyx is the reference of the matrix (pip install antspyx)")
 
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # at import: the cells parametrize
 import matrix_cells as mx  # noqa: E402
 
-# Quick cells that fail a criterion at the time of writing, with the numbers measured (benchmarks/README.md,
+# Quick cells that fail a criterion at the time of writing, with the numbers measured (benchmarks/HISTORY.md,
 # "bench_matrix.py"): they run and are reported as expected failures (an XPASS is reported, not an error: the
 # one cell here passes when ANTsPy's own run goes worse, which it did in a clean-clone CI run, its CC metric
 # finding "no valid points"; maskreg's figure was the same). The criteria themselves are not relaxed for them.

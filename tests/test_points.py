@@ -10,11 +10,10 @@ import SimpleITK as sitk
 import torch
 
 import maskreg
-from conftest import shared
-from maskreg.engine.core import _RegularStep
 from maskreg.engine.losses import VALUE_AND_GRAD, mattes_mi, mse
 from maskreg.engine.points import PointLoss, gradient_images, jitter, voxel_points
 from maskreg.engine.sampling import grid_sample
+from maskreg.stages import resolve_stage
 
 
 def _blob(shape, centre, sigma):
@@ -114,22 +113,39 @@ def test_fraction_keeps_a_seeded_subset_and_estimates_the_overlap():
     assert ov <= n
 
 
-def test_regular_step_converges_precisely_where_its_step_halves():
-    target = torch.tensor([0.7, -1.3, 2.1])
-    p = torch.zeros(3)
-    opt = _RegularStep(p, torch.full((60,), 1.0))
-    for _ in range(60):
-        opt.step(2 * (p - target) * torch.tensor([1.0, 4.0, 0.5]))  # an ill-conditioned quadratic
-    assert float((p - target).abs().max()) < 0.02
-    assert float(opt.step_len) < 0.05  # it halved on each overshoot
+def test_regular_step_converges_precisely_where_its_step_halves(make_image):
+    """A linear stage's regular-step descent (the default optimizer) on a known 2.9 mm shift of an anisotropic
+    scene (mse, no plateau test): the step halves on each overshoot, so the level ends converged (its step 2⁻⁵ of
+    the first) long before its 300 iterations, at the shift to 0.01 mm; tolerance 0 runs every iteration and
+    stays there."""
+    yy, xx = np.mgrid[:64, :64].astype(float)
+
+    def scene(dx, dy):
+        x, y = xx - dx, yy - dy
+        return np.exp(-((x - 30) ** 2 / 60 + (y - 34) ** 2 / 90)) + 0.6 * np.exp(-((x - 40) ** 2 + (y - 22) ** 2) / 30)
+
+    fixed, moving = make_image(scene(0, 0), dtype=np.float32), make_image(scene(2.3, -1.7), dtype=np.float32)
+    stage = {"type": "translation", "loss": "mse", "scales": [1], "iterations": [300], "tolerance": 1e-12}
+    assert resolve_stage(stage)["optimizer"] == "regular_step"
+    res = maskreg.register(fixed, moving, stages=[stage], device="cpu")
+    lv = res.stages[0].levels[0]
+    assert lv.converged and lv.iterations < 60, lv.iterations  # measured 20
+    np.testing.assert_allclose(res.linear.translation, [2.3, -1.7], atol=0.01)
+    assert lv.losses[-1] < 1e-3 * lv.losses[0]
+    res0 = maskreg.register(fixed, moving, stages=[dict(stage, tolerance=0)], device="cpu")
+    lv0 = res0.stages[0].levels[0]
+    assert not lv0.converged and lv0.iterations == 300
+    np.testing.assert_allclose(res0.linear.translation, [2.3, -1.7], atol=0.01)
 
 
-def _known_pair():
+@pytest.fixture(scope="module")
+def known_pair(shared_data, make_image):
     """The MNI template at 2 mm (brain mask) and a copy moved by a known affine with 2 % noise onto a 2.0 mm
     grid, its mask moved the same way (like ``benchmarks/bench_linear.py``'s known pair, smaller)."""
-    src = sitk.ReadImage(str(shared("mni_icbm152_2009a", "template", "image.nii.gz")), sitk.sitkFloat32)
-    gm = sitk.ReadImage(str(shared("mni_icbm152_2009a", "template", "gm_prob.nii.gz")), sitk.sitkFloat32)
-    wm = sitk.ReadImage(str(shared("mni_icbm152_2009a", "template", "wm_prob.nii.gz")), sitk.sitkFloat32)
+    template = ("mni_icbm152_2009a", "template")
+    src = sitk.ReadImage(str(shared_data(*template, "image.nii.gz")), sitk.sitkFloat32)
+    gm = sitk.ReadImage(str(shared_data(*template, "gm_prob.nii.gz")), sitk.sitkFloat32)
+    wm = sitk.ReadImage(str(shared_data(*template, "wm_prob.nii.gz")), sitk.sitkFloat32)
 
     def to_grid(img, spacing, transform=None, interp=sitk.sitkLinear):
         size = [int(round(n * s / spacing)) for n, s in zip(img.GetSize(), img.GetSpacing(), strict=False)]
@@ -157,8 +173,7 @@ def _known_pair():
     fine = to_grid(src, 1.2, inv)
     arr = sitk.GetArrayFromImage(fine)
     arr += np.random.default_rng(0).normal(0, 0.02 * float(arr.max()), arr.shape).astype(np.float32)
-    noisy = sitk.GetImageFromArray(arr)
-    noisy.CopyInformation(fine)
+    noisy = make_image(arr, like=fine)
     sm = sitk.SmoothingRecursiveGaussian(noisy, 0.5 * math.sqrt(2.0**2 - 1.2**2))
     ref = sitk.Image([int(round(n * 1.2 / 2.0)) for n in fine.GetSize()], sitk.sitkFloat32)
     ref.SetSpacing([2.0] * 3)
@@ -171,11 +186,11 @@ def _known_pair():
     return fixed, moving, fmask, mmask, truth
 
 
-def test_affine_started_at_the_truth_stays_there():
+def test_affine_started_at_the_truth_stays_there(known_pair):
     """Started at the true affine, masked Mattes MI (32 bins) at full resolution must not walk away from it.
     Sampled at the fixed voxel centres it did, on benchmarks/bench_linear.py's known pair: 0.11 mm mean error
     while the loss fell (the interpolation blur of the moving image's noise rewarded it). Jittered points fix it."""
-    fixed, moving, fmask, mmask, truth = _known_pair()
+    fixed, moving, fmask, mmask, truth = known_pair
     pts = np.array(
         [
             fixed.TransformIndexToPhysicalPoint(tuple(int(v) for v in ijk[::-1]))
@@ -193,11 +208,11 @@ def test_affine_started_at_the_truth_stays_there():
     assert err.mean() < 0.06, err.mean()
 
 
-def test_a_level_stops_once_its_step_has_halved_five_times_unless_tolerance_is_zero():
+def test_a_level_stops_once_its_step_has_halved_five_times_unless_tolerance_is_zero(known_pair):
     """regular_step's own convergence: on the known pair started at the truth, the step halves within a few
     iterations and the level stops (converged) long before its 300 iterations, and before the 20 the
     plateau test needs; tolerance 0 runs every iteration."""
-    fixed, moving, fmask, mmask, truth = _known_pair()
+    fixed, moving, fmask, mmask, truth = known_pair
     stage = {"type": "affine", "loss": "mi", "scales": [2], "iterations": [300], "tolerance": 1e-12}
     res = maskreg.register(
         fixed, moving, fmask, mmask, [stage], device="cpu", initial=truth, sampling={"fraction": 0.2}

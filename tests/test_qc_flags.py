@@ -11,19 +11,16 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from conftest import DEMO, REPO
 from maskreg.io import write_table
 from maskreg.qc import evaluate
 from maskreg.qc import flags as F
 from maskreg.transforms import LinearTransform, chain
 from maskreg.warp import warp_image, warp_labels, warp_mask
 
-BRAIN_FIXED = DEMO / "antspy_brain2d" / "r64.nii.gz"
-BRAIN_MOVING = DEMO / "antspy_brain2d" / "r16.nii.gz"
 
-
-def _brain(path=BRAIN_FIXED) -> sitk.Image:
-    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+def _brain(demo, name: str = "r64") -> sitk.Image:
+    """A slice of the demo's 2D brain scans (r64: the fixed one of these tests, r16: the moving one)."""
+    return sitk.ReadImage(str(demo / "antspy_brain2d" / f"{name}.nii.gz"), sitk.sitkFloat32)
 
 
 def _ones(img: sitk.Image) -> sitk.Image:
@@ -32,19 +29,11 @@ def _ones(img: sitk.Image) -> sitk.Image:
     return out
 
 
-def _box_mask(img: sitk.Image, lo: tuple[int, int], hi: tuple[int, int]) -> sitk.Image:
+def _box(img: sitk.Image, lo: tuple[int, int], hi: tuple[int, int]) -> np.ndarray:
+    """A box mask array on ``img``'s grid: x from lo[0] to hi[0], y from lo[1] to hi[1] (end excluded)."""
     arr = np.zeros(img.GetSize()[::-1], np.uint8)
     arr[lo[1] : hi[1], lo[0] : hi[0]] = 1
-    m = sitk.GetImageFromArray(arr)
-    m.CopyInformation(img)
-    return m
-
-
-def _field(ref: sitk.Image, u: np.ndarray) -> sitk.Image:
-    """A SimpleITK displacement-field image (x, y components in mm) on ``ref``'s grid."""
-    f = sitk.GetImageFromArray(u.astype(np.float64), isVector=True)
-    f.CopyInformation(ref)
-    return f
+    return arr
 
 
 def _metrics(
@@ -85,29 +74,29 @@ def _metrics(
 # ------------------------------------------------------------------------------------------- defaults
 
 
-def test_defaults_are_the_schema_and_config_defaults():
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+def test_defaults_are_the_schema_and_config_defaults(repo):
+    schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
     props = schema["properties"]["qc"]["properties"]["flags"]["properties"]
     assert {k: v["default"] for k, v in props.items()} == F.DEFAULTS
-    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
     assert cfg["qc"]["flags"] == F.DEFAULTS
     assert F.thresholds({"folding": None, "low_overlap": 0.8}) == {**F.DEFAULTS, "folding": None, "low_overlap": 0.8}
     with pytest.raises(ValueError, match="unknown flag 'fold'"):
         F.thresholds({"fold": 0.1})
 
 
-def test_config_checks_the_thresholds():
+def test_config_checks_the_thresholds(repo):
     from maskreg.config import load_and_validate, load_yaml
     from maskreg.errors import ConfigError
 
-    cfg = load_yaml(REPO / "config/config.yaml")
-    cfg["cohort"] = str(REPO / "config/cohort.tsv")
+    cfg = load_yaml(repo / "config/config.yaml")
+    cfg["cohort"] = str(repo / "config/cohort.tsv")
     cfg["qc"]["flags"].update(fold=0.1, low_overlap=2, folding=None)
     with pytest.raises(ConfigError) as info:
         load_and_validate(
             cfg,
-            load_yaml(REPO / "workflow/schemas/config.schema.yaml"),
-            load_yaml(REPO / "workflow/schemas/cohort.schema.yaml"),
+            load_yaml(repo / "workflow/schemas/config.schema.yaml"),
+            load_yaml(repo / "workflow/schemas/cohort.schema.yaml"),
         )
     text = str(info.value)
     assert "qc.flags" in text and "'fold' was unexpected" in text and "2 is greater than the maximum of 1" in text
@@ -137,10 +126,10 @@ def test_cells_and_failed_or_empty_rows():
 # ------------------------------------------------------------------------------- on real images
 
 
-def test_a_real_registration_is_not_flagged():
+def test_a_real_registration_is_not_flagged(demo):
     import maskreg
 
-    fixed, moving = _brain(), _brain(BRAIN_MOVING)
+    fixed, moving = _brain(demo), _brain(demo, "r16")
     stages = [
         {"type": "moments"},
         {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [50, 25]},
@@ -158,12 +147,12 @@ def test_a_real_registration_is_not_flagged():
     assert row["flags"] == ""
 
 
-def test_low_overlap_from_a_real_partial_overlap_registration():
+def test_low_overlap_from_a_real_partial_overlap_registration(demo):
     """The moving scan is the left 50 columns of the fixed one (same physical place): at most 20 % of the
     fixed (all-ones) mask can overlap it."""
     import maskreg
 
-    fixed = _brain()
+    fixed = _brain(demo)
     moving = fixed[:50, :]
     res = maskreg.register(
         fixed,
@@ -184,10 +173,10 @@ def test_low_overlap_from_a_real_partial_overlap_registration():
     )
 
 
-def test_worse_after_than_before_flags_ncc_dice_and_tre():
+def test_worse_after_than_before_flags_ncc_dice_and_tre(demo):
     """The moving scan is the fixed one (aligned already); a 'registration' that shifts it by 6 mm makes
     NCC, Dice and TRE worse."""
-    fixed = _brain()
+    fixed = _brain(demo)
     labels = sitk.Cast(sitk.OtsuMultipleThresholds(fixed, numberOfThresholds=2), sitk.sitkUInt8)
     points = np.array([[100.0, 120.0], [150.0, 80.0], [60.0, 170.0]])
     shift = LinearTransform(np.eye(2), np.array([6.0, 0.0])).to_sitk()
@@ -212,22 +201,22 @@ def test_worse_after_than_before_flags_ncc_dice_and_tre():
     assert good["flags"] == ""
 
 
-def test_folding_from_a_real_folded_field():
+def test_folding_from_a_real_folded_field(demo, make_image):
     """A local push along x with du_x/dx = -3 at the centre: det J = 1 - 3 < 0 there (a fold), while the
     largest displacement stays 3·4·e^-1/2 ≈ 7.3 mm, far below 0.1 × the image diagonal (36 mm)."""
-    fixed = _brain()
+    fixed = _brain(demo)
     yy, xx = np.mgrid[:256, :256].astype(float)
     r2 = (xx - 128) ** 2 + (yy - 128) ** 2
     u = np.zeros((256, 256, 2))
     u[..., 0] = -3.0 * (xx - 128) * np.exp(-r2 / (2 * 4.0**2))
-    field = _field(fixed, u)
+    field = make_image(u, dtype=np.float64, like=fixed, vector=True)  # x, y components in mm
     row = _metrics(fixed, fixed, chain(LinearTransform.identity(2), field), field=field)
     assert row["jacobian_nonpositive_fraction"] > 0
     assert row["displacement_max_mm"] == pytest.approx(3 * 4 * math.exp(-0.5), rel=0.02)
     flags = F.parse_flags(row["flags"])
     assert "folding" in flags and "large_displacement" not in flags
     # the same field, gentle (du_x/dx = -0.5 at most): no fold
-    gentle = _field(fixed, u / 6)
+    gentle = make_image(u / 6, dtype=np.float64, like=fixed, vector=True)
     row = _metrics(fixed, fixed, chain(LinearTransform.identity(2), gentle), field=gentle)
     assert row["jacobian_nonpositive_fraction"] == 0.0 and "folding" not in row["flags"]
     # a mirroring linear part folds everything
@@ -236,16 +225,16 @@ def test_folding_from_a_real_folded_field():
     assert row["jacobian_nonpositive_fraction"] == 1.0 and "folding" in row["flags"]
 
 
-def test_large_displacement_is_relative_to_the_fixed_mask():
+def test_large_displacement_is_relative_to_the_fixed_mask(demo, make_image):
     """A smooth 12 mm shift of the centre (a Gaussian bump, no fold): large for a 40 × 30 mm mask (diagonal
     50 mm, threshold 5 mm), ordinary for the whole 256 × 256 mm image (threshold 36 mm)."""
-    fixed = _brain()
+    fixed = _brain(demo)
     yy, xx = np.mgrid[:256, :256].astype(float)
     u = np.zeros((256, 256, 2))
     u[..., 1] = 12.0 * np.exp(-((xx - 128) ** 2 + (yy - 128) ** 2) / (2 * 40.0**2))
-    field = _field(fixed, u)
+    field = make_image(u, dtype=np.float64, like=fixed, vector=True)
     tx = chain(LinearTransform.identity(2), field)
-    small = _box_mask(fixed, (108, 113), (148, 143))
+    small = make_image(_box(fixed, (108, 113), (148, 143)), like=fixed)
     row = _metrics(fixed, fixed, tx, field=field, fixed_mask=small)
     assert row["fixed_mask_diagonal_mm"] == pytest.approx(50.0)
     assert row["displacement_max_mm"] == pytest.approx(12.0, rel=1e-3)
@@ -254,7 +243,7 @@ def test_large_displacement_is_relative_to_the_fixed_mask():
     whole = _metrics(fixed, fixed, tx, field=field)
     assert "large_displacement" not in whole["flags"]
     # the field outside the mask does not count: a mask far from the bump sees almost no displacement
-    corner = _box_mask(fixed, (0, 0), (40, 30))
+    corner = make_image(_box(fixed, (0, 0), (40, 30)), like=fixed)
     row = _metrics(fixed, fixed, tx, field=field, fixed_mask=corner)
     assert row["displacement_max_mm"] < 0.5 and "large_displacement" not in row["flags"]
 

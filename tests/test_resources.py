@@ -15,17 +15,23 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
-
 GPU_RULES = {"register"}
 
 
 def dry_run(
-    work: Path, *, device: str, gpu_model: str | None, mem_mb: int, runtime: int, threads: int, gpu: int = 1
+    repo: Path,
+    work: Path,
+    *,
+    device: str,
+    gpu_model: str | None,
+    mem_mb: int,
+    runtime: int,
+    threads: int,
+    gpu: int = 1,
 ) -> dict[str, list[dict[str, str]]]:
     """Resources (plus threads) of every planned job, by rule."""
-    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    cfg["cohort"] = str(REPO / "config/cohort.tsv")
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
+    cfg["cohort"] = str(repo / "config/cohort.tsv")
     cfg["device"] = device
     cfg["resources"]["register"].update(gpu=gpu, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime, threads=threads)
     work.mkdir(parents=True, exist_ok=True)
@@ -36,7 +42,7 @@ def dry_run(
         "-m",
         "snakemake",
         "-s",
-        str(REPO / "Snakefile"),
+        str(repo / "Snakefile"),
         "--directory",
         str(work),
         "--configfile",
@@ -78,9 +84,9 @@ CASES = [  # device, gpu_model, mem_mb, runtime, threads
 
 
 @pytest.mark.parametrize("device,gpu_model,mem_mb,runtime,threads", CASES)
-def test_register_resources_follow_the_config(tmp_path, device, gpu_model, mem_mb, runtime, threads):
-    jobs = dry_run(tmp_path, device=device, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime, threads=threads)
-    assert len(jobs["register"]) == len(pd.read_csv(REPO / "config/cohort.tsv", sep="\t", dtype=str))
+def test_register_resources_follow_the_config(tmp_path, repo, device, gpu_model, mem_mb, runtime, threads):
+    jobs = dry_run(repo, tmp_path, device=device, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime, threads=threads)
+    assert len(jobs["register"]) == len(pd.read_csv(repo / "config/cohort.tsv", sep="\t", dtype=str))
     for job in jobs["register"]:
         # mem_mb/runtime are callables of the attempt: the first attempt asks for the configured values
         assert job["mem_mb"] == str(mem_mb) and job["runtime"] == str(runtime), job
@@ -96,48 +102,59 @@ def test_register_resources_follow_the_config(tmp_path, device, gpu_model, mem_m
                 assert "gpu" not in job and "gpu_model" not in job, (rule, job)
 
 
-def test_no_gpu_requested_when_the_config_asks_for_none(tmp_path):
-    jobs = dry_run(tmp_path, device="auto", gpu_model="a100", mem_mb=4000, runtime=30, threads=2, gpu=0)
+def test_no_gpu_requested_when_the_config_asks_for_none(tmp_path, repo):
+    jobs = dry_run(repo, tmp_path, device="auto", gpu_model="a100", mem_mb=4000, runtime=30, threads=2, gpu=0)
     assert all("gpu" not in j and "gpu_model" not in j for listed in jobs.values() for j in listed)
 
 
-ATTEMPT_PROBE = """
-import json, sys
-from pathlib import Path
-import yaml
-from snakemake.api import SnakemakeApi
-from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, WorkflowSettings
+# a Snakefile that includes the workflow's and prints the register rule's mem_mb and runtime at attempts 1-3, as
+# Snakemake evaluates resource callables (wildcards positional, the rest by the names they ask for)
+ATTEMPT_PROBE = """include: "{snakefile}"
 
-repo = Path(sys.argv[1])
-cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
-cfg["cohort"] = str(repo / "config/cohort.tsv")
-cfg["resources"]["register"].update(mem_mb=3000, runtime=15)
-work = Path(sys.argv[2])
-(work / "config.yaml").write_text(yaml.safe_dump(cfg))
-with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
-    wf = api.workflow(resource_settings=ResourceSettings(cores=8), workflow_settings=WorkflowSettings(),
-                      config_settings=ConfigSettings(configfiles=[work / "config.yaml"]),
-                      snakefile=repo / "Snakefile", workdir=work)
-    rule = wf._workflow.get_rule("register")
-    # as Snakemake calls resource callables: wildcards positional, the rest by the names they ask for
-    print(json.dumps({attempt: {name: rule.resources[name].evaluate({}, attempt=attempt, input=[], threads=2).value
-                                for name in ("mem_mb", "runtime")} for attempt in (1, 2, 3)}))
+import json
+
+reg = rules.register.rule
+values = {{
+    attempt: {{
+        name: reg.resources[name].evaluate({{}}, attempt=attempt, input=[], threads=2).value
+        for name in ("mem_mb", "runtime")
+    }}
+    for attempt in (1, 2, 3)
+}}
+print("ATTEMPTS " + json.dumps(values))
 """
 
 
-def test_register_memory_and_time_grow_with_the_attempt(tmp_path):
+def test_register_memory_and_time_grow_with_the_attempt(tmp_path, repo):
     """The callables behind `--retries`: attempt n asks for n times the configured mem_mb and runtime."""
-    proc = subprocess.run(
-        [sys.executable, "-c", ATTEMPT_PROBE, str(REPO), str(tmp_path)], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
+    cfg["cohort"] = str(repo / "config/cohort.tsv")
+    cfg["resources"]["register"].update(mem_mb=3000, runtime=15)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "probe.smk").write_text(ATTEMPT_PROBE.format(snakefile=repo / "Snakefile"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(tmp_path / "probe.smk"),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(tmp_path / "config.yaml"),
+        "--list-rules",
+        "--workflow-profile",
+        "none",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("ATTEMPTS "))
+    got = json.loads(line[len("ATTEMPTS ") :])
     assert got == {str(a): {"mem_mb": 3000 * a, "runtime": 15 * a} for a in (1, 2, 3)}
 
 
-def _matrix_project(tmp: Path, stages: list[dict], device: str) -> Path:
+def _matrix_project(tmp: Path, demo: Path, stages: list[dict], device: str) -> Path:
     """A cohort of four subjects: nothing extra; masks; labels; landmarks (files are the demo's)."""
-    demo = REPO / "resources" / "demo"
     b, h, t = demo / "antspy_brain2d", demo / "elastix_ct2d_head", demo / "brain3d"
     (tmp / "f.csv").write_text("x,y\n10,20\n100,120\n")
     (tmp / "m.csv").write_text("x,y\n12,21\n98,118\n")
@@ -190,14 +207,14 @@ DEFORMABLE = LINEAR + [{"type": "syn", "loss": "cc"}]
 
 @pytest.mark.parametrize("stages", [LINEAR, DEFORMABLE], ids=["linear", "syn"])
 @pytest.mark.parametrize("device", ["auto", "cpu"])
-def test_dry_run_matrix_plans_the_right_jobs_files_and_resources(tmp_path, stages, device):
-    work = _matrix_project(tmp_path, stages, device)
+def test_dry_run_matrix_plans_the_right_jobs_files_and_resources(tmp_path, repo, demo, stages, device):
+    work = _matrix_project(tmp_path, demo, stages, device)
     cmd = [
         sys.executable,
         "-m",
         "snakemake",
         "-s",
-        str(REPO / "Snakefile"),
+        str(repo / "Snakefile"),
         "--directory",
         str(work),
         "--configfile",

@@ -15,23 +15,27 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from conftest import DEMO, REPO, report_files
-
 pytestmark = pytest.mark.workflow
 FAST = [{"type": "moments"}, {"type": "rigid", "loss": "mse", "scales": [2, 1], "iterations": [20, 10]}]
 
 
-def make_project(tmp: Path, rows: dict[str, tuple[str, str]], stages=FAST) -> Path:
-    """A project folder: 96x96 crops of the demo's brain slices, a cohort table and a config."""
-    for name in ("r64", "r16", "r27"):
-        img = sitk.ReadImage(str(DEMO / "antspy_brain2d" / f"{name}.nii.gz"))
-        sitk.WriteImage(img[80:176, 80:176], str(tmp / f"{name}.nii.gz"))
-    const = sitk.Image([96, 96], sitk.sitkUInt8) + 7
-    sitk.WriteImage(const, str(tmp / "const.nii.gz"))
-    write_cohort(tmp, rows)
-    cfg = {"cohort": str(tmp / "cohort.tsv"), "device": "cpu", "registration": {"stages": stages}}
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return tmp
+@pytest.fixture(scope="session")
+def make_project(demo):
+    """``make_project(tmp, rows, stages=FAST)``: a project folder: 96x96 crops of the demo's brain slices, a cohort
+    table and a config."""
+
+    def make(tmp: Path, rows: dict[str, tuple[str, str]], stages=FAST) -> Path:
+        for name in ("r64", "r16", "r27"):
+            img = sitk.ReadImage(str(demo / "antspy_brain2d" / f"{name}.nii.gz"))
+            sitk.WriteImage(img[80:176, 80:176], str(tmp / f"{name}.nii.gz"))
+        const = sitk.Image([96, 96], sitk.sitkUInt8) + 7
+        sitk.WriteImage(const, str(tmp / "const.nii.gz"))
+        write_cohort(tmp, rows)
+        cfg = {"cohort": str(tmp / "cohort.tsv"), "device": "cpu", "registration": {"stages": stages}}
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+        return tmp
+
+    return make
 
 
 def write_cohort(tmp: Path, rows: dict[str, tuple[str, str]]) -> None:
@@ -39,39 +43,51 @@ def write_cohort(tmp: Path, rows: dict[str, tuple[str, str]]) -> None:
     (tmp / "cohort.tsv").write_text("\n".join(lines) + "\n")
 
 
-def snakemake(work: Path, *args: str, timeout: int = 600, **kw):
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config.yaml"),
-        "--profile",
-        str(REPO / "profiles/local"),
-        "--cores",
-        "2",
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+@pytest.fixture(scope="session")
+def snakemake(repo):
+    """``snakemake(work, *args, timeout=600)``: the workflow run on the project folder ``work`` (local profile,
+    2 cores), its completed process."""
+
+    def run(work: Path, *args: str, timeout: int = 600, **kw):
+        cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(repo / "Snakefile"),
+            "--directory",
+            str(work),
+            "--configfile",
+            str(work / "config.yaml"),
+            "--profile",
+            str(repo / "profiles/local"),
+            "--cores",
+            "2",
+            *args,
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+    return run
 
 
-def planned(work: Path) -> dict[str, int]:
-    """Jobs a run would execute now: {rule: count} from a dry run's job table."""
-    proc = snakemake(work, "-n", "--quiet", "rules")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out: dict[str, int] = {}
-    for line in proc.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
-            out[parts[0]] = int(parts[1])
-    return out
+@pytest.fixture(scope="session")
+def planned(snakemake):
+    """``planned(work)``: the jobs a run would execute now, {rule: count} from a dry run's job table."""
+
+    def jobs(work: Path) -> dict[str, int]:
+        proc = snakemake(work, "-n", "--quiet", "rules")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out: dict[str, int] = {}
+        for line in proc.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+                out[parts[0]] = int(parts[1])
+        return out
+
+    return jobs
 
 
-def test_one_bad_subject_fails_alone_and_is_listed(tmp_path):
+def test_one_bad_subject_fails_alone_and_is_listed(tmp_path, make_project, snakemake, report_files):
     work = make_project(tmp_path, {"good": ("r64", "r16"), "bad": ("r64", "const")})
     proc = snakemake(work)
     assert proc.returncode != 0  # automation notices
@@ -102,7 +118,7 @@ def _register_pids() -> list[int]:
 
 
 @pytest.mark.parametrize("how", ["job_sigkill", "job_sigterm", "run_sigkill"])
-def test_killed_registration_leaves_nothing_complete_and_rerun_finishes(tmp_path, how):
+def test_killed_registration_leaves_nothing_complete_and_rerun_finishes(tmp_path, how, make_project, snakemake, repo):
     """The registration job killed mid-way (the OOM killer: SIGKILL; a scheduler: SIGTERM), or the whole
     run killed: no transform that Snakemake would take as complete, and the next run finishes the work."""
     slow = [{"type": "moments"}, {"type": "rigid", "loss": "mi", "scales": [1], "iterations": [20000], "tolerance": 0}]
@@ -112,13 +128,13 @@ def test_killed_registration_leaves_nothing_complete_and_rerun_finishes(tmp_path
         "-m",
         "snakemake",
         "-s",
-        str(REPO / "Snakefile"),
+        str(repo / "Snakefile"),
         "--directory",
         str(work),
         "--configfile",
         str(work / "config.yaml"),
         "--profile",
-        str(REPO / "profiles/local"),
+        str(repo / "profiles/local"),
         "--cores",
         "1",
     ]
@@ -149,7 +165,7 @@ def test_killed_registration_leaves_nothing_complete_and_rerun_finishes(tmp_path
     assert sitk.ReadTransform(str(tdir / "affine.mat")).GetDimension() == 2
 
 
-def test_reprocessing_reruns_exactly_what_changed(tmp_path):
+def test_reprocessing_reruns_exactly_what_changed(tmp_path, make_project, snakemake, planned):
     work = make_project(tmp_path, {"a": ("r64", "r16"), "b": ("r64", "r27")})
     assert snakemake(work).returncode == 0
     assert planned(work) == {}
@@ -193,7 +209,7 @@ def test_reprocessing_reruns_exactly_what_changed(tmp_path):
     assert "subject=b" in proc.stdout and "subject=a" not in proc.stdout
 
 
-def test_same_inputs_same_transforms(tmp_path):
+def test_same_inputs_same_transforms(tmp_path, make_project, snakemake):
     work = make_project(
         tmp_path,
         {"a": ("r64", "r16")},
@@ -212,7 +228,7 @@ def test_same_inputs_same_transforms(tmp_path):
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
 
 
-def test_batched_registration_keeps_per_subject_results_and_failures(tmp_path):
+def test_batched_registration_keeps_per_subject_results_and_failures(tmp_path, make_project, snakemake, planned):
     """resources.register.batch_size: 2 registers two subjects per job in one process; the subjects' files
     equal a one-job-per-subject run's, a failed subject fails alone (in the middle of a batch), and a rerun
     plans only what is left."""

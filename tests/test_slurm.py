@@ -25,15 +25,13 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from conftest import REPO
-
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
 PLUGIN = "snakemake-executor-plugin-slurm"
 PLUGIN_VERSION = "2.8.0"
 SLURM_PACKAGES = ["munge", "slurmctld", "slurmd"]
 SLURM_TOOLS = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol"]
-CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 # one subject of each kind of the demo cohort: 2D without masks, 2D with the cohort's masks, 3D with labels
 # (so warp_labels joins its subject_qc group); all five would double the time, each SLURM job re-running
 # Snakemake
@@ -106,12 +104,12 @@ def ensure_plugin_installed() -> None:
     importlib.invalidate_caches()
 
 
-def write_config(work: Path) -> None:
-    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    cohort = pd.read_csv(REPO / "config/cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+def write_config(repo: Path, work: Path) -> None:
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
+    cohort = pd.read_csv(repo / "config/cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
     cohort = cohort[cohort.subject.isin(SUBJECTS)]
     for col in cohort.columns[1:]:  # paths are relative to the table's folder
-        cohort[col] = [str((REPO / "config" / v).resolve()) if v else "" for v in cohort[col]]
+        cohort[col] = [str((repo / "config" / v).resolve()) if v else "" for v in cohort[col]]
     work.mkdir(parents=True, exist_ok=True)
     cohort.to_csv(work / "cohort.tsv", sep="\t", index=False)
     cfg["cohort"] = str(work / "cohort.tsv")
@@ -129,13 +127,13 @@ def write_config(work: Path) -> None:
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
-def snakemake_cmd(work: Path, *args: str) -> list[str]:
+def snakemake_cmd(repo: Path, work: Path, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
         "snakemake",
         "-s",
-        str(REPO / "Snakefile"),
+        str(repo / "Snakefile"),
         "--directory",
         str(work),
         "--configfile",
@@ -168,19 +166,19 @@ def scontrol_jobs(env: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def slurm_runs(tmp_path_factory):
+def slurm_runs(tmp_path_factory, repo):
     """The demo cohort run locally and on the SLURM test cluster; yields both folders and cluster facts."""
     root = tmp_path_factory.mktemp("slurm")
     local, remote, state = root / "local", root / "slurm", root / "cluster"
-    write_config(local)
-    write_config(remote)
+    write_config(repo, local)
+    write_config(repo, remote)
     t0 = time.monotonic()
     # pip must not touch the environment while jobs run (the test extra installs the plugin; this is a fallback)
     ensure_plugin_installed()
     # the local run goes first and overlaps with the apt installation and cluster start-up
     local_log = (root / "local.log").open("w")
     local_proc = subprocess.Popen(
-        snakemake_cmd(local, "--cores", "2", "--workflow-profile", "none"),
+        snakemake_cmd(repo, local, "--cores", "2", "--workflow-profile", "none"),
         stdout=local_log,
         stderr=subprocess.STDOUT,
         env=job_env(),
@@ -201,9 +199,10 @@ def slurm_runs(tmp_path_factory):
         t_cluster = time.monotonic()
         proc = sh(
             snakemake_cmd(
+                repo,
                 remote,
                 "--profile",
-                str(REPO / "profiles/slurm"),
+                str(repo / "profiles/slurm"),
                 "--workflow-profile",
                 "none",
                 "--slurm-status-command",
@@ -318,19 +317,19 @@ def test_results_equal_the_local_run(slurm_runs):
         np.testing.assert_allclose(ta.GetFixedParameters(), tb.GetFixedParameters(), atol=1e-6, err_msg=s)
 
 
-def test_profile_groups_each_subjects_small_jobs(tmp_path):
+def test_profile_groups_each_subjects_small_jobs(tmp_path, repo):
     """profiles/slurm on the whole demo cohort, dry run (no cluster): which jobs go out together, and where."""
     ensure_plugin_installed()
-    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    cfg["cohort"] = str(REPO / "config/cohort.tsv")
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
+    cfg["cohort"] = str(repo / "config/cohort.tsv")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = sh(
-        snakemake_cmd(tmp_path, "--profile", str(REPO / "profiles/slurm"), "--workflow-profile", "none", "-n"),
+        snakemake_cmd(repo, tmp_path, "--profile", str(repo / "profiles/slurm"), "--workflow-profile", "none", "-n"),
         timeout=120,
     )
     assert proc.returncode == 0, tail(proc)
     out = proc.stdout
-    n = len(pd.read_csv(REPO / "config/cohort.tsv", sep="\t", dtype=str))
+    n = len(pd.read_csv(repo / "config/cohort.tsv", sep="\t", dtype=str))
     groups = re.findall(r"Group job (\w+) \(jobs", out)
     assert sorted(groups) == ["subject_masks"] * n + ["subject_qc"] * n, groups
     rules = re.findall(r"^\s*(?:local)?rule (\w+):\n(?:.*\n)*?\s*resources: (.*)$", out, re.M)

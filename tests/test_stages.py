@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from conftest import DEMO, REPO
 from maskreg import loss_names, stages
 from maskreg.config import load_and_validate, load_yaml
 from maskreg.errors import ConfigError, MaskregError
 from maskreg.stages import check_stages, resolve_stage, stage_list_problems
 
-CONFIG_SCHEMA = load_yaml(REPO / "workflow/schemas/config.schema.yaml")
-COHORT_SCHEMA = load_yaml(REPO / "workflow/schemas/cohort.schema.yaml")
+SCHEMAS = Path(__file__).resolve().parents[1] / "workflow" / "schemas"  # read at import
+CONFIG_SCHEMA = load_yaml(SCHEMAS / "config.schema.yaml")
+COHORT_SCHEMA = load_yaml(SCHEMAS / "cohort.schema.yaml")
 
 # one bad list, three problems: a level dropped by smoothing_sigmas, a misspelt key, an unknown mask use
 BAD = [
@@ -49,7 +50,7 @@ def test_importing_stages_does_not_import_torch():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
-def test_same_bad_list_same_messages_from_register_cli_and_workflow(tmp_path):
+def test_same_bad_list_same_messages_from_register_cli_and_workflow(tmp_path, repo):
     import SimpleITK as sitk
 
     import maskreg
@@ -87,8 +88,8 @@ def test_same_bad_list_same_messages_from_register_cli_and_workflow(tmp_path):
     assert not (tmp_path / "out").exists()
 
     # the workflow's config validation (what the Snakefile runs before any job)
-    cfg = load_yaml(REPO / "config/config.yaml")
-    cfg["cohort"] = str(REPO / "config/cohort.tsv")
+    cfg = load_yaml(repo / "config/config.yaml")
+    cfg["cohort"] = str(repo / "config/cohort.tsv")
     cfg["registration"]["stages"] = BAD
     with pytest.raises(ConfigError) as info:
         load_and_validate(cfg, CONFIG_SCHEMA, COHORT_SCHEMA)
@@ -240,8 +241,8 @@ def test_resolution_is_what_it_was_plus_masks_and_search(stage, before):
     )
 
 
-def test_default_stage_lists_have_no_problems():
-    cfg = load_yaml(REPO / "config/config.yaml")
+def test_default_stage_lists_have_no_problems(repo):
+    cfg = load_yaml(repo / "config/config.yaml")
     schema_default = CONFIG_SCHEMA["properties"]["registration"]["properties"]["stages"]["default"]
     for lst in (stages.DEFAULT_STAGES, cfg["registration"]["stages"], schema_default, None, []):
         assert stage_list_problems(lst) == []
@@ -363,12 +364,12 @@ def test_schema_is_in_step_with_the_stage_rules():
     assert not any("default" in p for p in props.values())
 
 
-def test_workflow_dry_run_takes_masks_and_search(tmp_path):
+def test_workflow_dry_run_takes_masks_and_search(tmp_path, repo, demo):
     """snakemake's own schema validation accepts the new keys (and the stage list reaches the jobs as written)."""
-    cfg = load_yaml(REPO / "config/config.yaml")
+    cfg = load_yaml(repo / "config/config.yaml")
     (tmp_path / "cohort.tsv").write_text(
         "subject\tfixed\tmoving\n"
-        f"s1\t{DEMO / 'antspy_brain2d' / 'r64.nii.gz'}\t{DEMO / 'antspy_brain2d' / 'r16.nii.gz'}\n"
+        f"s1\t{demo / 'antspy_brain2d' / 'r64.nii.gz'}\t{demo / 'antspy_brain2d' / 'r16.nii.gz'}\n"
     )
     cfg["cohort"] = str(tmp_path / "cohort.tsv")
     cfg["registration"]["stages"] = [
@@ -384,7 +385,7 @@ def test_workflow_dry_run_takes_masks_and_search(tmp_path):
             "-m",
             "snakemake",
             "-s",
-            str(REPO / "Snakefile"),
+            str(repo / "Snakefile"),
             "--directory",
             str(tmp_path),
             "--configfile",

@@ -13,42 +13,47 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from conftest import REPO
-
 pytestmark = pytest.mark.workflow
 SUBJECTS = ["brain2d_r16", "brain2d_r27", "brain2d_r30", "headct2d", "abdomen3d", "brain3d"]
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--profile",
-        str(REPO / "profiles/local"),
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def snakemake(repo):
+    """``snakemake(workdir, *args, timeout=900)``: the workflow run on the project folder ``workdir`` (local
+    profile), its completed process."""
+
+    def run(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(repo / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(workdir / "config.yaml"),
+            "--profile",
+            str(repo / "profiles/local"),
+            *args,
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+    return run
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, repo, snakemake):
     work = tmp_path_factory.mktemp("demo")
-    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    cfg["cohort"] = str(REPO / "config/cohort.tsv")
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
+    cfg["cohort"] = str(repo / "config/cohort.tsv")
     cfg["device"] = "cpu"
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(work, "--cores", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cohort = pd.read_csv(REPO / "config/cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
-    cohort["fixed"] = [str((REPO / "config" / p).resolve()) for p in cohort["fixed"]]
-    cohort["moving"] = [str((REPO / "config" / p).resolve()) for p in cohort["moving"]]
+    cohort = pd.read_csv(repo / "config/cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    cohort["fixed"] = [str((repo / "config" / p).resolve()) for p in cohort["fixed"]]
+    cohort["moving"] = [str((repo / "config" / p).resolve()) for p in cohort["moving"]]
     return work, cohort.set_index("subject")
 
 
@@ -101,10 +106,10 @@ def test_masked_ncc_improves_for_every_pair(demo_run):
         assert metrics.loc[s, "ncc_before"] == pytest.approx(n0, abs=1e-3)
 
 
-def label_dice(work, cohort, s):
+def label_dice(repo, work, cohort, s):
     """Dice per label common to both label maps: before (identity) and after (warped labels file)."""
-    fixed_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(REPO / "config" / cohort.loc[s, "fixed_labels"])))
-    moving_labels = sitk.ReadImage(str(REPO / "config" / cohort.loc[s, "moving_labels"]))
+    fixed_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(repo / "config" / cohort.loc[s, "fixed_labels"])))
+    moving_labels = sitk.ReadImage(str(repo / "config" / cohort.loc[s, "moving_labels"]))
     warped = sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"results/{s}/warped/labels.nii.gz")))
     fixed = sitk.ReadImage(cohort.loc[s, "fixed"])
     before = sitk.GetArrayFromImage(sitk.Resample(moving_labels, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
@@ -122,14 +127,14 @@ def label_dice(work, cohort, s):
     )
 
 
-def test_dice_improves_for_every_brain_label_and_on_average_for_the_abdomen(demo_run):
+def test_dice_improves_for_every_brain_label_and_on_average_for_the_abdomen(demo_run, repo):
     work, cohort = demo_run
-    common, d0, d1 = label_dice(work, cohort, "brain3d")
+    common, d0, d1 = label_dice(repo, work, cohort, "brain3d")
     assert common == [1, 2]
     for v in common:  # grey and white matter, inter-subject
         assert d1[v] > d0[v] + 0.05, (v, d0[v], d1[v])
     # the abdominal pair is two patients and a 40 mm slab: the mean over its organs must improve clearly
-    common, d0, d1 = label_dice(work, cohort, "abdomen3d")
+    common, d0, d1 = label_dice(repo, work, cohort, "abdomen3d")
     assert len(common) >= 5
     assert np.mean(list(d1.values())) > np.mean(list(d0.values())) + 0.1
     table = pd.read_csv(work / "results/cohort/dice.tsv", sep="\t")
@@ -155,7 +160,7 @@ def test_deformable_fields_are_diffeomorphic_and_invertible(demo_run):
     assert np.linalg.norm(back - pts, axis=1).mean() < 0.1 * min(fixed.GetSpacing())
 
 
-def test_demo_cohort_flags(demo_run):
+def test_demo_cohort_flags(demo_run, snakemake):
     """results/cohort/metrics.tsv has the flags column (also each subject's qc/metrics.tsv); the demo's good
     registrations raise no flag, and changing a flag threshold reruns only qc_subject and cohort."""
     work, _ = demo_run
@@ -210,7 +215,7 @@ def test_qc_outputs_have_content(demo_run):
     assert png.std() > 0.05
 
 
-def test_rerun_is_a_no_op_and_report_lists_every_subject(demo_run):
+def test_rerun_is_a_no_op_and_report_lists_every_subject(demo_run, snakemake):
     work, _ = demo_run
     dry = snakemake(work, "-n", "--cores", "1")
     assert dry.returncode == 0
@@ -222,9 +227,9 @@ def test_rerun_is_a_no_op_and_report_lists_every_subject(demo_run):
         assert s in html
 
 
-def test_dry_run_plans_every_job(tmp_path):
-    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    cfg["cohort"] = str(REPO / "config/cohort.tsv")
+def test_dry_run_plans_every_job(tmp_path, repo, snakemake):
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
+    cfg["cohort"] = str(repo / "config/cohort.tsv")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, "-n", "--cores", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -241,7 +246,7 @@ def test_dry_run_plans_every_job(tmp_path):
         assert any(line.split() == [rule, str(count)] for line in out.splitlines()), f"{rule} x{count}"
 
 
-def test_report_opens_in_a_real_browser(demo_run, tmp_path):
+def test_report_opens_in_a_real_browser(demo_run, tmp_path, snakemake):
     """Headless Chromium renders report.html: the screenshot is not blank and the page holds every subject."""
     import shutil
 
@@ -296,11 +301,11 @@ def test_report_opens_in_a_real_browser(demo_run, tmp_path):
         ("prepare_mask.py", ("torch", "pandas")),
     ],
 )
-def test_job_scripts_start_without_the_heavy_imports_they_do_not_need(script, heavy):
+def test_job_scripts_start_without_the_heavy_imports_they_do_not_need(script, heavy, repo):
     """Every job pays its script's imports (the demo's 38 jobs run one interpreter each): a script's maskreg
     imports must not pull in torch or pandas unless it uses them (pandas alone was 0.2 of a warp job's 0.4 s
     of imports; a register job imports torch inside the registration, or publishes a batch's files)."""
-    text = (REPO / "workflow" / "scripts" / script).read_text()
+    text = (repo / "workflow" / "scripts" / script).read_text()
     imports = [line for line in text.splitlines() if line.startswith(("from maskreg", "import maskreg"))]
     assert imports, f"{script} imports nothing from maskreg"
     code = "\n".join(imports + ["import sys", f"print(sorted(m for m in {heavy!r} if m in sys.modules))"])

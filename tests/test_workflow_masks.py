@@ -11,14 +11,12 @@ import SimpleITK as sitk
 import yaml
 from scipy import ndimage
 
-from conftest import DEMO, REPO
-
 pytestmark = pytest.mark.workflow
 
 
-def test_mask_rules_produce_the_expected_masks(tmp_path):
-    head = DEMO / "elastix_ct2d_head"
-    brain = DEMO / "antspy_brain2d"
+def test_mask_rules_produce_the_expected_masks(tmp_path, repo, demo):
+    head = demo / "elastix_ct2d_head"
+    brain = demo / "antspy_brain2d"
     rows = [
         "subject\tfixed\tmoving\tfixed_mask\tmoving_mask\tfixed_mask_dilate_mm\tfixed_mask_missing",
         f"ones\t{brain / 'r64.nii.gz'}\t{brain / 'r16.nii.gz'}\t\t\t\t",
@@ -27,7 +25,7 @@ def test_mask_rules_produce_the_expected_masks(tmp_path):
         f"auto\t{brain / 'r64.nii.gz'}\t{brain / 'r27.nii.gz'}\t\t\t\tauto",
     ]
     (tmp_path / "cohort.tsv").write_text("\n".join(rows) + "\n")
-    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
     cfg["cohort"] = str(tmp_path / "cohort.tsv")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     targets = [f"results/{s}/masks/{r}_mask.nii.gz" for s in ("ones", "given", "auto") for r in ("fixed", "moving")]
@@ -37,7 +35,7 @@ def test_mask_rules_produce_the_expected_masks(tmp_path):
             "-m",
             "snakemake",
             "-s",
-            str(REPO / "Snakefile"),
+            str(repo / "Snakefile"),
             "--directory",
             str(tmp_path),
             "--configfile",
