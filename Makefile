@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
 	@# compile the CPU kernels once into numba's on-disk cache (~10 s), not inside the first registration
-	$(BIN)/python -c "from maskreg import cpu_kernels; cpu_kernels.warm_up()"
+	$(BIN)/python -c "from maskreg.engine import cpu_kernels; cpu_kernels.warm_up()"
 	touch $@
 
 demo: setup
