@@ -15,6 +15,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/masks.smk"
+include: "workflow/rules/learn.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/warp.smk"
 include: "workflow/rules/qc.smk"
@@ -26,7 +27,7 @@ onerror:
     from maskreg.qc.evaluate import write_cohort
 
     m = write_cohort(
-        SUBJECTS,
+        REGISTERED,
         "results/cohort/metrics.tsv",
         "results/cohort/dice.tsv",
         "results/cohort/summary.png",

@@ -9,6 +9,8 @@ that runs at import time (``pytest.mark.parametrize`` lists, module constants) c
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,3 +99,28 @@ def torch_kernels():
 
     with cpu_kernels.switched(False):
         yield
+
+
+@pytest.fixture(scope="session")
+def snakemake(repo):
+    """``snakemake(workdir, *args, timeout=900)``: the workflow run on the project folder ``workdir`` (local
+    profile), its completed process."""
+
+    def run(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(repo / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(workdir / "config.yaml"),
+            "--profile",
+            str(repo / "profiles/local"),
+            *args,
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -307,7 +307,7 @@ def test_every_problem_of_a_list_at_once():
     )
     want = [
         "registration.stages.0 (warp): unknown stage type 'warp'; choose one of moments, translation, rigid, "
-        "similarity, affine, greedy, syn",
+        "similarity, affine, network, greedy, syn",
         "registration.stages.1 (?): 'type' is missing",
         "registration.stages.2: expected a mapping",
         "registration.stages.3 (rigid): 'label_weight' does not apply to a rigid stage (only to greedy, syn)",

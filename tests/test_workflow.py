@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,31 +14,6 @@ import yaml
 
 pytestmark = pytest.mark.workflow
 SUBJECTS = ["brain2d_r16", "brain2d_r27", "brain2d_r30", "headct2d", "abdomen3d", "brain3d"]
-
-
-@pytest.fixture(scope="session")
-def snakemake(repo):
-    """``snakemake(workdir, *args, timeout=900)``: the workflow run on the project folder ``workdir`` (local
-    profile), its completed process."""
-
-    def run(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(repo / "Snakefile"),
-            "--directory",
-            str(workdir),
-            "--configfile",
-            str(workdir / "config.yaml"),
-            "--profile",
-            str(repo / "profiles/local"),
-            *args,
-        ]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-    return run
 
 
 @pytest.fixture(scope="module")

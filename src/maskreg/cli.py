@@ -1,4 +1,4 @@
-"""Command line: ``maskreg register``, ``maskreg apply``, ``maskreg mask`` (no Snakemake needed).
+"""Command line: ``maskreg register``, ``maskreg apply``, ``maskreg mask``, ``maskreg train`` (no Snakemake needed).
 
 Transforms map fixed-space points to moving-space points (ITK/ANTs convention, LPS mm).
 """
@@ -120,13 +120,40 @@ def _mask(a: argparse.Namespace) -> None:
     io.write_image(out, a.output)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="maskreg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--version", action="version", version=f"maskreg {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+def _train(a: argparse.Namespace) -> None:
+    import maskreg
+    from maskreg import config as mcfg
+    from maskreg.errors import ConfigError
+    from maskreg.learning import learning_problems, plan, resolve_learning
+    from maskreg.stages import check_stages
 
+    cfg = mcfg.load_yaml(a.config) if a.config else {}
+    registration = cfg.get("registration") or {}
+    check_stages(registration.get("stages"), registration.get("sampling", "dense"), a.config or "")
+    problems = learning_problems(cfg.get("learning"))
+    if problems:
+        raise ConfigError(problems, a.config or "learning")
+    learning = resolve_learning(cfg.get("learning"))
+    table = mcfg.read_table(a.cohort)
+    table = mcfg.resolve_paths(table, Path(a.cohort).resolve().parent)
+    subjects = list(table["subject"])
+    splits = list(table["split"]) if "split" in table.columns else None
+    the_plan = plan(subjects, splits, learning["folds"])
+    folds = learning["folds"]
+    if (folds <= 1) != (a.fold is None) or (a.fold is not None and not 0 <= a.fold < folds):
+        want = "no --fold" if folds <= 1 else f"--fold 0 to {folds - 1}"
+        raise ConfigError([f"learning.folds is {folds}: give {want}"], "maskreg train")
+    name = "model" if folds <= 1 else f"fold{a.fold}"
+    keep = set(the_plan.train[name])
+    rows = [r for r in table.to_dict("records") if r["subject"] in keep]
+    path = maskreg.train_model(
+        rows, registration, learning, a.out, device=a.device, seed=learning["seed"], threads=a.threads
+    )
+    print(path)
+
+
+def _register_parser(sub) -> None:
+    """``maskreg register``."""
     r = sub.add_parser("register", help="register a moving image to a fixed image (masks optional)")
     r.add_argument("fixed")
     r.add_argument("moving")
@@ -157,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int)
     r.set_defaults(func=_register)
 
+
+def _apply_parser(sub) -> None:
+    """``maskreg apply``."""
     a = sub.add_parser("apply", help="warp an image, mask or label map (or map landmarks) with a transform")
     a.add_argument("transform", help="ITK/ANTs linear transform file (fixed → moving points)")
     a.add_argument(
@@ -182,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--output", required=True)
     a.set_defaults(func=_apply)
 
+
+def _mask_parser(sub) -> None:
+    """``maskreg mask``."""
     m = sub.add_parser("mask", help="prepare a mask for one image (as the workflow's mask step)")
     m.add_argument("image")
     m.add_argument("--mask", help="given mask; without it --missing decides")
@@ -193,6 +226,36 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--erode-mm", type=float, default=0.0)
     m.add_argument("--output", required=True)
     m.set_defaults(func=_mask)
+
+
+def _train_parser(sub) -> None:
+    """``maskreg train``."""
+    t = sub.add_parser(
+        "train",
+        help="train a registration network on a cohort's training rows (as the workflow's train_model job)",
+    )
+    t.add_argument("cohort", help="cohort table (TSV/CSV): rows with split 'train' train the model")
+    t.add_argument(
+        "--config",
+        help="YAML with the registration.stages (their linear part runs first) and the learning section "
+        "(config/README.md); default: no linear stage and the default learning settings",
+    )
+    t.add_argument("--out", required=True, help="output folder for model.pt, training.json and training.png")
+    t.add_argument("--fold", type=int, help="with learning.folds k >= 2: the fold whose model to train (0..k-1)")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    t.add_argument("--threads", type=int)
+    t.set_defaults(func=_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="maskreg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"maskreg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    for add in (_register_parser, _apply_parser, _mask_parser, _train_parser):
+        add(sub)
     return p
 
 

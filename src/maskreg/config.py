@@ -18,6 +18,7 @@ import yaml
 
 from maskreg.errors import ConfigError, InputError
 from maskreg.io import read_landmarks
+from maskreg.learning import learning_problems
 from maskreg.stages import stage_list_problems
 
 PATH_COLUMNS = (
@@ -96,11 +97,35 @@ def stage_problems(config: dict) -> list[str]:
 _STAGE_ITEM = re.compile(r"registration\.stages\.(\d+)[.: ]")
 
 
+def network_problems(config: dict) -> list[str]:
+    """A network stage needs a model: its own ``model:`` or the cohort's (``learning.enabled``); a cohort that
+    trains a model needs a network stage to use it."""
+    stages = (config.get("registration") or {}).get("stages")
+    learning = config.get("learning") or {}
+    if not isinstance(stages, list) or not isinstance(learning, dict):
+        return []
+    enabled = learning.get("enabled") is True
+    out = []
+    nets = [i for i, st in enumerate(stages) if isinstance(st, dict) and st.get("type") == "network"]
+    for i in nets:
+        if not stages[i].get("model") and not enabled:
+            out.append(
+                f"registration.stages.{i} (network): model is null and learning.enabled is false; train the "
+                f"cohort's model (learning: {{enabled: true}}) or give model: the path of a model.pt"
+            )
+    if enabled and not any(not stages[i].get("model") for i in nets):
+        out.append(
+            "learning.enabled is true but no network stage uses the cohort's model; add {type: network} after "
+            "the linear stages of registration.stages"
+        )
+    return out
+
+
 def config_problems(config: dict, schema: dict) -> list[str]:
     """Schema violations and stage-list problems. Where :mod:`maskreg.stages` reports a stage, the schema's own
     messages about that stage are left out (one message per problem, worded as register and the CLI word it);
     any other schema message is kept."""
-    stage_ps = stage_problems(config)
+    stage_ps = stage_problems(config) + learning_problems(config.get("learning")) + network_problems(config)
     flagged = {m.group(1) for m in map(_STAGE_ITEM.match, stage_ps) if m}
     kept = [p for p in schema_problems(config, schema) if not ((m := _STAGE_ITEM.match(p)) and m.group(1) in flagged)]
     return kept + stage_ps

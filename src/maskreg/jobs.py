@@ -48,6 +48,7 @@ def register_subject(
     initial: Sequence[str] = (),
     fixed_labels: str | None = None,
     moving_labels: str | None = None,
+    model: str | None = None,
 ):
     """Read one subject's images, masks (and labels, initial transform), register them with the stages of
     ``registration`` and write ``outputs``: ``linear`` (ITK .mat), ``report`` (JSON) and, when present,
@@ -75,7 +76,7 @@ def register_subject(
         images["moving"],
         images["fixed_mask"],
         images["moving_mask"],
-        stages=registration.get("stages"),
+        stages=with_model(registration.get("stages"), model),
         device=device,
         seed=seed,
         sampling=registration.get("sampling", "dense"),
@@ -95,6 +96,13 @@ def register_subject(
     with io.atomic_path(outputs["report"]) as tmp:
         tmp.write_text(json.dumps({"subject": subject, **result.summary()}, indent=1))
     return result
+
+
+def with_model(stages: Sequence[Mapping[str, Any]] | None, model: str | None) -> list | None:
+    """``stages`` with ``model`` (the cohort's model.pt) filled into network stages that name none."""
+    if stages is None or model is None:
+        return stages
+    return [{**st, "model": model} if st.get("type") == "network" and not st.get("model") else st for st in stages]
 
 
 def register_batch(

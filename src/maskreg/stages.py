@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
-import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from maskreg.checks import int_at_least, is_int, is_list, is_num, list_of, num_at_least, show
 from maskreg.errors import ConfigError
 from maskreg.loss_names import NEEDS_DENSE, canonical
 
 MOMENTS = "moments"
 LINEAR_STAGES = ("translation", "rigid", "similarity", "affine")
 DEFORMABLE_STAGES = ("greedy", "syn")
-STAGE_TYPES = (MOMENTS,) + LINEAR_STAGES + DEFORMABLE_STAGES
+# a trained network's field (maskreg.learning): after the linear stages, before any deformable one
+NETWORK = "network"
+STAGE_TYPES = (MOMENTS,) + LINEAR_STAGES + (NETWORK,) + DEFORMABLE_STAGES
 # which masks a stage's loss uses (as ANTs allows per stage); use_mask: false is "none"
 MASK_USES = ("both", "fixed", "moving", "none")
 OPTIMIZERS = ("regular_step", "adam")
@@ -88,6 +89,9 @@ MOMENTS_DEFAULTS: dict[str, Any] = {
     "masks": "both",
 }
 
+# network: the model (model.pt of maskreg train, or its folder); null in the workflow means the cohort's model
+NETWORK_DEFAULTS: dict[str, Any] = {"model": None}
+
 # maskreg.register's stages when none are given
 DEFAULT_STAGES: list[dict[str, Any]] = [
     {"type": "moments"},
@@ -104,6 +108,8 @@ def stage_keys(kind: str) -> tuple[str, ...]:
         return ("type",) + tuple(LINEAR_DEFAULTS)
     if kind in DEFORMABLE_STAGES:
         return ("type",) + tuple(DEFORMABLE_DEFAULTS)
+    if kind == NETWORK:
+        return ("type",) + tuple(NETWORK_DEFAULTS)
     return ()
 
 
@@ -115,7 +121,9 @@ def defaults_for(kind: str) -> dict[str, Any]:
         return copy.deepcopy(LINEAR_DEFAULTS)
     if kind in DEFORMABLE_STAGES:
         return copy.deepcopy({**DEFORMABLE_DEFAULTS, **TYPE_DEFAULTS.get(kind, {})})
-    raise ConfigError([f"unknown stage type {_show(kind)}; choose one of {', '.join(STAGE_TYPES)}"], "stage")
+    if kind == NETWORK:
+        return copy.deepcopy(NETWORK_DEFAULTS)
+    raise ConfigError([f"unknown stage type {show(kind)}; choose one of {', '.join(STAGE_TYPES)}"], "stage")
 
 
 # ---------------------------------------------------------------------------------------------- resolution
@@ -141,6 +149,8 @@ def resolve_stage(stage: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(problems, "stage")
     kind = stage["type"]
     given = {k: v for k, v in stage.items() if v is not None}
+    if kind == NETWORK:
+        return {**defaults_for(kind), **given}
     if kind == MOMENTS:
         out = dict(stage)
         if "masks" in given or "use_mask" in given:
@@ -183,74 +193,34 @@ def _search(value: Any) -> dict[str, Any] | bool:
 # -------------------------------------------------------------------------------------------------- problems
 
 
-def _show(v: Any) -> str:
-    """A value as YAML would write it (lists in brackets, true/false/null), for messages."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    if isinstance(v, str):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_show(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{k}: {_show(x)}" for k, x in v.items()) + "}"
-    if hasattr(v, "tolist"):  # numpy scalars and arrays
-        return _show(v.tolist())
-    return str(v)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def _is_list(v: Any) -> bool:
-    return isinstance(v, (list, tuple))
-
-
-def _int_at_least(low: int):
-    return lambda v: _is_int(v) and v >= low
-
-
-def _num_at_least(low: float):
-    return lambda v: _is_num(v) and v >= low
-
-
-def _list_of(ok, min_items: int = 1):
-    return lambda v: _is_list(v) and len(v) >= min_items and all(ok(x) for x in v)
-
-
 # key -> (test of a given, non-null value, what it must be)
 _VALUE_RULES: dict[str, tuple[Any, str]] = {
-    "scales": (_list_of(_int_at_least(1)), "a non-empty list of positive integers (shrink factors, e.g. [4, 2, 1])"),
-    "iterations": (_list_of(_int_at_least(0)), "a non-empty list of integers >= 0 (one per scale)"),
+    "scales": (list_of(int_at_least(1)), "a non-empty list of positive integers (shrink factors, e.g. [4, 2, 1])"),
+    "iterations": (list_of(int_at_least(0)), "a non-empty list of integers >= 0 (one per scale)"),
     "learning_rate": (
-        lambda v: (_is_num(v) and v > 0) or _list_of(lambda x: _is_num(x) and x > 0)(v),
+        lambda v: (is_num(v) and v > 0) or list_of(lambda x: is_num(x) and x > 0)(v),
         "a number > 0 or a list of numbers > 0 (one per scale)",
     ),
     "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-    "tolerance": (_num_at_least(0), "a number >= 0"),
-    "window": (_int_at_least(3), "an integer >= 3 (voxels)"),
-    "bins": (lambda v: _is_int(v) and 8 <= v <= 256, "an integer from 8 to 256"),
-    "smoothing_sigmas": (_list_of(_num_at_least(0), 0), "a list of numbers >= 0 (voxels, one per scale) or null"),
+    "tolerance": (num_at_least(0), "a number >= 0"),
+    "window": (int_at_least(3), "an integer >= 3 (voxels)"),
+    "bins": (lambda v: is_int(v) and 8 <= v <= 256, "an integer from 8 to 256"),
+    "smoothing_sigmas": (list_of(num_at_least(0), 0), "a list of numbers >= 0 (voxels, one per scale) or null"),
     "use_mask": (lambda v: isinstance(v, bool), "true or false"),
     "masks": (lambda v: isinstance(v, str) and v in MASK_USES, f"one of {', '.join(MASK_USES)}"),
     "principal_axes": (lambda v: isinstance(v, bool), "true or false"),
-    "fluid_sigma": (_num_at_least(0), "a number >= 0 (voxels)"),
-    "elastic_sigma": (_num_at_least(0), "a number >= 0 (voxels)"),
-    "bending_weight": (_num_at_least(0), "a number >= 0"),
-    "gradient_weight": (_num_at_least(0), "a number >= 0"),
-    "label_weight": (_num_at_least(0), "a number >= 0"),
+    "fluid_sigma": (num_at_least(0), "a number >= 0 (voxels)"),
+    "elastic_sigma": (num_at_least(0), "a number >= 0 (voxels)"),
+    "bending_weight": (num_at_least(0), "a number >= 0"),
+    "gradient_weight": (num_at_least(0), "a number >= 0"),
+    "label_weight": (num_at_least(0), "a number >= 0"),
+    "model": (lambda v: isinstance(v, str) and v != "", "a path to a model.pt (or its folder), or null"),
 }
 _SEARCH_RULES: dict[str, tuple[Any, str]] = {
-    "candidates": (_int_at_least(1), "an integer >= 1"),
-    "angle_deg": (_num_at_least(0), "a number >= 0 (degrees)"),
-    "translation_mm": (_num_at_least(0), "a number >= 0 (mm)"),
-    "keep": (_int_at_least(1), "an integer >= 1"),
+    "candidates": (int_at_least(1), "an integer >= 1"),
+    "angle_deg": (num_at_least(0), "a number >= 0 (degrees)"),
+    "translation_mm": (num_at_least(0), "a number >= 0 (mm)"),
+    "keep": (int_at_least(1), "an integer >= 1"),
 }
 
 
@@ -258,11 +228,11 @@ def _unknown_key(key: Any, kind: str) -> str:
     """Why ``key`` is refused on a ``kind`` stage: the stage types that take it, or the closest known key."""
     takers = [t for t in STAGE_TYPES if key in stage_keys(t)]
     if takers:
-        return f"{_show(key)} does not apply to a {kind} stage (only to {', '.join(takers)})"
+        return f"{show(key)} does not apply to a {kind} stage (only to {', '.join(takers)})"
     known = stage_keys(kind)
     close = difflib.get_close_matches(str(key), known, n=1)
-    hint = f"did you mean {_show(close[0])}? " if close else ""
-    return f"unknown key {_show(key)}; {hint}a {kind} stage takes {', '.join(known)}"
+    hint = f"did you mean {show(close[0])}? " if close else ""
+    return f"unknown key {show(key)}; {hint}a {kind} stage takes {', '.join(known)}"
 
 
 def _one_stage_problems(st: Mapping[str, Any], random_sampling: bool) -> list[str]:
@@ -271,7 +241,7 @@ def _one_stage_problems(st: Mapping[str, Any], random_sampling: bool) -> list[st
     if kind not in STAGE_TYPES:
         if kind is None:
             return [f"'type' is missing; choose one of {', '.join(STAGE_TYPES)}"]
-        return [f"unknown stage type {_show(kind)}; choose one of {', '.join(STAGE_TYPES)}"]
+        return [f"unknown stage type {show(kind)}; choose one of {', '.join(STAGE_TYPES)}"]
     out = []
     known = stage_keys(kind)
     for key in st:
@@ -282,12 +252,12 @@ def _one_stage_problems(st: Mapping[str, Any], random_sampling: bool) -> list[st
     for key, value in given.items():
         rule = _VALUE_RULES.get(key)
         if rule is not None and not rule[0](value):
-            out.append(f"{key} {_show(value)} must be {rule[1]}")
+            out.append(f"{key} {show(value)} must be {rule[1]}")
             bad.add(key)
     loss = given.get("loss")
     if loss is not None:
         try:
-            loss = canonical(loss) if isinstance(loss, str) else canonical(_show(loss))
+            loss = canonical(loss) if isinstance(loss, str) else canonical(show(loss))
         except ValueError as exc:
             out.append(str(exc))
             bad.add("loss")
@@ -302,33 +272,35 @@ def _one_stage_problems(st: Mapping[str, Any], random_sampling: bool) -> list[st
         and given["use_mask"] != (given["masks"] != "none")
     ):
         out.append(
-            f"use_mask {_show(given['use_mask'])} and masks {_show(given['masks'])} disagree; give masks "
+            f"use_mask {show(given['use_mask'])} and masks {show(given['masks'])} disagree; give masks "
             f"alone (use_mask: false is masks: none)"
         )
     # per-level lists: one value per scale (strict: no level is dropped)
-    if kind != MOMENTS:
+    if kind == NETWORK:
+        pass
+    elif kind != MOMENTS:
         scales = given.get("scales", defaults_for(kind)["scales"])
         if "scales" not in bad:
             if any(b > a for a, b in zip(scales[:-1], scales[1:], strict=True)):
-                out.append(f"scales {_show(scales)} must not increase (coarse to fine, e.g. [4, 2, 1])")
+                out.append(f"scales {show(scales)} must not increase (coarse to fine, e.g. [4, 2, 1])")
             iters = given.get("iterations", defaults_for(kind)["iterations"])
             if "iterations" not in bad and len(iters) != len(scales):
-                out.append(f"scales {_show(scales)} and iterations {_show(iters)} must have the same length")
+                out.append(f"scales {show(scales)} and iterations {show(iters)} must have the same length")
             sig = given.get("smoothing_sigmas")
             if sig is not None and "smoothing_sigmas" not in bad and len(sig) != len(scales):
-                out.append(f"smoothing_sigmas {_show(sig)} must have one value per scale {_show(scales)}")
+                out.append(f"smoothing_sigmas {show(sig)} must have one value per scale {show(scales)}")
             rate = given.get("learning_rate")
-            if _is_list(rate) and "learning_rate" not in bad and len(rate) != len(scales):
-                out.append(f"learning_rate {_show(rate)} must be one number or one value per scale {_show(scales)}")
+            if is_list(rate) and "learning_rate" not in bad and len(rate) != len(scales):
+                out.append(f"learning_rate {show(rate)} must be one number or one value per scale {show(scales)}")
     elif (
         "scales" in given
         and "scales" not in bad
         and any(b > a for a, b in zip(given["scales"][:-1], given["scales"][1:], strict=True))
     ):
-        out.append(f"scales {_show(given['scales'])} must not increase (coarse to fine, e.g. [4, 2, 1])")
+        out.append(f"scales {show(given['scales'])} must not increase (coarse to fine, e.g. [4, 2, 1])")
     if random_sampling and kind in LINEAR_STAGES and loss in NEEDS_DENSE:
         out.append(
-            f"loss {_show(st.get('loss'))} needs dense sampling (it uses neighbourhoods); use mse, mi or nmi "
+            f"loss {show(st.get('loss'))} needs dense sampling (it uses neighbourhoods); use mse, mi or nmi "
             f"with random sampling"
         )
     return out
@@ -338,13 +310,13 @@ def _search_problems(value: Any) -> list[str]:
     if isinstance(value, bool):
         return []
     if not isinstance(value, Mapping):
-        return [f"search {_show(value)} must be true, false or a mapping with keys {', '.join(SEARCH_DEFAULTS)}"]
+        return [f"search {show(value)} must be true, false or a mapping with keys {', '.join(SEARCH_DEFAULTS)}"]
     out = []
     for key, v in value.items():
         if key not in _SEARCH_RULES:
-            out.append(f"search: unknown key {_show(key)}; it takes {', '.join(SEARCH_DEFAULTS)}")
+            out.append(f"search: unknown key {show(key)}; it takes {', '.join(SEARCH_DEFAULTS)}")
         elif v is not None and not _SEARCH_RULES[key][0](v):
-            out.append(f"search.{key} {_show(v)} must be {_SEARCH_RULES[key][1]}")
+            out.append(f"search.{key} {show(v)} must be {_SEARCH_RULES[key][1]}")
     return out
 
 
@@ -356,19 +328,21 @@ def stage_list_problems(stages: Iterable[Any] | None, sampling: Any = "dense", *
     (``{"random": N}``) cannot drive a neighbourhood loss (``cc``) in a linear stage. Checked: the stage type,
     keys that the type does not take, every value's type and range, one value per scale in ``iterations``,
     ``learning_rate`` (a list) and ``smoothing_sigmas``, scales that do not increase, ``masks``/``use_mask``
-    agreeing, ``search``, the loss name, linear stages before deformable ones, one deformable type per list.
+    agreeing, ``search``, the loss name, linear stages before deformable ones, one deformable type per list, at
+    most one network stage, after the linear ones and before the deformable ones.
     ``None`` (the default list) has no problems."""
     if stages is None:
         return []
     if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Iterable):
-        return [f"{at.format(i='').rstrip(' .[')}: expected a list of stages, got {_show(stages)}"]
+        return [f"{at.format(i='').rstrip(' .[')}: expected a list of stages, got {show(stages)}"]
     random_sampling = isinstance(sampling, Mapping) and sampling.get("random") is not None
     out = []
     deformable_seen = None
+    network_seen = False
     for i, st in enumerate(stages):
         label = at.format(i=i)
         if not isinstance(st, Mapping):
-            out.append(f"{label}: expected a mapping such as {{type: rigid, scales: [4, 2, 1]}}, got {_show(st)}")
+            out.append(f"{label}: expected a mapping such as {{type: rigid, scales: [4, 2, 1]}}, got {show(st)}")
             continue
         kind = st.get("type")
         shown = kind if isinstance(kind, str) else "?"
@@ -376,8 +350,16 @@ def stage_list_problems(stages: Iterable[Any] | None, sampling: Any = "dense", *
             if deformable_seen is not None and deformable_seen != kind:
                 out.append(f"{label} ({shown}): cannot follow a {deformable_seen} stage; use one deformable type")
             deformable_seen = kind
+        elif kind == NETWORK:
+            if network_seen:
+                out.append(f"{label} ({shown}): a stage list takes one network stage")
+            if deformable_seen is not None:
+                out.append(f"{label} ({shown}): the network stage must come before the deformable ones")
+            network_seen = True
         elif kind in STAGE_TYPES and deformable_seen is not None:
             out.append(f"{label} ({shown}): linear stages must come before deformable ones")
+        elif kind in STAGE_TYPES and network_seen:
+            out.append(f"{label} ({shown}): linear stages must come before the network stage")
         out += [f"{label} ({shown}): {p}" for p in _one_stage_problems(st, random_sampling)]
     return out
 

@@ -4,7 +4,8 @@ import re
 import sys
 
 import maskreg.config as mcfg
-from maskreg.stages import DEFORMABLE_STAGES
+from maskreg.learning import plan, resolve_learning
+from maskreg.stages import DEFORMABLE_STAGES, NETWORK
 from maskreg.transforms import may_be_nonlinear, split_list
 from snakemake.utils import validate
 
@@ -15,23 +16,32 @@ COHORT_SCHEMA = mcfg.load_yaml(workflow.source_path("../schemas/cohort.schema.ya
 COHORT = mcfg.load_and_validate(config, CONFIG_SCHEMA, COHORT_SCHEMA)
 validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
 SUBJECTS = list(COHORT.index)
+# learning (config learning:): which rows train which model, which model registers which row; without it every
+# row is registered and none trains
+LEARNING = resolve_learning(config.get("learning"))
+if LEARNING["enabled"]:
+    PLAN = plan(SUBJECTS, list(COHORT["split"]) if "split" in COHORT.columns else None, LEARNING["folds"])
+    REGISTERED = [s for s in SUBJECTS if s in PLAN.model_of]
+else:
+    PLAN, REGISTERED = None, SUBJECTS
 PYTHON = sys.executable  # the interpreter running Snakemake (and maskreg): for shell jobs
 RES = config["resources"]
 # a deformable stage, or an initial transform that may hold a displacement field (judged by file names),
 # adds the displacement fields to the outputs and to the warp and QC inputs
-DEFORMABLE = any(s["type"] in DEFORMABLE_STAGES for s in config["registration"]["stages"]) or any(
+DEFORMABLE = any(s["type"] in DEFORMABLE_STAGES + (NETWORK,) for s in config["registration"]["stages"]) or any(
     may_be_nonlinear(v) for v in COHORT["initial_transform"] if v
 )
 
 # batched registration (resources.register.batch_size > 1): consecutive cohort rows, batch_size at a time, are
 # registered by one job (one process, one CUDA context); `register` then publishes each subject's files
 BATCH_SIZE = RES["register"]["batch_size"]
-BATCHES = {f"batch{i // BATCH_SIZE:04d}": SUBJECTS[i : i + BATCH_SIZE] for i in range(0, len(SUBJECTS), BATCH_SIZE)}
+BATCHES = {f"batch{i // BATCH_SIZE:04d}": REGISTERED[i : i + BATCH_SIZE] for i in range(0, len(REGISTERED), BATCH_SIZE)}
 SUBJECT_BATCH = {s: b for b, members in BATCHES.items() for s in members}
 
 
 wildcard_constraints:
     subject="|".join(map(re.escape, SUBJECTS)) if SUBJECTS else "[A-Za-z0-9._-]+",
+    model="model|fold[0-9]+",
     role="fixed|moving",
     batch="batch[0-9]+",
 
@@ -130,6 +140,35 @@ def mask_kinds(subject):
     return [mask_options(subject, r)["kind"] for r in ("fixed", "moving")]
 
 
+def model_file(name):
+    return f"results/model/{name}/model.pt"
+
+
+def model_input(wc):
+    """The model a subject's network stage uses (the cohort's, of the subject's fold), when it trains one."""
+    if PLAN is None:
+        return {}
+    return {"model": model_file(PLAN.model_of[wc.subject])}
+
+
+def training_rows(name):
+    """The rows that train model ``name``: subject, image, prepared mask and label paths."""
+    rows = []
+    for s in PLAN.train[name]:
+        row = {"subject": s, "fixed": cohort_value(s, "fixed"), "moving": cohort_value(s, "moving")}
+        row["fixed_mask"] = f"results/{s}/masks/fixed_mask.nii.gz"
+        row["moving_mask"] = f"results/{s}/masks/moving_mask.nii.gz"
+        if has_labels(s):
+            row.update(fixed_labels=cohort_value(s, "fixed_labels"), moving_labels=cohort_value(s, "moving_labels"))
+        rows.append(row)
+    return rows
+
+
+def training_inputs(wc):
+    """Every file of the rows that train model ``wc.model`` (the DAG's edges; the script reads params.rows)."""
+    return [v for row in training_rows(wc.model) for k, v in row.items() if k != "subject"]
+
+
 def registration_job(subject):
     """What maskreg.jobs.register_subject needs for a subject (paths and mask kinds), for batch jobs."""
     job = {
@@ -144,6 +183,8 @@ def registration_job(subject):
         job.update(
             fixed_labels=cohort_value(subject, "fixed_labels"), moving_labels=cohort_value(subject, "moving_labels")
         )
+    if PLAN is not None:
+        job["model"] = model_file(PLAN.model_of[subject])
     return job
 
 
@@ -153,7 +194,7 @@ def batch_inputs(wc):
     for s in BATCHES[wc.batch]:
         job = registration_job(s)
         out += [job[k] for k in ("fixed", "moving", "fixed_mask", "moving_mask")] + job["initial"]
-        out += [job[k] for k in ("fixed_labels", "moving_labels") if k in job]
+        out += [job[k] for k in ("fixed_labels", "moving_labels", "model") if k in job]
     return out
 
 
@@ -195,12 +236,14 @@ def report_mode():
 
 def done_subjects():
     if not report_mode():
-        return SUBJECTS
-    return [s for s in SUBJECTS if all(os.path.exists(p) for p in subject_outputs(s))]
+        return REGISTERED
+    return [s for s in REGISTERED if all(os.path.exists(p) for p in subject_outputs(s))]
 
 
 def all_outputs():
     out = [p for s in done_subjects() for p in subject_outputs(s)]
+    if PLAN is not None:
+        out += [f"results/model/{name}/training.png" for name in PLAN.train]
     out += [
         "results/cohort/metrics.tsv",
         "results/cohort/dice.tsv",

@@ -93,6 +93,6 @@ rule cohort:
     log:
         "logs/cohort.log",
     params:
-        subjects=SUBJECTS,
+        subjects=REGISTERED,
     script:
         "../scripts/cohort.py"

@@ -12,6 +12,7 @@ if BATCH_SIZE == 1:
     rule register:
         input:
             unpack(register_label_inputs),
+            unpack(model_input),
             fixed=lambda wc: cohort_value(wc.subject, "fixed"),
             moving=lambda wc: cohort_value(wc.subject, "moving"),
             fixed_mask="results/{subject}/masks/fixed_mask.nii.gz",

@@ -18,5 +18,6 @@ with logs.job(sm.log[0]):
         seed=sm.params.seed,
         threads=sm.threads,
         kinds=sm.params.kinds,
+        model=sm.input.get("model"),
         **labels,
     )

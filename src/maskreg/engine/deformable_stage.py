@@ -362,8 +362,14 @@ def run_deformable_stage(
     """A deformable stage (settings resolved: :func:`maskreg.stages.resolve_stage`) after the linear transform
     ``linear`` (fixed → moving points), level by level from ``state`` (an earlier deformable stage's field, of the
     same type) or zero; returns the last level's field."""
+    if state is not None and state.kind == "syn" and stage["type"] == "greedy":
+        # a velocity (a network's) continues as its displacement
+        state = FieldState("greedy", state.ops, state.ops.exp(state.field))
     if state is not None and state.kind != stage["type"]:
-        raise MaskregError(f"stage {stage['type']} cannot follow a {state.kind} stage; use one deformable type.")
+        raise MaskregError(
+            f"stage {stage['type']} cannot follow a {state.kind} stage (a displacement has no velocity to continue "
+            f"from); use one deformable type, and a network trained with field: velocity before a syn stage."
+        )
     for li in range(len(stage["scales"])):
         state = DeformableLevel(prob, stage, linear, state, li, min_overlap).run(report)
     assert state is not None

@@ -182,7 +182,7 @@ class FieldOps:
     def max_voxels(self, u: torch.Tensor) -> float:
         """An upper bound of ``max |u|`` in voxels of this grid: the largest length in mm over the finest
         spacing (exact for isotropic grids)."""
-        return float(self.max_voxels_t(u))
+        return float(self.max_voxels_t(u.detach()))
 
     def max_voxels_t(self, u: torch.Tensor) -> torch.Tensor:
         """:meth:`max_voxels` as a 0-dim tensor on ``u``'s device (no read-back)."""

@@ -21,7 +21,7 @@ from maskreg.engine.losses import get_loss
 from maskreg.engine.problem import Problem, check_pair
 from maskreg.engine.result import RegistrationResult, StageReport
 from maskreg.errors import MaskregError, OverlapError, where
-from maskreg.stages import DEFAULT_STAGES, check_stages, resolve_stage
+from maskreg.stages import DEFAULT_STAGES, NETWORK, check_stages, resolve_stage
 from maskreg.transforms import LinearTransform
 
 log = logging.getLogger("maskreg")
@@ -186,6 +186,8 @@ class StageRun:
         t0 = time.perf_counter()
         if kind in dfm.DEFORMABLE_STAGES:
             self._deformable(resolve_stage(raw), t0)
+        elif kind == NETWORK:
+            self._network(resolve_stage(raw))
         elif self.state is not None:
             raise MaskregError(f"stage {i + 1} ({kind}): linear stages must come before deformable ones.")
         elif kind == "moments":
@@ -195,13 +197,20 @@ class StageRun:
         else:
             raise MaskregError(
                 f"stage {i + 1}: unknown type '{kind}' (this engine runs moments, "
-                f"{', '.join(lin.LINEAR_STAGES + dfm.DEFORMABLE_STAGES)})"
+                f"{', '.join(lin.LINEAR_STAGES + (NETWORK,) + dfm.DEFORMABLE_STAGES)})"
             )
 
     def _deformable(self, stage: dict, t0: float) -> None:
         rep = StageReport(stage["type"], get_loss(stage["loss"])[0], 0.0)
         self.state = run_deformable_stage(self.prob, stage, self.current, self.state, self.min_overlap, rep)
         rep.seconds = round(time.perf_counter() - t0, 3)
+        self.reports.append(rep)
+
+    def _network(self, stage: dict) -> None:
+        from maskreg.engine.network_stage import run_network_stage  # imports MONAI: only when a model is used
+
+        rep = StageReport(NETWORK, None, 0.0)
+        self.state = run_network_stage(self.prob, stage, self.current, rep)
         self.reports.append(rep)
 
     def _moments(self, raw: dict, t0: float) -> None:

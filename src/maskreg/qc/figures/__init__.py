@@ -1,5 +1,5 @@
 """QC figures written as PNG files: registration overlays (:mod:`.overlay`), mask overviews (:mod:`.masks`)
-and cohort summaries and failure tables (:mod:`.cohort`).
+cohort summaries and failure tables (:mod:`.cohort`) and a model's training curve (:mod:`.training`).
 
 Slices are chosen and oriented for display by :mod:`.views` (radiological convention, physical aspect ratio),
 windowed and edge-mapped by :mod:`.intensity`, and drawn and written with the helpers, sizes and colours of
@@ -23,6 +23,7 @@ from maskreg.qc.figures.common import (
 )
 from maskreg.qc.figures.masks import mask_overview
 from maskreg.qc.figures.overlay import registration_overlay
+from maskreg.qc.figures.training import training_curve
 from maskreg.qc.figures.views import slice_indices, view_slices
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "mask_overview",
     "cohort_summary",
     "failure_table",
+    "training_curve",
     "slice_indices",
     "view_slices",
     # sizes and colours of the figures
