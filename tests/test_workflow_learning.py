@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -105,3 +106,35 @@ def test_a_registered_rows_labels_change_its_dice_and_nothing_else(learned, snak
     assert after == before, "the registration reran or read the test row's labels"
     dice_after = pd.read_csv(work / "results/s4/qc/metrics.tsv", sep="\t")["dice_after"].iloc[0]
     assert dice_after != dice_before
+
+
+def test_cross_validation_registers_every_row_with_the_model_that_left_it_out(tmp_path, snakemake):
+    table = _cohort(tmp_path, 5)
+    table = table.drop(columns=["split"])  # without a split column every row trains (out of its fold)
+    table.to_csv(tmp_path / "cohort.tsv", sep="\t", index=False)
+    cfg = {
+        "cohort": str(tmp_path / "cohort.tsv"),
+        "device": "cpu",
+        "registration": {"stages": [{"type": "network"}]},
+        "learning": {"enabled": True, "folds": 2},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", "--cores", "2", "-p")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the planned jobs: each register job's model, and the subjects each model trains on
+    model_of, trains_on = {}, {}
+    for block in (proc.stdout + proc.stderr).split("\nrule ")[1:]:
+        name = block.split(":", 1)[0]
+        fields = dict(
+            line.strip().split(": ", 1) for line in block.splitlines()[1:] if ": " in line and line.startswith("    ")
+        )
+        if name == "register":
+            model_of[fields["wildcards"].split("=")[1]] = fields["input"].split(", ")[0]
+        elif name == "train_model":
+            subjects = {Path(f).name.split("_")[0] for f in fields["input"].split(", ") if f.startswith(str(tmp_path))}
+            trains_on[fields["output"].split(", ")[0]] = subjects
+    assert sorted(model_of) == ["s0", "s1", "s2", "s3", "s4"]
+    assert set(model_of.values()) == set(trains_on) == {"results/model/fold0/model.pt", "results/model/fold1/model.pt"}
+    for subject, model in model_of.items():
+        assert subject not in trains_on[model], f"{subject} is registered by a model trained on it"
+    assert set().union(*trains_on.values()) == set(model_of)
