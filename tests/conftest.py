@@ -102,25 +102,43 @@ def torch_kernels():
 
 
 @pytest.fixture(scope="session")
-def snakemake(repo):
-    """``snakemake(workdir, *args, timeout=900)``: the workflow run on the project folder ``workdir`` (local
-    profile), its completed process."""
+def snakemake_cmd(repo):
+    """``snakemake_cmd(workdir, *args, profile="local", snakefile=None)``: the command line that runs the workflow
+    (or ``snakefile``) on the project folder ``workdir`` with its ``config.yaml`` and ``profiles/<profile>`` (none
+    when ``profile`` is None), then ``args``."""
 
-    def run(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-        cmd = [
+    def cmd(workdir: Path, *args: str, profile: str | None = "local", snakefile: Path | None = None) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "snakemake",
             "-s",
-            str(repo / "Snakefile"),
+            str(snakefile or repo / "Snakefile"),
             "--directory",
             str(workdir),
             "--configfile",
             str(workdir / "config.yaml"),
-            "--profile",
-            str(repo / "profiles/local"),
+            *(["--profile", str(repo / "profiles" / profile)] if profile else []),
             *args,
         ]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+    return cmd
+
+
+@pytest.fixture(scope="session")
+def snakemake(snakemake_cmd):
+    """``snakemake(workdir, *args, timeout=900, profile="local", snakefile=None, **kw)``: the command of
+    ``snakemake_cmd`` run, its completed process (output captured as text; ``kw`` go to ``subprocess.run``)."""
+
+    def run(
+        workdir: Path,
+        *args: str,
+        timeout: int = 900,
+        profile: str | None = "local",
+        snakefile: Path | None = None,
+        **kw,
+    ) -> subprocess.CompletedProcess:
+        cmd = snakemake_cmd(workdir, *args, profile=profile, snakefile=snakefile)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
     return run

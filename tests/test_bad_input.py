@@ -60,6 +60,14 @@ def says(msg: str, *parts: str) -> None:
     assert not missing, f"{missing} not in message:\n{msg}"
 
 
+def overlap_error(fixed, moving, fixed_mask=None, moving_mask=None, **kw) -> str:
+    """The message of the OverlapError that registering these images on the CPU raises (``kw``: stages, subject,
+    min_overlap_voxels, ... as ``maskreg.register`` takes them)."""
+    with pytest.raises(OverlapError) as info:
+        maskreg.register(fixed, moving, fixed_mask, moving_mask, device="cpu", **kw)
+    return str(info.value)
+
+
 def cfg_with(cohort: Path) -> dict:
     cfg = copy.deepcopy(BASE_CONFIG)
     cfg["cohort"] = str(cohort)
@@ -187,10 +195,8 @@ def test_no_physical_overlap_after_initialisation(make_image):
     the one hard failure, with subject, stage, level, counts and what to check."""
     a = make_image(blob((32, 32)))
     far = LinearTransform(np.eye(2), np.array([500.0, 0.0]))
-    with pytest.raises(OverlapError) as info:
-        maskreg.register(a, a, stages=LINEAR, device="cpu", subject="sub-07", initial=far, min_overlap_voxels=50)
     says(
-        str(info.value),
+        overlap_error(a, a, stages=LINEAR, subject="sub-07", initial=far, min_overlap_voxels=50),
         "subject 'sub-07'",
         "stage rigid, level 1/1",
         "only 0 effective voxels",
@@ -213,28 +219,26 @@ def test_overlap_lost_during_optimisation_is_not_blamed_on_the_input(make_image)
     moving_mask = np.zeros((n, n), np.uint8)
     moving_mask[:, 30:] = 1
     stages = [{"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [60, 30], "learning_rate": 1.0}]
-    with pytest.raises(OverlapError) as info:
-        maskreg.register(
-            make_image(fixed),
-            make_image(moving),
-            make_image(fixed_mask),
-            make_image(moving_mask),
-            stages=stages,
-            device="cpu",
-            subject="sub-08",
-            min_overlap_voxels=700,
-        )
-    start = re.search(r"the overlap fell from (\d+) effective voxels", str(info.value))
+    msg = overlap_error(
+        make_image(fixed),
+        make_image(moving),
+        make_image(fixed_mask),
+        make_image(moving_mask),
+        stages=stages,
+        subject="sub-08",
+        min_overlap_voxels=700,
+    )
+    start = re.search(r"the overlap fell from (\d+) effective voxels", msg)
     assert start and 300 <= int(start.group(1)) <= 324  # 18 x 18 voxels at scale 2, read from jittered points
     says(
-        str(info.value),
+        msg,
         "subject 'sub-08'",
         "stage translation, level 1/2",
         "at least 162 are needed (half the fixed mask at this level, which is smaller than min_overlap_voxels = 700)",
         "shrinking the overlap",
         "Use cc or mi",
     )
-    assert "Check the initial alignment" not in str(info.value)
+    assert "Check the initial alignment" not in msg
 
 
 def test_a_small_roi_is_not_failed_at_coarse_levels_for_being_small(make_image):
@@ -267,18 +271,15 @@ def test_overlap_too_small_after_a_good_level_names_that_level(make_image):
         {"type": "translation", "loss": "mse", "scales": [2, 1], "iterations": [5, 5], "masks": "fixed"},
         {"type": "rigid", "loss": "mse", "scales": [2, 1], "iterations": [5, 5]},
     ]
-    with pytest.raises(OverlapError) as info:
-        maskreg.register(
-            image,
-            image,
-            make_image(fixed_mask),
-            make_image(moving_mask),
-            stages=stages,
-            device="cpu",
-            subject="sub-09",
-            min_overlap_voxels=50,
-        )
-    msg = str(info.value)
+    msg = overlap_error(
+        image,
+        image,
+        make_image(fixed_mask),
+        make_image(moving_mask),
+        stages=stages,
+        subject="sub-09",
+        min_overlap_voxels=50,
+    )
     says(
         msg,
         "subject 'sub-09'",

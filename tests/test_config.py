@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -96,28 +94,11 @@ def test_bad_config_lists_every_problem_at_once(repo):
     assert len(info.value.problems) == 7  # the rigid scales also mismatch its iterations
 
 
-def test_snakemake_refuses_bad_cohort_before_any_job(tmp_path, repo, demo):
+def test_snakemake_refuses_bad_cohort_before_any_job(tmp_path, demo, snakemake):
     cohort = write_bad_cohort(tmp_path, demo / "antspy_brain2d" / "r64.nii.gz")
     cfg = demo_config(cohort)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(repo / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(tmp_path / "config.yaml"),
-            "--cores",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = snakemake(tmp_path, "--cores", "1", profile=None, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "4 problem(s)" in out and "duplicate of row 1" in out and "file not found" in out

@@ -147,7 +147,7 @@ def _stages_file(tmp_path):
 
 
 @pytest.mark.workflow
-def test_workflow_writes_fields_when_a_subject_starts_from_a_field(initial, tmp_path, brain, repo):
+def test_workflow_writes_fields_when_a_subject_starts_from_a_field(initial, tmp_path, brain, repo, snakemake):
     """Linear stages only, one subject starting from ANTs-style files, one from nothing: both get
     warp.nii.gz (the second a zero field) and warped images that use the whole chain."""
     d, _, _ = initial
@@ -166,25 +166,7 @@ def test_workflow_writes_fields_when_a_subject_starts_from_a_field(initial, tmp_
         for s in ("from_ants", "plain")
         for f in ("transforms/warp.nii.gz", "transforms/inverse_warp.nii.gz", "warped/image.nii.gz")
     ]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(repo / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(tmp_path / "config.yaml"),
-            "--cores",
-            "2",
-            *targets,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = snakemake(tmp_path, "--cores", "2", *targets, profile=None, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arr = lambda s, f: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"results/{s}/{f}")))  # noqa: E731
     assert np.abs(arr("from_ants", "transforms/warp.nii.gz")).max() > 1.0

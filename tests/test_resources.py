@@ -7,8 +7,6 @@ The register rule asks for `gpu` (and `gpu_model` when the config names one) unl
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +18,7 @@ GPU_RULES = {"register"}
 
 def dry_run(
     repo: Path,
+    snakemake,
     work: Path,
     *,
     device: str,
@@ -29,7 +28,7 @@ def dry_run(
     threads: int,
     gpu: int = 1,
 ) -> dict[str, list[dict[str, str]]]:
-    """Resources (plus threads) of every planned job, by rule."""
+    """Resources (plus threads) of every planned job, by rule (``snakemake``: the fixture that runs the workflow)."""
     cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
     cfg["cohort"] = str(repo / "config/cohort.tsv")
     cfg["device"] = device
@@ -37,23 +36,7 @@ def dry_run(
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     # --cores 8: threads up to 8 are shown as declared (Snakemake caps them at --cores)
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(repo / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config.yaml"),
-        "-n",
-        "--cores",
-        "8",
-        "--workflow-profile",
-        "none",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = snakemake(work, "-n", "--cores", "8", "--workflow-profile", "none", profile=None, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return parse_jobs(proc.stdout)
 
@@ -84,8 +67,10 @@ CASES = [  # device, gpu_model, mem_mb, runtime, threads
 
 
 @pytest.mark.parametrize("device,gpu_model,mem_mb,runtime,threads", CASES)
-def test_register_resources_follow_the_config(tmp_path, repo, device, gpu_model, mem_mb, runtime, threads):
-    jobs = dry_run(repo, tmp_path, device=device, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime, threads=threads)
+def test_register_resources_follow_the_config(tmp_path, repo, snakemake, device, gpu_model, mem_mb, runtime, threads):
+    jobs = dry_run(
+        repo, snakemake, tmp_path, device=device, gpu_model=gpu_model, mem_mb=mem_mb, runtime=runtime, threads=threads
+    )
     assert len(jobs["register"]) == len(pd.read_csv(repo / "config/cohort.tsv", sep="\t", dtype=str))
     for job in jobs["register"]:
         # mem_mb/runtime are callables of the attempt: the first attempt asks for the configured values
@@ -102,8 +87,10 @@ def test_register_resources_follow_the_config(tmp_path, repo, device, gpu_model,
                 assert "gpu" not in job and "gpu_model" not in job, (rule, job)
 
 
-def test_no_gpu_requested_when_the_config_asks_for_none(tmp_path, repo):
-    jobs = dry_run(repo, tmp_path, device="auto", gpu_model="a100", mem_mb=4000, runtime=30, threads=2, gpu=0)
+def test_no_gpu_requested_when_the_config_asks_for_none(tmp_path, repo, snakemake):
+    jobs = dry_run(
+        repo, snakemake, tmp_path, device="auto", gpu_model="a100", mem_mb=4000, runtime=30, threads=2, gpu=0
+    )
     assert all("gpu" not in j and "gpu_model" not in j for listed in jobs.values() for j in listed)
 
 
@@ -125,28 +112,22 @@ print("ATTEMPTS " + json.dumps(values))
 """
 
 
-def test_register_memory_and_time_grow_with_the_attempt(tmp_path, repo):
+def test_register_memory_and_time_grow_with_the_attempt(tmp_path, repo, snakemake):
     """The callables behind `--retries`: attempt n asks for n times the configured mem_mb and runtime."""
     cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
     cfg["cohort"] = str(repo / "config/cohort.tsv")
     cfg["resources"]["register"].update(mem_mb=3000, runtime=15)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "probe.smk").write_text(ATTEMPT_PROBE.format(snakefile=repo / "Snakefile"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(tmp_path / "probe.smk"),
-        "--directory",
-        str(tmp_path),
-        "--configfile",
-        str(tmp_path / "config.yaml"),
+    proc = snakemake(
+        tmp_path,
         "--list-rules",
         "--workflow-profile",
         "none",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        profile=None,
+        snakefile=tmp_path / "probe.smk",
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("ATTEMPTS "))
     got = json.loads(line[len("ATTEMPTS ") :])
@@ -207,24 +188,9 @@ DEFORMABLE = LINEAR + [{"type": "syn", "loss": "cc"}]
 
 @pytest.mark.parametrize("stages", [LINEAR, DEFORMABLE], ids=["linear", "syn"])
 @pytest.mark.parametrize("device", ["auto", "cpu"])
-def test_dry_run_matrix_plans_the_right_jobs_files_and_resources(tmp_path, repo, demo, stages, device):
+def test_dry_run_matrix_plans_the_right_jobs_files_and_resources(tmp_path, snakemake, demo, stages, device):
     work = _matrix_project(tmp_path, demo, stages, device)
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(repo / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config.yaml"),
-        "-n",
-        "--cores",
-        "8",
-        "--printshellcmds",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = snakemake(work, "-n", "--cores", "8", "--printshellcmds", profile=None, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = parse_jobs(proc.stdout)
     counts = {rule: len(v) for rule, v in jobs.items()}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -44,28 +43,12 @@ def write_cohort(tmp: Path, rows: dict[str, tuple[str, str]]) -> None:
 
 
 @pytest.fixture(scope="session")
-def snakemake(repo):
+def snakemake(snakemake):
     """``snakemake(work, *args, timeout=600)``: the workflow run on the project folder ``work`` (local profile,
     2 cores), its completed process."""
 
     def run(work: Path, *args: str, timeout: int = 600, **kw):
-        cmd = [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(repo / "Snakefile"),
-            "--directory",
-            str(work),
-            "--configfile",
-            str(work / "config.yaml"),
-            "--profile",
-            str(repo / "profiles/local"),
-            "--cores",
-            "2",
-            *args,
-        ]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+        return snakemake(work, "--cores", "2", *args, timeout=timeout, **kw)
 
     return run
 
@@ -118,26 +101,14 @@ def _register_pids() -> list[int]:
 
 
 @pytest.mark.parametrize("how", ["job_sigkill", "job_sigterm", "run_sigkill"])
-def test_killed_registration_leaves_nothing_complete_and_rerun_finishes(tmp_path, how, make_project, snakemake, repo):
+def test_killed_registration_leaves_nothing_complete_and_rerun_finishes(
+    tmp_path, how, make_project, snakemake, snakemake_cmd
+):
     """The registration job killed mid-way (the OOM killer: SIGKILL; a scheduler: SIGTERM), or the whole
     run killed: no transform that Snakemake would take as complete, and the next run finishes the work."""
     slow = [{"type": "moments"}, {"type": "rigid", "loss": "mi", "scales": [1], "iterations": [20000], "tolerance": 0}]
     work = make_project(tmp_path, {"a": ("r64", "r16")}, stages=slow)
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(repo / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config.yaml"),
-        "--profile",
-        str(repo / "profiles/local"),
-        "--cores",
-        "1",
-    ]
+    cmd = snakemake_cmd(work, "--cores", "1")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for_registration(work, "a")

@@ -127,21 +127,6 @@ def write_config(repo: Path, work: Path) -> None:
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
-def snakemake_cmd(repo: Path, work: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(repo / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config.yaml"),
-        *args,
-    ]
-
-
 def job_env(slurm_conf: Path | None = None) -> dict:
     """This interpreter's bin folder first on PATH: SLURM jobs (sbatch --export=ALL) re-run Snakemake."""
     env = dict(os.environ)
@@ -166,7 +151,7 @@ def scontrol_jobs(env: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def slurm_runs(tmp_path_factory, repo):
+def slurm_runs(tmp_path_factory, repo, snakemake_cmd):
     """The demo cohort run locally and on the SLURM test cluster; yields both folders and cluster facts."""
     root = tmp_path_factory.mktemp("slurm")
     local, remote, state = root / "local", root / "slurm", root / "cluster"
@@ -178,7 +163,7 @@ def slurm_runs(tmp_path_factory, repo):
     # the local run goes first and overlaps with the apt installation and cluster start-up
     local_log = (root / "local.log").open("w")
     local_proc = subprocess.Popen(
-        snakemake_cmd(repo, local, "--cores", "2", "--workflow-profile", "none"),
+        snakemake_cmd(local, "--cores", "2", "--workflow-profile", "none", profile=None),
         stdout=local_log,
         stderr=subprocess.STDOUT,
         env=job_env(),
@@ -199,10 +184,7 @@ def slurm_runs(tmp_path_factory, repo):
         t_cluster = time.monotonic()
         proc = sh(
             snakemake_cmd(
-                repo,
                 remote,
-                "--profile",
-                str(repo / "profiles/slurm"),
                 "--workflow-profile",
                 "none",
                 "--slurm-status-command",
@@ -210,6 +192,7 @@ def slurm_runs(tmp_path_factory, repo):
                 "--slurm-init-seconds-before-status-checks",
                 "1",
                 "--slurm-keep-successful-logs",
+                profile="slurm",
             ),
             timeout=540,
             env=env,
@@ -317,14 +300,14 @@ def test_results_equal_the_local_run(slurm_runs):
         np.testing.assert_allclose(ta.GetFixedParameters(), tb.GetFixedParameters(), atol=1e-6, err_msg=s)
 
 
-def test_profile_groups_each_subjects_small_jobs(tmp_path, repo):
+def test_profile_groups_each_subjects_small_jobs(tmp_path, repo, snakemake_cmd):
     """profiles/slurm on the whole demo cohort, dry run (no cluster): which jobs go out together, and where."""
     ensure_plugin_installed()
     cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
     cfg["cohort"] = str(repo / "config/cohort.tsv")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = sh(
-        snakemake_cmd(repo, tmp_path, "--profile", str(repo / "profiles/slurm"), "--workflow-profile", "none", "-n"),
+        snakemake_cmd(tmp_path, "--workflow-profile", "none", "-n", profile="slurm"),
         timeout=120,
     )
     assert proc.returncode == 0, tail(proc)

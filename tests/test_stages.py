@@ -364,7 +364,7 @@ def test_schema_is_in_step_with_the_stage_rules():
     assert not any("default" in p for p in props.values())
 
 
-def test_workflow_dry_run_takes_masks_and_search(tmp_path, repo, demo):
+def test_workflow_dry_run_takes_masks_and_search(tmp_path, repo, demo, snakemake):
     """snakemake's own schema validation accepts the new keys (and the stage list reaches the jobs as written)."""
     cfg = load_yaml(repo / "config/config.yaml")
     (tmp_path / "cohort.tsv").write_text(
@@ -379,26 +379,6 @@ def test_workflow_dry_run_takes_masks_and_search(tmp_path, repo, demo):
         {"type": "syn", "scales": [2, 1], "iterations": [5, 5], "masks": "both"},
     ]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(repo / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(tmp_path / "config.yaml"),
-            "--cores",
-            "1",
-            "-n",
-            "--quiet",
-            "rules",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = snakemake(tmp_path, "--cores", "1", "-n", "--quiet", "rules", profile=None, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "register" in proc.stdout + proc.stderr

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -14,7 +11,7 @@ from scipy import ndimage
 pytestmark = pytest.mark.workflow
 
 
-def test_mask_rules_produce_the_expected_masks(tmp_path, repo, demo):
+def test_mask_rules_produce_the_expected_masks(tmp_path, repo, demo, snakemake):
     head = demo / "elastix_ct2d_head"
     brain = demo / "antspy_brain2d"
     rows = [
@@ -29,25 +26,7 @@ def test_mask_rules_produce_the_expected_masks(tmp_path, repo, demo):
     cfg["cohort"] = str(tmp_path / "cohort.tsv")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     targets = [f"results/{s}/masks/{r}_mask.nii.gz" for s in ("ones", "given", "auto") for r in ("fixed", "moving")]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(repo / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(tmp_path / "config.yaml"),
-            "--cores",
-            "2",
-            *targets,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = snakemake(tmp_path, "--cores", "2", *targets, profile=None, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     read = lambda s, r: sitk.ReadImage(str(tmp_path / f"results/{s}/masks/{r}_mask.nii.gz"))  # noqa: E731
 

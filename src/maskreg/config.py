@@ -100,9 +100,11 @@ _STAGE_ITEM = re.compile(r"registration\.stages\.(\d+)[.: ]")
 def network_problems(config: dict) -> list[str]:
     """A network stage needs a model: its own ``model:`` or the cohort's (``learning.enabled``); a cohort that
     trains a model needs a network stage to use it."""
-    stages = (config.get("registration") or {}).get("stages")
-    learning = config.get("learning") or {}
-    if not isinstance(stages, list) or not isinstance(learning, dict):
+    registration, learning = config.get("registration"), config.get("learning") or {}
+    if not isinstance(registration, dict) or not isinstance(learning, dict):
+        return []  # the schema reports what they should be
+    stages = registration.get("stages")
+    if not isinstance(stages, list):
         return []
     enabled = learning.get("enabled") is True
     out = []

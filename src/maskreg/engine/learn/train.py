@@ -202,7 +202,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.opt.step()
-        return {k: float(v) for k, v in terms.items()}
+        return {k: float(v.detach()) for k, v in terms.items()}
 
 
 def train(

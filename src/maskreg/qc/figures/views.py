@@ -63,41 +63,30 @@ class View:
     letters: tuple[str, str, str, str] | None  # left, right, top, bottom orientation letters
 
 
+def _view(
+    name: str,
+    k: int,
+    sp: tuple[float, ...],
+    size: tuple[int, ...],
+    row: int,
+    col: int,
+    label: str,
+    letters: tuple[str, str, str, str] | None,
+) -> View:
+    """The view ``name`` through slice ``k`` whose panel rows run along grid axis ``row`` and columns along grid
+    axis ``col`` (spacing in mm and size in voxels of the grid, both in ``x, y[, z]`` order)."""
+    extent = (size[row] * sp[row], size[col] * sp[col])
+    return View(name, k, sp[row] / sp[col], extent, sp[row], sp[col], label, letters)
+
+
 def _lps_views(sp: tuple[float, ...], size: tuple[int, ...], center: tuple[int, ...], labels: list[str]) -> list[View]:
     """Axial, coronal and sagittal views through ``center`` of an LPS display grid (spacing in mm, size in
     voxels, both in ``x, y, z`` order); ``labels[a]`` names the original index of display axis ``a``."""
     cx, cy, cz = center
     return [
-        View(
-            "axial",
-            cz,
-            sp[1] / sp[0],
-            (size[1] * sp[1], size[0] * sp[0]),
-            sp[1],
-            sp[0],
-            f"axial\n{labels[2]}",
-            ("R", "L", "A", "P"),
-        ),
-        View(
-            "coronal",
-            cy,
-            sp[2] / sp[0],
-            (size[2] * sp[2], size[0] * sp[0]),
-            sp[2],
-            sp[0],
-            f"coronal\n{labels[1]}",
-            ("R", "L", "S", "I"),
-        ),
-        View(
-            "sagittal",
-            cx,
-            sp[2] / sp[1],
-            (size[2] * sp[2], size[1] * sp[1]),
-            sp[2],
-            sp[1],
-            f"sagittal\n{labels[0]}",
-            ("A", "P", "S", "I"),
-        ),
+        _view("axial", cz, sp, size, 1, 0, f"axial\n{labels[2]}", ("R", "L", "A", "P")),
+        _view("coronal", cy, sp, size, 2, 0, f"coronal\n{labels[1]}", ("R", "L", "S", "I")),
+        _view("sagittal", cx, sp, size, 2, 1, f"sagittal\n{labels[0]}", ("A", "P", "S", "I")),
     ]
 
 
@@ -116,7 +105,7 @@ class Display:
         if self.dim == 2:
             sp, size = ref.GetSpacing(), ref.GetSize()
             self.center = tuple(int(c) for c in center)
-            self.views = [View("2D", 0, sp[1] / sp[0], (size[1] * sp[1], size[0] * sp[0]), sp[1], sp[0], "", None)]
+            self.views = [_view("2D", 0, sp, size, 1, 0, "", None)]
             return
         d = np.asarray(ref.GetDirection()).reshape(3, 3)
         src = [int(np.argmax(np.abs(d[a, :]))) for a in range(3)]  # display axis a <- index axis src[a]
