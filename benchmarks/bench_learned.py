@@ -45,6 +45,7 @@ NETWORKS = {
 }
 LINEAR = [{"type": "moments", "masks": "none"}, {"type": "rigid", "masks": "none"}, {"type": "affine", "masks": "none"}]
 SYN = {"type": "syn", "loss": "mi", "masks": "none"}
+SYN_AFTER_NETWORK = {**SYN, "scales": [2, 1], "iterations": [40, 10]}
 
 
 def read_case(folder: Path) -> dict:
@@ -136,7 +137,7 @@ def register(case: dict, method: str, models: dict, threads: int, tmp: Path):
     stages = {
         "linear": LINEAR,
         "syn": [SYN],
-        "net+syn": [{"type": "network", "model": str(models.get("net-both", ""))}, {**SYN, "scales": [2, 1], "iterations": [40, 10]}],
+        "net+syn": [{"type": "network", "model": str(models.get("net-both", ""))}, SYN_AFTER_NETWORK],
     }.get(method) or [{"type": "network", "model": str(models.get(method, ""))}]
     t = time.perf_counter()
     res = maskreg.register(f, m, stages=stages, device="cpu", threads=threads, subject=case["case"])
