@@ -144,12 +144,13 @@ class Trainer:
     def _sample(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(fixed stack, moving stack, has-label flag) of one pair: image, mask[, one label], augmented."""
         k = sample.fixed_labels.shape[1]
-        pick = [int(self.rng.integers(k))] if k else []
-        fixed = torch.cat([sample.fixed, sample.fixed_mask] + [sample.fixed_labels[:, pick]] * bool(k), 1)
-        moving = torch.cat([sample.moving, sample.moving_weight] + [sample.moving_labels[:, pick]] * bool(k), 1)
-        if not k:  # a zero label channel keeps the batch's shape; its Dice term is switched off by the flag
-            fixed = torch.cat([fixed, torch.zeros_like(sample.fixed)], 1)
-            moving = torch.cat([moving, torch.zeros_like(sample.moving)], 1)
+        if k:
+            pick = [int(self.rng.integers(k))]
+            fl, ml = sample.fixed_labels[:, pick], sample.moving_labels[:, pick]
+        else:  # a zero label channel keeps the batch's shape; the flag switches its Dice term off
+            fl, ml = torch.zeros_like(sample.fixed), torch.zeros_like(sample.moving)
+        fixed = torch.cat([sample.fixed, sample.fixed_mask, fl], 1)
+        moving = torch.cat([sample.moving, sample.moving_weight, ml], 1)
         ranges = self.s["augment"]
         if ranges:
             shape = tuple(sample.fixed.shape[2:])
