@@ -18,9 +18,9 @@ Per test pair: gland Dice, landmark TRE (mm and voxels of the fixed image; mean 
 the other pairs.
 
 Run: ``.venv/bin/python benchmarks/bench_learned.py [--folds 5] [--steps 1000] [--methods ...] [--curve]
-[--threads 2] [--run-folds N]``. Prints one row per method (mean ± sd over the pairs) and writes the per-pair table to
-``benchmarks/out/learned.tsv``. The header's spacing (0.4 mm) is nominal (the data's README): TRE is also given
-in voxels.
+[--threads 2] [--run-folds N]`` (``--run-folds 0 --curve``: the learning curve alone). Prints one row per method
+(mean ± sd over the pairs) and writes the per-pair table to ``benchmarks/out/learned.tsv``. The header's spacing
+(0.4 mm) is nominal (the data's README): TRE is also given in voxels.
 """
 
 from __future__ import annotations
@@ -204,6 +204,10 @@ def main() -> int:
                     {"fold": j, "case": cases[i]["case"], "method": method, "s": secs, **evaluate(cases[i], res, tx)}
                 )
             print(f"fold {j}: {cases[i]['case']} done", flush=True)
+    if args.curve:
+        learning_curve(cases, folds_of(cases, args.folds)[0], base, work, args.threads)
+    if not rows:  # --run-folds 0: the learning curve alone
+        return 0
     table = pd.DataFrame(rows)
     common.OUT.mkdir(parents=True, exist_ok=True)
     table.to_csv(common.OUT / "learned.tsv", sep="\t", index=False)
@@ -225,8 +229,6 @@ def main() -> int:
     if trained:
         tr = pd.DataFrame(trained).groupby("network")["train_s"].mean()
         print("\ntraining time per model (s): " + ", ".join(f"{k} {v:.0f}" for k, v in tr.items()))
-    if args.curve:
-        learning_curve(cases, folds_of(cases, args.folds)[0], base, work, args.threads)
     return 0
 
 
