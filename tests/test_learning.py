@@ -132,7 +132,7 @@ def test_a_trained_network_aligns_a_pair_it_never_saw(trained):
     warped = sitk.Resample(ml, f, res.transform(), sitk.sitkLinear)
     a = sitk.GetArrayFromImage
     before, after = _dice(a(fl), a(ml)), _dice(a(fl), a(warped) > 0.5)
-    assert after > before + 0.2, (before, after)  # measured 0.47 -> 0.79
+    assert after > before + 0.2, (before, after)  # measured 0.47 -> 0.78
     # the written transform is what SimpleITK applies: the displacement read back gives the same warp
     disp = sitk.DisplacementFieldTransform(sitk.Cast(res.displacement, sitk.sitkVectorFloat64))
     composite = sitk.CompositeTransform([res.linear.to_sitk(), disp])

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from maskreg.engine import fields as dfm
 from maskreg.engine.grid import Grid
 from maskreg.engine.learn.grids import training_grid
 from maskreg.engine.learn.inputs import network_inputs
@@ -65,12 +64,6 @@ class Model:
         self.net.eval()
         f, m, _ = network_inputs(fixed, fixed_grid, moving, moving_grid, linear, grid)
         return to_mm(voxel_field(self.net, f, m), grid)
-
-    def displacement(self, field_mm: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """The displacement (mm) of a predicted field: ``exp(v)`` by scaling and squaring for a velocity."""
-        if not self.velocity:
-            return field_mm
-        return dfm.FieldOps(grid, field_mm.device).exp(field_mm)
 
 
 def save_model(model: Model, folder: str | os.PathLike) -> Path:

@@ -37,9 +37,13 @@ from maskreg.engine.pyramid import gaussian_blur
 from maskreg.engine.sampling import grid_sample_inside
 from maskreg.errors import InputError, where
 from maskreg.learning import resolve_learning
+from maskreg.stages import LINEAR_DEFAULTS
 from maskreg.transforms import LinearTransform
 
 log = logging.getLogger("maskreg")
+
+# the image loss's window (cc) and bins (mi, nmi): the linear stages' defaults
+LOSS_SETTINGS = {"window": LINEAR_DEFAULTS["window"], "bins": LINEAR_DEFAULTS["bins"]}
 
 
 @dataclass
@@ -139,7 +143,7 @@ class Trainer:
         self.ops = dfm.FieldOps(unit, device)  # voxel units: a displacement of 1 is one voxel of the grid
         self.loss_name, self.loss_fn = get_loss(settings["image_loss"])
         if self.loss_name == "cc":  # the compiled CC keeps one evaluation's work arrays: a batch needs autograd's
-            self.loss_fn = lambda f, m, w, window=5, **_: local_cc_autograd(f, m, w, window)
+            self.loss_fn = lambda f, m, w, window, **_: local_cc_autograd(f, m, w, window)
 
     def _sample(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(fixed stack, moving stack, has-label flag) of one pair: image, mask[, one label], augmented."""
@@ -178,7 +182,7 @@ class Trainer:
             n = fixed.shape[0]
             terms["image"] = (
                 sum(
-                    self.loss_fn(fixed[b : b + 1, :1], warped[b : b + 1, :1], w[b : b + 1], window=5, bins=32)
+                    self.loss_fn(fixed[b : b + 1, :1], warped[b : b + 1, :1], w[b : b + 1], **LOSS_SETTINGS)
                     for b in range(n)
                 )
                 / n
