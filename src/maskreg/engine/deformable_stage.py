@@ -188,7 +188,8 @@ class DeformableLevel:
         self.fl, self.ml = prob.levels(*self.level_key)
         # the field lives on the fixed mask's box plus a margin (the ROI box), not on the whole level grid
         self.grid, box = roi_box(self.fl.grid, self.fl.mask, roi_margin(stage))
-        self.ops = dfm.FieldOps(self.grid, prob.device, coarse_exp=self.syn)
+        open_faces = tuple((b.start > 0, b.stop < n) for b, n in zip(box, self.fl.grid.shape, strict=True))
+        self.ops = dfm.FieldOps(self.grid, prob.device, coarse_exp=self.syn, open_faces=open_faces)
         self.state = self._start_state(state)
         self.label_weight = float(stage.get("label_weight", 0.0)) if prob.labels is not None else 0.0
         self.stacks = self._stacks(linear, box)

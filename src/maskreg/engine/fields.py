@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from maskreg.engine import cpu_kernels
 from maskreg.engine.grid import Grid
-from maskreg.engine.pyramid import gaussian_blur, gaussian_kernels, resample
+from maskreg.engine.pyramid import gaussian_blur, gaussian_kernels, gaussian_weights, resample
 from maskreg.engine.sampling import grid_sample
 from maskreg.stages import DEFORMABLE_DEFAULTS, DEFORMABLE_STAGES, TYPE_DEFAULTS  # noqa: F401 (defined there)
 
@@ -102,10 +102,20 @@ class _AxisResampler:
 class FieldOps:
     """Operations on displacement fields of one level grid (identity grid and mm → normalised map cached)."""
 
-    def __init__(self, grid: Grid, device: torch.device, coarse_exp: bool = False):
+    def __init__(
+        self,
+        grid: Grid,
+        device: torch.device,
+        coarse_exp: bool = False,
+        open_faces: tuple[tuple[bool, bool], ...] | None = None,
+    ):
+        """``open_faces``: per tensor axis, whether the field goes on past the low and the high face (``grid``
+        is a box cut from a larger grid, whose field beyond the box repeats the face values): the elastic
+        smoothing then pads those faces by repetition, not with zeros (see :meth:`smooth_field`)."""
         self.grid = grid
         dim = grid.dim
         self.dim = dim
+        self.open_faces = tuple(open_faces or ((False, False),) * dim)
         self.to_norm = grid.physical_to_normalised()[:dim, :dim]  # numpy: mm -> normalised, per component
         self.device = device
         # mm -> voxels of this grid per component (for step sizes): |D^T u| / spacing
@@ -258,9 +268,33 @@ class FieldOps:
         return w
 
     def smooth(self, u: torch.Tensor, sigma_vox: float) -> torch.Tensor:
+        """Gaussian blur of ``u`` (``sigma_vox`` voxels on every axis), zero padding."""
         if sigma_vox <= 0:
             return u
         return gaussian_blur(u, tuple([sigma_vox] * self.dim))
+
+    def smooth_field(self, u: torch.Tensor, sigma_vox: float) -> torch.Tensor:
+        """:meth:`smooth` for a field: zero padding at the grid's own faces (the field is held to 0 at the
+        image border, as ITK's smoothing of displacement fields does), repetition at the open faces of a box,
+        where the field goes on beyond (:func:`maskreg.engine.deformable_stage.extend_from_faces`). Zero
+        padding there would pull the box's face towards 0 at every update while the inside moves on: a jump
+        that folds the map at the face."""
+        pads = self._face_pads(sigma_vox)
+        if pads is None:
+            return self.smooth(u, sigma_vox)
+        flat, inner = pads
+        return self.smooth(F.pad(u, flat, mode="replicate"), sigma_vox)[inner]
+
+    def _face_pads(self, sigma_vox: float) -> tuple[list[int], tuple[slice, ...]] | None:
+        """For a blur of ``sigma_vox`` voxels: ``F.pad``'s list (the kernel's reach at each open face) and the
+        index that cuts the grid back out of the padded tensor; ``None`` without open faces."""
+        if sigma_vox <= 0 or not any(lo or hi for lo, hi in self.open_faces):
+            return None
+        r = len(gaussian_weights(float(sigma_vox))) // 2
+        pads = [(r if lo else 0, r if hi else 0) for lo, hi in self.open_faces]
+        flat = [p for pair in reversed(pads) for p in pair]  # the last tensor axis first
+        inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, self.grid.shape, strict=True))
+        return flat, (slice(None), slice(None), *inner)
 
     def update(
         self,
@@ -279,16 +313,28 @@ class FieldOps:
         (:func:`maskreg.engine.cpu_kernels.smooth_step`) instead of two blurs and six elementwise passes;
         otherwise graph-safe torch."""
         if additive and self.dim == 3 and cpu_kernels.enabled(field, g):
-            kernels = [gaussian_kernels(tuple(self.grid.shape), (s,) * 3) for s in (fluid, elastic)]
-            v = cpu_kernels.smooth_step(field, g, kernels[0], kernels[1], float(step), 1.0 / min(self.grid.spacing))
-            if vmax is not None:
-                vmax.fill_(v)
+            self._compiled_syn_update(field, g, float(step), fluid, elastic, vmax)
             return
         d = self.smooth(-g, fluid)
         d = d * (step / self.max_voxels_t(d).clamp_min(1e-20))
-        field.copy_(self.smooth(field + d if additive else self.compose(field, d), elastic))
+        field.copy_(self.smooth_field(field + d if additive else self.compose(field, d), elastic))
         if vmax is not None:
             vmax.copy_(self.max_voxels_t(field))
+
+    def _compiled_syn_update(
+        self, field: torch.Tensor, g: torch.Tensor, step: float, fluid: float, elastic: float, vmax: torch.Tensor | None
+    ) -> None:
+        """:meth:`update` of a 3D velocity on the CPU, fused (:func:`maskreg.engine.cpu_kernels.smooth_step`).
+        A box's open faces are padded first, the velocity by repetition and the gradient with zeros (no force
+        beyond the box), so the elastic blur sees the field going on there, as :meth:`smooth_field` does."""
+        pads = self._face_pads(elastic)
+        work, grad = (field, g) if pads is None else (F.pad(field, pads[0], mode="replicate"), F.pad(g, pads[0]))
+        kernels = [gaussian_kernels(tuple(work.shape[2:]), (s,) * 3) for s in (fluid, elastic)]
+        v = cpu_kernels.smooth_step(work, grad, kernels[0], kernels[1], step, 1.0 / min(self.grid.spacing))
+        if pads is not None:
+            field.copy_(work[pads[1]])
+        if vmax is not None:
+            vmax.fill_(v)
 
     def upsample(self, u: torch.Tensor, target: FieldOps) -> torch.Tensor:
         """A field of this grid resampled on ``target``'s grid (values stay in mm)."""
