@@ -59,7 +59,7 @@ def test_parzen_histogram_and_mi_gradient_match_autograd(seed, bins):
     assert torch.allclose(g1, g2, atol=1e-10, rtol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["mse", "mi", "nmi"])
+@pytest.mark.parametrize("name", ["mse", "gc", "mi", "nmi"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_closed_form_pointwise_gradients_match_autograd(name, seed):
     """The value-and-gradient forms the point sampler uses (no autograd) equal autograd through the losses,
@@ -73,6 +73,27 @@ def test_closed_form_pointwise_gradients_match_autograd(name, seed):
     assert float(val) == pytest.approx(float(ref.detach()), rel=1e-12)
     assert g.shape == moving.shape and g_ref.abs().max() > 0
     assert torch.allclose(g, g_ref, atol=1e-12, rtol=1e-8)
+
+
+def test_global_cc_is_ants_gc_the_squared_weighted_pearson_correlation():
+    """``gc`` is ``−r²`` with ``r`` the weighted Pearson correlation (numpy's ``cov`` with analytic weights);
+    blind to a linear intensity map, an inverted contrast included; voxels of weight 0 count for nothing."""
+    import numpy as np
+
+    fixed, noise, weight = _inputs(3, shape=(1, 1, 3000))
+    weight = weight * torch.rand(weight.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    moving = 0.6 * fixed + 0.4 * noise
+    f, m, w = (t.flatten().numpy() for t in (fixed, moving, weight))
+    c = np.cov(np.stack([f, m]), aweights=w)
+    r2 = c[0, 1] ** 2 / (c[0, 0] * c[1, 1])
+    assert 0.01 < r2 < 0.99
+    assert float(losses.global_cc(fixed, moving, weight)) == pytest.approx(-r2, rel=1e-10)
+    assert float(losses.global_cc(fixed, 5.0 - 3.0 * moving, weight)) == pytest.approx(-r2, rel=1e-10)
+    outside = weight == 0
+    assert bool(outside.any())
+    scrambled = torch.where(outside, torch.randn_like(moving) * 100.0, moving)
+    assert float(losses.global_cc(fixed, scrambled, weight)) == pytest.approx(-r2, rel=1e-10)
+    assert float(losses.global_cc(fixed, fixed, weight)) == pytest.approx(-1.0, rel=1e-12)
 
 
 @pytest.mark.parametrize("window", [3, 5])

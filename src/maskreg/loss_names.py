@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-LOSS_NAMES = ("mse", "cc", "mi", "nmi")
-ALIASES = {"masked_mse": "mse", "masked_cc": "cc", "masked_mi": "mi", "masked_nmi": "nmi", "lncc": "cc", "ncc": "cc"}
+LOSS_NAMES = ("mse", "cc", "gc", "mi", "nmi")
+ALIASES = {
+    "masked_mse": "mse",
+    "masked_cc": "cc",
+    "masked_mi": "mi",
+    "masked_nmi": "nmi",
+    "lncc": "cc",
+    "ncc": "cc",
+    "global_cc": "gc",
+}
 # losses computed over neighbourhoods: they need the dense grid, not scattered samples
 NEEDS_DENSE = {"cc"}
 # losses differentiable in the moving (second) image only: the histogram bins the fixed one by nearest bin

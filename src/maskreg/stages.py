@@ -300,7 +300,7 @@ def _one_stage_problems(st: Mapping[str, Any], random_sampling: bool) -> list[st
         out.append(f"scales {show(given['scales'])} must not increase (coarse to fine, e.g. [4, 2, 1])")
     if random_sampling and kind in LINEAR_STAGES and loss in NEEDS_DENSE:
         out.append(
-            f"loss {show(st.get('loss'))} needs dense sampling (it uses neighbourhoods); use mse, mi or nmi "
+            f"loss {show(st.get('loss'))} needs dense sampling (it uses neighbourhoods); use mse, gc, mi or nmi "
             f"with random sampling"
         )
     return out

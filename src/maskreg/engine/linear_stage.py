@@ -66,7 +66,7 @@ def run_linear_stage(
     if random_n and loss_name in NEEDS_DENSE:
         raise MaskregError(
             f"stage {kind}: loss '{loss_name}' needs dense sampling (it uses neighbourhoods); "
-            f"use mse, mi or nmi with random sampling."
+            f"use mse, gc, mi or nmi with random sampling."
         )
     gen = torch.Generator(device=prob.device)
     gen.manual_seed(seed)

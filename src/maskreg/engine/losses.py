@@ -40,6 +40,22 @@ def mse(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, **_) ->
     return (weight * (fixed - moving) ** 2).sum() / weight.sum().clamp_min(EPS)
 
 
+def _centred_moments(fixed, moving, weight):
+    """Weighted centred cross and auto moments ``(Σ w a b, Σ w a², Σ w b²)`` with ``a = f − f̄``, ``b = m − m̄``
+    (means weighted by ``w``), and ``a``, ``b`` themselves."""
+    total = weight.sum().clamp_min(EPS)
+    a = fixed - (weight * fixed).sum() / total
+    b = moving - (weight * moving).sum() / total
+    return (weight * a * b).sum(), (weight * a * a).sum(), (weight * b * b).sum(), a, b
+
+
+def global_cc(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, **_) -> torch.Tensor:
+    """Global correlation, ANTs' ``GC``: ``−r²``, ``r`` the Pearson correlation of ``f`` and ``m`` weighted by
+    ``w`` (in [−1, 0]; blind to a linear intensity map, an inverted contrast included)."""
+    sab, saa, sbb, _, _ = _centred_moments(fixed, moving, weight)
+    return -(sab * sab) / (saa * sbb).clamp_min(EPS * EPS)
+
+
 # windows up to this size are summed by shifted in-place adds, larger ones by cumulative sums
 SHIFT_SUM_MAX_WINDOW = 9
 
@@ -379,10 +395,27 @@ def mse_value_and_grad(
     return (weight * diff * diff).sum() / total, (-2.0 / total) * weight * diff
 
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {"mse": mse, "cc": local_cc, "mi": mattes_mi, "nmi": nmi}
+def global_cc_value_and_grad(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, **_
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`global_cc` and its gradient in ``moving``: ``−2 w Σab / (Σaa Σbb) · (a − b Σab / Σbb)`` (the
+    means' own derivatives cancel: ``Σ w a = Σ w b = 0``)."""
+    sab, saa, sbb, a, b = _centred_moments(fixed, moving, weight)
+    den = (saa * sbb).clamp_min(EPS * EPS)
+    return -(sab * sab) / den, (-2.0 * sab / den) * weight * (a - b * (sab / sbb.clamp_min(EPS)))
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "mse": mse,
+    "cc": local_cc,
+    "gc": global_cc,
+    "mi": mattes_mi,
+    "nmi": nmi,
+}
 # pointwise losses: value and gradient in the moving values, in closed form (used at sampled points)
 VALUE_AND_GRAD: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "mse": mse_value_and_grad,
+    "gc": global_cc_value_and_grad,
     "mi": mattes_mi_value_and_grad,
     "nmi": nmi_value_and_grad,
 }
