@@ -206,8 +206,8 @@ def _apply_parser(sub) -> None:
     a.add_argument("--label-method", choices=["generic", "nearest"], default="generic")
     a.add_argument(
         "--landmarks",
-        help="CSV x,y[,z] of points in LPS mm: fixed-space points are mapped to "
-        "moving space (or moving to fixed with --inverse)",
+        help="points: CSV x,y[,z] in LPS mm, or 3D Slicer .fcsv/.mrk.json; fixed-space points are mapped to "
+        "moving space (or moving to fixed with --inverse); the output's format follows --output's extension",
     )
     a.add_argument("--output", required=True)
     a.set_defaults(func=_apply)
