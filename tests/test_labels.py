@@ -5,9 +5,10 @@
   value and keeps the pixel type. (Through a *finer* grid, e.g. 3 -> 2.5 mm, nearest neighbour comes back
   almost exactly -- mean Dice 0.9999 against 0.956 for generic, whose linear weights round corners and lose
   one-voxel-thin parts at ties -- so the round trip is only a fair test through a grid that loses detail.)
-* ``warp_labels`` resamples each label only over the region of the reference grid that can see it: its
-  output equals the plain version (every label resampled over the whole grid) on the real map, and ANTs'
-  ``genericLabel`` through the same rigid file.
+* ``warp_labels`` (for a linear transform each label resampled only over the region of the reference grid that
+  can see it; for a chain with a displacement field SimpleITK's ``sitkLabelLinear``) equals the plain version
+  (every label resampled over the whole grid) on the real map, and ANTs' ``genericLabel`` through the same
+  rigid file.
 * Our transform files applied by SimpleITK and by ANTs (antspyx) reproduce our warped image on an oblique
   anisotropic scan (dipy, 4×4×5 mm) and on thick-slice brain MR (pyradiomics, 0.78×0.78×6.5 mm).
 """
@@ -187,7 +188,8 @@ def test_generic_round_trip_beats_nearest(ct_labels, oblique_ref, round_trip):
 
 @pytest.mark.slow
 def test_region_restricted_generic_equals_plain_on_real_map(ct_labels, make_image):
-    """Composite rigid ∘ smooth field onto an oblique 3 mm grid that sticks out of the map."""
+    """Composite rigid ∘ smooth field onto an oblique 3 mm grid that sticks out of the map (the
+    ``sitkLabelLinear`` path of ``warp_labels``)."""
     ref = _oblique_ref(ct_labels, 3.0)
     fwd_field, _ = _svf_pair(ref, make_image, max_mm=4.5, seed=3)
     chain = sitk.CompositeTransform(3)
@@ -198,7 +200,8 @@ def test_region_restricted_generic_equals_plain_on_real_map(ct_labels, make_imag
 
 
 def test_region_restricted_generic_equals_plain_odd_labels(make_image):
-    """2D float-typed map with negative labels and no background 0, half of the grid outside the map."""
+    """2D float-typed map with negative labels and no background 0, half of the grid outside the map (the
+    region-restricted path: a linear transform)."""
     rng = np.random.default_rng(5)
     arr = np.full((60, 80), 7.0, np.float32)
     for v in (-3.0, 2.0, 300.0, 41.0):

@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from maskreg.errors import InputError, where
+from maskreg.transforms import LinearTransform
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "nearest": sitk.sitkNearestNeighbor}
 INTEGER_TYPES = (
@@ -124,17 +125,39 @@ def warp_labels(
     ``generic`` (ANTs' "genericLabel" idea): each label's indicator is interpolated linearly and every voxel
     takes the label with the largest value (background 0 included; ties go to the smaller label value), so
     boundaries move smoothly and no new label value can appear. A voxel mapping outside the moving image gets
-    0. Each label is resampled only over the part of the reference grid that can see it (its bounding box,
-    see :func:`_reach`), so time grows with the labels' sizes rather than their number times the grid;
-    memory stays at two reference-sized float images (running maximum, background weight) and the output,
-    whatever the number of labels. The result equals ANTs' ``genericLabel`` interpolation (linear).
-    ``nearest``: nearest-neighbour resampling.
+    0. The result equals ANTs' ``genericLabel`` interpolation (linear). Two implementations of this one
+    method, chosen by the transform's cost:
+
+    * a linear transform (affine, rigid, ..., or a composite of them): :func:`_generic_by_region` resamples
+      each label only over the part of the reference grid that can see it, so time grows with the labels'
+      sizes rather than their number times the grid (``sitkLabelLinear`` interpolates every label at every
+      voxel, which costs far more than a linear transform);
+    * any other transform (a displacement field in the chain): SimpleITK's ``sitkLabelLinear`` (ITK's
+      ``LabelImageGenericInterpolateImageFunction`` with linear interpolation, SimpleITK ≥ 2.3), which
+      evaluates the transform once per voxel, where the region version evaluates it once per label region
+      that covers the voxel; its memory is the output alone.
+
+    Both give the same labels except where two labels' weights tie to float32 rounding (ITK compares them in
+    double); ``tests/test_label_interpolation.py`` holds them together and ``benchmarks/bench_warp.py``
+    (methods ``maskreg-regions``, ``sitk-labelLinear``) times both. ``nearest``: nearest-neighbour
+    resampling.
     """
     check_labels(labels, subject=subject, role=role)
     if method == "nearest":
         return sitk.Resample(labels, reference, transform, sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
     if method != "generic":
         raise ValueError(f"unknown label method '{method}'; choose generic or nearest")
+    try:
+        LinearTransform.from_sitk(transform)
+    except ValueError:  # not linear: the transform is the costly part, evaluate it once per voxel
+        return sitk.Resample(labels, reference, transform, sitk.sitkLabelLinear, 0, labels.GetPixelID())
+    return _generic_by_region(labels, reference, transform)
+
+
+def _generic_by_region(labels: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> sitk.Image:
+    """Generic-label warp with each label resampled only over the reference region that can see it (its
+    bounding box, see :func:`_reach`); memory stays at two reference-sized float images (running maximum,
+    background weight) and the output, whatever the number of labels."""
     arr = sitk.GetArrayViewFromImage(labels)
     values = np.unique(arr)
     shape = tuple(reversed(reference.GetSize()))
