@@ -134,6 +134,30 @@ def test_deformable_fields_are_diffeomorphic_and_invertible(demo_run):
     assert np.linalg.norm(back - pts, axis=1).mean() < 0.1 * min(fixed.GetSpacing())
 
 
+def test_jacobian_maps_are_on_the_fixed_grid_and_give_the_qc_folding_figures(demo_run):
+    """results/{subject}/transforms/jacobian.nii.gz: float32 on the fixed grid, det J of x ↦ A(x + u(x)); its
+    share ≤ 0 and its minimum inside the fixed mask are the QC metrics' folding figure and jacobian_min, and
+    it is det(A) times SimpleITK's filter on warp.nii.gz (on the demo's axis-aligned 3D grid)."""
+    work, cohort = demo_run
+    metrics = pd.read_csv(work / "results/cohort/metrics.tsv", sep="\t").set_index("subject")
+    for s in SUBJECTS:
+        jac = sitk.ReadImage(str(work / f"results/{s}/transforms/jacobian.nii.gz"))
+        assert same_grid(jac, sitk.ReadImage(cohort.loc[s, "fixed"])) and jac.GetPixelID() == sitk.sitkFloat32, s
+        det = sitk.GetArrayFromImage(jac)
+        inside = det[sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"results/{s}/masks/fixed_mask.nii.gz"))) > 0]
+        assert np.mean(inside <= 0) == metrics.loc[s, "jacobian_nonpositive_fraction"], s
+        assert np.isclose(inside.min(), metrics.loc[s, "jacobian_min"], rtol=1e-5), s
+        assert np.isfinite(det).all() and np.ptp(det) > 0.01, s  # a deformation, not a constant
+    s = "abdomen3d"  # identity direction: SimpleITK's filter applies to the field as it is
+    folder = work / f"results/{s}/transforms"
+    field = sitk.ReadImage(str(folder / "warp.nii.gz"), sitk.sitkVectorFloat64)
+    assert np.allclose(field.GetDirection(), np.eye(3).ravel())
+    det_a = np.linalg.det(np.reshape(sitk.ReadTransform(str(folder / "affine.mat")).GetParameters()[:9], (3, 3)))
+    ref = det_a * sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field, True))
+    det = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "jacobian.nii.gz")))
+    assert np.abs(det - ref).max() < 1e-5 * np.abs(ref).max()
+
+
 def test_demo_cohort_flags(demo_run, snakemake):
     """results/cohort/metrics.tsv has the flags column (also each subject's qc/metrics.tsv); the demo's good
     registrations raise no flag, and changing a flag threshold reruns only qc_subject and cohort."""

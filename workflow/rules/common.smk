@@ -214,6 +214,7 @@ def subject_outputs(subject):
         f"results/{subject}/masks/fixed_mask.nii.gz",
         f"results/{subject}/masks/moving_mask.nii.gz",
         f"results/{subject}/transforms/affine.mat",
+        f"results/{subject}/transforms/jacobian.nii.gz",
         f"results/{subject}/warped/image.nii.gz",
         f"results/{subject}/warped/mask.nii.gz",
         f"results/{subject}/qc/metrics.tsv",

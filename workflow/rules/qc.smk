@@ -1,4 +1,5 @@
-# Quality control: a mask figure and a registration figure with metrics per subject, then the cohort tables
+# Quality control: a mask figure and a registration figure with metrics per subject (and the Jacobian
+# determinant map of the transform, results/{subject}/transforms/jacobian.nii.gz), then the cohort tables
 # and plots. Figures are registered with report() for `snakemake --report report.html`.
 
 
@@ -24,8 +25,8 @@ rule qc_masks:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
     params:
-        # not the flag thresholds: changing qc.flags reruns only qc_subject and cohort
-        qc={k: v for k, v in config["qc"].items() if k != "flags"},
+        # not the flag thresholds nor the Jacobian map's options: changing them reruns only qc_subject (and cohort)
+        qc={k: v for k, v in config["qc"].items() if k not in ("flags", "jacobian")},
     script:
         "../scripts/qc_masks.py"
 
@@ -45,6 +46,8 @@ rule qc_subject:
     output:
         metrics="results/{subject}/qc/metrics.tsv",
         dice="results/{subject}/qc/dice.tsv",
+        # every subject, linear-only included (then constant det A): QC has the map in hand already
+        jacobian="results/{subject}/transforms/jacobian.nii.gz",
         figure=report(
             "results/{subject}/qc/registration.png",
             caption="../report/registration.rst",
@@ -62,6 +65,7 @@ rule qc_subject:
     params:
         qc=config["qc"],
         flags=config["qc"]["flags"],  # thresholds of the flags column (maskreg.qc.flags)
+        jacobian=config["qc"]["jacobian"],  # include_linear, log: the form of transforms/jacobian.nii.gz
     script:
         "../scripts/qc_subject.py"
 

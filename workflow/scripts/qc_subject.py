@@ -1,4 +1,4 @@
-"""Snakemake glue: metrics and the registration figure of one subject."""
+"""Snakemake glue: metrics, the registration figure and the Jacobian determinant map of one subject."""
 
 import pandas as pd
 
@@ -39,6 +39,8 @@ with logs.job(sm.log[0]) as log:
     )
     io.write_table(pd.DataFrame([row], columns=evaluate.METRIC_COLUMNS), sm.output.metrics)
     io.write_table(dice, sm.output.dice)
+    jacobian = evaluate.jacobian_output(fixed, linear.matrix, field, full=extra["jacobian"], **dict(sm.params.jacobian))
+    io.write_image(jacobian, sm.output.jacobian)
     title = f"{s}   NCC {row['ncc_before']:.3f} → {row['ncc_after']:.3f}"
     if labels:
         title += f"   mean Dice {row['dice_before']:.3f} → {row['dice_after']:.3f}"

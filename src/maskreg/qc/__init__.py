@@ -1,5 +1,23 @@
 """Quality control: metrics (Dice, masked NCC, Jacobian determinant, TRE) and PNG figures."""
 
-from maskreg.qc.metrics import dice_per_label, jacobian_determinant, jacobian_stats, masked_ncc, mean_dice, tre
+from maskreg.qc.metrics import (
+    dice_per_label,
+    jacobian_determinant,
+    jacobian_map,
+    jacobian_stats,
+    log_jacobian,
+    masked_ncc,
+    mean_dice,
+    tre,
+)
 
-__all__ = ["dice_per_label", "mean_dice", "masked_ncc", "jacobian_determinant", "jacobian_stats", "tre"]
+__all__ = [
+    "dice_per_label",
+    "mean_dice",
+    "masked_ncc",
+    "jacobian_determinant",
+    "jacobian_map",
+    "log_jacobian",
+    "jacobian_stats",
+    "tre",
+]

@@ -19,7 +19,15 @@ import SimpleITK as sitk
 
 from maskreg import logs
 from maskreg.qc import flags as qc_flags
-from maskreg.qc.metrics import dice_per_label, jacobian_determinant, jacobian_stats, masked_ncc, mean_dice, tre
+from maskreg.qc.metrics import (
+    dice_per_label,
+    jacobian_map,
+    jacobian_stats,
+    log_jacobian,
+    masked_ncc,
+    mean_dice,
+    tre,
+)
 from maskreg.warp import common_labels, warp_image, warp_labels, warp_mask, warp_points
 
 METRIC_COLUMNS = [
@@ -129,7 +137,7 @@ def subject_metrics(
         row["jacobian_min"] = det_a
         row["jacobian_nonpositive_fraction"] = 0.0 if det_a > 0 else 1.0
     else:
-        jac = jacobian_determinant(field) * det_a
+        jac = jacobian_map(fixed, linear_matrix, field)
         stats = jacobian_stats(jac, fixed_mask)
         row["jacobian_min"] = stats["jacobian_min"]
         row["jacobian_nonpositive_fraction"] = stats["jacobian_nonpositive_fraction"]
@@ -159,6 +167,30 @@ def subject_metrics(
         row["tre_after_mm"], row["tre_after_max_mm"] = t1["tre_mean_mm"], t1["tre_max_mm"]
     row["flags"] = qc_flags.format_flags(qc_flags.subject_flags(row, flag_thresholds))
     return row, dice_rows, extra
+
+
+def jacobian_output(
+    fixed: sitk.Image,
+    linear_matrix: np.ndarray,
+    field: sitk.Image | None = None,
+    *,
+    include_linear: bool = True,
+    log: bool = False,
+    full: sitk.Image | None = None,
+) -> sitk.Image:
+    """The image of ``results/{subject}/transforms/jacobian.nii.gz``: float32 on the fixed grid, the Jacobian
+    determinant of the fixed → moving map ``x ↦ A(x + u(x)) + b`` in LPS mm (:func:`maskreg.qc.metrics.jacobian_map`;
+    with ``include_linear=False`` the deformable part ``det(I + ∂u/∂x)`` alone), as its logarithm with ``log``
+    (:func:`maskreg.qc.metrics.log_jacobian`, floor 0.001 as ANTs). A linear-only registration (``field`` None)
+    gets the constant ``det(A)`` (1 without the linear part), so every subject has the file. ``full``: the
+    full map already computed (``subject_metrics``' ``extra["jacobian"]``), reused instead of recomputed."""
+    if full is not None and include_linear:
+        det = full
+    else:
+        det = jacobian_map(fixed, linear_matrix, field, include_linear=include_linear)
+    if log:
+        det = log_jacobian(det)
+    return sitk.Cast(det, sitk.sitkFloat32)
 
 
 def read_report(path: str | os.PathLike) -> dict:

@@ -1,4 +1,4 @@
-"""Quantitative QC metrics: Dice, masked NCC, Jacobian determinant of a displacement field, TRE.
+"""Quantitative QC metrics: Dice, masked NCC, Jacobian determinant of a displacement field or transform, TRE.
 
 Inputs are SimpleITK images on the *same* grid (the fixed grid) unless stated. Arrays follow SimpleITK's
 array order (``[z, y, x]`` for 3D, ``[y, x]`` for 2D); points are ``(N, dim)`` arrays in LPS mm.
@@ -18,6 +18,8 @@ __all__ = [
     "mean_dice",
     "masked_ncc",
     "jacobian_determinant",
+    "jacobian_map",
+    "log_jacobian",
     "jacobian_stats",
     "tre",
 ]
@@ -29,8 +31,15 @@ def _array(img: sitk.Image | np.ndarray) -> np.ndarray:
     return np.asarray(img)
 
 
+def _grid_shape(img: sitk.Image | np.ndarray) -> tuple[int, ...]:
+    """The array shape of the grid (``[z,] y, x``), without the components of a vector image."""
+    if isinstance(img, sitk.Image):
+        return tuple(img.GetSize())[::-1]
+    return np.shape(img)
+
+
 def _check_same_grid(a: sitk.Image | np.ndarray, b: sitk.Image | np.ndarray, what: str, tol: float = 1e-3) -> None:
-    sa, sb = np.shape(_array(a)), np.shape(_array(b))
+    sa, sb = _grid_shape(a), _grid_shape(b)
     if sa != sb:
         raise ValueError(f"{what}: arrays differ in shape {sa} vs {sb}; resample onto the fixed grid first.")
     if isinstance(a, sitk.Image) and isinstance(b, sitk.Image):
@@ -159,6 +168,53 @@ def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
         field.CopyInformation(displacement)
     det = sitk.DisplacementFieldJacobianDeterminant(field, True)
     return sitk.Cast(det, sitk.sitkFloat64)
+
+
+def jacobian_map(
+    reference: sitk.Image,
+    linear_matrix: np.ndarray,
+    displacement: sitk.Image | None = None,
+    *,
+    include_linear: bool = True,
+) -> sitk.Image:
+    """Jacobian determinant of the fixed → moving point map of a registration, float64 on ``reference``'s grid.
+
+    The map is ``T(x) = A (x + u(x)) + b``: ``u`` the displacement field (``warp.nii.gz``, vector image on the
+    fixed grid, LPS mm; None for a linear-only registration) applied first to points, then the linear part
+    (``affine.mat``) with its ``(dim, dim)`` matrix ``linear_matrix`` = ``A``. ``x`` and ``T(x)`` are physical
+    LPS points in mm, so spacing and direction cosines are included and the value does not depend on how
+    either image's voxels are laid out:
+
+        det J_T(x) = det(A) · det(I + ∂u/∂x)
+
+    is the volume in moving space that a unit of fixed-space volume around ``x`` maps to: > 1 where the moving
+    anatomy is larger than the fixed, < 1 where smaller, ≤ 0 where the map folds (or ``A`` mirrors).
+    ``include_linear=False`` leaves ``det(A)`` out: the deformable part alone, what ANTs'
+    ``CreateJacobianDeterminantImage`` computes from ``warp.nii.gz``. Without a field the map is constant
+    (``det(A)``, or 1). ``det(I + ∂u/∂x)`` is :func:`jacobian_determinant`'s (ITK's 3-point central differences,
+    zero-flux boundary), the one the QC folding figure counts; ANTs uses 5-point differences (and clips det at 0),
+    so the two agree where the field is quadratic along each axis and part by truncation error elsewhere. The
+    displacement field must lie on ``reference``'s grid.
+    """
+    dim = reference.GetDimension()
+    matrix = np.asarray(linear_matrix, dtype=np.float64)
+    if matrix.shape != (dim, dim):
+        raise ValueError(f"jacobian_map: linear_matrix must be {dim}x{dim}, got shape {matrix.shape}")
+    det_linear = float(np.linalg.det(matrix)) if include_linear else 1.0
+    if displacement is None:
+        out = sitk.Image(reference.GetSize(), sitk.sitkFloat64)
+        out.CopyInformation(reference)
+        return out + det_linear
+    _check_same_grid(reference, displacement, "jacobian_map displacement")
+    det = jacobian_determinant(displacement)
+    det.CopyInformation(reference)
+    return det * det_linear if det_linear != 1.0 else det
+
+
+def log_jacobian(det: sitk.Image, floor: float = 1e-3) -> sitk.Image:
+    """``log(max(det, floor))`` voxel by voxel, as ANTs' ``CreateJacobianDeterminantImage ... doLog=1`` writes it
+    (floor 0.001: folded voxels get log 0.001 ≈ -6.9 rather than nan). Same grid and pixel type as ``det``."""
+    return sitk.Log(sitk.Maximum(det, float(floor)))
 
 
 def jacobian_stats(det: sitk.Image, mask: sitk.Image | None = None) -> dict:
