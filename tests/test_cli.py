@@ -115,3 +115,44 @@ def test_bad_input_is_one_clear_line(tmp_path, demo):
     )
     assert p.returncode == 1
     assert "fixed" in p.stderr and "file not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_syn_preset_is_the_workflows_default_stage_list(repo):
+    """One stage list under three names: ``maskreg register``'s default preset, config/config.yaml's stages and
+    the config schema's default."""
+    import yaml
+
+    from maskreg.stages import PRESETS, WORKFLOW_PRESET
+
+    config = yaml.safe_load((repo / "config/config.yaml").read_text())
+    schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
+    schema_default = schema["properties"]["registration"]["properties"]["stages"]["default"]
+    assert PRESETS[WORKFLOW_PRESET] == config["registration"]["stages"] == schema_default
+    assert any(s["type"] == "syn" for s in PRESETS[WORKFLOW_PRESET])
+
+
+@pytest.mark.slow
+def test_register_runs_a_preset_or_inline_stages(tmp_path, demo):
+    """Without --stages the workflow's default list runs (a deformable stage: the fields are written); --preset
+    picks another list; --stages takes the list inline; a bad inline list is a clear message naming the key."""
+    import json
+
+    fixed, moving = demo / "antspy_brain2d" / "r64.nii.gz", demo / "antspy_brain2d" / "r16.nii.gz"
+
+    def register(out: str, *extra: str) -> dict:
+        p = run("register", str(fixed), str(moving), "--out", str(tmp_path / out), "--device", "cpu", *extra)
+        assert p.returncode == 0, p.stderr
+        return json.loads((tmp_path / out / "registration.json").read_text())
+
+    default = register("default")
+    assert [s["type"] for s in default["stages"]] == ["moments", "rigid", "affine", "syn"]
+    assert (tmp_path / "default" / "warp.nii.gz").exists() and default["deformable"]
+    rigid = register("rigid", "--preset", "rigid")
+    assert [s["type"] for s in rigid["stages"]] == ["moments", "rigid"] and not rigid["deformable"]
+    inline = register(
+        "inline", "--stages", "[{type: moments}, {type: similarity, loss: gc, scales: [2, 1], iterations: [20, 10]}]"
+    )
+    assert [(s["type"], s["loss"]) for s in inline["stages"]][1] == ("similarity", "gc")
+    p = run("register", str(fixed), str(moving), "--out", str(tmp_path / "bad"), "--stages", "[{type: rigid, los: mi}]")
+    assert p.returncode != 0 and "--stages (inline)" in p.stderr and "los" in p.stderr
+    assert "Traceback" not in p.stderr

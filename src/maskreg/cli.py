@@ -13,28 +13,36 @@ from pathlib import Path
 from maskreg import __version__
 
 
-def _read_stages(path: str, sampling) -> list | None:
-    """The ``stages:`` list of a YAML file (or a file holding the list alone), checked as maskreg.register and
-    the workflow check it (:mod:`maskreg.stages`), before any image is read. Raises MaskregError."""
+def _read_stages(given: str, sampling) -> list:
+    """The stage list of ``--stages``: a YAML file with a ``stages:`` list (or the list alone), or the list
+    inline (``"[{type: rigid}, {type: syn, loss: cc}]"``), checked as maskreg.register and the workflow check
+    it (:mod:`maskreg.stages`), before any image is read. Raises MaskregError."""
+    import os
+
     import yaml
 
     from maskreg.errors import MaskregError
     from maskreg.stages import check_stages
 
+    inline = not os.path.exists(given) and given.lstrip().startswith(("[", "{", "-"))
+    what = "--stages (inline)" if inline else f"--stages {given}"
     try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
+        if inline:
+            data = yaml.safe_load(given)
+        else:
+            with open(given) as fh:
+                data = yaml.safe_load(fh)
     except OSError as exc:
-        raise MaskregError(f"--stages {path}: cannot be read ({exc.strerror or exc})") from None
+        raise MaskregError(f"{what}: cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise MaskregError(f"--stages {path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise MaskregError(f"{what}: not valid YAML ({' '.join(str(exc).split())})") from None
     stages = data.get("stages") if isinstance(data, dict) else data
     if not isinstance(stages, list):
         raise MaskregError(
-            f"--stages {path}: expected a 'stages:' list as in config/config.yaml "
+            f"{what}: expected a 'stages:' list as in config/config.yaml "
             f"(e.g. stages: [{{type: rigid}}, {{type: affine}}])"
         )
-    check_stages(stages, sampling, path)
+    check_stages(stages, sampling, "--stages (inline)" if inline else given)  # as the workflow names a file
     return stages
 
 
@@ -43,7 +51,9 @@ def _register(a: argparse.Namespace) -> None:
     from maskreg import io, transforms
 
     sampling = {"random": a.random} if a.random else {"fraction": a.fraction} if a.fraction else "dense"
-    stages = _read_stages(a.stages, sampling) if a.stages else None
+    from maskreg.stages import PRESETS
+
+    stages = _read_stages(a.stages, sampling) if a.stages else PRESETS[a.preset]
     fixed = io.read_image(a.fixed, role="fixed")
     moving = io.read_image(a.moving, role="moving")
     fm = io.read_image(a.fixed_mask, role="fixed_mask") if a.fixed_mask else None
@@ -154,14 +164,24 @@ def _train(a: argparse.Namespace) -> None:
 
 def _register_parser(sub) -> None:
     """``maskreg register``."""
+    from maskreg.stages import PRESETS, WORKFLOW_PRESET
+
     r = sub.add_parser("register", help="register a moving image to a fixed image (masks optional)")
-    r.add_argument("fixed")
-    r.add_argument("moving")
-    r.add_argument("--fixed-mask")
-    r.add_argument("--moving-mask")
+    r.add_argument("fixed", help="fixed image (NIfTI, NRRD, MHA, ... as SimpleITK reads); the output grid")
+    r.add_argument("moving", help="moving image, registered onto the fixed one")
+    r.add_argument("--fixed-mask", help="region of interest (or valid data) of the fixed image, nonzero = inside")
+    r.add_argument("--moving-mask", help="region of interest (or valid data) of the moving image")
+    r.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=WORKFLOW_PRESET,
+        help=f"a named stage list: rigid, affine (moments, rigid, affine with MI) or syn (those and a SyN stage "
+        f"with local CC: the workflow's default); default {WORKFLOW_PRESET}. --stages overrides it",
+    )
     r.add_argument(
         "--stages",
-        help="YAML file with a 'stages:' list as in config/config.yaml (default: moments, rigid, affine with MI)",
+        help="the stages: a YAML file with a 'stages:' list as in config/config.yaml, or the list inline, e.g. "
+        '"[{type: rigid, loss: mi}, {type: syn, loss: cc, iterations: [40, 20]}]"',
     )
     r.add_argument(
         "--out",

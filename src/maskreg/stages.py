@@ -100,6 +100,21 @@ DEFAULT_STAGES: list[dict[str, Any]] = [
 ]
 
 
+# named stage lists for the command line (``maskreg register --preset``); ``syn`` is the workflow's default
+# (config/config.yaml and the schema's default; tests/test_cli.py keeps the three equal)
+PRESETS: dict[str, list[dict[str, Any]]] = {
+    "rigid": [{"type": "moments"}, {"type": "rigid", "loss": "mi", "scales": [4, 2, 1], "iterations": [100, 50, 25]}],
+    "affine": DEFAULT_STAGES,
+    "syn": [
+        {"type": "moments"},
+        {"type": "rigid", "loss": "mi", "scales": [4, 2], "iterations": [100, 50]},
+        {"type": "affine", "loss": "mi", "scales": [4, 2], "iterations": [100, 50]},
+        {"type": "syn", "loss": "cc", "window": 5, "scales": [4, 2, 1], "iterations": [40, 40, 10]},
+    ],
+}
+WORKFLOW_PRESET = "syn"
+
+
 def stage_keys(kind: str) -> tuple[str, ...]:
     """The keys a stage of type ``kind`` takes (``type`` included); empty for an unknown type."""
     if kind == MOMENTS:
