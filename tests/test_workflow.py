@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -223,6 +224,58 @@ def test_rerun_is_a_no_op_and_report_lists_every_subject(demo_run, snakemake):
     html = (work / "report.html").read_text(errors="ignore")
     for s in SUBJECTS:
         assert s in html
+
+
+def _replace_in_snakemake_records(work, old: str, new: str) -> int:
+    """Replace ``old`` by ``new`` in Snakemake's job records of ``work`` (its SQLite database,
+    ``.snakemake/metadata.db``, since Snakemake 9; JSON files in ``.snakemake/metadata/`` before); the count."""
+    import sqlite3
+
+    count = 0
+    db = work / ".snakemake" / "metadata.db"
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+                info = conn.execute(f'PRAGMA table_info("{table}")').fetchall()
+                for col in [r[1] for r in info if r[2].upper() in ("TEXT", "JSON", "VARCHAR")]:
+                    cur = conn.execute(
+                        f'UPDATE "{table}" SET "{col}" = replace("{col}", ?, ?) WHERE instr("{col}", ?) > 0',
+                        (old, new, old),
+                    )
+                    count += cur.rowcount
+    folder = work / ".snakemake" / "metadata"
+    for path in folder.iterdir() if folder.is_dir() else ():
+        text = path.read_text()
+        if old in text:
+            path.write_text(text.replace(old, new))
+            count += 1
+    return count
+
+
+def test_reports_name_the_software_and_an_upgrade_reruns_the_registrations(demo_run, repo, snakemake):
+    """Each registration.json names maskreg's version and the checkout's commit, and the register jobs carry
+    them in their params: Snakemake's record of a run by another version asks for those jobs again."""
+    from maskreg import __version__, provenance
+
+    work, _ = demo_run
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    tag = provenance.software_tag()
+    assert tag == f"{__version__}+g{head[:12]}"
+    for s in SUBJECTS:
+        sw = json.loads((work / f"results/{s}/transforms/registration.json").read_text())["software"]
+        assert sw["maskreg"] == __version__ and sw["commit"] == head and isinstance(sw["dirty"], bool)
+    old = "0.0.1+g000000000000"  # as if an older maskreg had made the files
+    assert _replace_in_snakemake_records(work, tag, old) > 0  # the register jobs' params hold the tag
+    try:
+        plan = snakemake(work, "-n", "--cores", "1")
+        out = plan.stdout + plan.stderr
+        counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.split("Job stats:")[1].split("total")[0], re.M))
+        assert counts.get("register") == str(len(SUBJECTS)), out[-3000:]  # every registration again
+        assert "prepare_mask" not in counts and "params have changed" in out  # not the masks: the tag is not theirs
+    finally:
+        _replace_in_snakemake_records(work, old, tag)
+    again = snakemake(work, "-n", "--cores", "1")
+    assert "Nothing to be done" in again.stdout + again.stderr
 
 
 def test_dry_run_plans_every_job(tmp_path, repo, snakemake):

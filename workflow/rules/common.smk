@@ -5,6 +5,7 @@ import sys
 
 import maskreg.config as mcfg
 from maskreg.learning import plan, resolve_learning
+from maskreg.provenance import software_tag
 from maskreg.stages import DEFORMABLE_STAGES, NETWORK
 from maskreg.transforms import may_be_nonlinear, split_list
 from snakemake.utils import validate
@@ -25,6 +26,8 @@ if LEARNING["enabled"]:
 else:
     PLAN, REGISTERED = None, SUBJECTS
 PYTHON = sys.executable  # the interpreter running Snakemake (and maskreg): for shell jobs
+# maskreg's version (+ the commit of a checkout): in the params of the jobs whose outputs it can change
+SOFTWARE = software_tag()
 RES = config["resources"]
 # a deformable stage, or an initial transform that may hold a displacement field (judged by file names),
 # adds the displacement fields to the outputs and to the warp and QC inputs

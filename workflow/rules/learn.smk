@@ -28,5 +28,6 @@ rule train_model:
         learning=LEARNING,
         device=config["device"],
         seed=config["seed"],
+        software=SOFTWARE,  # an upgrade of maskreg retrains
     script:
         "../scripts/train_model.py"

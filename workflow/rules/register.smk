@@ -32,6 +32,7 @@ if BATCH_SIZE == 1:
             kinds=lambda wc: mask_kinds(wc.subject),
             device=config["device"],
             seed=config["seed"],
+            software=SOFTWARE,  # an upgrade of maskreg reruns the registrations
         script:
             "../scripts/register.py"
 
@@ -55,6 +56,7 @@ else:
             registration=config["registration"],
             device=config["device"],
             seed=config["seed"],
+            software=SOFTWARE,  # an upgrade of maskreg reruns the registrations
         script:
             "../scripts/register_batch.py"
 
@@ -71,6 +73,7 @@ else:
             kinds=lambda wc: mask_kinds(wc.subject),
             device=config["device"],
             seed=config["seed"],
+            software=SOFTWARE,  # an upgrade of maskreg reruns the registrations
         # a shell job, not run: (Snakemake 9 runs a run: block by re-invoking itself, ~3 s a job); the
         # publisher imports the standard library only
         shell:

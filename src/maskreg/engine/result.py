@@ -9,6 +9,7 @@ from typing import Any
 import SimpleITK as sitk
 import torch
 
+from maskreg import provenance
 from maskreg.engine.grid import Grid
 from maskreg.transforms import LinearTransform, chain
 
@@ -103,6 +104,7 @@ class RegistrationResult:
         """A JSON-ready report (no loss traces longer than needed)."""
         last = self.stages[-1].levels[-1] if self.stages and self.stages[-1].levels else None
         return {
+            "software": provenance.software(),
             "device": self.device,
             "seconds": round(self.seconds, 3),
             "phase_seconds": self.phase_seconds,
