@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,learn]"
+	$(BIN)/pip install -q -e ".[test,learn,bids]"
 	@# compile the CPU kernels once into numba's on-disk cache (~10 s), not inside the first registration
 	$(BIN)/python -c "from maskreg.engine import cpu_kernels; cpu_kernels.warm_up()"
 	touch $@

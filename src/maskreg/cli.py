@@ -1,4 +1,5 @@
-"""Command line: ``maskreg register``, ``maskreg apply``, ``maskreg mask``, ``maskreg train`` (no Snakemake needed).
+"""Command line: ``maskreg register``, ``maskreg apply``, ``maskreg mask``, ``maskreg train`` (no Snakemake needed),
+and ``maskreg cohort`` (a cohort table from a BIDS dataset, with pybids).
 
 Transforms map fixed-space points to moving-space points (ITK/ANTs convention, LPS mm).
 """
@@ -162,6 +163,80 @@ def _train(a: argparse.Namespace) -> None:
     print(path)
 
 
+def _cohort(a: argparse.Namespace) -> None:
+    from maskreg.bids import ROLES, bids_cohort, save_cohort
+
+    selections = {r: getattr(a, r) for r in ROLES if getattr(a, r)}
+    template = {"fixed": a.fixed_template, "fixed_mask": a.fixed_template_mask, "fixed_labels": a.fixed_template_labels}
+    cohort = bids_cohort(
+        a.bids,
+        selections,
+        template=template,
+        derivatives=a.derivatives or [],
+        participants=a.participant_label,
+        missing=a.missing,
+    )
+    for line in cohort.warnings:
+        print(f"maskreg cohort: warning: {line}", file=sys.stderr)
+    out = save_cohort(cohort.table, a.out, absolute=a.absolute)
+    print(f"wrote {out}: {len(cohort.table)} row(s)")
+
+
+_COHORT_EXAMPLES = """\
+A filter is BIDS entities as key=value pairs: "suffix=T1w,datatype=anat,acq=mprage". key= asks for the entity
+to be absent, key=* for any value; scope=self|raw|derivatives|all|PIPELINE says where to look (default self,
+the --bids dataset, for --fixed/--moving; all for masks and labels); extension defaults to .nii.gz/.nii.
+Rows: one per subject, or per subject x session (subject id sub-01_ses-1) where the dataset has sessions; a
+filter naming session pins it. A filter matching several files for one row is an error listing them. Rows
+without a fixed or moving image are skipped with a warning (--missing error: an error); a missing mask or
+label map leaves its cell empty, with a warning. Paths are written relative to the table's folder.
+
+examples:
+  maskreg cohort --bids ds/ --out cohort.tsv --fixed suffix=T1w --moving suffix=T2w
+  maskreg cohort --bids ds/ --derivatives ds/derivatives/masks --out cohort.tsv --fixed suffix=T1w \\
+      --moving suffix=FLAIR --fixed-mask "suffix=mask,desc=brain,space="
+  maskreg cohort --bids ds/ --out cohort.tsv --moving "suffix=T1w,run=1" \\
+      --fixed-template mni.nii.gz --fixed-template-mask mni_mask.nii.gz
+  maskreg cohort --bids ds/ --out cohort.tsv --fixed "suffix=T1w,ses=pre" --moving suffix=T1w
+"""
+
+
+def _cohort_parser(sub) -> None:
+    """``maskreg cohort``."""
+    c = sub.add_parser(
+        "cohort",
+        help="write a cohort table from a BIDS dataset (needs pybids: pip install 'maskreg[bids]')",
+        description="Write the workflow's cohort table from a BIDS dataset, selecting images by BIDS entities.",
+        epilog=_COHORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("--bids", required=True, metavar="DIR", help="the BIDS dataset (its dataset_description.json)")
+    c.add_argument("--out", required=True, help="the cohort table to write: .tsv (or .csv)")
+    c.add_argument("--moving", required=True, metavar="FILTER", help="each row's moving image, e.g. suffix=T2w")
+    fixed = c.add_mutually_exclusive_group(required=True)
+    fixed.add_argument("--fixed", metavar="FILTER", help="each row's fixed image, e.g. suffix=T1w")
+    fixed.add_argument("--fixed-template", metavar="PATH", help="one fixed image for every row (e.g. MNI)")
+    for role in ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels"):
+        what = "mask" if role.endswith("mask") else "label map"
+        c.add_argument("--" + role.replace("_", "-"), metavar="FILTER", help=f"each row's {role.split('_')[0]} {what}")
+    c.add_argument("--fixed-template-mask", metavar="PATH", help="with --fixed-template: its mask")
+    c.add_argument("--fixed-template-labels", metavar="PATH", help="with --fixed-template: its label map")
+    c.add_argument(
+        "--derivatives", nargs="+", metavar="DIR", help="derivative datasets to search too (masks, label maps)"
+    )
+    c.add_argument("--participant-label", nargs="+", metavar="LABEL", help="only these subjects (01 or sub-01)")
+    c.add_argument(
+        "--missing",
+        choices=["skip", "error"],
+        default="skip",
+        help="a row without a match: skip it (or leave an optional cell empty) with a warning, or fail (default skip)",
+    )
+    c.add_argument(
+        "--absolute", action="store_true", help="write absolute paths (default: relative to the table's folder)"
+    )
+    c.set_defaults(func=_cohort)
+
+
 def _register_parser(sub) -> None:
     """``maskreg register``."""
     from maskreg.stages import PRESETS, WORKFLOW_PRESET
@@ -274,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"maskreg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    for add in (_register_parser, _apply_parser, _mask_parser, _train_parser):
+    for add in (_register_parser, _apply_parser, _mask_parser, _train_parser, _cohort_parser):
         add(sub)
     return p
 
