@@ -156,18 +156,62 @@ def resample(
     return grid_sample(t, grid, mode=mode, padding_mode=padding_mode)
 
 
+def _grow_axis(a, axis: int, r: int):
+    """:func:`dilate_box` along one ``axis`` of ``a`` by ``r`` voxels: each voxel becomes the OR of the
+    ``2 r + 1`` voxels centred on it, those past either end counting as False. The window's OR is built by
+    doubling (runs of 1, 2, 4, ... voxels, each the OR of two runs of half its length), then covered by two
+    overlapping runs: about log2(2 r + 1) whole-array ORs."""
+    n, w = a.shape[axis], 2 * r + 1
+    shape = list(a.shape)
+    shape[axis] = n + 2 * r
+    if isinstance(a, np.ndarray):
+        runs = np.zeros(shape, dtype=bool)
+    else:
+        runs = torch.zeros(shape, dtype=torch.bool, device=a.device)
+    at = [slice(None)] * a.ndim
+
+    def part(start: int, length: int):
+        at[axis] = slice(start, start + length)
+        return runs[tuple(at)]
+
+    part(r, n)[...] = a
+    length = 1  # runs[j] = OR of the padded voxels j .. j + length - 1; len(runs) = n + 2 r - length + 1
+    while 2 * length <= w:
+        m = runs.shape[axis] - length
+        runs = part(0, m) | part(length, m)
+        length *= 2
+    return part(0, n) | part(w - length, n)
+
+
+def dilate_box(a, radii: tuple[int, ...]):
+    """Binary dilation of the boolean ``a`` (a numpy array or a torch tensor, any device) by a box of
+    ``radii`` voxels along its last ``len(radii)`` axes (0 = none on that axis); voxels past the ends count
+    as False. Returns the same kind of array, same shape.
+
+    A box is separable: one axis at a time, each by doubling (:func:`_grow_axis`), so the cost grows with
+    log(radius), not with the box's volume."""
+    lead = a.ndim - len(radii)
+    for axis, r in enumerate(radii):
+        if r > 0:
+            a = _grow_axis(a, lead + axis, int(r))
+    return a
+
+
 def erode_voxels(mask: torch.Tensor, radii: tuple[int, ...]) -> torch.Tensor:
     """Binary erosion of ``mask`` (``[1, 1, *spatial]``, values in [0, 1], > 0.5 = inside) by a box of
-    ``radii`` voxels per axis (tensor order). Outside the image counts as inside, so the image border is not
-    eroded (voxels mapping outside an image get weight 0 anyway)."""
+    ``radii`` voxels per axis (tensor order; 0 = none on that axis). Outside the image counts as inside, so
+    the image border is not eroded (voxels mapping outside an image get weight 0 anyway). Returns 0/1 in
+    ``mask``'s dtype on its device: the complement of the outside dilated by the box (:func:`dilate_box`),
+    the same values as one dense max-pool of the outside over the ``2 r + 1`` box.
+
+    On the CPU the boolean work runs in numpy (its boolean ORs are vectorised, torch's CPU ones much slower);
+    on other devices in torch."""
     if all(r <= 0 for r in radii):
         return (mask > 0.5).to(mask.dtype)
-    dim = mask.dim() - 2
-    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dim - 1]
-    outside = (mask <= 0.5).to(mask.dtype)
-    k = tuple(2 * r + 1 for r in radii)
-    grown = pool(outside, kernel_size=k, stride=1, padding=tuple(radii))  # max_pool pads with -inf
-    return 1.0 - grown
+    if mask.device.type == "cpu":
+        outside = dilate_box(mask.detach().numpy() <= 0.5, radii)
+        return torch.from_numpy(~outside).to(mask.dtype)
+    return (~dilate_box(mask <= 0.5, radii)).to(mask.dtype)
 
 
 def valid_mask_radii(factors: tuple[int, ...], role: str) -> tuple[int, ...]:
