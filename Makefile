@@ -9,15 +9,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
+TORCH := 2.13.0
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,learn,bids]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH)
+	@# every other package at the version of requirements.lock (what CI tests); torch as found or installed above
+	$(BIN)/pip install -q -c requirements.lock -e ".[test,learn,bids]"
 	@# compile the CPU kernels once into numba's on-disk cache (~10 s), not inside the first registration
 	$(BIN)/python -c "from maskreg.engine import cpu_kernels; cpu_kernels.warm_up()"
 	touch $@
@@ -42,6 +44,21 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/snakefmt --check Snakefile workflow/rules
+
+# requirements.lock and workflow/envs/maskreg.yaml anew, from a fresh venv (PyPI's newest versions within
+# pyproject.toml's ranges); then `make test` before committing them
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q torch==$(TORCH)
+	$(LOCK_VENV)/bin/pip install -q -e ".[test,learn,bids]"
+	sed -n '/^#/p' requirements.lock > $(LOCK_VENV)/lock
+	$(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v -i '^torch==' >> $(LOCK_VENV)/lock
+	mv $(LOCK_VENV)/lock requirements.lock
+	sed -n '1,/^      - torch==/p' workflow/envs/maskreg.yaml | sed 's/^      - torch==.*/      - torch==$(TORCH)/' > $(LOCK_VENV)/env
+	grep -v '^#' requirements.lock | sed 's/^/      - /' >> $(LOCK_VENV)/env
+	mv $(LOCK_VENV)/env workflow/envs/maskreg.yaml
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf results logs report.html .snakemake

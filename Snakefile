@@ -1,13 +1,23 @@
 # maskreg: masked registration of a cohort. Run from the repository (or a project) folder:
-#   snakemake --profile profiles/default            # the demo cohort, config/config.yaml
-#   snakemake --profile profiles/default --configfile my_study.yaml
+#   snakemake --profile profiles/local              # the demo cohort, config/config.yaml
+#   snakemake --profile profiles/local --configfile my_study.yaml
+#   snakemake --profile profiles/slurm ...          # a SLURM cluster (profiles/README.md)
 #   snakemake --report report.html                  # one browsable QC report
+# Software: this environment (make setup), or --sdm conda (workflow/envs/maskreg.yaml), or --sdm apptainer
+# with config container: an image built from the Dockerfile (README, "Ways to run").
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
+
+
+# --sdm apptainer: every job runs in this image (config key container, e.g. the Dockerfile's image pushed to
+# a registry the cluster reaches); --sdm conda: workflow/envs/maskreg.yaml; neither: this environment
+if config.get("container"):
+
+    container: config["container"]
 
 
 report: "workflow/report/workflow.rst"

@@ -58,6 +58,14 @@ def mask_options(defaults: dict, row: dict, role: str) -> dict:
     return out
 
 
+def import_from(source: str | os.PathLike) -> None:
+    """Put ``source`` (a folder holding the ``maskreg`` package) first on ``PYTHONPATH``, which every job the
+    workflow starts inherits: the jobs then import the maskreg the rules were written for, in a conda
+    environment or a container that holds only its dependencies too, and never another installed version."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(source)]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(source), *rest])
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     with open(path) as fh:
         return yaml.safe_load(fh) or {}

@@ -26,6 +26,10 @@ if LEARNING["enabled"]:
 else:
     PLAN, REGISTERED = None, SUBJECTS
 PYTHON = sys.executable  # the interpreter running Snakemake (and maskreg): for shell jobs
+# --sdm conda: every job's environment (requirements.lock's versions); the path is relative to the rule files
+CONDA_ENV = "../envs/maskreg.yaml"
+# jobs import maskreg from this repository's src/ (a conda env or a container holds only its dependencies)
+mcfg.import_from(f"{workflow.basedir}/src")
 # maskreg's version (+ the commit of a checkout): in the params of the jobs whose outputs it can change
 SOFTWARE = software_tag()
 RES = config["resources"]

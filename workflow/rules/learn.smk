@@ -19,6 +19,8 @@ rule train_model:
         "logs/model/{model}.log",
     benchmark:
         "logs/model/{model}.benchmark.tsv"
+    conda:
+        CONDA_ENV
     threads: RES["register"]["threads"]
     resources:
         **register_resources(),

@@ -12,6 +12,8 @@ rule prepare_mask:
         "logs/{subject}/prepare_mask_{role}.log",
     benchmark:
         "logs/{subject}/prepare_mask_{role}.benchmark.tsv"
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],

@@ -21,6 +21,8 @@ rule qc_masks:
         "logs/{subject}/qc_masks.log",
     benchmark:
         "logs/{subject}/qc_masks.benchmark.tsv"
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
@@ -59,6 +61,8 @@ rule qc_subject:
         "logs/{subject}/qc_subject.log",
     benchmark:
         "logs/{subject}/qc_subject.benchmark.tsv"
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
@@ -96,6 +100,8 @@ rule cohort:
         ),
     log:
         "logs/cohort.log",
+    conda:
+        CONDA_ENV
     params:
         subjects=REGISTERED,
     script:

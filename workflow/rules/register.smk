@@ -24,6 +24,8 @@ if BATCH_SIZE == 1:
             "logs/{subject}/register.log",
         benchmark:
             "logs/{subject}/register.benchmark.tsv"
+        conda:
+            CONDA_ENV
         threads: RES["register"]["threads"]
         resources:
             **register_resources(),
@@ -47,6 +49,8 @@ else:
             "logs/batches/{batch}.log",
         benchmark:
             "logs/batches/{batch}.benchmark.tsv"
+        conda:
+            CONDA_ENV
         threads: RES["register"]["threads"]
         resources:
             **register_resources(batched=True),
@@ -68,6 +72,8 @@ else:
         log:
             "logs/{subject}/register.log",
         localrule: True
+        conda:
+            CONDA_ENV
         params:  # the batch's settings for this subject: a change reruns it (and so its batch)
             registration=config["registration"],
             kinds=lambda wc: mask_kinds(wc.subject),

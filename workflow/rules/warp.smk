@@ -14,6 +14,8 @@ rule warp_image:
         "logs/{subject}/warp_image.log",
     benchmark:
         "logs/{subject}/warp_image.benchmark.tsv"
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
@@ -34,6 +36,8 @@ rule warp_labels:
         "logs/{subject}/warp_labels.log",
     benchmark:
         "logs/{subject}/warp_labels.benchmark.tsv"
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=RES["default"]["mem_mb"],
         runtime=RES["default"]["runtime"],
