@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,47 @@ OUTPUT_FILES = {
     "inverse_warp": "inverse_warp.nii.gz",
 }
 STATUS_FILE = "status.json"
+
+
+def start_warm_up(device: str) -> threading.Thread:
+    """A started thread that loads the engine and, when ``device`` resolves to the CPU, makes the first calls of
+    its compiled kernels (:func:`maskreg.engine.cpu_kernels.warm_up`: numba's start-up and the kernels' cache,
+    ~0.5 s in a fresh process): a cost of the process, like its imports, paid here beside the reading of the
+    images instead of inside the first pyramid level of ``maskreg.register``. Errors are left for the
+    registration to meet and report."""
+
+    def warm() -> None:
+        try:
+            from maskreg.engine import cpu_kernels, pick_device
+
+            if pick_device(device).type == "cpu":
+                cpu_kernels.warm_up()
+        except Exception:  # noqa: BLE001 (the registration itself raises it, with its subject)
+            log.debug("kernel warm-up failed", exc_info=True)
+
+    thread = threading.Thread(target=warm, name="maskreg-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def concurrently(calls: Sequence[tuple[Any, tuple]]) -> None:
+    """Run ``fn(*args)`` for each ``(fn, args)`` in threads and wait for all; the first error is raised. For
+    SimpleITK's writers, which release the GIL while they compress."""
+    errors: list[BaseException] = []
+
+    def run(fn, args) -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 (re-raised below, in the caller's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=call) for call in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def register_subject(
@@ -57,6 +99,7 @@ def register_subject(
     import maskreg
     from maskreg import io, transforms
 
+    warming = start_warm_up(device)  # the process's first kernel calls, beside the reading (it frees the GIL)
     read = io.read_image
     images = {
         "fixed": read(fixed, subject=subject, role="fixed"),
@@ -71,6 +114,7 @@ def register_subject(
             k: read(p, subject=subject, role=k, check_finite=False)
             for k, p in (("fixed_labels", fixed_labels), ("moving_labels", moving_labels))
         }
+    warming.join()
     result = maskreg.register(
         images["fixed"],
         images["moving"],
@@ -91,8 +135,8 @@ def register_subject(
     transforms.write_linear(result.linear, outputs["linear"])
     if "warp" in outputs:  # a linear-only subject in a deformable cohort gets zero fields
         result.ensure_fields()
-        transforms.write_field(result.displacement, outputs["warp"])
-        transforms.write_field(result.inverse_displacement, outputs["inverse_warp"])
+        fields = {"warp": result.displacement, "inverse_warp": result.inverse_displacement}
+        concurrently([(transforms.write_field, (image, outputs[name])) for name, image in fields.items()])
     with io.atomic_path(outputs["report"]) as tmp:
         tmp.write_text(json.dumps({"subject": subject, **result.summary()}, indent=1))
     return result
