@@ -31,7 +31,8 @@ the same code:
   defaults otherwise:
   ``Translation`` / ``Rigid`` / ``Similarity`` / ``Affine`` for the linear cells (moments: ``Translation``
   with 0 iterations, i.e. ANTs' centre-of-mass start), ``SyN`` for greedy and syn cells. Metric per loss:
-  mse -> ``meansquares``, cc -> ``GC`` (linear) / ``CC`` radius 2 (SyN; maskreg's window 5), mi ->
+  mse -> ``meansquares``, cc -> ``CC`` radius 2 (maskreg's window 5; in the linear stages too, where ANTsPy
+  passes ``aff_sampling`` as the radius, with its regular 20 % sampling), gc (linear only) -> ``GC``, mi ->
   ``mattes``, nmi -> ``mattes`` (ANTs has no NMI); deformable cells use ``mattes`` for the affine part, as
   their maskreg affine stage uses mi. The reference depends on (pair, masks, transform, metrics) only, so it
   is run once per run of the process and shared by the cells that need the same one.
@@ -80,6 +81,7 @@ LINEAR = ("translation", "rigid", "similarity", "affine")
 DEFORMABLE = ("greedy", "syn")
 STAGES = ("moments",) + LINEAR + DEFORMABLE
 LOSSES = ("mse", "cc", "mi", "nmi")
+LINEAR_LOSSES = LOSSES + ("gc",)  # global correlation, against ANTs' GC
 PATHS = ("kernels", "torch", "cuda")
 RANDOM_POINTS = 3000
 # antsRegistration's --random-seed must be nonzero: 0 means "seed from the clock" (its help: "the fixed seed can
@@ -110,8 +112,14 @@ ANTS_TYPE = {
     "greedy": "SyN",
     "syn": "SyN",
 }
-ANTS_LINEAR_METRIC = {"mse": "meansquares", "cc": "GC", "mi": "mattes", "nmi": "mattes", None: "mattes"}
-ANTS_SYN_METRIC = {"mse": ("meansquares", 32), "cc": ("CC", 2), "mi": ("mattes", 32), "nmi": ("mattes", 32)}
+ANTS_LINEAR_METRIC = {"mse": "meansquares", "cc": "CC", "gc": "GC", "mi": "mattes", "nmi": "mattes", None: "mattes"}
+ANTS_CC_RADIUS = 2  # voxels: maskreg's window 5
+ANTS_SYN_METRIC = {
+    "mse": ("meansquares", 32),
+    "cc": ("CC", ANTS_CC_RADIUS),
+    "mi": ("mattes", 32),
+    "nmi": ("mattes", 32),
+}
 
 
 # ------------------------------------------------------------------------------------------------- cells
@@ -122,7 +130,7 @@ class Cell:
     pair: str
     masks: str
     stage: str  # moments | translation | rigid | similarity | affine | greedy | syn
-    loss: str | None  # mse | cc | mi | nmi; None for moments
+    loss: str | None  # mse | cc | gc | mi | nmi; None for moments
     sampling: str = "dense"  # dense | random
     path: str = "kernels"  # kernels | torch | cuda
 
@@ -174,7 +182,7 @@ def full_cells(cuda: bool | None = None) -> list[Cell]:
     for pair in ("b2d_16_64", "brain3d", "head2d"):
         _add(out, Cell(pair, "both", "moments", None))
         for st in LINEAR + DEFORMABLE if pair != "head2d" else ("rigid", "affine") + DEFORMABLE:
-            for loss in LOSSES:
+            for loss in LOSSES if st in DEFORMABLE else LINEAR_LOSSES:
                 _add(out, Cell(pair, "both", st, loss))
     # 2. every mask situation x {affine, syn} x {cc, mi}, on every pair
     for pair in PAIRS:
@@ -182,6 +190,7 @@ def full_cells(cuda: bool | None = None) -> list[Cell]:
             for st in ("affine", "syn"):
                 for loss in ("cc", "mi"):
                     _add(out, Cell(pair, masks, st, loss))
+            _add(out, Cell(pair, masks, "affine", "gc"))
     for pair in ("b2d_16_64", "brain3d"):  # greedy under the cut-through / small / valid masks too
         for masks in ("eroded", "roi", "valid"):
             _add(out, Cell(pair, masks, "greedy", "cc"))
@@ -258,6 +267,9 @@ def quick_cells(cuda: bool | None = None) -> list[Cell]:
         Cell("abdomen", "both", "affine", "mi"),
         # local cc slid the overlap off a 13-slice slab until the loss counted the whole fixed mask
         Cell("abdomen", "both", "affine", "cc"),
+        # the field's box folded at its face (zero padding in the elastic smoothing) until smooth_field
+        Cell("b2d_16_64", "both", "greedy", "cc"),
+        Cell("b2d_16_64", "fixed", "affine", "gc"),  # global correlation against ANTs' GC, like for like
     ]
     if cuda:
         out += [
@@ -632,6 +644,8 @@ def ants_settings(cell: Cell) -> dict[str, Any]:
         kw["syn_metric"], kw["syn_sampling"] = ANTS_SYN_METRIC[cell.loss]
     else:
         kw["aff_metric"] = ANTS_LINEAR_METRIC[cell.loss]
+        if kw["aff_metric"] == "CC":  # ANTsPy passes aff_sampling as the metric's fourth parameter: CC's radius
+            kw["aff_sampling"] = ANTS_CC_RADIUS
     return kw
 
 
@@ -640,7 +654,7 @@ def ants_settings_text(cell: Cell) -> str:
     s = kw["type_of_transform"]
     if cell.stage == "moments":
         return s + " 0 it (default COM start)"
-    s += f" {kw['aff_metric']}"
+    s += f" {kw['aff_metric']}" + (f"[r{kw['aff_sampling']}]" if kw["aff_metric"] == "CC" else "")
     if cell.deformable:
         s += f"+{kw['syn_metric']}" + (f"[r{kw['syn_sampling']}]" if kw["syn_metric"] == "CC" else "")
     return s
@@ -777,7 +791,7 @@ def verdict(cell: Cell, row: dict) -> tuple[str, list[str]]:
     mr, ants_v = row.get("mr"), row.get("ants_v")
     if _bad(mr):
         fails.append(f"maskreg {name} is {mr}")
-    compared = cell.stage == "moments" or cell.loss in ("cc", "mi")
+    compared = cell.stage == "moments" or cell.loss in ("cc", "gc", "mi")
     no_ref = False
     if row.get("ants_error"):
         no_ref = True
