@@ -33,8 +33,9 @@ linear one (``rigid``) the region-restricted version (each label's indicator int
 of the target grid that can see it, argmax), for one with a displacement field (``affine-field``)
 ``sitkLabelLinear``; ``maskreg-nearest`` = the same with ``"nearest"``; ``maskreg-plain`` = the straightforward
 generic version for reference (every label resampled over the whole target grid, as ``warp_labels`` did before
-the region restriction); ``maskreg-regions`` = the region-restricted version whatever the transform (a copy of
-``warp_labels`` before issue 28); ``sitk-labelLinear`` = ``sitk.Resample(labels, target, T,
+the region restriction); ``maskreg-regions`` = the region-restricted version whatever the transform
+(``maskreg.warp.generic_label_regions``, what ``warp_labels`` ran for every transform before issue 28);
+``sitk-labelLinear`` = ``sitk.Resample(labels, target, T,
 sitk.sitkLabelLinear, 0)`` (ITK's LabelImageGenericInterpolateImageFunction with linear interpolation: the same
 method, the transform evaluated once per target voxel and every label at every target voxel);
 ``ants-genericLabel`` / ``ants-nearestNeighbor`` = ``ants.apply_transforms(target, labels, files,
@@ -218,139 +219,6 @@ def prepare(name: str, transform: str = "rigid", n_labels: int | None = None, sp
     return paths
 
 
-# ------------------------------------------------------------ reference: the region-restricted generic warp
-# maskreg.warp.warp_labels's generic method as it ran for every transform before issue 28 (it now runs only
-# for linear transforms; a chain with a displacement field goes to sitkLabelLinear): kept here, unchanged, as
-# the "maskreg-regions" method, so the two implementations can be timed on the same transform.
-def _region_generic(labels, reference, transform):
-    """Each label's indicator resampled linearly over the reference region that can see it, argmax (ties to
-    the smaller label; 0 outside the moving image)."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    arr = sitk.GetArrayViewFromImage(labels)
-    values = np.unique(arr)
-    shape = tuple(reversed(reference.GetSize()))
-    best = np.zeros(shape, dtype=np.float32)  # largest weight so far (0 where nothing reached yet)
-    out = np.zeros(shape, dtype=arr.dtype)
-    boxes = _label_boxes(arr, values)
-    reach = _reach(labels, reference, transform) if boxes else None
-    for v in values:  # ascending, and only a strictly larger weight replaces: ties keep the smaller label
-        if v == 0:
-            # background everywhere, weight 1 where T(x) falls outside the moving image
-            w_img = sitk.Resample(
-                sitk.Cast(labels == 0, sitk.sitkFloat32), reference, transform, sitk.sitkLinear, 1.0, sitk.sitkFloat32
-            )
-            region = tuple(slice(0, n) for n in shape)
-        else:
-            region = _region(reach, boxes[v], shape)
-            if region is None:  # no reference voxel sees this label
-                continue
-            # the label's box grown by 2 voxels (clipped): the indicator is 0 on the crop's rim, so linear
-            # interpolation in the crop equals that in the whole image wherever the label has weight
-            lo = [max(a - 2, 0) for a, _ in boxes[v]]
-            hi = [min(b + 2, n - 1) for (_, b), n in zip(boxes[v], arr.shape, strict=False)]
-            crop = sitk.RegionOfInterest(labels, [b - a + 1 for a, b in zip(lo, hi, strict=False)][::-1], lo[::-1])
-            start = [s.start for s in region][::-1]
-            size = [s.stop - s.start for s in region][::-1]
-            w_img = sitk.Resample(
-                sitk.Cast(crop == int(v), sitk.sitkFloat32),
-                size,
-                transform,
-                sitk.sitkLinear,
-                reference.TransformIndexToPhysicalPoint(start),
-                reference.GetSpacing(),
-                reference.GetDirection(),
-                0.0,
-                sitk.sitkFloat32,
-            )
-        w = sitk.GetArrayViewFromImage(w_img)
-        b_view, o_view = best[region], out[region]
-        better = w > b_view
-        np.copyto(b_view, w, where=better)
-        np.copyto(o_view, v, where=better, casting="unsafe")
-        del w, w_img, better
-    # without label 0, voxels outside the moving image have weight 0 for every label and keep out = 0
-    result = sitk.GetImageFromArray(out)
-    result.CopyInformation(reference)
-    return sitk.Cast(result, labels.GetPixelID())
-
-
-_REACH_BLOCK = 4  # reference voxels per block side for the label-region search
-
-
-def _label_boxes(arr, values) -> dict:
-    """Nonzero label value -> its bounding box in the label map, ``((lo, hi), ...)`` inclusive, numpy axis
-    order."""
-    import numpy as np
-    from scipy import ndimage
-
-    if np.issubdtype(arr.dtype, np.integer) and values[0] >= 0 and values[-1] <= (1 << 16):
-        objs, pos = ndimage.find_objects(arr), {v: int(v) - 1 for v in values}
-    else:  # negative, huge or float-typed values: number them 1..n first
-        idx = np.searchsorted(values, arr).astype(np.int32)
-        idx += 1
-        objs, pos = ndimage.find_objects(idx), {v: i for i, v in enumerate(values)}
-        del idx
-    return {v: tuple((s.start, s.stop - 1) for s in objs[pos[v]]) for v in values if v != 0}
-
-
-def _block_minmax(a, b: int) -> tuple:
-    """Minimum and maximum of ``a`` over blocks of ``b`` voxels a side (the last block of an axis may be
-    shorter)."""
-    import numpy as np
-
-    mn = mx = a
-    for ax in range(a.ndim):
-        starts = np.arange(0, a.shape[ax], b)
-        mn = np.minimum.reduceat(mn, starts, axis=ax)
-        mx = np.maximum.reduceat(mx, starts, axis=ax)
-    return mn, mx
-
-
-def _reach(labels, reference, transform) -> list:
-    """For each moving axis, the smallest and largest moving voxel index nearest to ``T(x)`` over each block
-    of the reference grid (``-2`` where ``T(x)`` leaves the moving image).
-
-    A label has a nonzero linear weight at ``x`` only if a corner of the moving cell holding ``T(x)`` lies in
-    the label's box; the nearest voxel is within one voxel of every corner, so the reference voxels that can
-    see a label all lie in blocks whose index ranges meet the label's box grown by one (:func:`_region`).
-    """
-    import numpy as np
-    import SimpleITK as sitk
-
-    shape = tuple(reversed(labels.GetSize()))
-    dtype, pid = (np.int16, sitk.sitkInt16) if max(shape) < 32000 else (np.int32, sitk.sitkInt32)
-    out = []
-    for ax in range(len(shape)):
-        idx = np.arange(shape[ax], dtype=dtype).reshape([-1 if i == ax else 1 for i in range(len(shape))])
-        img = sitk.GetImageFromArray(np.ascontiguousarray(np.broadcast_to(idx, shape)))
-        img.CopyInformation(labels)
-        nearest = sitk.Resample(img, reference, transform, sitk.sitkNearestNeighbor, -2, pid)
-        del img
-        out.append(_block_minmax(sitk.GetArrayViewFromImage(nearest), _REACH_BLOCK))
-        del nearest
-    return out
-
-
-def _region(reach: list, box: tuple, shape: tuple) -> tuple[slice, ...] | None:
-    """The reference-grid region (numpy slices) holding every voxel that can see the label in ``box``, or
-    None when there is none."""
-    import numpy as np
-
-    hit = None
-    for (mn, mx), (lo, hi) in zip(reach, box, strict=False):
-        h = (mx >= lo - 1) & (mn <= hi + 1)
-        hit = h if hit is None else hit & h
-    if not hit.any():
-        return None
-    region = []
-    for ax in range(hit.ndim):
-        blocks = np.flatnonzero(hit.any(axis=tuple(i for i in range(hit.ndim) if i != ax)))
-        region.append(slice(int(blocks[0]) * _REACH_BLOCK, min((int(blocks[-1]) + 1) * _REACH_BLOCK, shape[ax])))
-    return tuple(region)
-
-
 # ---------------------------------------------------------------------------------------------- workers
 def _plain_generic(labels, reference, transform):
     """Every label's indicator resampled linearly over the whole reference grid, argmax (ties to the smaller
@@ -392,7 +260,7 @@ def _worker_maskreg(spec: dict) -> dict:
     if kind == "plain":
         run = lambda: _plain_generic(labels, target, tx)  # noqa: E731
     elif kind == "regions":
-        run = lambda: _region_generic(labels, target, tx)  # noqa: E731
+        run = lambda: warp.generic_label_regions(labels, target, tx)  # noqa: E731
     elif kind == "labelLinear":
         run = lambda: sitk.Resample(labels, target, tx, sitk.sitkLabelLinear, 0, labels.GetPixelID())  # noqa: E731
     else:

@@ -128,7 +128,7 @@ def warp_labels(
     0. The result equals ANTs' ``genericLabel`` interpolation (linear). Two implementations of this one
     method, chosen by the transform's cost:
 
-    * a linear transform (affine, rigid, ..., or a composite of them): :func:`_generic_by_region` resamples
+    * a linear transform (affine, rigid, ..., or a composite of them): :func:`generic_label_regions` resamples
       each label only over the part of the reference grid that can see it, so time grows with the labels'
       sizes rather than their number times the grid (``sitkLabelLinear`` interpolates every label at every
       voxel, which costs far more than a linear transform);
@@ -151,13 +151,14 @@ def warp_labels(
         LinearTransform.from_sitk(transform)
     except ValueError:  # not linear: the transform is the costly part, evaluate it once per voxel
         return sitk.Resample(labels, reference, transform, sitk.sitkLabelLinear, 0, labels.GetPixelID())
-    return _generic_by_region(labels, reference, transform)
+    return generic_label_regions(labels, reference, transform)
 
 
-def _generic_by_region(labels: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> sitk.Image:
-    """Generic-label warp with each label resampled only over the reference region that can see it (its
-    bounding box, see :func:`_reach`); memory stays at two reference-sized float images (running maximum,
-    background weight) and the output, whatever the number of labels."""
+def generic_label_regions(labels: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> sitk.Image:
+    """:func:`warp_labels`' generic method with each label resampled only over the reference region that can see
+    it (its bounding box, see :func:`_reach`), for any transform (``warp_labels`` runs it for linear ones);
+    memory stays at two reference-sized float images (running maximum, background weight) and the output,
+    whatever the number of labels."""
     arr = sitk.GetArrayViewFromImage(labels)
     values = np.unique(arr)
     shape = tuple(reversed(reference.GetSize()))
