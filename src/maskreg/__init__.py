@@ -17,15 +17,15 @@ __version__ = "0.1.0"
 # wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__all__ = ["register", "RegistrationResult", "train_model", "__version__"]
+__all__ = ["register", "RegistrationResult", "train_model", "warm_up", "__version__"]
 
 
 def __getattr__(name: str):
-    """``maskreg.register``, ``maskreg.RegistrationResult`` and ``maskreg.train_model`` (a cohort's network,
-    :mod:`maskreg.engine.learn`) load the torch engine on first use, so jobs that
+    """``maskreg.register``, ``maskreg.RegistrationResult``, ``maskreg.warm_up`` and ``maskreg.train_model`` (a
+    cohort's network, :mod:`maskreg.engine.learn`) load the torch engine on first use, so jobs that
     only prepare masks, warp or draw QC (``maskreg.io``, ``maskreg.masks``, ``maskreg.warp``, ``maskreg.qc``)
     never import torch, whose import is a large part of a short job's time."""
-    if name in ("register", "RegistrationResult"):
+    if name in ("register", "RegistrationResult", "warm_up"):
         from maskreg import engine
 
         return getattr(engine, name)

@@ -42,10 +42,9 @@ def start_warm_up(device: str) -> threading.Thread:
 
     def warm() -> None:
         try:
-            from maskreg.engine import cpu_kernels, pick_device
+            import maskreg
 
-            if pick_device(device).type == "cpu":
-                cpu_kernels.warm_up()
+            maskreg.warm_up(device)
         except Exception:  # noqa: BLE001 (the registration itself raises it, with its subject)
             log.debug("kernel warm-up failed", exc_info=True)
 

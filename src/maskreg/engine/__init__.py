@@ -5,7 +5,7 @@ the engine through ``maskreg.register`` only, so the jobs that never register ne
 """
 
 from maskreg.engine.deformable_stage import roi_box, roi_margin
-from maskreg.engine.register import pick_device, register, resolved_stage
+from maskreg.engine.register import pick_device, register, resolved_stage, warm_up
 from maskreg.engine.result import LevelReport, RegistrationResult, StageReport, field_image
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "StageReport",
     "field_image",
     "pick_device",
+    "warm_up",
     "register",
     "resolved_stage",
     "roi_box",

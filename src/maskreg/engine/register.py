@@ -27,6 +27,16 @@ from maskreg.transforms import LinearTransform
 log = logging.getLogger("maskreg")
 
 
+def warm_up(device: str = "auto") -> None:
+    """Pay a fresh process's first-call costs before the first registration: when ``device`` resolves to the
+    CPU, numba's start-up and the compiled kernels' first calls (:func:`maskreg.engine.cpu_kernels.warm_up`,
+    ~0.5 s), which the first pyramid level would otherwise pay."""
+    if pick_device(device).type == "cpu":
+        from maskreg.engine import cpu_kernels
+
+        cpu_kernels.warm_up()
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """``auto`` → a CUDA device when available else ``cpu``; ``cuda`` without CUDA is an error; ``cuda:N``
     is taken as given. Among several visible CUDA devices (``CUDA_VISIBLE_DEVICES`` is respected: torch sees
