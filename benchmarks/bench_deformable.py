@@ -115,62 +115,39 @@ def quick_stages(stages: list[dict], quick: bool) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def read_fcsv(path: Path) -> dict[int, tuple[str, list[float]]]:
-    """AFIDs landmarks of a Slicer markups ``.fcsv``: ``{label number: (name, LPS mm point)}``.
-    ``CoordinateSystem = 0`` (or RAS) is Slicer's RAS: LPS = (-x, -y, z); 1 (or LPS) is kept."""
-    system, out = None, {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith("#"):
-            if "CoordinateSystem" in line:
-                system = line.split("=", 1)[1].strip()
-            continue
-        if not line:
-            continue
-        f = line.split(",")
-        x, y, z = (float(v) for v in f[1:4])
-        if system in ("0", "RAS"):
-            x, y = -x, -y
-        elif system not in ("1", "LPS"):
-            raise SystemExit(f"{path}: unknown CoordinateSystem {system!r}")
-        out[int(f[11])] = (f[12], [x, y, z])
-    return out
-
-
 def afids_landmarks() -> dict:
-    """Fixed (MNI152NLin6Asym rater consensus) and moving (Colin27, mean of all rater sessions) landmarks, LPS,
-    checked against the LPS columns of the data's ``landmarks.csv``."""
+    """Fixed (MNI152NLin6Asym rater consensus) and moving (Colin27, mean of all rater sessions) landmarks, LPS
+    mm, read from the Slicer ``.fcsv`` files with ``maskreg.io.read_landmarks`` (file order), checked row by row
+    against the LPS columns of the data's ``landmarks.csv`` (which also give the ids and names)."""
     import csv
 
     import numpy as np
 
+    from maskreg.io import read_landmarks
+
     src = common.DATA / "afids_templates" / "source_fcsv"
-    fixed = read_fcsv(src / "tpl-MNI152NLin6Asym_res-01_desc-groundtruth_afids.fcsv")
-    sessions = [read_fcsv(p) for p in sorted(src.glob("tpl-MNIColin27_desc-rater*_afids.fcsv"))]
-    ids = sorted(fixed)
-    if not sessions or any(sorted(s) != ids for s in sessions):
-        raise SystemExit(f"AFIDs: the Colin27 rater files under {src} do not all hold labels {ids}")
-    moving = {i: (fixed[i][0], np.mean([s[i][1] for s in sessions], axis=0).tolist()) for i in ids}
+    fixed = read_landmarks(src / "tpl-MNI152NLin6Asym_res-01_desc-groundtruth_afids.fcsv", 3)
+    sessions = [read_landmarks(p, 3) for p in sorted(src.glob("tpl-MNIColin27_desc-rater*_afids.fcsv"))]
+    if not sessions or any(s.shape != fixed.shape for s in sessions):
+        raise SystemExit(f"AFIDs: the Colin27 rater files under {src} do not all hold {len(fixed)} landmarks")
+    moving = np.mean(sessions, axis=0)
     # inter-rater spread on Colin27: rms distance of the sessions' placements to their mean
-    spread = {
-        i: float(np.sqrt(np.mean([np.sum((np.array(s[i][1]) - moving[i][1]) ** 2) for s in sessions]))) for i in ids
-    }
+    spread = np.sqrt(np.mean([np.sum((s - moving) ** 2, axis=1) for s in sessions], axis=0))
+    tables = {}
     for name, pts in (("mni152nlin6asym", fixed), ("colin27", moving)):
         with open(common.DATA / "afids_templates" / name / "landmarks.csv") as fh:
-            for row in csv.DictReader(fh):
-                ref = [float(row[k]) for k in ("x_lps", "y_lps", "z_lps")]
-                if np.abs(np.array(ref) - pts[int(row["id"])][1]).max() > 1e-3:
-                    raise SystemExit(
-                        f"AFIDs {name} landmark {row['id']}: .fcsv gives {pts[int(row['id'])][1]}, "
-                        f"landmarks.csv {ref} (LPS)"
-                    )
+            tables[name] = list(csv.DictReader(fh))
+        ref = np.array([[float(r[k]) for k in ("x_lps", "y_lps", "z_lps")] for r in tables[name]])
+        if ref.shape != pts.shape or np.abs(ref - pts).max() > 1e-3:
+            raise SystemExit(f"AFIDs {name}: the .fcsv points differ from landmarks.csv's LPS columns (> 1e-3 mm)")
+    rows = tables["mni152nlin6asym"]
     return {
-        "ids": ids,
-        "names": [fixed[i][0] for i in ids],
-        "fixed": [fixed[i][1] for i in ids],
-        "moving": [moving[i][1] for i in ids],
+        "ids": [int(r["id"]) for r in rows],
+        "names": [r["name"] for r in rows],
+        "fixed": fixed.tolist(),
+        "moving": moving.tolist(),
         "colin27_sessions": len(sessions),
-        "colin27_rms_mm": [spread[i] for i in ids],
+        "colin27_rms_mm": spread.tolist(),
     }
 
 

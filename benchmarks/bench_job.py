@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,7 @@ print(time.perf_counter() - t)
 
 def ants_run(paths: dict[str, str], threads: int, folder: Path) -> float:
     """ANTsPy SyN in a fresh process limited to ``threads``: the registration call's seconds."""
-    env = {**__import__("os").environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
+    env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
     folder.mkdir(parents=True)
     done = subprocess.run(
         [sys.executable, "-c", ANTS_SCRIPT, json.dumps(paths), str(folder / "ants_")],

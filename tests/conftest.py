@@ -83,6 +83,30 @@ def _build_image(a, spacing=None, origin=None, direction=None, *, dtype=None, li
 
 
 @pytest.fixture(scope="session")
+def odd_label_case(make_image) -> Callable[[int], tuple]:
+    """``odd_label_case(seed)``: ``(labels, reference, transform, array)`` for label warping: a 2D float32 map
+    (1.5 x 2 mm) of value 7 with rectangles of -3, 2, 300 and 41 (negative labels, no background 0) placed by
+    ``seed``, a 90 x 70 reference grid (1.1 x 1.3 mm) about half of which maps outside the map, and a rigid
+    transform."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    def case(seed: int) -> tuple:
+        rng = np.random.default_rng(seed)
+        arr = np.full((60, 80), 7.0, np.float32)
+        for v in (-3.0, 2.0, 300.0, 41.0):
+            y, x = rng.integers(5, 45), rng.integers(5, 60)
+            arr[y : y + rng.integers(4, 15), x : x + rng.integers(4, 20)] = v
+        labels = make_image(arr, spacing=(1.5, 2.0), origin=(-10.0, 4.0))
+        ref = sitk.Image([90, 70], sitk.sitkUInt8)
+        ref.SetSpacing((1.1, 1.3))
+        ref.SetOrigin((15.0, 10.0))
+        return labels, ref, sitk.Euler2DTransform([50.0, 60.0], 0.2, (-3.3, 2.7)), arr
+
+    return case
+
+
+@pytest.fixture(scope="session")
 def make_image() -> Callable[..., object]:
     """``make_image(a, spacing=None, origin=None, direction=None, *, dtype=None, like=None, vector=False)``: a
     SimpleITK image from an array (``[z,] y, x``; with ``vector``, ``[z,] y, x, components``), its values cast to

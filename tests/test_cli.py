@@ -131,6 +131,19 @@ def test_the_syn_preset_is_the_workflows_default_stage_list(repo):
     assert any(s["type"] == "syn" for s in PRESETS[WORKFLOW_PRESET])
 
 
+def test_the_help_examples_stage_list_is_valid():
+    """`maskreg register --help` shows an inline --stages list; the stage rules accept it (they once did not:
+    its syn stage had two iteration counts for the default three scales)."""
+    import yaml
+
+    from maskreg.cli import INLINE_STAGES_EXAMPLE
+    from maskreg.stages import stage_list_problems
+
+    p = run("register", "--help")
+    assert p.returncode == 0 and "--stages" in p.stdout
+    assert stage_list_problems(yaml.safe_load(INLINE_STAGES_EXAMPLE), "dense") == []
+
+
 @pytest.mark.slow
 def test_register_runs_a_preset_or_inline_stages(tmp_path, demo):
     """Without --stages the workflow's default list runs (a deformable stage: the fields are written); --preset

@@ -150,18 +150,9 @@ def test_generic_equals_sitk_label_linear_on_real_map(ct_labels, grid, kind):
     assert len(np.unique(ours)) > 30 and set(np.unique(ours).tolist()) <= values
 
 
-def test_generic_equals_sitk_label_linear_on_odd_labels(make_image):
+def test_generic_equals_sitk_label_linear_on_odd_labels(odd_label_case):
     """2D float32 map with negative labels and no background 0; half of the grid outside the map."""
-    rng = np.random.default_rng(6)
-    arr = np.full((60, 80), 7.0, np.float32)
-    for v in (-3.0, 2.0, 300.0, 41.0):
-        y, x = rng.integers(5, 45), rng.integers(5, 60)
-        arr[y : y + rng.integers(4, 15), x : x + rng.integers(4, 20)] = v
-    labels = make_image(arr, spacing=(1.5, 2.0), origin=(-10.0, 4.0))
-    ref = sitk.Image([90, 70], sitk.sitkUInt8)
-    ref.SetSpacing((1.1, 1.3))
-    ref.SetOrigin((15.0, 10.0))
-    tx = sitk.Euler2DTransform([50.0, 60.0], 0.2, (-3.3, 2.7))
+    labels, ref, tx, _ = odd_label_case(6)
     ours = _assert_same_up_to_ties(labels, ref, tx)
     assert (ours == 0).any() and (ours != 0).any()
 

@@ -199,19 +199,10 @@ def test_region_restricted_generic_equals_plain_on_real_map(ct_labels, make_imag
     assert (fast != 0).any() and len(np.unique(fast)) > 30
 
 
-def test_region_restricted_generic_equals_plain_odd_labels(make_image):
+def test_region_restricted_generic_equals_plain_odd_labels(odd_label_case):
     """2D float-typed map with negative labels and no background 0, half of the grid outside the map (the
     region-restricted path: a linear transform)."""
-    rng = np.random.default_rng(5)
-    arr = np.full((60, 80), 7.0, np.float32)
-    for v in (-3.0, 2.0, 300.0, 41.0):
-        y, x = rng.integers(5, 45), rng.integers(5, 60)
-        arr[y : y + rng.integers(4, 15), x : x + rng.integers(4, 20)] = v
-    labels = make_image(arr, spacing=(1.5, 2.0), origin=(-10.0, 4.0))
-    ref = sitk.Image([90, 70], sitk.sitkUInt8)
-    ref.SetSpacing((1.1, 1.3))
-    ref.SetOrigin((15.0, 10.0))
-    tx = sitk.Euler2DTransform([50.0, 60.0], 0.2, (-3.3, 2.7))
+    labels, ref, tx, arr = odd_label_case(5)
     fast = _assert_equal_to_plain(labels, ref, tx)
     out = warp.warp_labels(labels, ref, tx, "generic")
     assert out.GetPixelID() == sitk.sitkFloat32

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from maskreg import __version__
 
+# the inline --stages example of `maskreg register --help` (tests/test_cli.py checks that it is a valid list)
+INLINE_STAGES_EXAMPLE = "[{type: rigid, loss: mi}, {type: syn, loss: cc, scales: [2, 1], iterations: [40, 20]}]"
+
 
 def _read_stages(given: str, sampling) -> list:
     """The stage list of ``--stages``: a YAML file with a ``stages:`` list (or the list alone), or the list
@@ -256,7 +259,7 @@ def _register_parser(sub) -> None:
     r.add_argument(
         "--stages",
         help="the stages: a YAML file with a 'stages:' list as in config/config.yaml, or the list inline, e.g. "
-        '"[{type: rigid, loss: mi}, {type: syn, loss: cc, iterations: [40, 20]}]"',
+        f'"{INLINE_STAGES_EXAMPLE}"',
     )
     r.add_argument(
         "--out",

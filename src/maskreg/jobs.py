@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,23 +55,12 @@ def start_warm_up(device: str) -> threading.Thread:
 
 
 def concurrently(calls: Sequence[tuple[Any, tuple]]) -> None:
-    """Run ``fn(*args)`` for each ``(fn, args)`` in threads and wait for all; the first error is raised. For
-    SimpleITK's writers, which release the GIL while they compress."""
-    errors: list[BaseException] = []
-
-    def run(fn, args) -> None:
-        try:
-            fn(*args)
-        except BaseException as exc:  # noqa: BLE001 (re-raised below, in the caller's thread)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=call) for call in calls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    """Run ``fn(*args)`` for each ``(fn, args)`` in threads and wait for all; the first error (in call order)
+    is raised. For SimpleITK's writers, which release the GIL while they compress."""
+    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+        futures = [pool.submit(fn, *args) for fn, args in calls]
+    for future in futures:
+        future.result()
 
 
 def register_subject(

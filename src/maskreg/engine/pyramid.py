@@ -189,7 +189,8 @@ def dilate_box(a, radii: tuple[int, ...]):
     as False. Returns the same kind of array, same shape.
 
     A box is separable: one axis at a time, each by doubling (:func:`_grow_axis`), so the cost grows with
-    log(radius), not with the box's volume."""
+    log(radius), not with the box's volume. The same as scipy's ``maximum_filter1d`` or torch's ``max_pool1d``
+    along each axis, several times faster than either on boolean masks (benchmarks/bench_valid_masks.py)."""
     lead = a.ndim - len(radii)
     for axis, r in enumerate(radii):
         if r > 0:

@@ -131,16 +131,11 @@ def subject_metrics(
     row["ncc_before"] = masked_ncc(fixed, before, _weight(fixed_mask, before_mask))
     row["ncc_after"] = masked_ncc(fixed, warped, _weight(fixed_mask, warped_mask))
     # T = L ∘ (id + u): det J_T = det(A) · det(I + ∇u); linear only: det(A) everywhere
-    det_a = float(np.linalg.det(linear_matrix))
-    jac = None
-    if field is None:
-        row["jacobian_min"] = det_a
-        row["jacobian_nonpositive_fraction"] = 0.0 if det_a > 0 else 1.0
-    else:
-        jac = jacobian_map(fixed, linear_matrix, field)
-        stats = jacobian_stats(jac, fixed_mask)
-        row["jacobian_min"] = stats["jacobian_min"]
-        row["jacobian_nonpositive_fraction"] = stats["jacobian_nonpositive_fraction"]
+    jac = jacobian_map(fixed, linear_matrix, field)
+    stats = jacobian_stats(jac, fixed_mask)
+    row["jacobian_min"] = stats["jacobian_min"]
+    row["jacobian_nonpositive_fraction"] = stats["jacobian_nonpositive_fraction"]
+    if field is not None:
         row["displacement_max_mm"] = displacement_max_mm(field, fixed_mask)
     dice_rows = pd.DataFrame(columns=DICE_COLUMNS)
     extra = {"before": before, "before_mask": before_mask, "before_labels": None, "jacobian": jac}
