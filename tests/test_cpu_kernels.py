@@ -145,6 +145,41 @@ def test_smooth_step_is_the_syn_update(fluid, elastic):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_gated_smooth_step_is_the_gated_syn_update():
+    """With a fold gate (jacobian_floor), the compiled SyN update equals the torch one and the formula: the
+    scaled step is multiplied by the gate before the elastic blur (the longest-vector scale is the ungated
+    step's, so the gate only takes away); on an oblique, anisotropic grid. On a box with open faces, a gate of
+    ones is no gate on either path."""
+    torch.manual_seed(8)
+    shape = (1, 3, 21, 17, 14)
+    g, field = torch.randn(shape), 2 * torch.randn(shape)
+    gate = torch.rand(1, 1, *shape[2:])
+    gate[..., :7] = 0.0
+    c, s_ = np.cos(0.4), np.sin(0.4)
+    grid = Grid((14, 17, 21), (1.1, 0.9, 1.7), (1.0, 2.0, -3.0), (c, 0.0, -s_, 0.0, 1.0, 0.0, s_, 0.0, c))
+    step = torch.tensor([1.2])
+
+    def update(ops, kernels, gate):
+        with cpu_kernels.switched(kernels):
+            buf, vmax = field.clone(), torch.zeros(())
+            ops.update(buf, g, step, 1.5, 0.5, True, vmax, gate)
+        return buf, float(vmax)
+
+    ops = FieldOps(grid, torch.device("cpu"))
+    (ref, ref_max), (got, got_max) = update(ops, False, gate), update(ops, True, gate)
+    with cpu_kernels.switched(False):
+        d = ops.smooth(-g, 1.5)
+        d = d * (1.2 / float(d.pow(2).sum(1).max().sqrt() / 0.9))
+        formula = ops.smooth(field + d * gate, 0.5)
+    _close(ref, formula)
+    _close(got, formula)
+    assert got_max == pytest.approx(ref_max, rel=1e-5)
+    assert float((update(ops, True, None)[0] - got).abs().max()) > 0.1  # the gate does change the update
+    box = FieldOps(grid, torch.device("cpu"), open_faces=((True, False), (False, True), (True, True)))
+    for kernels in (False, True):
+        assert torch.equal(update(box, kernels, torch.ones_like(gate))[0], update(box, kernels, None)[0])
+
+
 @pytest.mark.parametrize("size", [(17, 23, 13), (5, 6, 4), (9, 30, 3), (1, 30, 3), (9, 12, 7)])
 def test_resize_matches_trilinear_interpolate(size):
     torch.manual_seed(2)

@@ -149,6 +149,7 @@ _DEF = {
     "learning_rate": [0.5, 0.5, 0.5],
     "fluid_sigma": 1.5,
     "elastic_sigma": 0.5,
+    "jacobian_floor": 0.04,
     "tolerance": 0.0001,
     "window": 5,
     "bins": 16,

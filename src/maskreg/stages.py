@@ -59,6 +59,8 @@ DEFORMABLE_DEFAULTS: dict[str, Any] = {
     "learning_rate": 0.5,
     "fluid_sigma": 1.5,
     "elastic_sigma": 0.5,
+    # updates fade out where the map's local volume ratio nears this (or its inverse): no folding (fields.fold_gate)
+    "jacobian_floor": 0.04,
     "tolerance": 1e-4,
     "window": 5,
     "bins": 16,
@@ -226,6 +228,7 @@ _VALUE_RULES: dict[str, tuple[Any, str]] = {
     "principal_axes": (lambda v: isinstance(v, bool), "true or false"),
     "fluid_sigma": (num_at_least(0), "a number >= 0 (voxels)"),
     "elastic_sigma": (num_at_least(0), "a number >= 0 (voxels)"),
+    "jacobian_floor": (lambda v: is_num(v) and 0 <= v < 1, "a number from 0 (off) to below 1"),
     "bending_weight": (num_at_least(0), "a number >= 0"),
     "gradient_weight": (num_at_least(0), "a number >= 0"),
     "label_weight": (num_at_least(0), "a number >= 0"),

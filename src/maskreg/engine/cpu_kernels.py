@@ -321,9 +321,11 @@ def smooth_step(
     elastic: tuple[tuple[float, ...], ...],
     step: float,
     inv_spacing: float,
+    gate: torch.Tensor | None = None,
 ) -> float:
     """One SyN velocity update in place, on fields ``[1, 3, Z, Y, X]`` (mm): ``d = G_fluid * (-gradient)``, scaled
-    so its longest vector is ``step`` voxels (none where it is 0), then ``field = G_elastic * (field + d)``; the
+    so its longest vector is ``step`` voxels (none where it is 0), times ``gate`` ``[1, 1, Z, Y, X]`` where given,
+    then ``field = G_elastic * (field + d)``; the
     kernels per axis in tensor order (``pyramid.gaussian_kernels``). Returns the new field's longest vector in
     voxels (length in mm × ``inv_spacing``, the finest spacing's inverse). Two streamed passes
     (:func:`maskreg.engine._numba_filters.blur_combine`) instead of two blurs and six elementwise passes."""
@@ -332,6 +334,8 @@ def smooth_step(
     d = _scratch("step_d", buf.shape)
     out = _scratch("step_out", buf.shape)
     dmax = math.sqrt(_blur_combine(g, g, -1.0, 0.0, fluid, d)) * inv_spacing
+    if gate is not None:
+        d *= _np(gate[0])
     vmax = math.sqrt(_blur_combine(buf, d, 1.0, step / max(dmax, 1e-20), elastic, out)) * inv_spacing
     buf[...] = out
     return vmax

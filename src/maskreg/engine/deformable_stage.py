@@ -7,13 +7,15 @@ displacements (LPS components x, y[, z]) at the box's voxels. An iteration sampl
 mask[, one-hot labels]) at their displaced points, evaluates the loss with the weight ``w`` held constant, turns
 the loss's gradient in the sampled values into a displacement gradient by the chain rule (the sampled image's
 spatial gradient, as ANTs and greedy do), and takes a smoothed step
-(:meth:`maskreg.engine.fields.FieldOps.update`).
+(:meth:`maskreg.engine.fields.FieldOps.update`), faded out per voxel where the map nears the stage's
+``jacobian_floor`` (:func:`maskreg.engine.fields.fold_gate`).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,6 +185,7 @@ class DeformableLevel:
         self.loss_name, self.loss_fn = get_loss(stage["loss"])
         self.window, self.bins = int(stage["window"]), int(stage["bins"])
         self.scale, self.n_it = int(stage["scales"][li]), int(stage["iterations"][li])
+        self.floor = float(stage.get("jacobian_floor") or 0.0)
         sigmas = stage.get("smoothing_sigmas") or [None] * len(stage["scales"])
         self.level_key = (self.scale, sigmas[li], mask_use(stage))
         self.fl, self.ml = prob.levels(*self.level_key)
@@ -231,12 +234,19 @@ class DeformableLevel:
         return self.ops.iteration_squarings(0.5 * vmax_vox)
 
     def sampled(self, field: torch.Tensor, squarings: int | None = None):
-        """``(fs, ms, w)`` of ``field`` as an iteration samples it: syn through the iterations' own exponentials
-        (coarse on large grids), ``squarings`` of them (default: enough for ``field``)."""
+        """``(fs, ms, w, gate)`` of ``field`` as an iteration samples it: syn through the iterations' own
+        exponentials (coarse on large grids), ``squarings`` of them (default: enough for ``field``); ``gate``:
+        the update's :func:`~maskreg.engine.fields.fold_gate` from the maps sampled with (none without a
+        ``jacobian_floor``)."""
         if self.syn:
             n = self.squarings_for(self.ops.max_voxels(field)) if squarings is None else squarings
-            return self.sampler.sample(*self.ops.exp_pair_in_iteration(field, n, 0.5))
-        return self.sampler.sample(None, field)
+            halves = self.ops.exp_pair_in_iteration(field, n, 0.5)
+            return *self.sampler.sample(*halves), self._gate(lambda: dfm.half_map_ratio(*halves, self.ops))
+        return *self.sampler.sample(None, field), self._gate(lambda: dfm.volume_ratio(field, self.ops))
+
+    def _gate(self, ratio: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The update's fold gate from ``ratio()``, computed only when the stage sets a ``jacobian_floor``."""
+        return dfm.fold_gate(ratio(), self.floor) if self.floor > 0 else None
 
     def objective(self, fs: torch.Tensor, ms: torch.Tensor, w: torch.Tensor):
         """(similarity loss, total with the label term) of sampled stacks; ``w`` is held constant."""
@@ -273,12 +283,10 @@ class DeformableLevel:
         """Sample, evaluate, step: the field (in place), the loss trace and the iteration count move on."""
         with torch.no_grad():
             if self.first is not None:  # the first call, eager on every device (maskreg.engine.stepper)
-                fs, ms, w = self.first
+                fs, ms, w, gate = self.first
                 self.first = None
-            elif self.syn:
-                fs, ms, w = self.sampler.sample(*self.ops.exp_pair_in_iteration(self.state.field, squarings, 0.5))
             else:
-                fs, ms, w = self.sampler.sample(None, self.state.field)
+                fs, ms, w, gate = self.sampled(self.state.field, squarings if self.syn else None)
             if self.w_buffer is not None:  # a graphed iteration's weight, in a buffer that outlives the replays
                 self.w_buffer.copy_(w)
                 self.last_w = self.w_buffer
@@ -295,6 +303,7 @@ class DeformableLevel:
                 float(self.stage["elastic_sigma"]),
                 self.syn,
                 self.vmax if self.syn else None,
+                gate,
             )
             self.trace.index_copy_(0, self.count, loss.detach().reshape(1))
             self.count.add_(1)

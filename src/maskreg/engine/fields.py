@@ -305,32 +305,45 @@ class FieldOps:
         elastic: float,
         additive: bool,
         vmax: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
     ) -> None:
         """One deformable update in place: ``d = G_fluid * (-g)`` scaled so its longest vector is ``step``
-        voxels (a 1-element tensor; none where ``d`` is 0), then ``field ← G_elastic * (field + d)`` (``additive``:
-        SyN's velocity) or ``G_elastic * (field ∘ d)`` (greedy); ``vmax`` (0-dim) receives the new field's
-        longest vector in voxels. Sigmas in voxels. 3D SyN on the CPU: two streamed compiled passes
+        voxels (a 1-element tensor; none where ``d`` is 0), times ``gate`` ``[1, 1, *shape]`` where given
+        (:func:`fold_gate`), then ``field ← G_elastic * (field + d)`` (``additive``: SyN's velocity) or
+        ``G_elastic * (field ∘ d)`` (greedy); ``vmax`` (0-dim) receives the new field's longest vector in voxels.
+        Sigmas in voxels. 3D SyN on the CPU: two streamed compiled passes
         (:func:`maskreg.engine.cpu_kernels.smooth_step`) instead of two blurs and six elementwise passes;
         otherwise graph-safe torch."""
         if additive and self.dim == 3 and cpu_kernels.enabled(field, g):
-            self._compiled_syn_update(field, g, float(step), fluid, elastic, vmax)
+            self._compiled_syn_update(field, g, float(step), fluid, elastic, vmax, gate)
             return
         d = self.smooth(-g, fluid)
         d = d * (step / self.max_voxels_t(d).clamp_min(1e-20))
+        if gate is not None:
+            d = d * gate
         field.copy_(self.smooth_field(field + d if additive else self.compose(field, d), elastic))
         if vmax is not None:
             vmax.copy_(self.max_voxels_t(field))
 
     def _compiled_syn_update(
-        self, field: torch.Tensor, g: torch.Tensor, step: float, fluid: float, elastic: float, vmax: torch.Tensor | None
+        self,
+        field: torch.Tensor,
+        g: torch.Tensor,
+        step: float,
+        fluid: float,
+        elastic: float,
+        vmax: torch.Tensor | None,
+        gate: torch.Tensor | None,
     ) -> None:
         """:meth:`update` of a 3D velocity on the CPU, fused (:func:`maskreg.engine.cpu_kernels.smooth_step`).
         A box's open faces are padded first, the velocity by repetition and the gradient with zeros (no force
         beyond the box), so the elastic blur sees the field going on there, as :meth:`smooth_field` does."""
         pads = self._face_pads(elastic)
         work, grad = (field, g) if pads is None else (F.pad(field, pads[0], mode="replicate"), F.pad(g, pads[0]))
+        if gate is not None and pads is not None:  # the step's spill beyond the box, gated as at the face
+            gate = F.pad(gate, pads[0], mode="replicate")
         kernels = [gaussian_kernels(tuple(work.shape[2:]), (s,) * 3) for s in (fluid, elastic)]
-        v = cpu_kernels.smooth_step(work, grad, kernels[0], kernels[1], step, 1.0 / min(self.grid.spacing))
+        v = cpu_kernels.smooth_step(work, grad, kernels[0], kernels[1], step, 1.0 / min(self.grid.spacing), gate)
         if pads is not None:
             field.copy_(work[pads[1]])
         if vmax is not None:
@@ -361,6 +374,32 @@ def jacobian_determinant(u: torch.Tensor, ops: FieldOps) -> torch.Tensor:
             + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0])
         )
     return det[:, None]
+
+
+def fold_gate(ratio: torch.Tensor, floor: float) -> torch.Tensor:
+    """How much of a deformable update to take at each voxel (``[1, 1, *shape]``, 0 to 1), from ``ratio``, the
+    smaller of a map's local volume ratio and its inverse's, as a square root (SyN: the smaller Jacobian
+    determinant of its two half-way maps ``exp(±v/2)``, whose product is about the whole map's; greedy:
+    ``√min(det J, 1/det J)``). The gate is 1 while ``ratio ≥ 2 √floor`` and falls linearly to 0 at ``√floor``:
+    the step fades out before the map's volume ratio reaches ``floor`` (or ``1/floor``), so the update never
+    drives the map to fold, however strongly the loss pulls (mse across contrasts collapsing a structure). The
+    elastic smoothing still acts there. Without it, the SyN velocity of such a pull grows gradients of 5 mm/mm
+    and its exponential folds, though each half stays positive."""
+    root = math.sqrt(floor)
+    return ((ratio - root) / root).clamp_(0.0, 1.0)
+
+
+def volume_ratio(u: torch.Tensor, ops: FieldOps) -> torch.Tensor:
+    """``√min(det J, 1/det J)`` of ``x → x + u(x)`` (``[1, 1, *shape]``; 0 where the map folds): the ratio
+    :func:`fold_gate` takes for a displacement (greedy)."""
+    det = jacobian_determinant(u, ops).clamp_min(0.0)
+    return torch.minimum(det, 1.0 / det.clamp_min(1e-12)).sqrt_()
+
+
+def half_map_ratio(u_minus: torch.Tensor, u_plus: torch.Tensor, ops: FieldOps) -> torch.Tensor:
+    """The smaller Jacobian determinant of SyN's half-way maps ``exp(-v/2)`` and ``exp(v/2)`` (``[1, 1, *shape]``,
+    clamped at 0): the ratio :func:`fold_gate` takes for a velocity."""
+    return torch.minimum(jacobian_determinant(u_minus, ops), jacobian_determinant(u_plus, ops)).clamp_min_(0.0)
 
 
 def bending_energy(u: torch.Tensor) -> torch.Tensor:
