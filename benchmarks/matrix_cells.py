@@ -49,6 +49,12 @@ the same code:
   a deformable cell's metric >= that of its linear part run alone (same stages without the deformable one,
   same masks, sampling and code path); no folding (``jacobian_nonpositive_fraction`` == 0). For mse and nmi
   the ANTsPy comparison is printed but not a criterion.
+* **Diagnosis** of a linear cell below ANTsPy (``objective_at``): maskreg's own loss at full resolution at both
+  poses. If ANTsPy's pose has the lower loss, maskreg's optimiser stopped in a worse optimum; if maskreg's has,
+  the loss itself ranks the poses against the metric (a loss that does not suit the pair); within ``FLAT`` of
+  each other, the loss cannot tell them apart (a flat objective). For a deformable cell that ends below its
+  linear start: its loss at full resolution at that start and at its last iteration (a loss that improved while
+  the metric fell does not measure what the metric does on this pair).
 """
 
 from __future__ import annotations
@@ -676,11 +682,64 @@ def run_ants(cell: Cell) -> dict:
         run = common.ants_call(fixed, moving, outdir, mask=fm, moving_mask=mm, mask_all_stages=True, **kw)
         reg, seconds = common.timed(run)
         tx = common.read_transform_files(reg["fwdtransforms"])
-        out = {"metrics": evaluate(cell.pair, cell.masks, tx), "seconds": seconds, "error": None}
+        out = {"metrics": evaluate(cell.pair, cell.masks, tx), "seconds": seconds, "error": None, "transform": tx}
     except Exception as exc:  # noqa: BLE001 (a peer's failure is recorded, not raised)
-        out = {"metrics": None, "seconds": None, "error": f"{type(exc).__name__}: {exc}"}
+        out = {"metrics": None, "seconds": None, "error": f"{type(exc).__name__}: {exc}", "transform": None}
     _ANTS[key] = out
     return out
+
+
+def objective_at(cell: Cell, transform, threads: int = 1) -> float:
+    """maskreg's own loss for the cell's last (linear) stage, at full resolution, at ``transform`` (fixed -> moving,
+    SimpleITK): one iteration of that stage at scale 1 started there, its first loss (before its step). It tells
+    a pose the loss prefers (lower) from one the metric prefers: where ANTsPy's pose scores better on the metric
+    but worse on this loss, the loss itself disagrees with the metric (two contrasts, a flat objective), not the
+    optimiser."""
+    import maskreg
+
+    sit = load_situation(cell.pair, cell.masks)
+    probe = {**cell.stages()[-1], "scales": [1], "iterations": [1]}
+    with code_path(cell.path) as device:
+        res = maskreg.register(
+            sit.fixed,
+            sit.moving,
+            sit.fixed_mask,
+            sit.moving_mask,
+            stages=[probe],
+            device=device,
+            initial=transform,
+            sampling=cell.sampling_arg(),
+            mask_kinds=sit.kinds,
+            threads=threads,
+            seed=0,
+        )
+    return res.stages[-1].levels[0].loss_first
+
+
+def _compare_objectives(cell: Cell, row: dict, mr_transform, threads: int, res=None) -> None:
+    """For a linear cell whose metric is below ANTsPy's: maskreg's loss at both poses (``row['obj']``). For a
+    deformable cell that ends below its linear start: its stage's loss at full resolution at the linear start
+    and at its last iteration (``row['obj_deformable']``)."""
+    if cell.deformable and res is not None and not _bad(row.get("mr")) and not _bad(row.get("lin")):
+        if row["mr"] < row["lin"] and res.stages[-1].levels[-1].scale == 1:
+            lin = _LINEAR[(cell.pair, cell.masks, cell.sampling, cell.path)]
+            try:
+                row["obj_deformable"] = (
+                    objective_at(cell, lin["transform"], threads),
+                    res.stages[-1].levels[-1].loss_last,
+                )
+            except Exception as exc:  # noqa: BLE001
+                row["obj_error"] = f"{type(exc).__name__}: {exc}"
+        return
+    if cell.deformable or cell.stage == "moments" or _bad(row.get("mr")) or _bad(row.get("ants_v")):
+        return
+    if row["mr"] >= row["ants_v"] - MARGIN:
+        return
+    ref = run_ants(cell)
+    try:
+        row["obj"] = (objective_at(cell, mr_transform, threads), objective_at(cell, ref["transform"], threads))
+    except Exception as exc:  # noqa: BLE001 (a diagnostic: its failure is shown, not raised)
+        row["obj_error"] = f"{type(exc).__name__}: {exc}"
 
 
 def _linear_only(cell: Cell, threads: int) -> dict:
@@ -689,6 +748,7 @@ def _linear_only(cell: Cell, threads: int) -> dict:
         try:
             res, secs = run_maskreg(cell, cell.stages(linear_only=True), threads)
             _LINEAR[key] = {
+                "transform": common.as_sitk(res.transform()),
                 "metrics": evaluate(cell.pair, cell.masks, common.as_sitk(res.transform())),
                 "seconds": secs,
                 "error": None,
@@ -732,7 +792,8 @@ def run_cell(cell: Cell, threads: int = 1) -> dict:
             _reference(cell, row, pair)  # still shown: what ANTsPy makes of the same cell
             return _finish(row, "FAIL", [f"maskreg raised {type(exc).__name__}: {exc}"], t_cell)
         row["mr_s"] = secs
-        mr = evaluate(cell.pair, cell.masks, common.as_sitk(res.transform()))
+        mr_transform = common.as_sitk(res.transform())
+        mr = evaluate(cell.pair, cell.masks, mr_transform)
         row["mr"], row["mr_ncc"] = mr.get(pair.metric), mr["ncc"]
         if cell.deformable:
             row["fold"] = res.jacobian_nonpositive_fraction
@@ -740,6 +801,7 @@ def run_cell(cell: Cell, threads: int = 1) -> dict:
             row["lin"] = None if lin["metrics"] is None else lin["metrics"].get(pair.metric)
             row["lin_error"] = lin["error"]
         _reference(cell, row, pair)
+        _compare_objectives(cell, row, mr_transform, threads, res)
         status, reasons = verdict(cell, row)
         return _finish(row, status, reasons, t_cell)
     except Exception as exc:  # noqa: BLE001 (the harness itself: still one row)
@@ -802,6 +864,13 @@ def verdict(cell: Cell, row: dict) -> tuple[str, list[str]]:
     elif not _bad(mr):
         if compared and mr < ants_v - MARGIN:
             fails.append(f"{name} {mr:.3f} < ANTsPy {ants_v:.3f} - {MARGIN}")
+            if row.get("obj"):
+                own, ref = row["obj"]
+                fails.append(
+                    f"maskreg's {cell.loss} at its pose {own:.4f}, at ANTsPy's {ref:.4f}: " + _ranking(own, ref)
+                )
+            elif row.get("obj_error"):
+                notes.append(f"loss at the poses not measured: {row['obj_error']}")
         elif not compared and mr < ants_v - MARGIN:
             notes.append(f"info ({cell.loss}, not a criterion): {name} {mr - ants_v:+.3f} vs ANTsPy")
     if cell.deformable:
@@ -812,6 +881,12 @@ def verdict(cell: Cell, row: dict) -> tuple[str, list[str]]:
             fails.append(f"linear-only {name} is {lin}")
         elif not _bad(mr) and mr < lin:
             fails.append(f"{cell.stage} ends below its linear start: {name} {mr:.4f} < {lin:.4f}")
+            if row.get("obj_deformable"):
+                start, end = row["obj_deformable"]
+                fails.append(
+                    f"its {cell.loss} at full resolution {start:.4f} at the linear start, {end:.4f} at its last "
+                    + ("iteration: the loss improved while the metric fell" if end < start else "iteration")
+                )
         fold = row.get("fold")
         if fold is None or fold > 0:
             fails.append(
@@ -822,6 +897,16 @@ def verdict(cell: Cell, row: dict) -> tuple[str, list[str]]:
     if no_ref:
         return "NO-REF", notes
     return "PASS", notes
+
+
+FLAT = 0.01  # two poses whose losses differ by less than this fraction are a tie for the loss
+
+
+def _ranking(own: float, ref: float) -> str:
+    """What maskreg's loss at its pose (``own``) and at ANTsPy's (``ref``) say (lower is better)."""
+    if abs(own - ref) < FLAT * max(abs(own), abs(ref), 1e-12):
+        return f"a tie within {FLAT:.0%} (the loss is flat between the poses the metric ranks apart)"
+    return "the loss prefers maskreg's pose" if own < ref else "maskreg stopped in a worse optimum"
 
 
 def stages_text(cell: Cell) -> str:
@@ -847,6 +932,7 @@ COLUMNS = [
     ("lin_f", "linear only"),
     ("fold_f", "fold %"),
     ("ncc_f", "NCC mr/ANTs"),
+    ("obj_f", "loss at mr/ANTs pose"),
     ("mr_s_f", "mr s"),
     ("ants_s_f", "ANTs s"),
     ("ants", "ANTsPy run"),
@@ -873,6 +959,7 @@ def format_rows(rows: list[dict]) -> list[dict]:
             if r.get("metric") == "dice" and r.get("mr_ncc") is not None
             else "-"
         )
+        r["obj_f"] = "/".join(common.fmt(v, 4) for v in r["obj"]) if r.get("obj") else "-"
         r["mr_s_f"] = common.fmt(r.get("mr_s"), 2)
         r["ants_s_f"] = common.fmt(r.get("ants_s"), 2)
         out.append(r)
