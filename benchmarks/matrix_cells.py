@@ -47,8 +47,11 @@ the same code:
   The **metric** of a cell is that Dice where labels exist, else the NCC.
 * **Criteria** (``verdict``): no exception; with cc and mi (and moments): metric >= ANTsPy's - 0.02;
   a deformable cell's metric >= that of its linear part run alone (same stages without the deformable one,
-  same masks, sampling and code path); no folding (``jacobian_nonpositive_fraction`` == 0). For mse and nmi
-  the ANTsPy comparison is printed but not a criterion.
+  same masks, sampling and code path); no folding (``jacobian_nonpositive_fraction`` == 0; a linear cell's
+  transform: determinant > 0, :func:`linear_determinant`). For mse and nmi the ANTsPy comparison is printed but
+  not a criterion. A reference that folds space (a linear ANTsPy transform with determinant <= 0: on the thin
+  abdominal slab without masks, ANTs' affine can flip and squash z and score a higher Dice) is no reference:
+  the cell is NO-REF, with the reason.
 * **Diagnosis** of a linear cell below ANTsPy (``objective_at``): maskreg's own loss at full resolution at both
   poses. If ANTsPy's pose has the lower loss, maskreg's optimiser stopped in a worse optimum; if maskreg's has,
   the loss itself ranks the poses against the metric (a loss that does not suit the pair); within ``FLAT`` of
@@ -733,7 +736,7 @@ def _compare_objectives(cell: Cell, row: dict, mr_transform, threads: int, res=N
         return
     if cell.deformable or cell.stage == "moments" or _bad(row.get("mr")) or _bad(row.get("ants_v")):
         return
-    if row["mr"] >= row["ants_v"] - MARGIN:
+    if row["mr"] >= row["ants_v"] - MARGIN or (row.get("ants_det") is not None and row["ants_det"] <= 0):
         return
     ref = run_ants(cell)
     try:
@@ -795,6 +798,8 @@ def run_cell(cell: Cell, threads: int = 1) -> dict:
         mr_transform = common.as_sitk(res.transform())
         mr = evaluate(cell.pair, cell.masks, mr_transform)
         row["mr"], row["mr_ncc"] = mr.get(pair.metric), mr["ncc"]
+        if not cell.deformable:
+            row["det"] = linear_determinant(mr_transform, load_pair(cell.pair).fixed)
         if cell.deformable:
             row["fold"] = res.jacobian_nonpositive_fraction
             lin = _linear_only(cell, threads)
@@ -815,6 +820,24 @@ def _reference(cell: Cell, row: dict, pair: Pair) -> None:
     row["ants_error"] = ref["error"]
     if ref["metrics"] is not None:
         row["ants_v"], row["ants_ncc"] = ref["metrics"].get(pair.metric), ref["metrics"]["ncc"]
+    if not cell.deformable and ref.get("transform") is not None:
+        row["ants_det"] = linear_determinant(ref["transform"], pair.fixed)
+
+
+def linear_determinant(transform, fixed) -> float:
+    """The Jacobian determinant of a fixed -> moving SimpleITK transform at the fixed image's centre (central
+    differences of 1 mm along the physical axes; constant for a linear transform). ``<= 0``: the map reflects or
+    collapses space, a folded registration however well it scores."""
+    centre = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+    cols = [
+        (
+            np.asarray(transform.TransformPoint(tuple(centre + e)))
+            - np.asarray(transform.TransformPoint(tuple(centre - e)))
+        )
+        / 2
+        for e in np.eye(fixed.GetDimension())
+    ]
+    return float(np.linalg.det(np.stack(cols, 1)))
 
 
 def _check_rejected(cell: Cell, row: dict, threads: int, t_cell: float) -> dict:
@@ -861,6 +884,11 @@ def verdict(cell: Cell, row: dict) -> tuple[str, list[str]]:
     elif _bad(ants_v):
         no_ref = True
         notes.append(f"ANTsPy {name} is {ants_v}")
+    elif row.get("ants_det") is not None and row["ants_det"] <= 0:
+        no_ref = True
+        notes.append(
+            f"ANTsPy's transform folds space (det {row['ants_det']:.3f}; its {name} {ants_v:.3f}): not a reference"
+        )
     elif not _bad(mr):
         if compared and mr < ants_v - MARGIN:
             fails.append(f"{name} {mr:.3f} < ANTsPy {ants_v:.3f} - {MARGIN}")
@@ -873,6 +901,8 @@ def verdict(cell: Cell, row: dict) -> tuple[str, list[str]]:
                 notes.append(f"loss at the poses not measured: {row['obj_error']}")
         elif not compared and mr < ants_v - MARGIN:
             notes.append(f"info ({cell.loss}, not a criterion): {name} {mr - ants_v:+.3f} vs ANTsPy")
+    if row.get("det") is not None and row["det"] <= 0:
+        fails.append(f"maskreg's transform folds space (det {row['det']:.3f})")
     if cell.deformable:
         lin = row.get("lin")
         if row.get("lin_error"):
@@ -932,6 +962,7 @@ COLUMNS = [
     ("lin_f", "linear only"),
     ("fold_f", "fold %"),
     ("ncc_f", "NCC mr/ANTs"),
+    ("det_f", "det mr/ANTs"),
     ("obj_f", "loss at mr/ANTs pose"),
     ("mr_s_f", "mr s"),
     ("ants_s_f", "ANTs s"),
@@ -958,6 +989,9 @@ def format_rows(rows: list[dict]) -> list[dict]:
             f"{common.fmt(r.get('mr_ncc'), 3)}/{common.fmt(r.get('ants_ncc'), 3)}"
             if r.get("metric") == "dice" and r.get("mr_ncc") is not None
             else "-"
+        )
+        r["det_f"] = (
+            f"{common.fmt(r.get('det'), 2)}/{common.fmt(r.get('ants_det'), 2)}" if r.get("det") is not None else "-"
         )
         r["obj_f"] = "/".join(common.fmt(v, 4) for v in r["obj"]) if r.get("obj") else "-"
         r["mr_s_f"] = common.fmt(r.get("mr_s"), 2)
