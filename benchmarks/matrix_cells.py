@@ -623,8 +623,9 @@ def code_path(path: str):
         yield "cuda" if path == "cuda" else "cpu"
 
 
-def run_maskreg(cell: Cell, stages: list[dict], threads: int = 1) -> tuple[Any, float]:
-    """maskreg on the cell's images and masks, on its code path: the result and the call's wall time."""
+def run_maskreg(cell: Cell, stages: list[dict], threads: int = 1, initial=None) -> tuple[Any, float]:
+    """maskreg on the cell's images and masks, on its code path (from ``initial``, a fixed -> moving SimpleITK
+    transform, where given): the result and the call's wall time."""
     sit = load_situation(cell.pair, cell.masks)
     with code_path(cell.path) as device:
         run = common.maskreg_call(
@@ -640,6 +641,7 @@ def run_maskreg(cell: Cell, stages: list[dict], threads: int = 1) -> tuple[Any, 
             threads=threads,
             seed=0,
             subject=cell.id,
+            initial=initial,
         )
         return common.timed(run)
 
@@ -693,29 +695,13 @@ def run_ants(cell: Cell) -> dict:
 
 
 def objective_at(cell: Cell, transform, threads: int = 1) -> float:
-    """maskreg's own loss for the cell's last (linear) stage, at full resolution, at ``transform`` (fixed -> moving,
+    """maskreg's own loss for the cell's last stage, at full resolution, at ``transform`` (fixed -> moving,
     SimpleITK): one iteration of that stage at scale 1 started there, its first loss (before its step). It tells
     a pose the loss prefers (lower) from one the metric prefers: where ANTsPy's pose scores better on the metric
     but worse on this loss, the loss itself disagrees with the metric (two contrasts, a flat objective), not the
     optimiser."""
-    import maskreg
-
-    sit = load_situation(cell.pair, cell.masks)
     probe = {**cell.stages()[-1], "scales": [1], "iterations": [1]}
-    with code_path(cell.path) as device:
-        res = maskreg.register(
-            sit.fixed,
-            sit.moving,
-            sit.fixed_mask,
-            sit.moving_mask,
-            stages=[probe],
-            device=device,
-            initial=transform,
-            sampling=cell.sampling_arg(),
-            mask_kinds=sit.kinds,
-            threads=threads,
-            seed=0,
-        )
+    res, _ = run_maskreg(cell, [probe], threads, initial=transform)
     return res.stages[-1].levels[0].loss_first
 
 
