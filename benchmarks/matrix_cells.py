@@ -705,30 +705,33 @@ def objective_at(cell: Cell, transform, threads: int = 1) -> float:
     return res.stages[-1].levels[0].loss_first
 
 
-def _compare_objectives(cell: Cell, row: dict, mr_transform, threads: int, res=None) -> None:
-    """For a linear cell whose metric is below ANTsPy's: maskreg's loss at both poses (``row['obj']``). For a
-    deformable cell that ends below its linear start: its stage's loss at full resolution at the linear start
-    and at its last iteration (``row['obj_deformable']``)."""
-    if cell.deformable and res is not None and not _bad(row.get("mr")) and not _bad(row.get("lin")):
-        if row["mr"] < row["lin"] and res.stages[-1].levels[-1].scale == 1:
-            lin = _LINEAR[(cell.pair, cell.masks, cell.sampling, cell.path)]
-            try:
-                row["obj_deformable"] = (
-                    objective_at(cell, lin["transform"], threads),
-                    res.stages[-1].levels[-1].loss_last,
-                )
-            except Exception as exc:  # noqa: BLE001
-                row["obj_error"] = f"{type(exc).__name__}: {exc}"
-        return
-    if cell.deformable or cell.stage == "moments" or _bad(row.get("mr")) or _bad(row.get("ants_v")):
-        return
-    if row["mr"] >= row["ants_v"] - MARGIN or (row.get("ants_det") is not None and row["ants_det"] <= 0):
-        return
-    ref = run_ants(cell)
+def _loss_at(cell: Cell, row: dict, transforms: list, threads: int) -> tuple[float, ...] | None:
+    """:func:`objective_at` of each transform; a failure is recorded in ``row['obj_error']``, not raised (a
+    diagnostic)."""
     try:
-        row["obj"] = (objective_at(cell, mr_transform, threads), objective_at(cell, ref["transform"], threads))
-    except Exception as exc:  # noqa: BLE001 (a diagnostic: its failure is shown, not raised)
+        return tuple(objective_at(cell, t, threads) for t in transforms)
+    except Exception as exc:  # noqa: BLE001
         row["obj_error"] = f"{type(exc).__name__}: {exc}"
+        return None
+
+
+def _diagnose_linear(cell: Cell, row: dict, mr_transform, ants_transform, threads: int) -> None:
+    """A linear cell below a valid ANTsPy reference: maskreg's loss at both poses (``row['obj']``)."""
+    below = not _bad(row.get("mr")) and not _bad(row.get("ants_v")) and row["mr"] < row["ants_v"] - MARGIN
+    if cell.stage == "moments" or not below or ants_transform is None or row.get("ants_det", 1.0) <= 0:
+        return
+    row["obj"] = _loss_at(cell, row, [mr_transform, ants_transform], threads)
+
+
+def _diagnose_deformable(cell: Cell, row: dict, linear_transform, res, threads: int) -> None:
+    """A deformable cell that ends below its linear start: its stage's loss at full resolution at that start
+    and at its last iteration (``row['obj_deformable']``)."""
+    last = res.stages[-1].levels[-1]
+    if _bad(row.get("mr")) or _bad(row.get("lin")) or row["mr"] >= row["lin"] or last.scale != 1:
+        return
+    start = _loss_at(cell, row, [linear_transform], threads)
+    if start is not None:
+        row["obj_deformable"] = (start[0], last.loss_last)
 
 
 def _linear_only(cell: Cell, threads: int) -> dict:
@@ -736,9 +739,10 @@ def _linear_only(cell: Cell, threads: int) -> dict:
     if key not in _LINEAR:
         try:
             res, secs = run_maskreg(cell, cell.stages(linear_only=True), threads)
+            transform = common.as_sitk(res.transform())
             _LINEAR[key] = {
-                "transform": common.as_sitk(res.transform()),
-                "metrics": evaluate(cell.pair, cell.masks, common.as_sitk(res.transform())),
+                "transform": transform,
+                "metrics": evaluate(cell.pair, cell.masks, transform),
                 "seconds": secs,
                 "error": None,
             }
@@ -784,15 +788,17 @@ def run_cell(cell: Cell, threads: int = 1) -> dict:
         mr_transform = common.as_sitk(res.transform())
         mr = evaluate(cell.pair, cell.masks, mr_transform)
         row["mr"], row["mr_ncc"] = mr.get(pair.metric), mr["ncc"]
-        if not cell.deformable:
-            row["det"] = linear_determinant(mr_transform, load_pair(cell.pair).fixed)
         if cell.deformable:
             row["fold"] = res.jacobian_nonpositive_fraction
             lin = _linear_only(cell, threads)
             row["lin"] = None if lin["metrics"] is None else lin["metrics"].get(pair.metric)
             row["lin_error"] = lin["error"]
-        _reference(cell, row, pair)
-        _compare_objectives(cell, row, mr_transform, threads, res)
+            _reference(cell, row, pair)
+            _diagnose_deformable(cell, row, lin.get("transform"), res, threads)
+        else:
+            row["det"] = linear_determinant(mr_transform, pair.fixed)
+            ref = _reference(cell, row, pair)
+            _diagnose_linear(cell, row, mr_transform, ref.get("transform"), threads)
         status, reasons = verdict(cell, row)
         return _finish(row, status, reasons, t_cell)
     except Exception as exc:  # noqa: BLE001 (the harness itself: still one row)
@@ -800,7 +806,8 @@ def run_cell(cell: Cell, threads: int = 1) -> dict:
         return _finish(row, "FAIL", [f"harness error {type(exc).__name__}: {exc}"], t_cell)
 
 
-def _reference(cell: Cell, row: dict, pair: Pair) -> None:
+def _reference(cell: Cell, row: dict, pair: Pair) -> dict:
+    """ANTsPy's figures for the cell into ``row``; returns :func:`run_ants`'s record (its transform included)."""
     ref = run_ants(cell)
     row["ants_s"] = ref["seconds"]
     row["ants_error"] = ref["error"]
@@ -808,6 +815,7 @@ def _reference(cell: Cell, row: dict, pair: Pair) -> None:
         row["ants_v"], row["ants_ncc"] = ref["metrics"].get(pair.metric), ref["metrics"]["ncc"]
     if not cell.deformable and ref.get("transform") is not None:
         row["ants_det"] = linear_determinant(ref["transform"], pair.fixed)
+    return ref
 
 
 def linear_determinant(transform, fixed) -> float:

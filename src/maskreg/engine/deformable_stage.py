@@ -185,7 +185,7 @@ class DeformableLevel:
         self.loss_name, self.loss_fn = get_loss(stage["loss"])
         self.window, self.bins = int(stage["window"]), int(stage["bins"])
         self.scale, self.n_it = int(stage["scales"][li]), int(stage["iterations"][li])
-        self.floor = float(stage.get("jacobian_floor") or 0.0)
+        self.floor = float(stage["jacobian_floor"])
         sigmas = stage.get("smoothing_sigmas") or [None] * len(stage["scales"])
         self.level_key = (self.scale, sigmas[li], mask_use(stage))
         self.fl, self.ml = prob.levels(*self.level_key)
