@@ -101,6 +101,42 @@ def test_a_fixed_roi_registers_alike_whatever_background_the_scans_hold(make_ima
     assert diff.max() < 0.005, (diff.mean(), diff.max())  # measured mean 0.00007, max 0.00024
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_moments_geometry_matches_simpleitks_geometry_initialiser(dim, make_image):
+    """``centre: geometry`` maps the centre of the fixed image's extent onto the moving one's, as SimpleITK's
+    ``CenteredTransformInitializer`` in ``GEOMETRY`` mode does, on anisotropic, oblique grids of different sizes
+    (the reference's rotation centre + translation is the point the fixed centre goes to). The images' content
+    and a one-sided mask are not read: a bright blob in one corner moves nothing."""
+    rng = np.random.default_rng(3)
+    turn = sitk.VersorTransform((0.3, -0.5, 0.8), 0.6).GetMatrix() if dim == 3 else (0.92, -0.39, 0.39, 0.92)
+    fixed = make_image(rng.random((11, 17, 23)[3 - dim :]), (0.7, 1.3, 2.9)[:dim], (-12, 40.5, 7.25)[:dim], turn)
+    a = np.zeros((19, 13, 29)[3 - dim :])
+    a[(slice(0, 4),) * dim] = 100.0  # a corner blob: the centre of mass lies far from the extent's centre
+    moving = make_image(a, (1.1, 0.6, 2.0)[:dim], (30, -8, 3)[:dim])
+    corner = np.zeros(fixed.GetSize()[::-1])
+    corner[(slice(0, 3),) * dim] = 1
+    mask = make_image(corner, like=fixed, dtype=np.uint8)  # a one-sided ROI in a corner of the fixed grid
+    ref = sitk.CenteredTransformInitializer(
+        fixed,
+        moving,
+        sitk.Euler3DTransform() if dim == 3 else sitk.Euler2DTransform(),
+        sitk.CenteredTransformInitializerFilter.GEOMETRY,
+    )
+    ref = sitk.Euler3DTransform(ref) if dim == 3 else sitk.Euler2DTransform(ref)
+    want = np.array(ref.GetCenter()) + ref.GetTranslation()  # where the fixed extent's centre goes
+    res = maskreg.register(fixed, moving, stages=[{"type": "moments", "centre": "geometry"}], device="cpu")
+    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+    assert np.allclose(ref.GetCenter(), centre, atol=1e-9)
+    assert np.allclose(res.linear.matrix, np.eye(dim))
+    assert np.allclose(res.linear.apply(centre[None])[0], want, atol=1e-6)
+    masked = maskreg.register(
+        fixed, moving, mask, None, stages=[{"type": "moments", "centre": "geometry"}], device="cpu"
+    )
+    assert np.allclose(masked.linear.translation, res.linear.translation)
+    by_mass = maskreg.register(fixed, moving, stages=[{"type": "moments"}], device="cpu")
+    assert np.linalg.norm(by_mass.linear.translation - res.linear.translation) > 5  # the blob pulls it
+
+
 @pytest.mark.parametrize("all_ones", [False, True], ids=["no moving mask", "all-ones moving mask"])
 def test_moments_with_a_mask_on_one_side_keep_the_translation_the_loss_prefers(caplog, all_ones, make_image):
     """Only the fixed image has a mask (an ROI): its masked centre and the moving image's whole centre are not

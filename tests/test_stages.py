@@ -383,3 +383,19 @@ def test_workflow_dry_run_takes_masks_and_search(tmp_path, repo, demo, snakemake
     proc = snakemake(tmp_path, "--cores", "1", "-n", "--quiet", "rules", profile=None, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "register" in proc.stdout + proc.stderr
+
+
+def test_moments_centre_takes_mass_or_geometry_and_geometry_has_no_principal_axes():
+    ok = [{"type": "moments", "centre": "geometry"}, {"type": "moments", "centre": "mass", "principal_axes": True}]
+    assert stage_list_problems(ok) == []
+    ps = stage_list_problems(
+        [
+            {"type": "moments", "centre": "image"},
+            {"type": "moments", "centre": "geometry", "principal_axes": True},
+            {"type": "rigid", "centre": "geometry"},
+        ]
+    )
+    assert ps[0] == "stage 0 (moments): centre 'image' must be one of mass, geometry"
+    assert ps[1].startswith("stage 1 (moments): principal_axes turns the images about their centres of mass")
+    assert ps[2] == "stage 2 (rigid): 'centre' does not apply to a rigid stage (only to moments)"
+    assert len(ps) == 3

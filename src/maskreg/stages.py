@@ -30,6 +30,7 @@ STAGE_TYPES = (MOMENTS,) + LINEAR_STAGES + (NETWORK,) + DEFORMABLE_STAGES
 # which masks a stage's loss uses (as ANTs allows per stage); use_mask: false is "none"
 MASK_USES = ("both", "fixed", "moving", "none")
 OPTIMIZERS = ("regular_step", "adam")
+CENTRES = ("mass", "geometry")  # moments: centres of mass, or the centres of the images' extents
 
 # linear stages. 32 bins and learning rate 0.25 (voxels of each level) suit inter-subject, multi-contrast pairs
 # better than 16 bins and 0.1; with jittered points (maskreg.engine.points) and regular steps, 32 bins recover a
@@ -87,6 +88,7 @@ MOMENTS_DEFAULTS: dict[str, Any] = {
     "window": 5,
     "bins": 32,
     "principal_axes": False,
+    "centre": "mass",  # which centres correspond: the intensities' centres of mass, or the images' extents
     "use_mask": True,
     "masks": "both",
 }
@@ -226,6 +228,7 @@ _VALUE_RULES: dict[str, tuple[Any, str]] = {
     "use_mask": (lambda v: isinstance(v, bool), "true or false"),
     "masks": (lambda v: isinstance(v, str) and v in MASK_USES, f"one of {', '.join(MASK_USES)}"),
     "principal_axes": (lambda v: isinstance(v, bool), "true or false"),
+    "centre": (lambda v: v in CENTRES, f"one of {', '.join(CENTRES)}"),
     "fluid_sigma": (num_at_least(0), "a number >= 0 (voxels)"),
     "elastic_sigma": (num_at_least(0), "a number >= 0 (voxels)"),
     "jacobian_floor": (lambda v: is_num(v) and 0 <= v < 1, "a number from 0 (off) to below 1"),
@@ -310,6 +313,10 @@ def _one_stage_problems(st: Mapping[str, Any], random_sampling: bool) -> list[st
             rate = given.get("learning_rate")
             if is_list(rate) and "learning_rate" not in bad and len(rate) != len(scales):
                 out.append(f"learning_rate {show(rate)} must be one number or one value per scale {show(scales)}")
+    elif given.get("centre") == "geometry" and given.get("principal_axes"):
+        out.append(
+            "principal_axes turns the images about their centres of mass; it does not apply with centre 'geometry'"
+        )
     elif (
         "scales" in given
         and "scales" not in bad

@@ -56,6 +56,11 @@ class Grid:
         m[: self.dim, self.dim] = self.origin
         return m
 
+    def centre(self) -> np.ndarray:
+        """The centre of the grid's extent (the voxel index ``(size - 1) / 2``) as an LPS point (mm), ``(dim,)``."""
+        index = (np.asarray(self.size, dtype=np.float64) - 1) / 2
+        return self.index_to_physical()[: self.dim] @ np.append(index, 1.0)
+
     def physical_to_index(self) -> np.ndarray:
         return np.linalg.inv(self.index_to_physical())
 

@@ -36,6 +36,10 @@ def moments_stage(
     wrongly, so the losers go to ``alternatives``: the next linear stage refines them too at its first level and
     keeps the best optimum (:func:`maskreg.engine.linear_stage.refined_first_level`).
 
+    With ``centre: geometry`` the centres of the two images' extents correspond instead (ITK's ``GEOMETRY``
+    initialiser, ANTs' ``--initial-moving-transform [fixed,moving,0]``): neither intensities nor masks are read.
+    It suits images cropped around the same anatomy whose headers do not place them (e.g. resampled volumes).
+
     With ``principal_axes: true`` the rotation that maps the fixed image's principal axes (eigenvectors of the
     mask- and intensity-weighted second moments, in LPS mm) onto the moving image's is added. Each axis is
     known only up to its sign, so every proper rotation ``R = V_m S V_fᵀ`` (``S`` = diag(±1), det R = +1) and
@@ -43,6 +47,8 @@ def moments_stage(
     nearly equal moments (ratio > 0.95), their axes have no reliable direction and the rotation is skipped.
     """
     stage = stage or {}
+    if stage.get("centre") == "geometry":
+        return _translated(start, prob.fgrid.centre(), prob.mgrid.centre())
     use = mask_use(stage)
     fm, mm = (prob.fm if use[0] else prob.ones_f), (prob.mm if use[1] else prob.ones_m)
     pairs = [(_image_moments(prob.f, fm, prob.fgrid), _image_moments(prob.m, mm, prob.mgrid))]
