@@ -4,11 +4,15 @@ Data: the 19 prostate pairs of ``shared/data/deepreg_prostate_mrus`` (fixed TRUS
 case-specific landmark labels 2 and 3 with their LPS centroids). Rows are dealt into ``--folds`` folds in case
 order; each fold's pairs are registered by methods that never saw them:
 
-* ``header``: the images' headers (identity), the start of every other method;
+* ``header``: the images' headers (identity);
+* ``centre``: maskreg's ``moments`` stage with ``centre: geometry`` (the centres of the images' extents
+  correspond), the start of the networks: the volumes are crops around the gland whose headers do not place them;
 * ``linear``: maskreg moments -> rigid (mi) -> affine (mi), no masks (the gland is the evaluation label);
-* ``syn``: maskreg SyN with mi from the headers, no masks; ``ants``: ANTsPy ``SyN`` (mattes), same start;
-* ``net-image``, ``net-label``, ``net-both``: the network trained on the other folds' pairs by the image loss
-  only (mi), the labels only (every label of a pair, one per step), or both;
+* ``syn``: maskreg SyN with mi from the headers, no masks; ``ants``: ANTsPy ``SyN`` (mattes) from its default
+  start (the intensities' centres of mass);
+* ``net-image``, ``net-label``, ``net-both``: ``centre``, then the network trained on the other folds' pairs
+  (each after its own ``centre`` stage, as the workflow trains after a row's linear stages) by the image loss only
+  (mi), the labels only (every label of a pair, one per step), or both;
 * ``net+syn``: ``net-both`` refined by SyN with mi at the two finest levels.
 
 Per test pair: gland Dice, landmark TRE (mm and voxels of the fixed image; mean over the pair's landmarks:
@@ -18,7 +22,8 @@ Per test pair: gland Dice, landmark TRE (mm and voxels of the fixed image; mean 
 the other pairs.
 
 Run: ``.venv/bin/python benchmarks/bench_learned.py [--folds 5] [--steps 1000] [--methods ...] [--curve]
-[--threads 2] [--run-folds N]`` (``--run-folds 0 --curve``: the learning curve alone). Prints one row per method
+[--threads 2] [--run-folds N] [--learning JSON]`` (``--learning``: settings over every network's, e.g.
+``'{"regulariser_weight": 5}'``; ``--run-folds 0 --curve``: the learning curve alone). Prints one row per method
 (mean ± sd over the pairs) and writes the per-pair table to ``benchmarks/out/learned.tsv``. The header's spacing
 (0.4 mm) is nominal (the data's README): TRE is also given in voxels.
 """
@@ -26,6 +31,7 @@ Run: ``.venv/bin/python benchmarks/bench_learned.py [--folds 5] [--steps 1000] [
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -37,12 +43,13 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 PROSTATE = common.DATA / "deepreg_prostate_mrus"
-METHODS = ("header", "linear", "syn", "ants", "net-image", "net-label", "net-both", "net+syn")
+METHODS = ("header", "centre", "linear", "syn", "ants", "net-image", "net-label", "net-both", "net+syn")
 NETWORKS = {
     "net-image": {"image_loss": "mi", "image_weight": 1.0, "label_weight": 0.0},
     "net-label": {"image_weight": 0.0, "label_weight": 1.0},
     "net-both": {"image_loss": "mi", "image_weight": 0.5, "label_weight": 1.0},
 }
+CENTRE = {"type": "moments", "centre": "geometry"}
 LINEAR = [{"type": "moments", "masks": "none"}, {"type": "rigid", "masks": "none"}, {"type": "affine", "masks": "none"}]
 SYN = {"type": "syn", "loss": "mi", "masks": "none"}
 SYN_AFTER_NETWORK = {**SYN, "scales": [2, 1], "iterations": [40, 10]}
@@ -106,15 +113,15 @@ def inverse_consistency(fixed, labels, res) -> float:
 
 
 def train_network(cases: list[dict], settings: dict, out: Path, threads: int):
+    import maskreg
     from maskreg.engine.learn import TrainingPair, save_model, train
-    from maskreg.transforms import LinearTransform
 
     pairs = [
         TrainingPair(
             c["case"],
             c["fixed"],
             c["moving"],
-            LinearTransform.identity(3),
+            maskreg.register(c["fixed"], c["moving"], stages=[CENTRE], device="cpu").linear,
             fixed_labels=c["fixed_labels"],
             moving_labels=c["moving_labels"],
         )
@@ -137,10 +144,11 @@ def register(case: dict, method: str, models: dict, threads: int, tmp: Path):
     if method == "ants":
         return register_ants(case, threads, tmp)
     stages = {
+        "centre": [CENTRE],
         "linear": LINEAR,
         "syn": [SYN],
-        "net+syn": [{"type": "network", "model": str(models.get("net-both", ""))}, SYN_AFTER_NETWORK],
-    }.get(method) or [{"type": "network", "model": str(models.get(method, ""))}]
+        "net+syn": [CENTRE, {"type": "network", "model": str(models.get("net-both", ""))}, SYN_AFTER_NETWORK],
+    }.get(method) or [CENTRE, {"type": "network", "model": str(models.get(method, ""))}]
     t = time.perf_counter()
     res = maskreg.register(f, m, stages=stages, device="cpu", threads=threads, subject=case["case"])
     return res, res.transform(), time.perf_counter() - t
@@ -180,6 +188,7 @@ def main() -> int:
     ap.add_argument("--curve", action="store_true", help="also the learning curve on fold 0")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--run-folds", type=int, help="run only the first N folds (a quick look)")
+    ap.add_argument("--learning", type=json.loads, default={}, help="learning settings over every network's (JSON)")
     args = ap.parse_args()
     common.set_threads(args.threads)
     if not PROSTATE.is_dir():
@@ -188,7 +197,7 @@ def main() -> int:
     import pandas as pd
 
     cases = [read_case(p) for p in sorted(PROSTATE.glob("case*"))]
-    base = {} if args.steps is None else {"steps": args.steps}
+    base = {**({} if args.steps is None else {"steps": args.steps}), **args.learning}
     rows, trained = [], []
     work = Path(tempfile.mkdtemp(prefix="bench_learned_"))
     for j, test in enumerate(folds_of(cases, args.folds)[: args.run_folds]):
@@ -196,7 +205,7 @@ def main() -> int:
         models = {}
         for name, settings in NETWORKS.items():
             if name in args.methods or (name == "net-both" and "net+syn" in args.methods):
-                models[name], secs = train_network(train_cases, {**base, **settings}, work / f"{name}{j}", args.threads)
+                models[name], secs = train_network(train_cases, {**settings, **base}, work / f"{name}{j}", args.threads)
                 trained.append({"fold": j, "network": name, "train_s": secs, "pairs": len(train_cases)})
                 print(f"fold {j}: {name} trained on {len(train_cases)} pairs in {secs:.0f} s", flush=True)
         for i in test:
@@ -235,16 +244,17 @@ def main() -> int:
 
 
 def learning_curve(cases: list[dict], test: list[int], base: dict, work: Path, threads: int) -> None:
-    """Gland Dice of fold 0's pairs with ``net-both`` trained on 0, 5, 10 and all of the other pairs."""
+    """Gland Dice of fold 0's pairs with ``net-both`` trained on 0 (``centre`` alone), 5, 10 and all of the other
+    pairs."""
     import numpy as np
 
     others = [c for i, c in enumerate(cases) if i not in test]
     print("\nlearning curve (fold 0, net-both): training pairs -> gland Dice")
     for n in (0, 5, 10, len(others)):
-        if n == 0:
-            d = [evaluate(cases[i], None, register(cases[i], "header", {}, threads, work)[1])["dice"] for i in test]
+        if n == 0:  # no network: its start
+            d = [evaluate(cases[i], *register(cases[i], "centre", {}, threads, work)[:2])["dice"] for i in test]
         else:
-            path, _ = train_network(others[:n], {**base, **NETWORKS["net-both"]}, work / f"curve{n}", threads)
+            path, _ = train_network(others[:n], {**NETWORKS["net-both"], **base}, work / f"curve{n}", threads)
             d = []
             for i in test:
                 res, tx, _ = register(cases[i], "net-both", {"net-both": path}, threads, work)
