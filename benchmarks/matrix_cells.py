@@ -822,7 +822,9 @@ def linear_determinant(transform, fixed) -> float:
     """The Jacobian determinant of a fixed -> moving SimpleITK transform at the fixed image's centre (central
     differences of 1 mm along the physical axes; constant for a linear transform). ``<= 0``: the map reflects or
     collapses space, a folded registration however well it scores."""
-    centre = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+    from maskreg.engine.grid import Grid
+
+    centre = Grid.of(fixed).centre()
     cols = [
         (
             np.asarray(transform.TransformPoint(tuple(centre + e)))

@@ -399,3 +399,5 @@ def test_moments_centre_takes_mass_or_geometry_and_geometry_has_no_principal_axe
     assert ps[1].startswith("stage 1 (moments): principal_axes turns the images about their centres of mass")
     assert ps[2] == "stage 2 (rigid): 'centre' does not apply to a rigid stage (only to moments)"
     assert len(ps) == 3
+    both = stage_list_problems([{"type": "moments", "centre": "geometry", "principal_axes": True, "scales": [2, 4]}])
+    assert len(both) == 2 and "must not increase" in both[0] and "principal_axes" in both[1], both

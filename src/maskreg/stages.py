@@ -313,16 +313,16 @@ def _one_stage_problems(st: Mapping[str, Any], random_sampling: bool) -> list[st
             rate = given.get("learning_rate")
             if is_list(rate) and "learning_rate" not in bad and len(rate) != len(scales):
                 out.append(f"learning_rate {show(rate)} must be one number or one value per scale {show(scales)}")
-    elif given.get("centre") == "geometry" and given.get("principal_axes"):
-        out.append(
-            "principal_axes turns the images about their centres of mass; it does not apply with centre 'geometry'"
-        )
     elif (
         "scales" in given
         and "scales" not in bad
         and any(b > a for a, b in zip(given["scales"][:-1], given["scales"][1:], strict=True))
     ):
         out.append(f"scales {show(given['scales'])} must not increase (coarse to fine, e.g. [4, 2, 1])")
+    if kind == MOMENTS and given.get("centre") == "geometry" and given.get("principal_axes"):
+        out.append(
+            "principal_axes turns the images about their centres of mass; it does not apply with centre 'geometry'"
+        )
     if random_sampling and kind in LINEAR_STAGES and loss in NEEDS_DENSE:
         out.append(
             f"loss {show(st.get('loss'))} needs dense sampling (it uses neighbourhoods); use mse, gc, mi or nmi "
